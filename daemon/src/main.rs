@@ -1,1 +1,254 @@
-fn main() {}
+//! moatd's command line.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use moat_daemon::config::{Config, ConfigError, EXIT_CONFIG};
+use moat_daemon::engine::runtime_library::{self, LIBRARY_ENV};
+use moat_daemon::engine::{
+    ChatMessage, DevicePreference, Engine, GenerationEvent, GenerationRequest, OrtRuntime, Prompt,
+    SamplingParams,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "moatd", version, about = "The moat inference daemon")]
+struct Cli {
+    /// Configuration file (TOML). Without it, built-in defaults apply.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text with a model directory and stream it to stdout.
+    #[command(after_help = "Examples:\n  \
+        moatd generate --model local/models/smollm2-135m-instruct-fast --chat 'What is the capital of France?'\n  \
+        moatd generate --model DIR --prompt 'Once upon a time' --max-tokens 64 --temperature 0.8 --seed 7")]
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// Model directory (model.onnx, tokenizer.json, moat-model.json).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Plain text prompt, continued as is.
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    prompt: Option<String>,
+    /// A user message, answered through the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// System message placed before --chat (otherwise the template's default, if any).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy (the default); up to 2.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Overrides engine.device: cpu, cuda or auto.
+    #[arg(long, value_parser = parse_device)]
+    device: Option<DevicePreference>,
+    /// Overrides engine.onnxruntime_library.
+    #[arg(long, value_name = "PATH")]
+    onnxruntime_library: Option<PathBuf>,
+    /// Overrides engine.intra_op_threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print generated token ids and timings to stderr as one JSON line at the end.
+    #[arg(long)]
+    stats_json: bool,
+}
+
+fn parse_device(text: &str) -> Result<DevicePreference, String> {
+    match text {
+        "cpu" => Ok(DevicePreference::Cpu),
+        "cuda" => Ok(DevicePreference::Cuda),
+        "auto" => Ok(DevicePreference::Auto),
+        other => Err(format!("unknown device {other:?}; use cpu, cuda or auto")),
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let config = match load_config(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = match cli.command {
+        Command::Generate(args) => generate(config, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    match path {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    }
+}
+
+fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(device) = args.device {
+        config.engine.device = device;
+    }
+    if let Some(lib) = args.onnxruntime_library {
+        config.engine.onnxruntime_library = Some(lib);
+    }
+    if args.threads.is_some() {
+        config.engine.intra_op_threads = args.threads;
+    }
+    let runtime = load_runtime(&config)?;
+    let engine = Engine::load_ort(
+        &runtime,
+        &args.model,
+        &config.session_options(),
+        config.engine_settings(),
+    )
+    .with_context(|| format!("loading model {}", args.model.display()))?;
+    tracing::info!(
+        model = %engine.metadata().name,
+        variant = engine.metadata().variant.as_deref().unwrap_or("-"),
+        device = %engine.model().device,
+        "model loaded"
+    );
+
+    let prompt = match (args.prompt, args.chat) {
+        (Some(text), _) => Prompt::Text(text),
+        (None, Some(user)) => {
+            let mut messages = Vec::new();
+            if let Some(system) = args.system {
+                messages.push(ChatMessage::new("system", system));
+            }
+            messages.push(ChatMessage::new("user", user));
+            Prompt::Chat(messages)
+        }
+        (None, None) => anyhow::bail!("give --prompt or --chat"),
+    };
+    let mut request = GenerationRequest::new(prompt);
+    request.max_tokens = Some(args.max_tokens);
+    request.sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    request.stop = args.stop;
+    request.ignore_eos = args.ignore_eos;
+
+    let started = Instant::now();
+    let mut stream = engine.submit(request)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut ids = Vec::new();
+    let mut first_token_at = None;
+    while let Some(event) = stream.next_blocking() {
+        match event {
+            GenerationEvent::Token { id, text } => {
+                first_token_at.get_or_insert_with(|| started.elapsed());
+                ids.push(id);
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()?;
+            }
+            GenerationEvent::Finished { reason, usage } => {
+                writeln!(stdout)?;
+                let total = started.elapsed();
+                let ttft = first_token_at.unwrap_or(total);
+                let decode_tokens = usage.completion_tokens.saturating_sub(1);
+                let decode_secs = (total - ttft).as_secs_f64();
+                let rate = if decode_secs > 0.0 {
+                    decode_tokens as f64 / decode_secs
+                } else {
+                    0.0
+                };
+                if args.stats_json {
+                    eprintln!(
+                        "{}",
+                        serde_json::json!({
+                            "generated_ids": ids,
+                            "finish_reason": reason.as_str(),
+                            "prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                            "ttft_ms": ttft.as_secs_f64() * 1e3,
+                            "decode_tokens_per_s": rate,
+                        })
+                    );
+                } else {
+                    tracing::info!(
+                        finish_reason = reason.as_str(),
+                        prompt_tokens = usage.prompt_tokens,
+                        completion_tokens = usage.completion_tokens,
+                        ttft_ms = format!("{:.1}", ttft.as_secs_f64() * 1e3),
+                        decode_tokens_per_s = format!("{rate:.1}"),
+                        "done"
+                    );
+                }
+            }
+            GenerationEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+    drop(stream);
+    engine.shutdown();
+    Ok(())
+}
+
+fn load_runtime(config: &Config) -> anyhow::Result<std::sync::Arc<OrtRuntime>> {
+    let env_value = std::env::var_os(LIBRARY_ENV);
+    let located = runtime_library::locate(
+        config.engine.onnxruntime_library.as_deref(),
+        env_value.as_deref(),
+    )?;
+    let runtime = OrtRuntime::load(located)?;
+    tracing::info!(
+        version = runtime.version(),
+        library = %runtime.library().path.display(),
+        source = %runtime.library().origin,
+        "ONNX Runtime loaded"
+    );
+    if runtime.version() != runtime_library::PINNED_VERSION {
+        tracing::warn!(
+            version = runtime.version(),
+            pinned = runtime_library::PINNED_VERSION,
+            "this ONNX Runtime is not the pinned release"
+        );
+    }
+    Ok(runtime)
+}

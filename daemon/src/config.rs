@@ -1,0 +1,185 @@
+//! `moat.toml`: loaded, validated as a whole, then used.
+//!
+//! Every bad field is reported at once, so an admin fixes the file in one pass; moatd exits
+//! with [`EXIT_CONFIG`] before it touches a device or a port.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::{DevicePreference, EngineSettings, SessionOptions};
+
+/// Exit status for a configuration error (`EX_USAGE`, as documented in the README).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub engine: EngineConfig,
+}
+
+/// `[engine]`: how models run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// The ONNX Runtime library (file or directory). Unset: `$MOAT_ONNXRUNTIME_LIB`, then
+    /// `/usr/lib/moat/`.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// `cpu`, `cuda` or `auto` (CUDA when usable, else CPU with a warning).
+    #[serde(default)]
+    pub device: DevicePreference,
+    /// Threads per operator; unset lets ONNX Runtime use one per physical core.
+    pub intra_op_threads: Option<usize>,
+    /// `max_tokens` for requests that name none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: usize,
+    /// Requests waiting for the engine at most.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Sequences stepped together at most.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+}
+
+fn default_max_tokens() -> usize {
+    EngineSettings::default().default_max_tokens
+}
+fn default_queue_capacity() -> usize {
+    EngineSettings::default().queue_capacity
+}
+fn default_max_batch() -> usize {
+    EngineSettings::default().max_batch
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            onnxruntime_library: None,
+            device: DevicePreference::default(),
+            intra_op_threads: None,
+            default_max_tokens: default_max_tokens(),
+            queue_capacity: default_queue_capacity(),
+            max_batch: default_max_batch(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid TOML for moat: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config {path} has {} invalid field(s):\n  {}", .problems.len(), .problems.join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let e = &self.engine;
+        let mut problems = Vec::new();
+        if e.intra_op_threads == Some(0) {
+            problems.push("engine.intra_op_threads must be at least 1 (or unset)".to_owned());
+        }
+        for (name, value) in [
+            ("engine.default_max_tokens", e.default_max_tokens),
+            ("engine.queue_capacity", e.queue_capacity),
+            ("engine.max_batch", e.max_batch),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if let Some(lib) = &e.onnxruntime_library
+            && !lib.is_absolute()
+        {
+            problems.push(format!(
+                "engine.onnxruntime_library must be an absolute path, got {}",
+                lib.display()
+            ));
+        }
+        problems
+    }
+
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            device: self.engine.device,
+            intra_op_threads: self.engine.intra_op_threads,
+        }
+    }
+
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            default_max_tokens: self.engine.default_max_tokens,
+            queue_capacity: self.engine.queue_capacity,
+            max_batch: self.engine.max_batch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let text =
+            "[engine]\nintra_op_threads = 0\nqueue_capacity = 0\nonnxruntime_library = \"lib\"\n";
+        let err = Config::parse(text, Path::new("moat.toml")).expect_err("invalid");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("wrong error: {err}");
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_devices_are_refused() {
+        assert!(Config::parse("[engine]\ndevcie = \"cpu\"\n", Path::new("m")).is_err());
+        assert!(Config::parse("[engine]\ndevice = \"tpu\"\n", Path::new("m")).is_err());
+        let ok = Config::parse("[engine]\ndevice = \"cuda\"\n", Path::new("m")).expect("valid");
+        assert_eq!(ok.engine.device, DevicePreference::Cuda);
+        assert_eq!(
+            Config::parse("", Path::new("m"))
+                .expect("empty ok")
+                .engine
+                .device,
+            DevicePreference::Auto
+        );
+    }
+}

@@ -1,0 +1,440 @@
+//! Text generation: tokenizer, chat template, sampler, stop rules and the engine thread,
+//! over a [`Backend`] that runs the model.
+//!
+//! The engine knows nothing of HTTP or of ONNX: callers hand it a [`GenerationRequest`] and
+//! read [`GenerationEvent`]s from the returned [`GenerationStream`]; dropping the stream
+//! cancels the generation and frees its slot at the next step.
+
+pub mod backend;
+pub mod chat_template;
+pub mod model_dir;
+pub mod ort_backend;
+pub mod runtime_library;
+pub mod sampler;
+pub mod sequence;
+pub mod stop;
+pub mod tokenizer;
+mod worker;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use moat_core::ModelMetadata;
+use tokio::sync::mpsc;
+
+pub use backend::{Backend, BackendError, BackendModel, DeviceKind, SequenceId};
+pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
+pub use model_dir::{ModelDirError, ModelDirectory};
+pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};
+pub use sampler::{SamplingError, SamplingParams};
+pub use sequence::{FinishReason, Usage};
+use sequence::{Sequence, SequenceSpec};
+use tokenizer::TextTokenizer;
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Plain text, tokenized as is.
+    Text(String),
+    /// Chat messages, rendered with the model's chat template and an assistant turn opened.
+    Chat(Vec<ChatMessage>),
+    /// Token ids, used as they are.
+    TokenIds(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt: Prompt,
+    /// New tokens at most; `None` means the engine's default, within the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    /// Generation stops before any of these strings; they are not part of the answer.
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation (the model's end-of-sequence ids always do,
+    /// unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past end-of-sequence tokens (benchmarks and tests).
+    pub ignore_eos: bool,
+}
+
+impl GenerationRequest {
+    pub fn new(prompt: Prompt) -> Self {
+        Self {
+            prompt,
+            max_tokens: None,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// What a generation reports, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// A generated token and the text it released (empty while text is held back, for
+    /// example inside a multi-byte character or a possible stop string).
+    Token {
+        id: u32,
+        text: String,
+    },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
+    Failed(EngineError),
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// `max_tokens` when a request names none (still capped by the context).
+    pub default_max_tokens: usize,
+    /// Requests waiting for the engine thread at most; more are refused as overloaded.
+    pub queue_capacity: usize,
+    /// Sequences stepped together at most.
+    pub max_batch: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            default_max_tokens: 512,
+            queue_capacity: 64,
+            max_batch: 16,
+        }
+    }
+}
+
+/// Most stop strings one request may carry.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// Why a generation was refused or failed. Each variant is a case callers handle.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "the prompt has {prompt_tokens} tokens and {max_tokens} new tokens were asked for, but \
+         the model's context holds {context_length}; shorten the prompt or lower max_tokens"
+    )]
+    ContextOverflow {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        context_length: usize,
+    },
+    #[error("max_tokens must be at least 1")]
+    ZeroMaxTokens,
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error("stop strings must not be empty")]
+    EmptyStopString,
+    #[error("at most {MAX_STOP_STRINGS} stop strings are allowed, got {0}")]
+    TooManyStopStrings(usize),
+    #[error("stop token id {id} is outside the vocabulary of {vocab_size}")]
+    StopTokenOutOfVocab { id: u32, vocab_size: usize },
+    #[error("prompt token id {id} is outside the vocabulary of {vocab_size}")]
+    PromptTokenOutOfVocab { id: u32, vocab_size: usize },
+    #[error("this model has no chat template; send a plain prompt")]
+    NoChatTemplate,
+    #[error("{0}")]
+    ChatTemplate(String),
+    #[error("tokenizer failed: {0}")]
+    Tokenize(String),
+    #[error("the engine queue is full; retry shortly")]
+    Overloaded,
+    #[error("the engine has stopped")]
+    ShutDown,
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// The engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Model(#[from] ModelDirError),
+    #[error(
+        "tokenizer and model disagree: {tokenizer} has {tokenizer_vocab} tokens but the model's \
+         logits are {logits_width} wide; the model directory mixes files from different models"
+    )]
+    VocabMismatch {
+        tokenizer: String,
+        tokenizer_vocab: usize,
+        logits_width: usize,
+    },
+    #[error("warm-up inference failed: {0}")]
+    WarmUp(#[from] BackendError),
+    #[error("could not start the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Receives one generation's events; dropping it cancels the generation.
+#[derive(Debug)]
+pub struct GenerationStream {
+    events: mpsc::UnboundedReceiver<GenerationEvent>,
+    /// Prompt length in tokens, known once the request was accepted.
+    pub prompt_tokens: usize,
+}
+
+impl GenerationStream {
+    /// The next event; `None` after the final one.
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the calling thread (never call this on an async worker).
+    pub fn next_blocking(&mut self) -> Option<GenerationEvent> {
+        self.events.blocking_recv()
+    }
+}
+
+/// The facts every request needs, shared with callers' threads.
+#[derive(Debug)]
+struct EngineShared {
+    metadata: ModelMetadata,
+    tokenizer: Arc<TextTokenizer>,
+    chat_template: Option<ChatTemplate>,
+    model: BackendModel,
+    settings: EngineSettings,
+}
+
+/// A running engine: a model on a device behind its own thread.
+#[derive(Debug)]
+pub struct Engine {
+    shared: Arc<EngineShared>,
+    admissions: crossbeam_channel::Sender<worker::Admission>,
+    next_sequence: AtomicU64,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Loads `model_dir` into ONNX Runtime and starts the engine.
+    pub fn load_ort(
+        runtime: &OrtRuntime,
+        model_dir: &Path,
+        options: &SessionOptions,
+        settings: EngineSettings,
+    ) -> Result<Self, StartError> {
+        let model = ModelDirectory::open(model_dir)?;
+        let backend = OrtBackend::load(runtime, &model, options)?;
+        Self::start(Box::new(backend), &model, settings)
+    }
+
+    /// Starts the engine thread over a loaded backend, after checking that tokenizer and
+    /// model agree and that one warm-up step runs.
+    pub fn start(
+        mut backend: Box<dyn Backend>,
+        model: &ModelDirectory,
+        settings: EngineSettings,
+    ) -> Result<Self, StartError> {
+        let metadata = model.metadata.clone();
+        let bos = metadata.bos_token_id.filter(|_| metadata.add_bos_token);
+        let tokenizer = Arc::new(TextTokenizer::load(&model.tokenizer_path(), bos)?);
+        let backend_model = backend.model().clone();
+        if tokenizer.vocab_size() != backend_model.vocab_size {
+            return Err(StartError::VocabMismatch {
+                tokenizer: model.tokenizer_path().display().to_string(),
+                tokenizer_vocab: tokenizer.vocab_size(),
+                logits_width: backend_model.vocab_size,
+            });
+        }
+        let chat_template = match &metadata.chat_template {
+            Some(source) => {
+                let text = |id: Option<u32>| {
+                    id.and_then(|id| tokenizer.token_text(id))
+                        .unwrap_or_default()
+                };
+                Some(
+                    ChatTemplate::compile(
+                        source,
+                        &text(metadata.bos_token_id),
+                        &text(metadata.eos_token_ids.first().copied()),
+                    )
+                    .map_err(|e| ModelDirError::BadChatTemplate {
+                        path: model.metadata_path(),
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        warm_up(backend.as_mut())?;
+        let (admissions, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
+        let worker_tokenizer = Arc::clone(&tokenizer);
+        let max_batch = settings.max_batch.max(1);
+        let worker = std::thread::Builder::new()
+            .name("moat-engine".into())
+            .spawn(move || worker::run(backend, worker_tokenizer, receiver, max_batch))?;
+        Ok(Self {
+            shared: Arc::new(EngineShared {
+                metadata,
+                tokenizer,
+                chat_template,
+                model: backend_model,
+                settings,
+            }),
+            admissions,
+            next_sequence: AtomicU64::new(0),
+            worker: Some(worker),
+        })
+    }
+
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.shared.metadata
+    }
+
+    pub fn model(&self) -> &BackendModel {
+        &self.shared.model
+    }
+
+    /// Whether the engine thread is still running.
+    pub fn is_healthy(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| !w.is_finished())
+    }
+
+    /// Renders and tokenizes a prompt.
+    pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let shared = &self.shared;
+        let ids = match prompt {
+            Prompt::Text(text) => shared
+                .tokenizer
+                .encode(text)
+                .map_err(|e| EngineError::Tokenize(e.to_string()))?,
+            Prompt::Chat(messages) => {
+                let template = shared
+                    .chat_template
+                    .as_ref()
+                    .ok_or(EngineError::NoChatTemplate)?;
+                if messages.is_empty() {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                let text = template
+                    .render(messages, true)
+                    .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+                shared
+                    .tokenizer
+                    .encode(&text)
+                    .map_err(|e| EngineError::Tokenize(e.to_string()))?
+            }
+            Prompt::TokenIds(ids) => {
+                let vocab_size = shared.model.vocab_size;
+                if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+                    return Err(EngineError::PromptTokenOutOfVocab { id, vocab_size });
+                }
+                ids.clone()
+            }
+        };
+        if ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        Ok(ids)
+    }
+
+    /// Validates a request and queues it; events arrive on the returned stream.
+    pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+        let spec = self.prepare(request)?;
+        let prompt_tokens = spec.prompt.len();
+        let id = SequenceId(self.next_sequence.fetch_add(1, Ordering::Relaxed));
+        let (events, receiver) = mpsc::unbounded_channel();
+        let admission = worker::Admission {
+            sequence: Sequence::new(id, spec),
+            events,
+        };
+        self.admissions.try_send(admission).map_err(|e| match e {
+            crossbeam_channel::TrySendError::Full(_) => EngineError::Overloaded,
+            crossbeam_channel::TrySendError::Disconnected(_) => EngineError::ShutDown,
+        })?;
+        Ok(GenerationStream {
+            events: receiver,
+            prompt_tokens,
+        })
+    }
+
+    fn prepare(&self, request: GenerationRequest) -> Result<SequenceSpec, EngineError> {
+        let shared = &self.shared;
+        let vocab_size = shared.model.vocab_size;
+        request.sampling.validate()?;
+        if request.stop.len() > MAX_STOP_STRINGS {
+            return Err(EngineError::TooManyStopStrings(request.stop.len()));
+        }
+        if request.stop.iter().any(String::is_empty) {
+            return Err(EngineError::EmptyStopString);
+        }
+        if let Some(&id) = request
+            .stop_token_ids
+            .iter()
+            .find(|&&id| id as usize >= vocab_size)
+        {
+            return Err(EngineError::StopTokenOutOfVocab { id, vocab_size });
+        }
+        if request.max_tokens == Some(0) {
+            return Err(EngineError::ZeroMaxTokens);
+        }
+        let prompt = self.tokenize_prompt(&request.prompt)?;
+        let context_length = shared.model.context_length;
+        let room = context_length.saturating_sub(prompt.len());
+        let max_new_tokens = match request.max_tokens {
+            Some(asked) if prompt.len() + asked > context_length => {
+                return Err(EngineError::ContextOverflow {
+                    prompt_tokens: prompt.len(),
+                    max_tokens: asked,
+                    context_length,
+                });
+            }
+            Some(asked) => asked,
+            None if room == 0 => {
+                return Err(EngineError::ContextOverflow {
+                    prompt_tokens: prompt.len(),
+                    max_tokens: 1,
+                    context_length,
+                });
+            }
+            None => shared.settings.default_max_tokens.min(room),
+        };
+        let mut stop_token_ids: HashSet<u32> = request.stop_token_ids.iter().copied().collect();
+        if !request.ignore_eos {
+            stop_token_ids.extend(shared.metadata.eos_token_ids.iter().copied());
+        }
+        Ok(SequenceSpec {
+            prompt,
+            max_new_tokens,
+            stop_token_ids,
+            sampler: sampler::Sampler::new(request.sampling),
+            stop_strings: request.stop,
+        })
+    }
+
+    /// Stops taking requests, lets running generations finish, and waits for the thread.
+    pub fn shutdown(mut self) {
+        let worker = self.worker.take();
+        drop(self);
+        if let Some(worker) = worker {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Runs one token through a scratch sequence: proves the graph runs on this device and
+/// that its logits have the declared width, before any request depends on it.
+fn warm_up(backend: &mut dyn Backend) -> Result<(), BackendError> {
+    let scratch = SequenceId(u64::MAX);
+    backend.start_sequence(scratch, 1)?;
+    let mut logits = backend::LogitsBatch::default();
+    let result = backend.step(
+        &[backend::StepInput {
+            sequence: scratch,
+            tokens: &[0],
+        }],
+        &mut logits,
+    );
+    backend.finish_sequence(scratch);
+    result
+}

@@ -1,0 +1,142 @@
+//! Stop strings, which may span several tokens.
+//!
+//! Text is held back while it could still be the start of a stop string, so a client never
+//! sees part of a stop string that is completed by the next token.
+
+/// Watches generated text for stop strings.
+#[derive(Debug)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+/// What the matcher releases after new text arrives.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Text that can be shown; more may follow.
+    Continue(String),
+    /// A stop string matched: this text precedes it, and generation ends.
+    Stopped(String),
+}
+
+impl StopMatcher {
+    /// `stops` must not contain empty strings (the request validation refuses them).
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops,
+            pending: String::new(),
+        }
+    }
+
+    /// Adds newly decoded text.
+    pub fn push(&mut self, text: &str) -> StopOutcome {
+        if self.stops.is_empty() {
+            return StopOutcome::Continue(text.to_owned());
+        }
+        // Search only where a match could begin: a stop string completed by `text` starts
+        // at most (longest stop - 1) bytes before it.
+        let search_from = self.pending.len().saturating_sub(self.longest_stop() - 1);
+        self.pending.push_str(text);
+        let search_from = floor_char_boundary(&self.pending, search_from);
+        let first_match = self
+            .stops
+            .iter()
+            .filter_map(|stop| self.pending[search_from..].find(stop.as_str()))
+            .min();
+        if let Some(at) = first_match {
+            let mut released = std::mem::take(&mut self.pending);
+            released.truncate(search_from + at);
+            return StopOutcome::Stopped(released);
+        }
+        let hold = self.held_suffix_len();
+        let keep_from = self.pending.len() - hold;
+        let held = self.pending.split_off(keep_from);
+        StopOutcome::Continue(std::mem::replace(&mut self.pending, held))
+    }
+
+    /// Text held back when generation ends for another reason.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+
+    fn longest_stop(&self) -> usize {
+        self.stops.iter().map(String::len).max().unwrap_or(1)
+    }
+
+    /// Length of the longest suffix of `pending` that is a proper prefix of a stop string.
+    fn held_suffix_len(&self) -> usize {
+        let mut best = 0;
+        for stop in &self.stops {
+            let max = (stop.len() - 1).min(self.pending.len());
+            for len in (best + 1..=max).rev() {
+                let start = self.pending.len() - len;
+                if self.pending.is_char_boundary(start)
+                    && stop.is_char_boundary(len)
+                    && self.pending[start..] == stop[..len]
+                {
+                    best = len;
+                    break;
+                }
+            }
+        }
+        best
+    }
+}
+
+fn floor_char_boundary(text: &str, mut index: usize) -> usize {
+    while !text.is_char_boundary(index) {
+        index -= 1;
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for piece in pieces {
+            match m.push(piece) {
+                StopOutcome::Continue(t) => out.push_str(&t),
+                StopOutcome::Stopped(t) => {
+                    out.push_str(&t);
+                    return (out, true);
+                }
+            }
+        }
+        out.push_str(&m.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_spanning_tokens_is_found_and_never_shown() {
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("abc E"), StopOutcome::Continue("abc ".into()));
+        assert_eq!(m.push("N"), StopOutcome::Continue(String::new()));
+        assert_eq!(m.push("D tail"), StopOutcome::Stopped(String::new()));
+        assert_eq!(run(&["END"], &["x", "EN", "Dy"]), ("x".into(), true));
+    }
+
+    #[test]
+    fn false_start_is_released() {
+        assert_eq!(run(&["END"], &["E", "N", "x"]), ("ENx".into(), false));
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins() {
+        assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+    }
+
+    #[test]
+    fn multibyte_text_is_split_on_char_boundaries() {
+        assert_eq!(run(&["日本"], &["é日", "本x"]), ("é".into(), true));
+        assert_eq!(run(&["日本"], &["é日", "x"]), ("é日x".into(), false));
+    }
+
+    #[test]
+    fn without_stops_everything_passes() {
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+    }
+}

@@ -1,0 +1,143 @@
+//! The engine thread: owns the backend, admits sequences, steps them together.
+//!
+//! Inference never runs on an async worker: this dedicated OS thread takes admissions from a
+//! bounded channel and answers each generation through its own event channel. Between
+//! steps it admits new sequences and drops the ones whose client went away, so a batch is
+//! always the set of live sequences.
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::backend::{Backend, LogitsBatch, StepInput};
+use super::sequence::{Advance, Sequence};
+use super::tokenizer::TextTokenizer;
+use super::{EngineError, GenerationEvent};
+
+/// A sequence handed to the worker, with the channel its events go to.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub sequence: Sequence,
+    pub events: UnboundedSender<GenerationEvent>,
+}
+
+struct Live {
+    sequence: Sequence,
+    events: UnboundedSender<GenerationEvent>,
+}
+
+/// Runs until every engine handle is gone and the last sequence has finished.
+pub(crate) fn run(
+    mut backend: Box<dyn Backend>,
+    tokenizer: Arc<TextTokenizer>,
+    admissions: Receiver<Admission>,
+    max_batch: usize,
+) {
+    let mut live: Vec<Live> = Vec::new();
+    let mut logits = LogitsBatch::default();
+    let mut disconnected = false;
+    loop {
+        if live.is_empty() {
+            if disconnected {
+                return;
+            }
+            match admissions.recv() {
+                Ok(admission) => admit(backend.as_mut(), admission, &mut live),
+                Err(_) => return,
+            }
+        }
+        while live.len() < max_batch {
+            match admissions.try_recv() {
+                Ok(admission) => admit(backend.as_mut(), admission, &mut live),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
+        }
+        // A client that hung up frees its slot before the next step costs anything.
+        live.retain(|l| {
+            let keep = !l.events.is_closed();
+            if !keep {
+                backend.finish_sequence(l.sequence.id);
+            }
+            keep
+        });
+        if live.is_empty() {
+            continue;
+        }
+        step(backend.as_mut(), &tokenizer, &mut live, &mut logits);
+    }
+}
+
+fn admit(backend: &mut dyn Backend, admission: Admission, live: &mut Vec<Live>) {
+    let Admission { sequence, events } = admission;
+    match backend.start_sequence(sequence.id, sequence.capacity()) {
+        Ok(()) => live.push(Live { sequence, events }),
+        Err(e) => {
+            let _ = events.send(GenerationEvent::Failed(EngineError::Inference(
+                e.to_string(),
+            )));
+        }
+    }
+}
+
+fn step(
+    backend: &mut dyn Backend,
+    tokenizer: &TextTokenizer,
+    live: &mut Vec<Live>,
+    logits: &mut LogitsBatch,
+) {
+    let batch: Vec<StepInput<'_>> = live
+        .iter()
+        .map(|l| StepInput {
+            sequence: l.sequence.id,
+            tokens: l.sequence.next_input(),
+        })
+        .collect();
+    let result = backend.step(&batch, logits);
+    drop(batch);
+    if let Err(e) = result {
+        tracing::error!(error = %e, "inference step failed; failing its sequences");
+        for l in live.drain(..) {
+            backend.finish_sequence(l.sequence.id);
+            let _ = l
+                .events
+                .send(GenerationEvent::Failed(EngineError::Inference(
+                    e.to_string(),
+                )));
+        }
+        return;
+    }
+    let mut index = 0;
+    live.retain_mut(|l| {
+        let row = logits.row(index);
+        index += 1;
+        let (event, done) = match l.sequence.advance(row, tokenizer) {
+            Ok(Advance::Token { id, text }) => (GenerationEvent::Token { id, text }, false),
+            Ok(Advance::Finished { id, text, reason }) => {
+                // The last token goes out first, then the summary.
+                let _ = l.events.send(GenerationEvent::Token { id, text });
+                (
+                    GenerationEvent::Finished {
+                        reason,
+                        usage: l.sequence.usage(),
+                    },
+                    true,
+                )
+            }
+            Err(e) => (
+                GenerationEvent::Failed(EngineError::Tokenize(e.to_string())),
+                true,
+            ),
+        };
+        let delivered = l.events.send(event).is_ok();
+        if done || !delivered {
+            backend.finish_sequence(l.sequence.id);
+            return false;
+        }
+        true
+    });
+}
