@@ -1,1 +1,102 @@
-fn main() {}
+//! moatctl: administers a moat appliance. It never links ONNX Runtime or the HTTP stack;
+//! shared formats come from `moat-core`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use moat_core::ModelMetadata;
+
+#[derive(Debug, Parser)]
+#[command(name = "moatctl", version, about = "Administer a moat appliance")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with model directories.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Check a model directory's files and metadata and print what it declares.
+    #[command(
+        after_help = "Example:\n  moatctl model inspect local/models/smollm2-135m-instruct-fast"
+    )]
+    Inspect {
+        /// Directory holding model.onnx, tokenizer.json and moat-model.json.
+        dir: PathBuf,
+        /// Print the metadata as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model(ModelCommand::Inspect { dir, json }) => inspect(&dir, json),
+    }
+}
+
+fn inspect(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let mut sizes = Vec::new();
+    for file in ["model.onnx", "tokenizer.json", "moat-model.json"] {
+        let path = dir.join(file);
+        let meta = std::fs::metadata(&path)
+            .with_context(|| format!("model file {} is missing", path.display()))?;
+        sizes.push((file, meta.len()));
+    }
+    let path = dir.join("moat-model.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let metadata = ModelMetadata::from_json(&text)
+        .with_context(|| format!("model file {} is invalid", path.display()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(&text)?)?
+        );
+        return Ok(());
+    }
+    println!("name:           {}", metadata.name);
+    println!(
+        "variant:        {}",
+        metadata.variant.as_deref().unwrap_or("-")
+    );
+    println!("architecture:   {}", metadata.architecture);
+    println!("I/O contract:   {:?}", metadata.io_contract);
+    println!(
+        "layers:         {} (KV heads {}, head dim {})",
+        metadata.num_layers, metadata.num_kv_heads, metadata.head_dim
+    );
+    println!("vocabulary:     {}", metadata.vocab_size);
+    println!("context:        {} tokens", metadata.context_length);
+    println!("EOS ids:        {:?}", metadata.eos_token_ids);
+    println!(
+        "chat template:  {}",
+        if metadata.chat_template.is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    for (file, size) in sizes {
+        println!("{file:<16}{size} bytes");
+    }
+    Ok(())
+}

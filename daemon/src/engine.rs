@@ -338,6 +338,14 @@ impl Engine {
         Ok(ids)
     }
 
+    /// Decodes token ids to text (special tokens left out), as a whole.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.shared
+            .tokenizer
+            .decode(ids)
+            .map_err(|e| EngineError::Tokenize(e.to_string()))
+    }
+
     /// Validates a request and queues it; events arrive on the returned stream.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
         let spec = self.prepare(request)?;

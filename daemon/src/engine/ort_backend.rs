@@ -103,7 +103,7 @@ impl OrtRuntime {
             .with_telemetry(false)
             .build()
             .map_err(|e| unusable(e.to_string()))?;
-        let version = build_version(ort::info());
+        let version = library_version(&library.path).map_err(unusable)?;
         let runtime = Arc::new(Self {
             environment,
             version,
@@ -123,11 +123,33 @@ impl OrtRuntime {
     }
 }
 
-/// Pulls the release out of ONNX Runtime's build string (`git-branch=rel-1.32.0, ...`).
-fn build_version(info: &str) -> String {
-    info.split(|c: char| c == ',' || c.is_whitespace())
-        .find_map(|part| part.strip_prefix("git-branch=rel-"))
-        .map_or_else(|| info.to_owned(), str::to_owned)
+/// Asks the library for its release (`OrtGetApiBase()->GetVersionString()`), such as
+/// `1.32.0`. ort's build-info string does not always carry it.
+#[allow(unsafe_code)]
+fn library_version(path: &Path) -> Result<String, String> {
+    // SAFETY: ort has just loaded this file as ONNX Runtime and checked that it exports
+    // `OrtGetApiBase`; opening it again only takes another reference to the same mapping.
+    // The symbol has the C signature ort-sys declares, it returns a pointer to a static
+    // struct, and `GetVersionString` returns a static NUL-terminated string, which is
+    // copied before the handle is dropped.
+    unsafe {
+        let library = libloading::Library::new(path).map_err(|e| e.to_string())?;
+        let get_api_base: libloading::Symbol<
+            '_,
+            unsafe extern "C" fn() -> *const ort::sys::OrtApiBase,
+        > = library.get(b"OrtGetApiBase").map_err(|e| e.to_string())?;
+        let base = get_api_base();
+        if base.is_null() {
+            return Err("OrtGetApiBase returned nothing".to_owned());
+        }
+        let version = ((*base).GetVersionString)();
+        if version.is_null() {
+            return Err("GetVersionString returned nothing".to_owned());
+        }
+        Ok(std::ffi::CStr::from_ptr(version)
+            .to_string_lossy()
+            .into_owned())
+    }
 }
 
 /// How a sequence's KV cache lives between steps.
@@ -534,20 +556,4 @@ fn check_io(session: &Session, metadata: &ModelMetadata, graph: &Path) -> Result
         )));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn version_comes_from_the_build_string() {
-        assert_eq!(
-            build_version(
-                "ORT Build Info: git-branch=rel-1.32.0, git-commit-id=abc, build type=Release"
-            ),
-            "1.32.0"
-        );
-        assert_eq!(build_version("odd"), "odd");
-    }
 }

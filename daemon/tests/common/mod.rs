@@ -1,0 +1,134 @@
+//! Shared by the engine tests: where setup put the runtime, the models and the Python
+//! reference, and small helpers to drive an engine to the end.
+//!
+//! Nothing here skips a test when something is missing: a missing model or library fails
+//! the test with the command that provides it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use moat_daemon::engine::runtime_library;
+use moat_daemon::engine::{
+    DevicePreference, Engine, EngineSettings, FinishReason, GenerationEvent, GenerationRequest,
+    OrtRuntime, SessionOptions, Usage,
+};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("daemon/ has a parent")
+        .to_path_buf()
+}
+
+fn provisioned(path: PathBuf) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/setup.sh` first (the test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    provisioned(repo_root().join("local/models").join(name))
+}
+
+pub fn runtime() -> Arc<OrtRuntime> {
+    let lib = provisioned(repo_root().join("local/onnxruntime"));
+    let located = runtime_library::locate(Some(&lib), None).expect("library located");
+    OrtRuntime::load(located).expect("ONNX Runtime loads")
+}
+
+pub fn cpu_options() -> SessionOptions {
+    SessionOptions {
+        device: DevicePreference::Cpu,
+        intra_op_threads: None,
+    }
+}
+
+pub fn load(model: &str) -> Engine {
+    Engine::load_ort(
+        &runtime(),
+        &model_dir(model),
+        &cpu_options(),
+        EngineSettings::default(),
+    )
+    .unwrap_or_else(|e| panic!("loading {model}: {e}"))
+}
+
+/// Everything one generation produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub ids: Vec<u32>,
+    pub chunks: Vec<String>,
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+impl Outcome {
+    pub fn text(&self) -> String {
+        self.chunks.concat()
+    }
+}
+
+pub fn run(engine: &Engine, request: GenerationRequest) -> Outcome {
+    let mut stream = engine.submit(request).expect("request accepted");
+    collect(&mut stream)
+}
+
+pub fn collect(stream: &mut moat_daemon::engine::GenerationStream) -> Outcome {
+    let mut ids = Vec::new();
+    let mut chunks = Vec::new();
+    while let Some(event) = stream.next_blocking() {
+        match event {
+            GenerationEvent::Token { id, text } => {
+                ids.push(id);
+                chunks.push(text);
+            }
+            GenerationEvent::Finished { reason, usage } => {
+                return Outcome {
+                    ids,
+                    chunks,
+                    reason,
+                    usage,
+                };
+            }
+            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+    panic!("stream ended without a final event");
+}
+
+/// Greedy ids from the numpy reference (`tools/model/reference.py`), which reads the GGUF
+/// directly and shares no code with the ONNX graph.
+pub fn reference_greedy(gguf: &str, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
+    let root = repo_root();
+    let python = provisioned(root.join("local/venv/bin/python"));
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let output = Command::new(python)
+        .arg(root.join("tools/model/reference.py"))
+        .arg("--gguf")
+        .arg(provisioned(root.join("local/models").join(gguf)))
+        .arg("--ids")
+        .arg(ids.join(","))
+        .arg("--max-new-tokens")
+        .arg(new_tokens.to_string())
+        .output()
+        .expect("reference runs");
+    assert!(
+        output.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8(output.stdout).expect("utf-8");
+    let value: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    value["generated_ids"]
+        .as_array()
+        .expect("generated_ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}

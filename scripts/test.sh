@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every check moat has, on a fresh clone: provisions what the tests need (setup is
+# idempotent), then formatting, lints, and the whole test-suite on the real ONNX Runtime
+# with the real demo model and the fixture models.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+bash scripts/setup.sh
+echo "==> cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "==> cargo clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test" >&2
+cargo test --workspace --locked
+echo "==> all checks passed" >&2
