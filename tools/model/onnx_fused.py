@@ -1,0 +1,127 @@
+"""The fused graph: ONNX Runtime contrib ops, few kernels per token.
+
+Per step: GatherBlockQuantized embedding; per layer one (Skip)SimplifiedLayerNormalization,
+one QKV MatMulNBits, one GroupQueryAttention with the rotary embedding inside, one output
+MatMulNBits, one SkipSimplifiedLayerNormalization, one gate/up MatMulNBits, Split, QuickGelu
+(alpha 1 is SiLU), Mul and one down MatMulNBits; a final norm and the lm_head. Q4_1 layers
+add their block-minimum term (see onnx_linear).
+
+I/O: input_ids [b, s], attention_mask [b, total] -> logits [b, s, vocab]; past_key_values /
+present per layer [b, kv_heads, len, head_dim]. GroupQueryAttention takes the KV buffers in
+two ways: exact-length past in, past+new out; or one buffer of fixed capacity bound as both
+past and present (it writes the new rows in place).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from convert_source import Model, inv_freq
+from onnx_graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, tensor_info
+from onnx_linear import BLOCK, LinearEmitter, q8_parts
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def rotary_caches(model: Model) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [context_length, head_dim/2], float32 as HF computes them."""
+    positions = np.arange(model.hyper.context_length, dtype=np.float32)
+    freqs = np.outer(positions, inv_freq(model)).astype(np.float32)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def build(model: Model, fast: bool):
+    h = model.hyper
+    gb = GraphBuilder("moat_fused")
+    lin = LinearEmitter(gb, fast)
+    in_names, out_names = io_names(h.num_layers)
+    for n in in_names + out_names:
+        gb.reserve(n)
+
+    # Sequence bookkeeping, once for all layers: GroupQueryAttention wants the per-row
+    # count of valid tokens minus one and the mask width, both int32.
+    mask_sum = gb.op("ReduceSum", ["attention_mask", gb.ints(1)], name="mask_sum", keepdims=0)
+    seqlens_k = gb.op("Cast", [gb.op("Sub", [mask_sum, gb.ints(1)], name="seqlens_minus_one")],
+                      name="seqlens_k", to=INT32)
+    mask_width = gb.op("Gather", [gb.op("Shape", ["attention_mask"], name="mask_shape"),
+                                  gb.scalar(1, np.int64)], name="mask_width", axis=0)
+    total_len = gb.op("Cast", [mask_width], name="total_sequence_length", to=INT32)
+    cos, sin = rotary_caches(model)
+    cos_name, sin_name = gb.const("cos_cache", cos), gb.const("sin_cache", sin)
+
+    embd = model.token_embd
+    shared_lm_head = None
+    if embd.qtype == Q.Q8_0 and embd.in_features % BLOCK == 0:
+        q, scales = q8_parts(embd)
+        table = gb.const("embed.qweight", q)  # [vocab, blocks, 32], shared with a fast lm_head
+        nb = q.shape[1]
+        gathered = gb.op("GatherBlockQuantized",
+                         [table, "input_ids", gb.const("embed.scales", scales.reshape(-1, nb, 1))],
+                         name="embed", domain=MS_DOMAIN, bits=8, block_size=BLOCK, gather_axis=0,
+                         quantize_axis=2)
+        x = gb.op("Reshape", [gathered, gb.ints(0, 0, -1)], name="embed/flatten")
+        if model.tied_embeddings and lin.family(embd) == "q8":
+            shared_lm_head = (table, gb.const("lm_head.scales", scales))
+    else:
+        x = gb.op("Gather", [gb.const("embed.weight", embd.dense()), "input_ids"], name="embed", axis=0)
+
+    residual = None
+    pending = x  # the sublayer output not yet added to the residual stream
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}"
+        if residual is None:
+            normed = gb.op("SimplifiedLayerNormalization", [pending, gb.const(f"{p}.attn_norm", layer.attn_norm)],
+                           name=f"{p}/attn_norm", axis=-1, epsilon=h.rms_eps, stash_type=1)
+            residual = pending
+        else:
+            normed, residual = _skip_norm(gb, pending, residual, layer.attn_norm, h.rms_eps, f"{p}/attn_norm")
+        qkv = lin.linear(normed, [layer.wq, layer.wk, layer.wv], f"{p}.qkv")
+        attn = gb.op("GroupQueryAttention",
+                     [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                      seqlens_k, total_len, cos_name, sin_name],
+                     [gb.unique(f"{p}/attn/out"), f"present.{i}.key", f"present.{i}.value"],
+                     name=f"{p}/attn", domain=MS_DOMAIN, num_heads=h.num_heads, kv_num_heads=h.num_kv_heads,
+                     scale=float(1.0 / np.sqrt(h.head_dim)), do_rotary=1, rotary_interleaved=0)[0]
+        attn_out = lin.linear(attn, [layer.wo], f"{p}.o_proj")
+        normed, residual = _skip_norm(gb, attn_out, residual, layer.ffn_norm, h.rms_eps, f"{p}/ffn_norm")
+        gate_up = lin.linear(normed, [layer.w_gate, layer.w_up], f"{p}.gate_up")
+        gate, up = gb.op("Split", [gate_up, gb.ints(h.ffn_size, h.ffn_size)], 2, name=f"{p}/split", axis=-1)
+        act = gb.op("QuickGelu", [gate], name=f"{p}/silu", domain=MS_DOMAIN, alpha=1.0)
+        pending = lin.linear(gb.op("Mul", [act, up], name=f"{p}/gated"), [layer.w_down], f"{p}.down")
+
+    final = gb.op("SkipSimplifiedLayerNormalization",
+                  [pending, residual, gb.const("final_norm", model.output_norm)],
+                  name="final_norm", domain=MS_DOMAIN, epsilon=h.rms_eps)
+    if shared_lm_head is not None:
+        lin.matmul_nbits(final, *shared_lm_head, bits=8, n=embd.out_features, k=embd.in_features,
+                         name="lm_head", out="logits")
+    else:
+        lin.linear(final, [model.output], "lm_head", out="logits")
+
+    kv = ["batch", h.num_kv_heads, "past_sequence_length", h.head_dim]
+    kv_out = ["batch", h.num_kv_heads, "present_sequence_length", h.head_dim]
+    inputs = [tensor_info("input_ids", INT64, ["batch", "sequence_length"]),
+              tensor_info("attention_mask", INT64, ["batch", "total_sequence_length"])]
+    outputs = [tensor_info("logits", FLOAT, ["batch", "sequence_length", h.vocab_size])]
+    for i in range(h.num_layers):
+        inputs += [tensor_info(f"past_key_values.{i}.key", FLOAT, kv),
+                   tensor_info(f"past_key_values.{i}.value", FLOAT, kv)]
+        outputs += [tensor_info(f"present.{i}.key", FLOAT, kv_out),
+                    tensor_info(f"present.{i}.value", FLOAT, kv_out)]
+    return gb.model(inputs, outputs, use_ms_domain=True, doc="moat fused graph"), in_names, out_names
+
+
+def _skip_norm(gb: GraphBuilder, x: str, residual: str, gamma: np.ndarray, eps: float, name: str):
+    """(RMSNorm(x + residual) * gamma, x + residual) in one kernel."""
+    out, _, _, total = gb.op("SkipSimplifiedLayerNormalization", [x, residual, gb.const(f"{name}.weight", gamma)],
+                             [gb.unique(f"{name}/out"), "", "", gb.unique(f"{name}/residual")],
+                             name=name, domain=MS_DOMAIN, epsilon=eps)
+    return out, total

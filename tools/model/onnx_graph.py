@@ -1,0 +1,103 @@
+"""A small ONNX graph builder: unique names, shared constants, one call per node."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+
+# ONNX forbids 2 GiB protobufs; a single-file model must stay below.
+MAX_MODEL_BYTES = (2 << 30) - (16 << 20)
+
+
+class GraphBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._used: set[str] = set()
+        self._scalars: dict[tuple, str] = {}
+
+    def unique(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._used:
+            name = f"{base}_{n}"
+            n += 1
+        self._used.add(name)
+        return name
+
+    def reserve(self, name: str) -> str:
+        """Claims a fixed name (a graph input or output)."""
+        if name in self._used:
+            raise ValueError(f"name {name} used twice")
+        self._used.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.unique(base)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, *values: int) -> str:
+        """A shared 1-D int64 constant."""
+        key = ("i64", values)
+        if key not in self._scalars:
+            self._scalars[key] = self.const("const_i64", np.array(values, dtype=np.int64))
+        return self._scalars[key]
+
+    def scalar(self, value, dtype) -> str:
+        """A shared 0-D constant."""
+        key = (np.dtype(dtype).str, value)
+        if key not in self._scalars:
+            self._scalars[key] = self.const(f"const_{np.dtype(dtype).name}", np.array(value, dtype=dtype))
+        return self._scalars[key]
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, *,
+           name: str | None = None, domain: str = "", **attrs) -> str | list[str]:
+        """Adds one node; returns its output name, or the list of names when there are several.
+
+        `outputs` may name the outputs ("" leaves an optional output unset) or count them.
+        """
+        base = name or op_type
+        node_name = self.unique(base)
+        if isinstance(outputs, int):
+            out_names = [self.unique(f"{node_name}/out{i}" if outputs > 1 else f"{node_name}/out")
+                         for i in range(outputs)]
+        else:
+            out_names = list(outputs)
+        self.nodes.append(helper.make_node(op_type, inputs, out_names, name=node_name, domain=domain, **attrs))
+        return out_names[0] if len(out_names) == 1 else out_names
+
+    def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
+              use_ms_domain: bool, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, inputs, outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if use_ms_domain:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="moat convert_gguf",
+                              doc_string=doc)
+        # ONNX Runtime 1.16+ reads IR 9; newer IR versions would only narrow who can load it.
+        m.ir_version = 9
+        return m
+
+
+def tensor_info(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, shape)
+
+
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+INT32 = TensorProto.INT32
+BOOL = TensorProto.BOOL
+
+
+def save(model: onnx.ModelProto, path: str) -> int:
+    data = model.SerializeToString()
+    if len(data) > MAX_MODEL_BYTES:
+        raise ValueError(f"model is {len(data)} bytes, too large for a single-file ONNX model")
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
