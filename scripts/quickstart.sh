@@ -9,7 +9,7 @@ cd "$root"
 bash scripts/setup.sh
 echo "==> cargo build --release" >&2
 cargo build --release --locked --bin moatd
-echo "==> moatd generate (SmolLM2-135M-Instruct, fast graph)" >&2
+echo "==> moatd generate (SmolLM2-135M-Instruct, exact graph)" >&2
 MOAT_ONNXRUNTIME_LIB="$root/local/onnxruntime" target/release/moatd generate \
-  --model local/models/smollm2-135m-instruct-fast \
+  --model local/models/smollm2-135m-instruct-exact \
   --chat "What is the capital of France?" --max-tokens 64
