@@ -181,6 +181,7 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut ids = Vec::new();
     let mut first_token_at = None;
+    let mut finished = false;
     while let Some(event) = stream.next_blocking() {
         match event {
             GenerationEvent::Token { id, text } => {
@@ -190,6 +191,7 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
                 stdout.flush()?;
             }
             GenerationEvent::Finished { reason, usage } => {
+                finished = true;
                 writeln!(stdout)?;
                 let total = started.elapsed();
                 let ttft = first_token_at.unwrap_or(total);
@@ -228,6 +230,10 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
     }
     drop(stream);
     engine.shutdown();
+    anyhow::ensure!(
+        finished,
+        "the engine stopped before the generation finished"
+    );
     Ok(())
 }
 

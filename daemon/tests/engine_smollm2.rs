@@ -89,10 +89,15 @@ fn fast_graph_answers_sensibly() {
     assert_eq!(sum.reason, FinishReason::Stop);
     let story = run(
         &engine,
-        greedy(Prompt::Text("Once upon a time, there was a little".into()), 16),
+        greedy(
+            Prompt::Text("Once upon a time, there was a little".into()),
+            16,
+        ),
     );
     assert!(
-        story.text().starts_with(" girl named Emma who loved to play"),
+        story
+            .text()
+            .starts_with(" girl named Emma who loved to play"),
         "{:?}",
         story.text()
     );
