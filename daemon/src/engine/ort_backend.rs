@@ -155,7 +155,12 @@ fn library_version(path: &Path) -> Result<String, String> {
 /// How a sequence's KV cache lives between steps.
 enum KvCache {
     /// Fused contract: one buffer per past/present pair, bound as both input and output.
-    Shared { binding: Box<IoBinding> },
+    Shared {
+        binding: Box<IoBinding>,
+        /// Address of each present buffer, in `present_names` order: after every run the
+        /// outputs must still live there, or the next step would read a stale cache.
+        buffers: Vec<usize>,
+    },
     /// Optimum contract: the last step's present outputs, fed back as the next past.
     Moved { past: Vec<DynValue> },
 }
@@ -229,16 +234,19 @@ impl OrtBackend {
         let m = &self.metadata;
         let shape = [1usize, m.num_kv_heads, capacity, m.head_dim];
         let mut binding = self.session.create_binding()?;
+        let mut buffers = Vec::with_capacity(self.present_names.len());
         for (past, present) in self.past_names.iter().zip(&self.present_names) {
             let mut buffer = Tensor::<f32>::new(self.session.allocator(), shape)?;
             // Positions past a sequence's length are never read, but start from zeros so
             // the buffer never exposes another sequence's leftovers.
             buffer.extract_tensor_mut().1.fill(0.0);
+            buffers.push(buffer.data_ptr() as usize);
             binding.bind_input(past.as_str(), &buffer)?;
             binding.bind_output(present.as_str(), buffer)?;
         }
         Ok(KvCache::Shared {
             binding: Box::new(binding),
+            buffers,
         })
     }
 
@@ -296,7 +304,7 @@ impl OrtBackend {
             .map_err(runtime("building attention_mask"))?;
 
         match &mut state.cache {
-            KvCache::Shared { binding } => {
+            KvCache::Shared { binding, buffers } => {
                 binding
                     .bind_input("input_ids", &ids)
                     .map_err(runtime("binding input_ids"))?;
@@ -316,6 +324,20 @@ impl OrtBackend {
                     .session
                     .run_binding(binding)
                     .map_err(runtime("the forward pass"))?;
+                for (name, &buffer) in self.present_names.iter().zip(buffers.iter()) {
+                    let written = outputs[name.as_str()]
+                        .try_extract_tensor::<f32>()
+                        .map(|(_, data)| data.as_ptr() as usize);
+                    if written.ok() != Some(buffer) {
+                        return Err(BackendError::Runtime {
+                            during: "updating the KV cache in place",
+                            message: format!(
+                                "{name} was written to a new buffer; the graph does not share \
+                                 past and present (use the optimum contract for it)"
+                            ),
+                        });
+                    }
+                }
                 copy_last_row(&outputs["logits"], row)?;
             }
             KvCache::Moved { past } => {
