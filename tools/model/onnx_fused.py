@@ -4,7 +4,8 @@ Per step: GatherBlockQuantized embedding; per layer one (Skip)SimplifiedLayerNor
 one QKV MatMulNBits, one GroupQueryAttention with the rotary embedding inside, one output
 MatMulNBits, one SkipSimplifiedLayerNormalization, one gate/up MatMulNBits, Split, QuickGelu
 (alpha 1 is SiLU), Mul and one down MatMulNBits; a final norm and the lm_head. Q4_1 layers
-add their block-minimum term (see onnx_linear).
+add their block minimums: in the exact variant as a separate term, in the fast one through
+extra K columns of the same MatMulNBits (see onnx_linear).
 
 I/O: input_ids [b, s], attention_mask [b, total] -> logits [b, s, vocab]; past_key_values /
 present per layer [b, kv_heads, len, head_dim]. GroupQueryAttention takes the KV buffers in

@@ -7,9 +7,12 @@ GGUF block formats and how each maps onto `MatMulNBits` (value = scale * (q - ze
 - Q4_1: fp16 d, fp16 m, 32 x 4-bit q; value = d * q + m. A uint8 zero point can only express
   m = -d * z for integer z, and a float zero point (-m/d) pushes ONNX Runtime's CPU kernel
   off its prepacked path onto dequantising the whole matrix on every call (~100x slower).
-  So the layer is split: MatMulNBits with scale d and zero point 0 gives x . (d * q), and the
-  block minimums add sum_b m[b, n] * (sum of x over block b): per-block sums of x, then a
-  small [k/32, n] MatMul. Both parts are the GGUF values, unrounded.
+  Exact variant: MatMulNBits with scale d and zero point 0 gives x . (d * q), and the block
+  minimums add sum_b m[b, n] * (sum of x over block b): per-block sums of x, then a small
+  [k/32, n] MatMul. Both parts are the GGUF values, unrounded.
+  Fast variant: the same sum with the minimum moved into the matmul (see `min_extension`):
+  an integer zero point z = round(-m/d) carries -d * z ~ m, and the remainder r = m + d * z
+  (|r| <= d/2) rides in extra K columns that carry the block sums of x.
 - Q8_0: fp16 d, 32 x int8 q; value = d * q. As uint8 q + 128 with the default 8-bit zero
   point 128: exact. ONNX Runtime 1.32 has a packed 8-bit CPU kernel only for int8
   activations (accuracy_level 4); with fp32 activations it dequantises the whole matrix per
@@ -73,10 +76,84 @@ def pack_nibbles(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
+# The fast variant's remainder r is stored as this many signed 4-bit digits (see min_extension).
+MIN_DIGITS = 2
+
+
+def extension_layout(nb: int, digits: int) -> tuple[int, list[tuple[int, list[tuple[int, int]]]]]:
+    """Where the block-minimum digits sit in the extra K columns of a fast Q4_1 matmul.
+
+    The extension is `copies` back-to-back copies of the nb block sums; a 32-wide block of it
+    has one scale per output, so every block serves one digit (its scale) and holds that
+    digit for the sums it covers, zero weight elsewhere. Returns (copies, per extension block
+    (digit, [(position in the block, block-sum index)])), each digit covering every sum once.
+    """
+    for copies in range(1, digits * (BLOCK // nb + 2) + 1):
+        need = [set(range(nb)) for _ in range(digits)]
+        width = copies * nb
+        layout = []
+        for start in range(0, width, BLOCK):
+            here = [(p - start, p % nb) for p in range(start, min(width, start + BLOCK))]
+            digit = max(range(digits), key=lambda dg: (len({b for _, b in here} & need[dg]), -dg))
+            used = []
+            for pos, b in here:
+                if b in need[digit]:
+                    need[digit].discard(b)
+                    used.append((pos, b))
+            layout.append((digit, used))
+        if not any(need):
+            return copies, layout
+    raise ValueError(f"no extension layout for {nb} blocks")
+
+
+def min_extension(d: np.ndarray, zp: np.ndarray, mins: np.ndarray, digits: int = MIN_DIGITS):
+    """Folds Q4 block minimums into a MatMulNBits over [x, block sums of x, ...].
+
+    A block's value d * (q - zp) + m equals d * (q - z) + r with the integer zero point
+    z = clip(zp + round(-m / d), 0, 15) and r = m + d * (z - zp), exact in float32. MatMulNBits
+    applies z itself (with int8 activations it subtracts z * d * the block's quantised sum,
+    as llama.cpp applies m to its Q8_1 block sums); sum_b r[b, n] * S_b(x) comes from extra K
+    columns holding the block sums S_b, whose 4-bit weights encode r per output in `digits`
+    signed digits: each extension block has its own scale (max |what is left| / 7 over the
+    sums it covers) and rounds what the digits before it left, so a stored r is off by at
+    most max_b |r[b, n]| / 14**digits: with two digits max|r| / 196, and as |r| <= d/2 unless
+    z is clipped (or d = 0), at most max_b d[b, n] / 392 - finer than the GGUF's own fp16 rounding of m
+    (half an ulp, about |m| / 2048 with m typically ~ 7.5 d, so ~ d / 270).
+
+    Returns (zero points [N, nb + ne] uint8, extension q [N, ne, 32] uint8 with zero point 8,
+    extension scales [N, ne] float32 applying to block *sums*, copies of the block sums).
+    """
+    n, nb = d.shape
+    safe_d = np.where(d > 0, d, 1)
+    z = np.where(d > 0, np.clip(zp.astype(np.int64) + np.round(-mins / safe_d), 0, 15), zp).astype(np.uint8)
+    rest = mins.astype(np.float64) + d.astype(np.float64) * (z.astype(np.float64) - zp)
+    copies, layout = extension_layout(nb, digits)
+    ne = len(layout)
+    q_ext = np.full((n, ne, BLOCK), 8, np.uint8)
+    s_ext = np.zeros((n, ne), np.float32)
+    for digit in range(digits):
+        covered = []
+        for j, (dg, used) in enumerate(layout):
+            if dg != digit or not used:
+                continue
+            pos = [p for p, _ in used]
+            sums = [b for _, b in used]
+            scale = (np.abs(rest[:, sums]).max(axis=1) / 7).astype(np.float32)
+            q = np.round(rest[:, sums] / np.where(scale > 0, scale, 1)[:, None].astype(np.float64))
+            q = np.clip(q, -8, 7)
+            q_ext[:, j, pos] = (q + 8).astype(np.uint8)
+            s_ext[:, j] = scale
+            covered.append((sums, q * scale[:, None].astype(np.float64)))
+        for sums, value in covered:  # the next digit encodes what this one left
+            rest[:, sums] -= value
+    zero_points = np.concatenate([z, np.full((n, ne), 8, np.uint8)], axis=1)
+    return zero_points, q_ext, s_ext, copies
+
+
 class LinearEmitter:
     """Emits `x @ W.T` for a row-wise concatenation of GGUF weights sharing one input.
 
-    `x` is [batch, seq, in_features] (the Q4_1 block sums reshape it by rank).
+    `x` is [batch, seq, in_features] (the Q4_1 block sums rely on that rank).
     """
 
     def __init__(self, gb: GraphBuilder, fast: bool):
@@ -126,8 +203,10 @@ class LinearEmitter:
         zp = np.concatenate([p[2] for p in parts])
         mins = np.concatenate([p[3] for p in parts])
         k = weights[0].in_features
-        zp_name = None if np.all(zp == 8) else self.gb.const(f"{name}.zero_points", pack_nibbles(zp))
         has_mins = bool(np.any(mins))
+        if has_mins and self.fast:
+            return self._q4_extended(x, packed, scales, zp, mins, k, name, out)
+        zp_name = None if np.all(zp == 8) else self.gb.const(f"{name}.zero_points", pack_nibbles(zp))
         y = self.matmul_nbits(x, self.gb.const(f"{name}.qweight", packed), self.gb.const(f"{name}.scales", scales),
                               bits=4, n=packed.shape[0], k=k, name=name, zero_points=zp_name,
                               out=None if has_mins else out)
@@ -138,6 +217,25 @@ class LinearEmitter:
         block_sums = self.gb.op("ReduceSum", [blocks, self.gb.ints(-1)], name=f"{name}/block_sums", keepdims=0)
         min_term = self.gb.op("MatMul", [block_sums, self.gb.const(f"{name}.mins", mins.T)], name=f"{name}/mins")
         return self.gb.op("Add", [y, min_term], _outs(out), name=f"{name}/add_mins")
+
+    def _q4_extended(self, x: str, packed, scales, zp, mins, k: int, name: str, out: str | None) -> str:
+        """Fast Q4_1: one MatMulNBits over x followed by copies of its block sums (min_extension).
+
+        The separate min term (float32 [k/32, n] per layer, ~13 MB per token on the demo
+        model, read outside the weight stream) cost ~20% of decode speed; here the minimums
+        travel as ~2 extra 4-bit blocks per output inside the packed weights.
+        """
+        zero_points, q_ext, s_ext, copies = min_extension(scales, zp, mins)
+        nb = k // BLOCK
+        # AveragePool over [b, s, k] (s as channels) gives block means in one kernel, for any
+        # batch and length; the extension scales take the factor 32 (a power of two, exact).
+        means = self.gb.op("AveragePool", [x], name=f"{name}/block_means", kernel_shape=[BLOCK], strides=[BLOCK])
+        extended = self.gb.op("Concat", [x] + [means] * copies, name=f"{name}/with_block_sums", axis=-1)
+        return self.matmul_nbits(
+            extended, self.gb.const(f"{name}.qweight", np.concatenate([packed, pack_nibbles(q_ext)], axis=1)),
+            self.gb.const(f"{name}.scales", np.concatenate([scales, s_ext * BLOCK], axis=1)),
+            bits=4, n=packed.shape[0], k=k + copies * nb, name=name,
+            zero_points=self.gb.const(f"{name}.zero_points", pack_nibbles(zero_points)), out=out)
 
 
 def _outs(out: str | None):
