@@ -43,6 +43,7 @@ fn main() {
     let options = SessionOptions {
         device: DevicePreference::Cpu,
         intra_op_threads: Some(threads),
+        ..SessionOptions::default()
     };
 
     let mut rows: Vec<(String, Measurement)> = Vec::new();

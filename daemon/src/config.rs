@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::engine::ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS;
 use crate::engine::{DevicePreference, EngineSettings, SessionOptions};
 
 /// Exit status for a configuration error (`EX_USAGE`, as documented in the README).
@@ -41,6 +42,9 @@ pub struct EngineConfig {
     /// Sequences stepped together at most.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Most prompt tokens run through the graph at once (long prompts run in chunks).
+    #[serde(default = "default_prefill_chunk_tokens")]
+    pub prefill_chunk_tokens: usize,
 }
 
 fn default_max_tokens() -> usize {
@@ -52,6 +56,9 @@ fn default_queue_capacity() -> usize {
 fn default_max_batch() -> usize {
     EngineSettings::default().max_batch
 }
+fn default_prefill_chunk_tokens() -> usize {
+    DEFAULT_PREFILL_CHUNK_TOKENS
+}
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -62,6 +69,7 @@ impl Default for EngineConfig {
             default_max_tokens: default_max_tokens(),
             queue_capacity: default_queue_capacity(),
             max_batch: default_max_batch(),
+            prefill_chunk_tokens: default_prefill_chunk_tokens(),
         }
     }
 }
@@ -121,6 +129,7 @@ impl Config {
             ("engine.default_max_tokens", e.default_max_tokens),
             ("engine.queue_capacity", e.queue_capacity),
             ("engine.max_batch", e.max_batch),
+            ("engine.prefill_chunk_tokens", e.prefill_chunk_tokens),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
@@ -141,6 +150,7 @@ impl Config {
         SessionOptions {
             device: self.engine.device,
             intra_op_threads: self.engine.intra_op_threads,
+            prefill_chunk_tokens: self.engine.prefill_chunk_tokens,
         }
     }
 

@@ -6,7 +6,7 @@ mod common;
 use common::{load, model_dir, reference_greedy, run, runtime};
 use moat_daemon::engine::{
     Engine, EngineError, EngineSettings, FinishReason, GenerationRequest, Prompt, SamplingError,
-    SamplingParams, StartError,
+    SamplingParams, SessionOptions, StartError,
 };
 
 const PROMPTS: [&str; 3] = [
@@ -45,6 +45,34 @@ fn fused_graph_matches_the_reference() {
 #[test]
 fn optimum_graph_matches_the_reference() {
     matches_reference("fixture-optimum");
+}
+
+#[test]
+fn chunked_prefill_matches_the_reference() {
+    // Chunks of 5 split every prompt below into several runs, on both contracts.
+    for model in ["fixture-fused", "fixture-optimum"] {
+        let options = SessionOptions {
+            prefill_chunk_tokens: 5,
+            ..common::cpu_options()
+        };
+        let engine = Engine::load_ort(
+            &runtime(),
+            &model_dir(model),
+            &options,
+            EngineSettings::default(),
+        )
+        .expect("loads");
+        let prompt = engine
+            .tokenize_prompt(&Prompt::Text(PROMPTS[1].into()))
+            .expect("tokenizes");
+        assert!(prompt.len() > 10, "{}", prompt.len());
+        let ours = run(&engine, greedy(Prompt::TokenIds(prompt.clone()), 32));
+        assert_eq!(
+            ours.ids,
+            reference_greedy("fixture.gguf", &prompt, 32),
+            "{model}"
+        );
+    }
 }
 
 #[test]

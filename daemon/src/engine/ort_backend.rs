@@ -36,12 +36,28 @@ pub enum DevicePreference {
     Auto,
 }
 
+/// Default for [`SessionOptions::prefill_chunk_tokens`].
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 256;
+
 /// Session settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub device: DevicePreference,
     /// Threads for one operator; `None` lets ONNX Runtime use one per physical core.
     pub intra_op_threads: Option<usize>,
+    /// Most prompt tokens fed to the graph in one run; bounds the logits a run returns to
+    /// this many rows.
+    pub prefill_chunk_tokens: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            device: DevicePreference::default(),
+            intra_op_threads: None,
+            prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+        }
+    }
 }
 
 /// ONNX Runtime, loaded once per process from a located library.
@@ -184,6 +200,7 @@ pub struct OrtBackend {
     decode_logits: Tensor<f32>,
     cpu_memory: MemoryInfo<'static>,
     attention_mask: Vec<i64>,
+    prefill_chunk_tokens: usize,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -227,6 +244,7 @@ impl OrtBackend {
             decode_logits,
             cpu_memory,
             attention_mask: Vec::new(),
+            prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
         })
     }
 
@@ -283,6 +301,27 @@ impl OrtBackend {
         if let Some(&token) = input.tokens.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(BackendError::TokenOutOfVocab { token, vocab_size });
         }
+        // A long prompt runs in chunks: the graph returns logits for every position it is
+        // given, and a whole prompt's worth (prompt x vocabulary floats) would be a large,
+        // pointless allocation when only the last row is used.
+        for chunk in input.tokens.chunks(self.prefill_chunk_tokens) {
+            self.run_chunk(sequence, chunk, row)?;
+        }
+        Ok(())
+    }
+
+    /// Feeds one chunk of tokens to a validated sequence.
+    fn run_chunk(
+        &mut self,
+        sequence: SequenceId,
+        tokens: &[u32],
+        row: &mut [f32],
+    ) -> Result<(), BackendError> {
+        let state = self
+            .sequences
+            .get_mut(&sequence)
+            .ok_or(BackendError::UnknownSequence { sequence })?;
+        let new = tokens.len();
         let total = state.len + new;
         let runtime = |during| {
             move |e: ort::Error| BackendError::Runtime {
@@ -292,11 +331,7 @@ impl OrtBackend {
         };
         let ids = Tensor::from_array((
             [1usize, new],
-            input
-                .tokens
-                .iter()
-                .map(|&t| i64::from(t))
-                .collect::<Vec<_>>(),
+            tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(),
         ))
         .map_err(runtime("building input_ids"))?;
         self.attention_mask.resize(total, 1);

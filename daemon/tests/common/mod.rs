@@ -45,7 +45,7 @@ pub fn runtime() -> Arc<OrtRuntime> {
 pub fn cpu_options() -> SessionOptions {
     SessionOptions {
         device: DevicePreference::Cpu,
-        intra_op_threads: None,
+        ..SessionOptions::default()
     }
 }
 
