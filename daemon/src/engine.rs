@@ -390,7 +390,7 @@ impl Engine {
         let context_length = shared.model.context_length;
         let room = context_length.saturating_sub(prompt.len());
         let max_new_tokens = match request.max_tokens {
-            Some(asked) if prompt.len() + asked > context_length => {
+            Some(asked) if asked > room => {
                 return Err(EngineError::ContextOverflow {
                     prompt_tokens: prompt.len(),
                     max_tokens: asked,

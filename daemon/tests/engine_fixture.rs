@@ -223,6 +223,10 @@ fn bad_requests_get_clear_errors() {
         }
         other => panic!("expected ContextOverflow, got {other}"),
     }
+    assert!(matches!(
+        submit(greedy(Prompt::Text("Hello".into()), usize::MAX)),
+        EngineError::ContextOverflow { .. }
+    ));
     let long = Prompt::TokenIds(vec![5; context]);
     assert!(matches!(
         submit(greedy(long, 1)),
