@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Generate text with a model directory and stream it to stdout.
     #[command(after_help = "Examples:\n  \
-        moatd generate --model local/models/smollm2-135m-instruct-fast --chat 'What is the capital of France?'\n  \
+        moatd generate --model local/models/smollm2-135m-instruct-exact --chat 'What is the capital of France?'\n  \
         moatd generate --model DIR --prompt 'Once upon a time' --max-tokens 64 --temperature 0.8 --seed 7")]
     Generate(GenerateArgs),
 }
@@ -53,11 +53,13 @@ struct GenerateArgs {
     /// 0 is greedy (the default); up to 2.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (0 < p <= 1).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// 0 keeps all tokens.
+    /// Keep only the k most likely tokens; 0 keeps all.
     #[arg(long, default_value_t = 0)]
     top_k: u32,
+    /// Random seed: the same seed gives the same answer.
     #[arg(long)]
     seed: Option<u64>,
     /// Stop before this string (repeatable).
