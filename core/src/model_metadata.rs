@@ -60,9 +60,27 @@ pub enum MetadataError {
     Zero { field: &'static str },
     #[error("end-of-sequence id {id} is outside the vocabulary of {vocab_size} tokens")]
     EosOutOfVocab { id: u32, vocab_size: usize },
+    #[error("BOS id {id} is outside the vocabulary of {vocab_size} tokens")]
+    BosOutOfVocab { id: u32, vocab_size: usize },
+    #[error("field `{field}` is {value}, above the most this build accepts ({max})")]
+    TooLarge {
+        field: &'static str,
+        value: usize,
+        max: usize,
+    },
     #[error("KV-cache dtype `{0}` is not supported (only float32)")]
     UnsupportedKvDtype(String),
 }
+
+/// Upper bounds on the shape fields, far above any model moat serves, so that a corrupt or
+/// hostile file fails validation instead of sizing allocations.
+const LIMITS: [(&str, usize); 5] = [
+    ("num_layers", 1024),
+    ("num_kv_heads", 1024),
+    ("head_dim", 4096),
+    ("vocab_size", 1 << 22),
+    ("context_length", 1 << 21),
+];
 
 fn default_kv_dtype() -> String {
     "float32".to_owned()
@@ -91,6 +109,19 @@ impl ModelMetadata {
             if value == 0 {
                 return Err(MetadataError::Zero { field });
             }
+            if let Some(&(_, max)) = LIMITS.iter().find(|(name, _)| *name == field)
+                && value > max
+            {
+                return Err(MetadataError::TooLarge { field, value, max });
+            }
+        }
+        if let Some(id) = self.bos_token_id
+            && id as usize >= self.vocab_size
+        {
+            return Err(MetadataError::BosOutOfVocab {
+                id,
+                vocab_size: self.vocab_size,
+            });
         }
         if let Some(&id) = self
             .eos_token_ids
@@ -163,6 +194,21 @@ mod tests {
         assert!(matches!(
             ModelMetadata::from_json(&v.to_string()),
             Err(MetadataError::EosOutOfVocab { id: 300, .. })
+        ));
+        let mut v = sample();
+        v["bos_token_id"] = 300.into();
+        assert!(matches!(
+            ModelMetadata::from_json(&v.to_string()),
+            Err(MetadataError::BosOutOfVocab { id: 300, .. })
+        ));
+        let mut v = sample();
+        v["num_layers"] = 1_000_000_000u64.into();
+        assert!(matches!(
+            ModelMetadata::from_json(&v.to_string()),
+            Err(MetadataError::TooLarge {
+                field: "num_layers",
+                ..
+            })
         ));
         let mut v = sample();
         v["head_dim"] = 0.into();

@@ -113,6 +113,8 @@ impl Default for EngineSettings {
 
 /// Most stop strings one request may carry.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes (matching costs grow with it on the engine thread).
+pub const MAX_STOP_STRING_BYTES: usize = 256;
 
 /// Why a generation was refused or failed. Each variant is a case callers handle.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -136,6 +138,8 @@ pub enum EngineError {
     EmptyStopString,
     #[error("at most {MAX_STOP_STRINGS} stop strings are allowed, got {0}")]
     TooManyStopStrings(usize),
+    #[error("stop strings may be at most {MAX_STOP_STRING_BYTES} bytes long, got {0}")]
+    StopStringTooLong(usize),
     #[error("stop token id {id} is outside the vocabulary of {vocab_size}")]
     StopTokenOutOfVocab { id: u32, vocab_size: usize },
     #[error("prompt token id {id} is outside the vocabulary of {vocab_size}")]
@@ -213,6 +217,7 @@ pub struct Engine {
     admissions: crossbeam_channel::Sender<worker::Admission>,
     next_sequence: AtomicU64,
     worker: Option<JoinHandle<()>>,
+    health: Arc<worker::WorkerHealth>,
 }
 
 impl Engine {
@@ -270,9 +275,19 @@ impl Engine {
         let (admissions, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
         let worker_tokenizer = Arc::clone(&tokenizer);
         let max_batch = settings.max_batch.max(1);
+        let health = Arc::new(worker::WorkerHealth::default());
+        let worker_health = Arc::clone(&health);
         let worker = std::thread::Builder::new()
             .name("moat-engine".into())
-            .spawn(move || worker::run(backend, worker_tokenizer, receiver, max_batch))?;
+            .spawn(move || {
+                worker::run(
+                    backend,
+                    worker_tokenizer,
+                    receiver,
+                    max_batch,
+                    worker_health,
+                )
+            })?;
         Ok(Self {
             shared: Arc::new(EngineShared {
                 metadata,
@@ -284,6 +299,7 @@ impl Engine {
             admissions,
             next_sequence: AtomicU64::new(0),
             worker: Some(worker),
+            health,
         })
     }
 
@@ -295,9 +311,15 @@ impl Engine {
         &self.shared.model
     }
 
-    /// Whether the engine thread is still running.
+    /// Whether the engine thread is running and its last step succeeded.
     pub fn is_healthy(&self) -> bool {
         self.worker.as_ref().is_some_and(|w| !w.is_finished())
+            && !self.health.failing.load(Ordering::Relaxed)
+    }
+
+    /// Generations the engine thread holds right now (admitted and not yet finished).
+    pub fn live_sequences(&self) -> usize {
+        self.health.live.load(Ordering::Relaxed)
     }
 
     /// Renders and tokenizes a prompt.
@@ -306,7 +328,7 @@ impl Engine {
         let ids = match prompt {
             Prompt::Text(text) => shared
                 .tokenizer
-                .encode(text)
+                .encode(text, true)
                 .map_err(|e| EngineError::Tokenize(e.to_string()))?,
             Prompt::Chat(messages) => {
                 let template = shared
@@ -321,19 +343,19 @@ impl Engine {
                     .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
                 shared
                     .tokenizer
-                    .encode(&text)
+                    .encode(&text, false)
                     .map_err(|e| EngineError::Tokenize(e.to_string()))?
             }
-            Prompt::TokenIds(ids) => {
-                let vocab_size = shared.model.vocab_size;
-                if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
-                    return Err(EngineError::PromptTokenOutOfVocab { id, vocab_size });
-                }
-                ids.clone()
-            }
+            Prompt::TokenIds(ids) => ids.clone(),
         };
         if ids.is_empty() {
             return Err(EngineError::EmptyPrompt);
+        }
+        // Also for tokenizer output: a tokenizer with gaps in its ids, or a BOS id, could
+        // name a row the model does not have.
+        let vocab_size = shared.model.vocab_size;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(EngineError::PromptTokenOutOfVocab { id, vocab_size });
         }
         Ok(ids)
     }
@@ -347,6 +369,9 @@ impl Engine {
     }
 
     /// Validates a request and queues it; events arrive on the returned stream.
+    ///
+    /// Rendering and tokenizing the prompt happen on the calling thread (milliseconds for
+    /// long prompts); async callers should call this from a blocking-capable context.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
         let spec = self.prepare(request)?;
         let prompt_tokens = spec.prompt.len();
@@ -375,6 +400,13 @@ impl Engine {
         }
         if request.stop.iter().any(String::is_empty) {
             return Err(EngineError::EmptyStopString);
+        }
+        if let Some(long) = request
+            .stop
+            .iter()
+            .find(|s| s.len() > MAX_STOP_STRING_BYTES)
+        {
+            return Err(EngineError::StopStringTooLong(long.len()));
         }
         if let Some(&id) = request
             .stop_token_ids

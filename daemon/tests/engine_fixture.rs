@@ -192,9 +192,13 @@ fn a_dropped_stream_is_cancelled_and_the_engine_goes_on() {
         .submit(greedy(Prompt::Text("Hello".into()), 200))
         .expect("accepted");
     assert!(stream.next_blocking().is_some());
+    assert_eq!(engine.live_sequences(), 1);
     drop(stream);
+    // The dropped generation had ~199 tokens to go; if cancelling did nothing it would
+    // still be live after this short one finishes.
     let after = run(&engine, greedy(Prompt::Text("Hello".into()), 4));
     assert_eq!(after.ids.len(), 4);
+    assert_eq!(engine.live_sequences(), 0);
     assert!(engine.is_healthy());
 }
 
@@ -331,6 +335,21 @@ fn a_graph_with_the_wrong_contract_is_refused() {
     let err = start(dir.path()).expect_err("refused").to_string();
     assert!(
         err.contains("model.onnx") && err.contains("position_ids"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metadata_that_disagrees_with_the_graph_is_refused() {
+    let dir = copy_model("fixture-fused");
+    let path = dir.path().join("moat-model.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    value["num_kv_heads"] = 3.into();
+    std::fs::write(&path, value.to_string()).expect("write");
+    let err = start(dir.path()).expect_err("refused").to_string();
+    assert!(
+        err.contains("moat-model.json") && err.contains("num_kv_heads"),
         "{err}"
     );
 }

@@ -38,8 +38,13 @@ pub enum ModelDirError {
     BadTokenizer { path: PathBuf, reason: String },
     #[error("model file {path} is not a usable ONNX graph: {reason}")]
     BadGraph { path: PathBuf, reason: String },
-    #[error("model file {path} has no chat template; use a plain prompt instead of chat messages")]
-    NoChatTemplate { path: PathBuf },
+    #[error("model file {path} says {field} = {declared}, but model.onnx has {graph}")]
+    GraphMismatch {
+        path: PathBuf,
+        field: &'static str,
+        declared: usize,
+        graph: i64,
+    },
     #[error("model file {path} has a chat template that does not compile: {reason}")]
     BadChatTemplate { path: PathBuf, reason: String },
 }

@@ -24,6 +24,8 @@ impl Default for SamplingParams {
 
 /// The highest temperature accepted (as OpenAI's API).
 pub const MAX_TEMPERATURE: f32 = 2.0;
+/// Temperatures below this sample greedily.
+const MIN_SAMPLING_TEMPERATURE: f32 = 1e-4;
 
 /// A sampling value out of range.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -56,7 +58,9 @@ impl SamplingParams {
     }
 
     fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        // Below this, dividing by the temperature overflows and the distribution is a
+        // spike on the argmax anyway.
+        self.temperature < MIN_SAMPLING_TEMPERATURE || self.top_k == 1
     }
 }
 
@@ -118,6 +122,11 @@ impl Sampler {
         for c in &mut self.candidates {
             c.1 = (c.1 - max).exp();
             total += c.1;
+        }
+        if !total.is_finite() || total <= 0.0 {
+            // Infinite logits leave no usable distribution; the most likely token is the
+            // only honest answer.
+            return argmax(logits);
         }
         if self.params.top_p < 1.0 {
             total = self.keep_nucleus(total);
@@ -227,6 +236,24 @@ mod tests {
         let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(picks.contains(&1) && picks.contains(&2));
         assert!(picks.iter().all(|&p| p == 1 || p == 2));
+    }
+
+    #[test]
+    fn top_k_limits_the_choice_to_the_k_most_likely() {
+        let logits = [3.0, 0.0, 2.9, 2.8, -1.0];
+        let mut s = Sampler::new(params(2.0, 1.0, 3, 9));
+        let picks: Vec<u32> = (0..300).map(|_| s.sample(&logits)).collect();
+        assert!(picks.iter().all(|p| [0, 2, 3].contains(p)), "{picks:?}");
+        assert!([0, 2, 3].iter().all(|k| picks.contains(k)));
+    }
+
+    #[test]
+    fn tiny_temperatures_and_infinite_logits_stay_sane() {
+        let logits = [0.5, 1.5, 1.0];
+        let mut s = Sampler::new(params(1e-30, 1.0, 0, 1));
+        assert_eq!(s.sample(&logits), 1);
+        let mut s = Sampler::new(params(1.0, 1.0, 0, 1));
+        assert_eq!(s.sample(&[0.0, f32::INFINITY, 1.0]), 1);
     }
 
     #[test]

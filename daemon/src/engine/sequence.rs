@@ -74,7 +74,7 @@ impl Sequence {
         let decoder = IncrementalDecoder::after_prompt(&spec.prompt);
         Self {
             id,
-            generated: Vec::with_capacity(spec.max_new_tokens),
+            generated: Vec::with_capacity(spec.max_new_tokens.min(1024)),
             prompt: spec.prompt,
             max_new_tokens: spec.max_new_tokens,
             stop_token_ids: spec.stop_token_ids,
@@ -113,7 +113,7 @@ impl Sequence {
         let id = self.sampler.sample(logits);
         self.generated.push(id);
         if self.stop_token_ids.contains(&id) {
-            let text = self.flush(tokenizer)?;
+            let (text, _) = self.flush(tokenizer)?;
             return Ok(Advance::Finished {
                 id,
                 text,
@@ -134,26 +134,32 @@ impl Sequence {
             }
         }
         if self.generated.len() >= self.max_new_tokens {
-            text.push_str(&self.flush(tokenizer)?);
+            let (tail, stopped) = self.flush(tokenizer)?;
+            text.push_str(&tail);
             return Ok(Advance::Finished {
                 id,
                 text,
-                reason: FinishReason::Length,
+                reason: if stopped {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                },
             });
         }
         Ok(Advance::Token { id, text })
     }
 
-    /// Releases held-back text at the end, still honouring stop strings.
-    fn flush(&mut self, tokenizer: &TextTokenizer) -> Result<String, TokenizeError> {
+    /// Releases held-back text at the end, still honouring stop strings; says whether a
+    /// stop string ended it.
+    fn flush(&mut self, tokenizer: &TextTokenizer) -> Result<(String, bool), TokenizeError> {
         let mut text = String::new();
         if let Some(tail) = self.decoder.flush(tokenizer)? {
             match self.stops.push(&tail) {
                 StopOutcome::Continue(released) => text.push_str(&released),
-                StopOutcome::Stopped(released) => return Ok(released),
+                StopOutcome::Stopped(released) => return Ok((released, true)),
             }
         }
         text.push_str(&self.stops.finish());
-        Ok(text)
+        Ok((text, false))
     }
 }

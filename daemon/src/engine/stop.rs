@@ -33,6 +33,8 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return StopOutcome::Continue(text.to_owned());
         }
+        // With stops: `pending` is at most the longest stop string, because everything but
+        // a possible stop prefix is released below, so each search is short.
         // Search only where a match could begin: a stop string completed by `text` starts
         // at most (longest stop - 1) bytes before it.
         let search_from = self.pending.len().saturating_sub(self.longest_stop() - 1);

@@ -45,15 +45,17 @@ impl TextTokenizer {
     }
 
     /// Encodes a prompt. Special tokens written in the text (such as a chat template's
-    /// `<|im_start|>`) become their ids; a BOS is prepended when the model asks for one.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+    /// `<|im_start|>`) become their ids. With `add_bos`, a BOS is prepended when the model
+    /// asks for one; rendered chat templates carry their own, as Hugging Face's
+    /// `apply_chat_template` assumes.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizeError> {
         let encoding = self
             .inner
             .encode(text, false)
             .map_err(|e| TokenizeError(e.to_string()))?;
         let ids = encoding.get_ids();
         let mut out = Vec::with_capacity(ids.len() + 1);
-        if let Some(bos) = self.bos_to_prepend
+        if let Some(bos) = self.bos_to_prepend.filter(|_| add_bos)
             && ids.first() != Some(&bos)
         {
             out.push(bos);
@@ -87,6 +89,11 @@ pub struct IncrementalDecoder {
 /// How many prompt tokens the window starts with, for decoders that need left context.
 const PROMPT_CONTEXT_TOKENS: usize = 4;
 
+/// Most tokens the window may hold back. Past this (a run of tokens that decode to nothing,
+/// or bytes that never complete a character) the window moves on, so decoding stays cheap
+/// and text keeps flowing; an incomplete character is then shown as U+FFFD.
+const MAX_HELD_TOKENS: usize = 16;
+
 impl IncrementalDecoder {
     /// Starts after the prompt; its last few tokens give the decoder left context.
     pub fn after_prompt(prompt: &[u32]) -> Self {
@@ -107,6 +114,10 @@ impl IncrementalDecoder {
         self.ids.push(token);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let held = self.ids.len() - self.read_offset;
+        if held >= MAX_HELD_TOKENS {
+            return Ok(self.advance(&prefix, &full));
+        }
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(None);
         }
@@ -129,11 +140,73 @@ impl IncrementalDecoder {
         }
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        Ok(self.advance(&prefix, &full))
+    }
+
+    /// Moves the window to the end and returns whatever text grew, even if incomplete.
+    fn advance(&mut self, prefix: &str, full: &str) -> Option<String> {
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        Ok(full
-            .get(prefix.len()..)
+        full.get(prefix.len()..)
             .filter(|rest| !rest.is_empty())
-            .map(str::to_owned))
+            .map(str::to_owned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_tokenizer() -> TextTokenizer {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../local/models/fixture-fused/tokenizer.json");
+        TextTokenizer::load(&path, None).expect("run scripts/setup.sh: fixture tokenizer")
+    }
+
+    fn stream(tokenizer: &TextTokenizer, ids: &[u32]) -> Vec<String> {
+        let mut decoder = IncrementalDecoder::after_prompt(&[]);
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend(decoder.push(tokenizer, id).expect("decodes"));
+        }
+        out.extend(decoder.flush(tokenizer).expect("decodes"));
+        out
+    }
+
+    #[test]
+    fn multibyte_characters_are_never_split() {
+        let tokenizer = fixture_tokenizer();
+        let text = "é日本🙂 done";
+        let ids = tokenizer.encode(text, false).expect("encodes");
+        assert!(ids.len() > text.chars().count(), "byte tokens expected");
+        let chunks = stream(&tokenizer, &ids);
+        assert_eq!(chunks.concat(), text);
+        assert!(chunks.iter().all(|c| !c.contains('\u{FFFD}')), "{chunks:?}");
+    }
+
+    #[test]
+    fn a_character_that_never_completes_ends_as_a_replacement() {
+        let tokenizer = fixture_tokenizer();
+        // The first two bytes of a three-byte character, then nothing.
+        let ids = tokenizer.encode("日", false).expect("encodes");
+        let chunks = stream(&tokenizer, &ids[..ids.len() - 1]);
+        assert_eq!(chunks.concat(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn tokens_without_text_do_not_grow_the_window_forever() {
+        let tokenizer = fixture_tokenizer();
+        let im_end = 2;
+        let mut decoder = IncrementalDecoder::after_prompt(&[]);
+        for _ in 0..100 {
+            assert_eq!(decoder.push(&tokenizer, im_end).expect("decodes"), None);
+        }
+        assert!(decoder.ids.len() - decoder.prefix_offset <= 2 * MAX_HELD_TOKENS);
+        let hi = tokenizer.encode("hi", false).expect("encodes");
+        let text: String = hi
+            .iter()
+            .filter_map(|&id| decoder.push(&tokenizer, id).expect("decodes"))
+            .collect();
+        assert_eq!(text, "hi");
     }
 }

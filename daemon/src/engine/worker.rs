@@ -5,7 +5,9 @@
 //! steps it admits new sequences and drops the ones whose client went away, so a batch is
 //! always the set of live sequences.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use tokio::sync::mpsc::UnboundedSender;
@@ -27,12 +29,22 @@ struct Live {
     events: UnboundedSender<GenerationEvent>,
 }
 
+/// What the engine thread reports about itself to the engine's handles.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerHealth {
+    /// The last step failed (cleared by the next good step).
+    pub failing: AtomicBool,
+    /// Sequences currently held by the backend.
+    pub live: AtomicUsize,
+}
+
 /// Runs until every engine handle is gone and the last sequence has finished.
 pub(crate) fn run(
     mut backend: Box<dyn Backend>,
     tokenizer: Arc<TextTokenizer>,
     admissions: Receiver<Admission>,
     max_batch: usize,
+    health: Arc<WorkerHealth>,
 ) {
     let mut live: Vec<Live> = Vec::new();
     let mut logits = LogitsBatch::default();
@@ -65,15 +77,48 @@ pub(crate) fn run(
             }
             keep
         });
+        health.live.store(live.len(), Ordering::Relaxed);
         if live.is_empty() {
             continue;
         }
-        step(backend.as_mut(), &tokenizer, &mut live, &mut logits);
+        // A panic below (a bug, or one inside the runtime binding) must not leave clients
+        // waiting forever: fail their generations, report it, and stop this thread, since
+        // the backend's state can no longer be trusted.
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            step(
+                backend.as_mut(),
+                &tokenizer,
+                &mut live,
+                &mut logits,
+                &health,
+            )
+        }));
+        match stepped {
+            Ok(ok) => health.failing.store(!ok, Ordering::Relaxed),
+            Err(_) => {
+                tracing::error!("the engine thread panicked; failing its generations");
+                health.failing.store(true, Ordering::Relaxed);
+                for l in live.drain(..) {
+                    let _ = l
+                        .events
+                        .send(GenerationEvent::Failed(EngineError::Inference(
+                            "the engine stopped after an internal error".to_owned(),
+                        )));
+                }
+                health.live.store(0, Ordering::Relaxed);
+                return;
+            }
+        }
+        health.live.store(live.len(), Ordering::Relaxed);
     }
 }
 
 fn admit(backend: &mut dyn Backend, admission: Admission, live: &mut Vec<Live>) {
     let Admission { sequence, events } = admission;
+    if events.is_closed() {
+        // The client left while the request waited in the queue.
+        return;
+    }
     match backend.start_sequence(sequence.id, sequence.capacity()) {
         Ok(()) => live.push(Live { sequence, events }),
         Err(e) => {
@@ -84,12 +129,14 @@ fn admit(backend: &mut dyn Backend, admission: Admission, live: &mut Vec<Live>) 
     }
 }
 
+/// One step for every live sequence; false when the backend failed it.
 fn step(
     backend: &mut dyn Backend,
     tokenizer: &TextTokenizer,
     live: &mut Vec<Live>,
     logits: &mut LogitsBatch,
-) {
+    health: &WorkerHealth,
+) -> bool {
     let batch: Vec<StepInput<'_>> = live
         .iter()
         .map(|l| StepInput {
@@ -101,6 +148,7 @@ fn step(
     drop(batch);
     if let Err(e) = result {
         tracing::error!(error = %e, "inference step failed; failing its sequences");
+        health.live.store(0, Ordering::Relaxed);
         for l in live.drain(..) {
             backend.finish_sequence(l.sequence.id);
             let _ = l
@@ -109,7 +157,7 @@ fn step(
                     e.to_string(),
                 )));
         }
-        return;
+        return false;
     }
     let mut index = 0;
     live.retain_mut(|l| {
@@ -133,11 +181,20 @@ fn step(
                 true,
             ),
         };
-        let delivered = l.events.send(event).is_ok();
-        if done || !delivered {
+        if done {
+            // Released before the final event goes out, so whoever reads it sees the slot
+            // already free.
             backend.finish_sequence(l.sequence.id);
+            health.live.fetch_sub(1, Ordering::Relaxed);
+            let _ = l.events.send(event);
+            return false;
+        }
+        if l.events.send(event).is_err() {
+            backend.finish_sequence(l.sequence.id);
+            health.live.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         true
     });
+    true
 }

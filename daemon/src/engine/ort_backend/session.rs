@@ -308,5 +308,29 @@ pub(super) fn check_io(
             metadata.vocab_size
         )));
     }
+    // The cache is allocated from the metadata's shape; a graph that disagrees would fail
+    // at the first step with an opaque shape error, so say so now.
+    if let Some(past) = session
+        .inputs()
+        .iter()
+        .find(|o| o.name() == "past_key_values.0.key")
+        && let ValueType::Tensor { shape, .. } = past.dtype()
+        && shape.len() == 4
+    {
+        for (axis, field, declared) in [
+            (1, "num_kv_heads", metadata.num_kv_heads),
+            (3, "head_dim", metadata.head_dim),
+        ] {
+            let dim = shape[axis];
+            if dim > 0 && dim as usize != declared {
+                return Err(LoadError::Model(ModelDirError::GraphMismatch {
+                    path: graph.with_file_name(crate::engine::model_dir::METADATA_FILE),
+                    field,
+                    declared,
+                    graph: dim,
+                }));
+            }
+        }
+    }
     Ok(())
 }
