@@ -108,12 +108,18 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let problems = config.problems();
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks every field; `origin` names where the values came from in the error.
+    pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let problems = self.problems();
         if problems.is_empty() {
-            Ok(config)
+            Ok(())
         } else {
             Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
+                path: origin.to_path_buf(),
                 problems,
             })
         }

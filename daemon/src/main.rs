@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use moat_daemon::config::{Config, ConfigError, EXIT_CONFIG};
 use moat_daemon::engine::runtime_library::{self, LIBRARY_ENV};
 use moat_daemon::engine::{
-    ChatMessage, DevicePreference, Engine, GenerationEvent, GenerationRequest, OrtRuntime, Prompt,
-    SamplingParams,
+    ChatMessage, DevicePreference, Engine, GenerationEvent, GenerationRequest, GenerationStream,
+    OrtRuntime, Prompt, SamplingParams,
 };
 
 #[derive(Debug, Parser)]
@@ -47,9 +47,9 @@ struct GenerateArgs {
     /// System message placed before --chat (otherwise the template's default, if any).
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// New tokens at most.
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
+    /// New tokens at most (default: engine.default_max_tokens, within the context).
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// 0 is greedy (the default); up to 2.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -102,7 +102,16 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Generate(args) => generate(config, args),
+        Command::Generate(args) => {
+            let config = match apply_overrides(config, &args, cli.config.as_deref()) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            generate(&config, args)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,17 +139,27 @@ fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     }
 }
 
-fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
+/// Command-line overrides win over the file; the result is validated as a whole.
+fn apply_overrides(
+    mut config: Config,
+    args: &GenerateArgs,
+    file: Option<&Path>,
+) -> Result<Config, ConfigError> {
     if let Some(device) = args.device {
         config.engine.device = device;
     }
-    if let Some(lib) = args.onnxruntime_library {
-        config.engine.onnxruntime_library = Some(lib);
+    if let Some(lib) = &args.onnxruntime_library {
+        config.engine.onnxruntime_library = Some(std::path::absolute(lib).unwrap_or(lib.clone()));
     }
     if args.threads.is_some() {
         config.engine.intra_op_threads = args.threads;
     }
-    let runtime = load_runtime(&config)?;
+    config.validate(file.unwrap_or(Path::new("command line")))?;
+    Ok(config)
+}
+
+fn generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
+    let runtime = load_runtime(config)?;
     let engine = Engine::load_ort(
         &runtime,
         &args.model,
@@ -154,7 +173,17 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
         device = %engine.model().device,
         "model loaded"
     );
+    let stats_json = args.stats_json;
+    let request = build_request(args)?;
+    let started = Instant::now();
+    let mut stream = engine.submit(request)?;
+    let result = stream_to_stdout(&mut stream, started, stats_json);
+    drop(stream);
+    engine.shutdown();
+    result
+}
 
+fn build_request(args: GenerateArgs) -> anyhow::Result<GenerationRequest> {
     let prompt = match (args.prompt, args.chat) {
         (Some(text), _) => Prompt::Text(text),
         (None, Some(user)) => {
@@ -168,7 +197,7 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --prompt or --chat"),
     };
     let mut request = GenerationRequest::new(prompt);
-    request.max_tokens = Some(args.max_tokens);
+    request.max_tokens = args.max_tokens;
     request.sampling = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -177,13 +206,18 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
     };
     request.stop = args.stop;
     request.ignore_eos = args.ignore_eos;
+    Ok(request)
+}
 
-    let started = Instant::now();
-    let mut stream = engine.submit(request)?;
+/// Writes the answer as it arrives, then reports the finish and timings on stderr.
+fn stream_to_stdout(
+    stream: &mut GenerationStream,
+    started: Instant,
+    stats_json: bool,
+) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut ids = Vec::new();
     let mut first_token_at = None;
-    let mut finished = false;
     while let Some(event) = stream.next_blocking() {
         match event {
             GenerationEvent::Token { id, text } => {
@@ -193,18 +227,17 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
                 stdout.flush()?;
             }
             GenerationEvent::Finished { reason, usage } => {
-                finished = true;
                 writeln!(stdout)?;
                 let total = started.elapsed();
                 let ttft = first_token_at.unwrap_or(total);
-                let decode_tokens = usage.completion_tokens.saturating_sub(1);
                 let decode_secs = (total - ttft).as_secs_f64();
                 let rate = if decode_secs > 0.0 {
-                    decode_tokens as f64 / decode_secs
+                    usage.completion_tokens.saturating_sub(1) as f64 / decode_secs
                 } else {
                     0.0
                 };
-                if args.stats_json {
+                let ttft_ms = ttft.as_secs_f64() * 1e3;
+                if stats_json {
                     eprintln!(
                         "{}",
                         serde_json::json!({
@@ -212,7 +245,7 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
                             "finish_reason": reason.as_str(),
                             "prompt_tokens": usage.prompt_tokens,
                             "completion_tokens": usage.completion_tokens,
-                            "ttft_ms": ttft.as_secs_f64() * 1e3,
+                            "ttft_ms": ttft_ms,
                             "decode_tokens_per_s": rate,
                         })
                     );
@@ -221,22 +254,17 @@ fn generate(mut config: Config, args: GenerateArgs) -> anyhow::Result<()> {
                         finish_reason = reason.as_str(),
                         prompt_tokens = usage.prompt_tokens,
                         completion_tokens = usage.completion_tokens,
-                        ttft_ms = format!("{:.1}", ttft.as_secs_f64() * 1e3),
+                        ttft_ms = format!("{ttft_ms:.1}"),
                         decode_tokens_per_s = format!("{rate:.1}"),
                         "done"
                     );
                 }
+                return Ok(());
             }
             GenerationEvent::Failed(e) => return Err(e.into()),
         }
     }
-    drop(stream);
-    engine.shutdown();
-    anyhow::ensure!(
-        finished,
-        "the engine stopped before the generation finished"
-    );
-    Ok(())
+    anyhow::bail!("the engine stopped before the generation finished")
 }
 
 fn load_runtime(config: &Config) -> anyhow::Result<std::sync::Arc<OrtRuntime>> {

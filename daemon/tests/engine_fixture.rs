@@ -147,6 +147,9 @@ fn stop_strings_spanning_tokens_end_the_answer() {
     assert_eq!(stopped.reason, FinishReason::Stop);
     assert_eq!(stopped.text(), expected, "stop {stop:?}");
     assert!(!stopped.text().contains(&stop));
+    // Every token generated counts, including the one that completed the stop string.
+    assert_eq!(stopped.usage.completion_tokens, stopped.ids.len());
+    assert!(stopped.ids.len() < plain.ids.len());
 }
 
 #[test]

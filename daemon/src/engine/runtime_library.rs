@@ -129,6 +129,18 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_environment_value_counts_as_unset() {
+        let err = locate(None, Some("".as_ref())).map(|l| l.origin);
+        match err {
+            Ok(origin) => assert_eq!(origin, LibrarySource::PackagedDefault),
+            Err(RuntimeLibraryError::NotFound { origin, .. }) => {
+                assert_eq!(origin, LibrarySource::PackagedDefault)
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
     fn missing_library_says_how_to_fix() {
         let err =
             locate(Some(Path::new("/nonexistent/libonnxruntime.so")), None).expect_err("missing");
