@@ -25,7 +25,9 @@ use std::thread::JoinHandle;
 use moat_core::ModelMetadata;
 use tokio::sync::mpsc;
 
-pub use backend::{Backend, BackendError, BackendModel, DeviceKind, SequenceId};
+pub use backend::{
+    Backend, BackendError, BackendModel, DeviceKind, LogitsBatch, SequenceId, StepInput,
+};
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use model_dir::{ModelDirError, ModelDirectory};
 pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};

@@ -1,0 +1,218 @@
+//! Scheduling edge cases of the engine thread, with a scripted backend standing in for the
+//! model (inference itself is proven on the real ONNX Runtime in the other engine tests).
+
+mod common;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use moat_daemon::engine::backend::{LogitsBatch, StepInput};
+use moat_daemon::engine::{
+    Backend, BackendError, BackendModel, DeviceKind, Engine, EngineError, EngineSettings,
+    GenerationEvent, GenerationRequest, ModelDirectory, Prompt, SequenceId,
+};
+
+const NORMAL: u8 = 0;
+const FAIL: u8 = 1;
+const PANIC: u8 = 2;
+const WAIT: u8 = 3;
+
+/// Always predicts the same token; what each step does is set by the test.
+struct ScriptedBackend {
+    model: BackendModel,
+    mode: Arc<AtomicU8>,
+    gate: Arc<Mutex<mpsc::Receiver<()>>>,
+    batches: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Backend for ScriptedBackend {
+    fn model(&self) -> &BackendModel {
+        &self.model
+    }
+
+    fn start_sequence(&mut self, _: SequenceId, _: usize) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        batch: &[StepInput<'_>],
+        logits: &mut LogitsBatch,
+    ) -> Result<(), BackendError> {
+        self.batches.lock().expect("lock").push(batch.len());
+        match self.mode.load(Ordering::SeqCst) {
+            FAIL => {
+                return Err(BackendError::Runtime {
+                    during: "a scripted step",
+                    message: "scripted failure".into(),
+                });
+            }
+            PANIC => panic!("scripted panic"),
+            WAIT => {
+                let _ = self.gate.lock().expect("lock").recv();
+            }
+            _ => {}
+        }
+        logits.reset(batch.len(), self.model.vocab_size);
+        for i in 0..batch.len() {
+            let row = logits.row_mut(i);
+            row.fill(0.0);
+            row[70] = 1.0;
+        }
+        Ok(())
+    }
+
+    fn finish_sequence(&mut self, _: SequenceId) {}
+}
+
+struct Harness {
+    engine: Engine,
+    mode: Arc<AtomicU8>,
+    open_gate: mpsc::Sender<()>,
+    batches: Arc<Mutex<Vec<usize>>>,
+}
+
+fn start(settings: EngineSettings) -> Harness {
+    let model = ModelDirectory::open(&common::model_dir("fixture-fused")).expect("fixture");
+    let mode = Arc::new(AtomicU8::new(NORMAL));
+    let (open_gate, gate) = mpsc::channel();
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let backend = ScriptedBackend {
+        model: BackendModel {
+            vocab_size: model.metadata.vocab_size,
+            context_length: model.metadata.context_length,
+            device: DeviceKind::Cpu,
+        },
+        mode: Arc::clone(&mode),
+        gate: Arc::new(Mutex::new(gate)),
+        batches: Arc::clone(&batches),
+    };
+    let engine = Engine::start(Box::new(backend), &model, settings).expect("starts");
+    Harness {
+        engine,
+        mode,
+        open_gate,
+        batches,
+    }
+}
+
+fn request(max_tokens: usize) -> GenerationRequest {
+    let mut request = GenerationRequest::new(Prompt::Text("Hello".into()));
+    request.max_tokens = Some(max_tokens);
+    request.ignore_eos = true;
+    request
+}
+
+/// Waits for a state the engine thread reaches on its own, with a generous deadline so a
+/// regression fails instead of hanging.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+fn last_event(stream: &mut moat_daemon::engine::GenerationStream) -> GenerationEvent {
+    let mut last = None;
+    while let Some(event) = stream.next_blocking() {
+        last = Some(event);
+    }
+    last.expect("at least one event")
+}
+
+#[test]
+fn a_full_queue_is_refused_as_overloaded() {
+    let h = start(EngineSettings {
+        queue_capacity: 1,
+        max_batch: 1,
+        ..EngineSettings::default()
+    });
+    h.mode.store(WAIT, Ordering::SeqCst);
+    let mut running = h.engine.submit(request(2)).expect("accepted");
+    // Wait until the engine thread holds the first request inside a step.
+    wait_until("the first request to be admitted", || {
+        h.engine.live_sequences() == 1
+    });
+    let mut queued = h.engine.submit(request(2)).expect("queued");
+    assert_eq!(
+        h.engine.submit(request(2)).map(|_| ()),
+        Err(EngineError::Overloaded)
+    );
+    h.mode.store(NORMAL, Ordering::SeqCst);
+    h.open_gate.send(()).expect("gate");
+    assert!(matches!(
+        last_event(&mut running),
+        GenerationEvent::Finished { .. }
+    ));
+    assert!(matches!(
+        last_event(&mut queued),
+        GenerationEvent::Finished { .. }
+    ));
+}
+
+#[test]
+fn batches_never_exceed_max_batch() {
+    let h = start(EngineSettings {
+        max_batch: 2,
+        ..EngineSettings::default()
+    });
+    let mut streams: Vec<_> = (0..5)
+        .map(|_| h.engine.submit(request(6)).expect("accepted"))
+        .collect();
+    for stream in &mut streams {
+        assert!(matches!(
+            last_event(stream),
+            GenerationEvent::Finished { .. }
+        ));
+    }
+    let batches = h.batches.lock().expect("lock");
+    assert!(batches.iter().all(|&n| n <= 2), "{batches:?}");
+    assert!(
+        batches.contains(&2),
+        "sequences were never stepped together: {batches:?}"
+    );
+}
+
+#[test]
+fn a_failed_step_fails_its_generations_and_health_recovers() {
+    let h = start(EngineSettings::default());
+    h.mode.store(FAIL, Ordering::SeqCst);
+    let mut failing = h.engine.submit(request(4)).expect("accepted");
+    match last_event(&mut failing) {
+        GenerationEvent::Failed(EngineError::Inference(message)) => {
+            assert!(message.contains("scripted failure"), "{message}")
+        }
+        other => panic!("expected an inference failure, got {other:?}"),
+    }
+    assert!(!h.engine.is_healthy());
+    h.mode.store(NORMAL, Ordering::SeqCst);
+    let mut ok = h.engine.submit(request(3)).expect("accepted");
+    assert!(matches!(
+        last_event(&mut ok),
+        GenerationEvent::Finished { .. }
+    ));
+    assert!(h.engine.is_healthy());
+}
+
+#[test]
+fn a_panicking_backend_fails_generations_instead_of_hanging_them() {
+    let h = start(EngineSettings::default());
+    h.mode.store(PANIC, Ordering::SeqCst);
+    let mut stream = h.engine.submit(request(4)).expect("accepted");
+    assert!(matches!(
+        last_event(&mut stream),
+        GenerationEvent::Failed(EngineError::Inference(_))
+    ));
+    assert!(!h.engine.is_healthy());
+    // The thread is gone; new work is refused rather than queued forever.
+    wait_until("the engine to refuse work", || {
+        matches!(
+            h.engine.submit(request(1)).map(|_| ()),
+            Err(EngineError::ShutDown)
+        )
+    });
+}
