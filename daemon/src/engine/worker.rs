@@ -94,7 +94,7 @@ pub(crate) fn run(
             )
         }));
         match stepped {
-            Ok(ok) => health.failing.store(!ok, Ordering::Relaxed),
+            Ok(()) => {}
             Err(_) => {
                 tracing::error!("the engine thread panicked; failing its generations");
                 health.failing.store(true, Ordering::Relaxed);
@@ -129,14 +129,15 @@ fn admit(backend: &mut dyn Backend, admission: Admission, live: &mut Vec<Live>) 
     }
 }
 
-/// One step for every live sequence; false when the backend failed it.
+/// One step for every live sequence. Health is updated before any event goes out, so a
+/// client that reads an event sees the health that goes with it.
 fn step(
     backend: &mut dyn Backend,
     tokenizer: &TextTokenizer,
     live: &mut Vec<Live>,
     logits: &mut LogitsBatch,
     health: &WorkerHealth,
-) -> bool {
+) {
     let batch: Vec<StepInput<'_>> = live
         .iter()
         .map(|l| StepInput {
@@ -148,6 +149,7 @@ fn step(
     drop(batch);
     if let Err(e) = result {
         tracing::error!(error = %e, "inference step failed; failing its sequences");
+        health.failing.store(true, Ordering::Relaxed);
         health.live.store(0, Ordering::Relaxed);
         for l in live.drain(..) {
             backend.finish_sequence(l.sequence.id);
@@ -157,8 +159,9 @@ fn step(
                     e.to_string(),
                 )));
         }
-        return false;
+        return;
     }
+    health.failing.store(false, Ordering::Relaxed);
     let mut index = 0;
     live.retain_mut(|l| {
         let row = logits.row(index);
@@ -196,5 +199,4 @@ fn step(
         }
         true
     });
-    true
 }
