@@ -221,4 +221,25 @@ mod tests {
             Err(MetadataError::Syntax(_))
         ));
     }
+
+    proptest::proptest! {
+        /// Whatever a model file holds, parsing returns a value or an error, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,200}") {
+            let _ = ModelMetadata::from_json(&text);
+        }
+
+        #[test]
+        fn arbitrary_values_never_panic(
+            layers in proptest::num::u64::ANY,
+            vocab in proptest::num::u64::ANY,
+            eos in proptest::num::u32::ANY,
+        ) {
+            let mut v = sample();
+            v["num_layers"] = layers.into();
+            v["vocab_size"] = vocab.into();
+            v["eos_token_ids"] = serde_json::json!([eos]);
+            let _ = ModelMetadata::from_json(&v.to_string());
+        }
+    }
 }

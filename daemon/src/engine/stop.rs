@@ -141,4 +141,33 @@ mod tests {
     fn without_stops_everything_passes() {
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
     }
+
+    proptest::proptest! {
+        /// However the text is cut into pieces, the matcher releases exactly the text before
+        /// the first stop string (or all of it), as a search over the whole text would.
+        #[test]
+        fn pieces_never_change_the_answer(
+            text in "[ab日é ]{0,40}",
+            stops in proptest::collection::vec("[ab日é]{1,4}", 0..3),
+            cuts in proptest::collection::vec(0usize..60, 0..8),
+        ) {
+            let first = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+            let expected = match first {
+                Some(at) => (text[..at].to_owned(), true),
+                None => (text.clone(), false),
+            };
+            let mut bounds: Vec<usize> = cuts
+                .into_iter()
+                .map(|c| c.min(text.len()))
+                .filter(|&c| text.is_char_boundary(c))
+                .collect();
+            bounds.push(0);
+            bounds.push(text.len());
+            bounds.sort_unstable();
+            bounds.dedup();
+            let pieces: Vec<&str> = bounds.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+            let stop_refs: Vec<&str> = stops.iter().map(String::as_str).collect();
+            proptest::prop_assert_eq!(run(&stop_refs, &pieces), expected);
+        }
+    }
 }
