@@ -24,7 +24,7 @@ const NEW_TOKENS: usize = 128;
 const RUNS: usize = 5;
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Measurement {
     ttft_ms: f64,
     decode_tokens_per_s: f64,
@@ -46,36 +46,72 @@ fn main() {
         ..SessionOptions::default()
     };
 
-    let mut rows: Vec<(String, Measurement)> = Vec::new();
-    let mut prompt_ids = Vec::new();
-    for variant in ["exact", "fast"] {
-        let dir = models.join(format!("smollm2-135m-instruct-{variant}"));
-        let engine = Engine::load_ort(&runtime, &dir, &options, EngineSettings::default())
-            .expect("model loads");
-        prompt_ids = engine
-            .tokenize_prompt(&Prompt::Chat(vec![ChatMessage::new(
-                "user",
-                "Write a short story about a lighthouse keeper.",
-            )]))
-            .expect("tokenizes");
-        let rust = median(|| rust_run(&engine, &prompt_ids));
-        rows.push((format!("moat engine (Rust), {variant} graph"), rust));
-        engine.shutdown();
-        let python = median(|| python_run(&root, &dir, &prompt_ids, threads));
-        rows.push((format!("Python onnxruntime loop, {variant} graph"), python));
-    }
-    let llama = llama_cpp_venv().map(|venv| {
-        median(|| llama_cpp_run(&root, &venv, &models.join(GGUF), &prompt_ids, threads))
-    });
-    match &llama {
-        Some(m) => rows.push(("llama.cpp (llama-cpp-python), Q4_1 GGUF".into(), *m)),
-        None => {
-            eprintln!("llama.cpp peer skipped: run `bash bench/install-llama-cpp.sh` to build it")
-        }
+    let variants = ["exact", "fast"];
+    let dirs: Vec<PathBuf> = variants
+        .iter()
+        .map(|v| models.join(format!("smollm2-135m-instruct-{v}")))
+        .collect();
+    let engines: Vec<Engine> = dirs
+        .iter()
+        .map(|dir| {
+            Engine::load_ort(&runtime, dir, &options, EngineSettings::default())
+                .expect("model loads")
+        })
+        .collect();
+    let prompt_ids = engines[0]
+        .tokenize_prompt(&Prompt::Chat(vec![ChatMessage::new(
+            "user",
+            "Write a short story about a lighthouse keeper.",
+        )]))
+        .expect("tokenizes");
+    let llama = llama_cpp_venv();
+    if llama.is_none() {
+        eprintln!("llama.cpp peer skipped: run `bash bench/install-llama-cpp.sh` to build it");
     }
 
+    // Every engine runs once per round, rounds repeat: drift in the machine's speed (other
+    // load, thermal state) then touches all engines alike instead of favouring one.
+    let mut names: Vec<String> = Vec::new();
+    for variant in variants {
+        names.push(format!("moat engine (Rust), {variant} graph"));
+        names.push(format!("Python onnxruntime loop, {variant} graph"));
+    }
+    if llama.is_some() {
+        names.push("llama.cpp (llama-cpp-python), Q4_1 GGUF".into());
+    }
+    let mut samples: Vec<Vec<Measurement>> = vec![Vec::new(); names.len()];
+    for round in 0..=RUNS {
+        let mut round_samples = Vec::with_capacity(names.len());
+        for (engine, dir) in engines.iter().zip(&dirs) {
+            round_samples.push(rust_run(engine, &prompt_ids));
+            round_samples.push(python_run(&root, dir, &prompt_ids, threads));
+        }
+        if let Some(venv) = &llama {
+            round_samples.push(llama_cpp_run(
+                &root,
+                venv,
+                &models.join(GGUF),
+                &prompt_ids,
+                threads,
+            ));
+        }
+        // Round 0 warms caches and is not counted.
+        if round > 0 {
+            for (all, sample) in samples.iter_mut().zip(round_samples) {
+                all.push(sample);
+            }
+        }
+    }
+    for engine in engines {
+        engine.shutdown();
+    }
+    let rows: Vec<(String, Measurement)> = names
+        .into_iter()
+        .zip(samples.iter().map(|s| median(s)))
+        .collect();
+
     println!(
-        "\nSmolLM2-135M-Instruct, CPU, {threads} threads, prompt {} tokens, {NEW_TOKENS} new tokens, median of {RUNS} runs\n",
+        "\nSmolLM2-135M-Instruct, CPU, {threads} threads, prompt {} tokens, {NEW_TOKENS} new tokens, median of {RUNS} interleaved rounds\n",
         prompt_ids.len()
     );
     println!("| engine | TTFT ms | decode tok/s |");
@@ -111,16 +147,14 @@ fn main() {
     }
 }
 
-fn median(mut measure: impl FnMut() -> Measurement) -> Measurement {
-    let _warm_up = measure();
-    let mut runs: Vec<Measurement> = (0..RUNS).map(|_| measure()).collect();
-    runs.sort_by(|a, b| a.decode_tokens_per_s.total_cmp(&b.decode_tokens_per_s));
-    let mid = runs[RUNS / 2];
-    let mut ttfts: Vec<f64> = runs.iter().map(|m| m.ttft_ms).collect();
-    ttfts.sort_by(f64::total_cmp);
+fn median(runs: &[Measurement]) -> Measurement {
+    let middle = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
     Measurement {
-        ttft_ms: ttfts[RUNS / 2],
-        decode_tokens_per_s: mid.decode_tokens_per_s,
+        ttft_ms: middle(runs.iter().map(|m| m.ttft_ms).collect()),
+        decode_tokens_per_s: middle(runs.iter().map(|m| m.decode_tokens_per_s).collect()),
     }
 }
 
