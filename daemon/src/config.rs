@@ -165,6 +165,7 @@ impl Config {
             default_max_tokens: self.engine.default_max_tokens,
             queue_capacity: self.engine.queue_capacity,
             max_batch: self.engine.max_batch,
+            prefill_chunk_tokens: self.engine.prefill_chunk_tokens,
         }
     }
 }

@@ -101,6 +101,9 @@ pub struct EngineSettings {
     pub queue_capacity: usize,
     /// Sequences stepped together at most.
     pub max_batch: usize,
+    /// Most prompt tokens one sequence feeds per step; longer prompts take several steps,
+    /// interleaved with the decode steps of the others.
+    pub prefill_chunk_tokens: usize,
 }
 
 impl Default for EngineSettings {
@@ -109,6 +112,7 @@ impl Default for EngineSettings {
             default_max_tokens: 512,
             queue_capacity: 64,
             max_batch: 16,
+            prefill_chunk_tokens: ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS,
         }
     }
 }
@@ -451,6 +455,7 @@ impl Engine {
             stop_token_ids,
             sampler: sampler::Sampler::new(request.sampling),
             stop_strings: request.stop,
+            prefill_chunk: shared.settings.prefill_chunk_tokens,
         })
     }
 

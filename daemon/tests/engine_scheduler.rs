@@ -22,7 +22,8 @@ struct ScriptedBackend {
     model: BackendModel,
     mode: Arc<AtomicU8>,
     gate: Arc<Mutex<mpsc::Receiver<()>>>,
-    batches: Arc<Mutex<Vec<usize>>>,
+    /// Per step, the number of tokens of each input.
+    batches: Arc<Mutex<Vec<Vec<usize>>>>,
 }
 
 impl Backend for ScriptedBackend {
@@ -39,7 +40,10 @@ impl Backend for ScriptedBackend {
         batch: &[StepInput<'_>],
         logits: &mut LogitsBatch,
     ) -> Result<(), BackendError> {
-        self.batches.lock().expect("lock").push(batch.len());
+        self.batches
+            .lock()
+            .expect("lock")
+            .push(batch.iter().map(|i| i.tokens.len()).collect());
         match self.mode.load(Ordering::SeqCst) {
             FAIL => {
                 return Err(BackendError::Runtime {
@@ -69,7 +73,7 @@ struct Harness {
     engine: Engine,
     mode: Arc<AtomicU8>,
     open_gate: mpsc::Sender<()>,
-    batches: Arc<Mutex<Vec<usize>>>,
+    batches: Arc<Mutex<Vec<Vec<usize>>>>,
 }
 
 fn start(settings: EngineSettings) -> Harness {
@@ -170,9 +174,9 @@ fn batches_never_exceed_max_batch() {
         ));
     }
     let batches = h.batches.lock().expect("lock");
-    assert!(batches.iter().all(|&n| n <= 2), "{batches:?}");
+    assert!(batches.iter().all(|b| b.len() <= 2), "{batches:?}");
     assert!(
-        batches.contains(&2),
+        batches.iter().any(|b| b.len() == 2),
         "sequences were never stepped together: {batches:?}"
     );
 }
@@ -215,4 +219,39 @@ fn a_panicking_backend_fails_generations_instead_of_hanging_them() {
             Err(EngineError::ShutDown)
         )
     });
+}
+
+#[test]
+fn a_long_prompt_is_fed_in_chunks_between_other_decodes() {
+    let h = start(EngineSettings {
+        prefill_chunk_tokens: 3,
+        ..EngineSettings::default()
+    });
+    // Steps wait for the gate, so both requests are queued before the short one can run
+    // far ahead; the gate then lets every step through.
+    h.mode.store(WAIT, Ordering::SeqCst);
+    let mut short = h.engine.submit(request(40)).expect("accepted");
+    let long_prompt: Vec<u32> = (10..40).collect();
+    let mut long = GenerationRequest::new(Prompt::TokenIds(long_prompt));
+    long.max_tokens = Some(2);
+    let mut long = h.engine.submit(long).expect("accepted");
+    for _ in 0..200 {
+        h.open_gate.send(()).expect("gate");
+    }
+    assert!(matches!(
+        last_event(&mut long),
+        GenerationEvent::Finished { usage, .. } if usage.prompt_tokens == 30
+    ));
+    assert!(matches!(
+        last_event(&mut short),
+        GenerationEvent::Finished { .. }
+    ));
+    let batches = h.batches.lock().expect("lock");
+    assert!(batches.iter().flatten().all(|&n| n <= 3), "{batches:?}");
+    // The long prompt took 10 steps, each shared with a decode step of the short one.
+    let shared_steps = batches
+        .iter()
+        .filter(|b| b.len() == 2 && b.contains(&3) && b.contains(&1))
+        .count();
+    assert!(shared_steps >= 9, "{batches:?}");
 }

@@ -51,6 +51,11 @@ pub enum Advance {
 pub struct Sequence {
     pub id: SequenceId,
     prompt: Vec<u32>,
+    /// Prompt tokens already fed to the backend.
+    prefilled: usize,
+    /// Most prompt tokens fed in one step, so a long prompt shares steps with the decodes
+    /// of other sequences instead of stalling them.
+    prefill_chunk: usize,
     generated: Vec<u32>,
     max_new_tokens: usize,
     stop_token_ids: HashSet<u32>,
@@ -67,6 +72,7 @@ pub struct SequenceSpec {
     pub stop_token_ids: HashSet<u32>,
     pub sampler: Sampler,
     pub stop_strings: Vec<String>,
+    pub prefill_chunk: usize,
 }
 
 impl Sequence {
@@ -76,6 +82,8 @@ impl Sequence {
             id,
             generated: Vec::with_capacity(spec.max_new_tokens.min(1024)),
             prompt: spec.prompt,
+            prefilled: 0,
+            prefill_chunk: spec.prefill_chunk.max(1),
             max_new_tokens: spec.max_new_tokens,
             stop_token_ids: spec.stop_token_ids,
             sampler: spec.sampler,
@@ -89,12 +97,26 @@ impl Sequence {
         self.prompt.len() + self.max_new_tokens
     }
 
-    /// The tokens to feed on the next step: the prompt first, then the last token.
+    /// The tokens to feed on the next step: the prompt chunk by chunk, then the last token.
     pub fn next_input(&self) -> &[u32] {
-        match self.generated.last() {
-            None => &self.prompt,
-            Some(last) => std::slice::from_ref(last),
+        if self.prefilled < self.prompt.len() {
+            let end = (self.prefilled + self.prefill_chunk).min(self.prompt.len());
+            return &self.prompt[self.prefilled..end];
         }
+        match self.generated.last() {
+            Some(last) => std::slice::from_ref(last),
+            None => &[],
+        }
+    }
+
+    /// Records that the step fed [`Self::next_input`]; true when its logits are for the
+    /// last prompt position or a generated token, i.e. when a token should be sampled.
+    pub fn record_step(&mut self) -> bool {
+        if self.prefilled < self.prompt.len() {
+            self.prefilled = (self.prefilled + self.prefill_chunk).min(self.prompt.len());
+            return self.prefilled == self.prompt.len();
+        }
+        true
     }
 
     pub fn usage(&self) -> Usage {

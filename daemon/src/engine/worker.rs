@@ -166,6 +166,10 @@ fn step(
     live.retain_mut(|l| {
         let row = logits.row(index);
         index += 1;
+        if !l.sequence.record_step() {
+            // A prompt chunk that is not the last: nothing to sample yet.
+            return true;
+        }
         let (event, done) = match l.sequence.advance(row, tokenizer) {
             Ok(Advance::Token { id, text }) => (GenerationEvent::Token { id, text }, false),
             Ok(Advance::Finished { id, text, reason }) => {
