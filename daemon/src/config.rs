@@ -85,7 +85,7 @@ pub enum ConfigError {
     },
     #[error("config {path} is not valid TOML for moat: {message}")]
     Syntax { path: PathBuf, message: String },
-    #[error("config {path} has {} invalid field(s):\n  {}", .problems.len(), .problems.join("\n  "))]
+    #[error("{} has {} invalid setting(s):\n  {}", .path.display(), .problems.len(), .problems.join("\n  "))]
     Invalid {
         path: PathBuf,
         problems: Vec<String>,
@@ -128,17 +128,26 @@ impl Config {
     fn problems(&self) -> Vec<String> {
         let e = &self.engine;
         let mut problems = Vec::new();
-        if e.intra_op_threads == Some(0) {
-            problems.push("engine.intra_op_threads must be at least 1 (or unset)".to_owned());
-        }
-        for (name, value) in [
-            ("engine.default_max_tokens", e.default_max_tokens),
-            ("engine.queue_capacity", e.queue_capacity),
-            ("engine.max_batch", e.max_batch),
-            ("engine.prefill_chunk_tokens", e.prefill_chunk_tokens),
+        // Upper bounds keep a typo from sizing a huge allocation at start.
+        for (name, value, max) in [
+            ("engine.default_max_tokens", e.default_max_tokens, 1 << 21),
+            ("engine.queue_capacity", e.queue_capacity, 1 << 16),
+            ("engine.max_batch", e.max_batch, 1024),
+            (
+                "engine.prefill_chunk_tokens",
+                e.prefill_chunk_tokens,
+                1 << 16,
+            ),
+            (
+                "engine.intra_op_threads",
+                e.intra_op_threads.unwrap_or(1),
+                1024,
+            ),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
+            } else if value > max {
+                problems.push(format!("{name} must be at most {max}, got {value}"));
             }
         }
         if let Some(lib) = &e.onnxruntime_library

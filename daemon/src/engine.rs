@@ -317,7 +317,8 @@ impl Engine {
         &self.shared.model
     }
 
-    /// Whether the engine thread is running and its last step succeeded.
+    /// Whether the engine thread is running and its last step succeeded (after a failed
+    /// step, false until a step succeeds again).
     pub fn is_healthy(&self) -> bool {
         self.worker.as_ref().is_some_and(|w| !w.is_finished())
             && !self.health.failing.load(Ordering::Relaxed)

@@ -154,7 +154,11 @@ fn apply_overrides(
     if args.threads.is_some() {
         config.engine.intra_op_threads = args.threads;
     }
-    config.validate(file.unwrap_or(Path::new("command line")))?;
+    let origin = match file {
+        Some(file) => format!("{} with the command-line options", file.display()),
+        None => "the command-line options".to_owned(),
+    };
+    config.validate(Path::new(&origin))?;
     Ok(config)
 }
 

@@ -164,9 +164,14 @@ fn batches_never_exceed_max_batch() {
         max_batch: 2,
         ..EngineSettings::default()
     });
+    // Steps wait for the gate, so all five requests are queued before the second step.
+    h.mode.store(WAIT, Ordering::SeqCst);
     let mut streams: Vec<_> = (0..5)
         .map(|_| h.engine.submit(request(6)).expect("accepted"))
         .collect();
+    for _ in 0..100 {
+        h.open_gate.send(()).expect("gate");
+    }
     for stream in &mut streams {
         assert!(matches!(
             last_event(stream),

@@ -119,4 +119,23 @@ fn a_bad_config_reports_every_problem_and_exits_64() {
         stderr.contains("intra_op_threads") && stderr.contains("max_batch"),
         "{stderr}"
     );
+
+    let output = moatd()
+        .args([
+            "generate",
+            "--model",
+            "x",
+            "--prompt",
+            "Hi",
+            "--threads",
+            "0",
+        ])
+        .output()
+        .expect("moatd runs");
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("command-line options") && stderr.contains("intra_op_threads"),
+        "{stderr}"
+    );
 }

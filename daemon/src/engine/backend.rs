@@ -16,7 +16,7 @@ impl fmt::Display for SequenceId {
     }
 }
 
-/// The new tokens of one sequence for one step: the whole prompt on the first step
+/// The new tokens of one sequence for one step: the prompt, in one or more chunks
 /// (prefill), then one token at a time (decode).
 #[derive(Debug, Clone, Copy)]
 pub struct StepInput<'a> {

@@ -13,7 +13,7 @@ mod session;
 use std::collections::HashMap;
 
 use moat_core::{IoContract, ModelMetadata};
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynTensorValueType, DynValue, Tensor};
 
@@ -31,10 +31,11 @@ enum KvCache {
     /// Fused contract: one buffer per past/present pair, bound as both input and output.
     Shared {
         binding: Box<IoBinding>,
-        /// Address of each present buffer, in `present_names` order, until the first run
-        /// has shown that the graph writes its outputs there (then `None`): a graph that
-        /// wrote elsewhere would leave the next step reading a stale cache.
-        unverified_buffers: Option<Vec<usize>>,
+        /// One host buffer per past/present pair, in `past_names` order.
+        buffers: Vec<Tensor<f32>>,
+        /// Whether a run has shown that the graph writes its outputs into `buffers`; a
+        /// graph that wrote elsewhere would leave the next step reading a stale cache.
+        verified: bool,
     },
     /// Optimum contract: the last step's present outputs, fed back as the next past.
     Moved { past: Vec<DynValue> },
@@ -55,12 +56,13 @@ pub struct OrtBackend {
     past_names: Vec<String>,
     present_names: Vec<String>,
     sequences: HashMap<SequenceId, SequenceState>,
-    /// Where KV buffers live: device memory on CUDA, so that a step neither copies the
-    /// cache to the GPU nor back; `None` means the session's CPU allocator.
-    kv_allocator: Option<Allocator>,
-    /// Decode-step logits, `[1, 1, vocab]`, bound as the output of every single-token step
-    /// on CPU; on CUDA, ONNX Runtime copies logits into host memory it allocates.
-    decode_logits: Option<Tensor<f32>>,
+    /// On CUDA, IO binding copies a host input to the device when it is bound, not when the
+    /// graph runs; past buffers are then bound again before every run so that a node on
+    /// the GPU never reads a stale copy. (float32 attention runs on the CPU even in a CUDA
+    /// session, reading the host buffer in place.)
+    rebind_past_each_run: bool,
+    /// Decode-step logits, `[1, 1, vocab]`, bound as the output of every single-token step.
+    decode_logits: Tensor<f32>,
     cpu_memory: MemoryInfo<'static>,
     attention_mask: Vec<i64>,
     prefill_chunk_tokens: usize,
@@ -95,28 +97,9 @@ impl OrtBackend {
         let metadata = model_dir.metadata.clone();
         check_io(&session, &metadata, &graph)?;
         let (past_names, present_names) = kv_names(&metadata);
-        let session_error = |e: ort::Error| LoadError::Session(e.to_string());
-        let (kv_allocator, decode_logits) = match device {
-            DeviceKind::Cpu => {
-                let logits =
-                    Tensor::<f32>::new(session.allocator(), [1usize, 1, metadata.vocab_size])
-                        .map_err(session_error)?;
-                (None, Some(logits))
-            }
-            DeviceKind::Cuda => {
-                let memory = MemoryInfo::new(
-                    AllocationDevice::CUDA,
-                    0,
-                    AllocatorType::Device,
-                    MemoryType::Default,
-                )
-                .map_err(session_error)?;
-                (
-                    Some(Allocator::new(&session, memory).map_err(session_error)?),
-                    None,
-                )
-            }
-        };
+        let decode_logits =
+            Tensor::<f32>::new(session.allocator(), [1usize, 1, metadata.vocab_size])
+                .map_err(|e| LoadError::Session(e.to_string()))?;
         let model = BackendModel {
             vocab_size: metadata.vocab_size,
             context_length: metadata.context_length,
@@ -129,7 +112,7 @@ impl OrtBackend {
             past_names,
             present_names,
             sequences: HashMap::new(),
-            kv_allocator,
+            rebind_past_each_run: device == DeviceKind::Cuda,
             decode_logits,
             cpu_memory: MemoryInfo::default(),
             attention_mask: Vec::new(),
@@ -140,26 +123,20 @@ impl OrtBackend {
     fn new_shared_cache(&mut self, capacity: usize) -> Result<KvCache, ort::Error> {
         let m = &self.metadata;
         let shape = [1usize, m.num_kv_heads, capacity, m.head_dim];
-        let allocator = self
-            .kv_allocator
-            .as_ref()
-            .unwrap_or(self.session.allocator());
         let mut binding = self.session.create_binding()?;
-        let mut buffers = Vec::with_capacity(self.present_names.len());
+        let mut buffers = Vec::with_capacity(self.past_names.len());
         for (past, present) in self.past_names.iter().zip(&self.present_names) {
-            let mut buffer = Tensor::<f32>::new(allocator, shape)?;
-            if self.kv_allocator.is_none() {
-                // Positions past a sequence's length are never read, but host buffers start
-                // from zeros so they never expose another sequence's leftovers.
-                buffer.extract_tensor_mut().1.fill(0.0);
-            }
-            buffers.push(buffer.data_ptr() as usize);
+            // Host memory, zeroed by ort, so a buffer never exposes another sequence's
+            // leftovers.
+            let mut buffer = Tensor::<f32>::new(self.session.allocator(), shape)?;
             binding.bind_input(past.as_str(), &buffer)?;
-            binding.bind_output(present.as_str(), buffer)?;
+            binding.bind_output(present.as_str(), &mut buffer)?;
+            buffers.push(buffer);
         }
         Ok(KvCache::Shared {
             binding: Box::new(binding),
-            unverified_buffers: Some(buffers),
+            buffers,
+            verified: false,
         })
     }
 
@@ -174,8 +151,8 @@ impl OrtBackend {
         Ok(KvCache::Moved { past })
     }
 
-    /// Checks a step input before anything runs, so a bad input fails alone and leaves
-    /// every cache as it was.
+    /// Checks a step input before anything runs, so a bad input fails the step before any
+    /// cache has moved.
     fn check_input(&self, input: &StepInput<'_>) -> Result<(), BackendError> {
         let sequence = input.sequence;
         let state = self
@@ -239,8 +216,9 @@ impl OrtBackend {
         let result = match &mut state.cache {
             KvCache::Shared {
                 binding,
-                unverified_buffers,
-            } => self.run_shared(binding, unverified_buffers, ids, mask, row),
+                buffers,
+                verified,
+            } => self.run_shared(binding, buffers, verified, ids, mask, row),
             KvCache::Moved { past } => self.run_moved(past, ids, mask, len..total, row),
         };
         if result.is_ok() {
@@ -253,7 +231,8 @@ impl OrtBackend {
     fn run_shared(
         &mut self,
         binding: &mut IoBinding,
-        unverified_buffers: &mut Option<Vec<usize>>,
+        buffers: &[Tensor<f32>],
+        verified: &mut bool,
         ids: Tensor<i64>,
         mask: Tensor<i64>,
         row: &mut [f32],
@@ -264,24 +243,30 @@ impl OrtBackend {
         binding
             .bind_input("attention_mask", &mask)
             .map_err(runtime_error("binding attention_mask"))?;
-        match &mut self.decode_logits {
-            Some(preallocated) if ids.shape()[1] == 1 => {
-                binding.bind_output("logits", preallocated)
+        if self.rebind_past_each_run {
+            for (name, buffer) in self.past_names.iter().zip(buffers) {
+                binding
+                    .bind_input(name.as_str(), buffer)
+                    .map_err(runtime_error("binding the KV cache"))?;
             }
-            _ => binding.bind_output_to_device("logits", &self.cpu_memory),
+        }
+        if ids.shape()[1] == 1 {
+            binding.bind_output("logits", &mut self.decode_logits)
+        } else {
+            binding.bind_output_to_device("logits", &self.cpu_memory)
         }
         .map_err(runtime_error("binding logits"))?;
         let outputs = self
             .session
             .run_binding(binding)
             .map_err(runtime_error("the forward pass"))?;
-        if let Some(buffers) = unverified_buffers.take() {
+        if !*verified {
             for (name, buffer) in self.present_names.iter().zip(buffers) {
-                let written = outputs[name.as_str()]
-                    .view()
-                    .downcast::<DynTensorValueType>()
-                    .map(|tensor| tensor.data_ptr() as usize);
-                if written.ok() != Some(buffer) {
+                let written = outputs
+                    .get(name.as_str())
+                    .and_then(|value| value.view().downcast::<DynTensorValueType>().ok())
+                    .map(|tensor| tensor.data_ptr());
+                if written != Some(buffer.data_ptr()) {
                     return Err(BackendError::Runtime {
                         during: "updating the KV cache in place",
                         message: format!(
@@ -291,8 +276,9 @@ impl OrtBackend {
                     });
                 }
             }
+            *verified = true;
         }
-        copy_last_row(&outputs["logits"], row)
+        copy_last_row(output(&outputs, "logits")?, row)
     }
 
     fn run_moved(
@@ -320,7 +306,7 @@ impl OrtBackend {
             .session
             .run(inputs)
             .map_err(runtime_error("the forward pass"))?;
-        copy_last_row(&outputs["logits"], row)?;
+        copy_last_row(output(&outputs, "logits")?, row)?;
         let mut present = Vec::with_capacity(self.present_names.len());
         for name in &self.present_names {
             present.push(outputs.remove(name).ok_or(BackendError::Runtime {
@@ -332,6 +318,16 @@ impl OrtBackend {
         *past = present;
         Ok(())
     }
+}
+
+fn output<'a>(
+    outputs: &'a ort::session::SessionOutputs<'_>,
+    name: &str,
+) -> Result<&'a DynValue, BackendError> {
+    outputs.get(name).ok_or_else(|| BackendError::Runtime {
+        during: "reading outputs",
+        message: format!("the graph produced no {name}"),
+    })
 }
 
 fn copy_last_row(logits: &DynValue, row: &mut [f32]) -> Result<(), BackendError> {

@@ -38,78 +38,112 @@ pub(crate) struct WorkerHealth {
     pub live: AtomicUsize,
 }
 
+/// The engine thread's state between steps.
+struct Worker {
+    backend: Box<dyn Backend>,
+    tokenizer: Arc<TextTokenizer>,
+    admissions: Receiver<Admission>,
+    max_batch: usize,
+    health: Arc<WorkerHealth>,
+    live: Vec<Live>,
+    logits: LogitsBatch,
+    disconnected: bool,
+}
+
 /// Runs until every engine handle is gone and the last sequence has finished.
 pub(crate) fn run(
-    mut backend: Box<dyn Backend>,
+    backend: Box<dyn Backend>,
     tokenizer: Arc<TextTokenizer>,
     admissions: Receiver<Admission>,
     max_batch: usize,
     health: Arc<WorkerHealth>,
 ) {
-    let mut live: Vec<Live> = Vec::new();
-    let mut logits = LogitsBatch::default();
-    let mut disconnected = false;
+    let mut worker = Worker {
+        backend,
+        tokenizer,
+        admissions,
+        max_batch,
+        health,
+        live: Vec::new(),
+        logits: LogitsBatch::default(),
+        disconnected: false,
+    };
     loop {
-        if live.is_empty() {
-            if disconnected {
+        // A panic (a bug, or one inside the runtime binding) must not leave clients waiting
+        // forever: fail every generation, live or queued, report it, and stop this thread,
+        // since the backend's state can no longer be trusted.
+        match catch_unwind(AssertUnwindSafe(|| worker.iteration())) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                tracing::error!("the engine thread panicked; failing its generations");
+                worker.fail_everything();
                 return;
             }
-            match admissions.recv() {
-                Ok(admission) => admit(backend.as_mut(), admission, &mut live),
-                Err(_) => return,
+        }
+    }
+}
+
+impl Worker {
+    /// Admits what fits, drops what was cancelled, steps the rest. False when the thread
+    /// should end.
+    fn iteration(&mut self) -> bool {
+        if self.live.is_empty() {
+            if self.disconnected {
+                return false;
+            }
+            match self.admissions.recv() {
+                Ok(admission) => admit(self.backend.as_mut(), admission, &mut self.live),
+                Err(_) => return false,
             }
         }
-        while live.len() < max_batch {
-            match admissions.try_recv() {
-                Ok(admission) => admit(backend.as_mut(), admission, &mut live),
+        while self.live.len() < self.max_batch {
+            match self.admissions.try_recv() {
+                Ok(admission) => admit(self.backend.as_mut(), admission, &mut self.live),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    disconnected = true;
+                    self.disconnected = true;
                     break;
                 }
             }
         }
         // A client that hung up frees its slot before the next step costs anything.
-        live.retain(|l| {
+        let backend = &mut self.backend;
+        self.live.retain(|l| {
             let keep = !l.events.is_closed();
             if !keep {
                 backend.finish_sequence(l.sequence.id);
             }
             keep
         });
-        health.live.store(live.len(), Ordering::Relaxed);
-        if live.is_empty() {
-            continue;
-        }
-        // A panic below (a bug, or one inside the runtime binding) must not leave clients
-        // waiting forever: fail their generations, report it, and stop this thread, since
-        // the backend's state can no longer be trusted.
-        let stepped = catch_unwind(AssertUnwindSafe(|| {
+        self.health.live.store(self.live.len(), Ordering::Relaxed);
+        if !self.live.is_empty() {
             step(
-                backend.as_mut(),
-                &tokenizer,
-                &mut live,
-                &mut logits,
-                &health,
-            )
-        }));
-        match stepped {
-            Ok(()) => {}
-            Err(_) => {
-                tracing::error!("the engine thread panicked; failing its generations");
-                health.failing.store(true, Ordering::Relaxed);
-                for l in live.drain(..) {
-                    let _ = l
-                        .events
-                        .send(GenerationEvent::Failed(EngineError::Inference(
-                            "the engine stopped after an internal error".to_owned(),
-                        )));
-                }
-                health.live.store(0, Ordering::Relaxed);
-                return;
-            }
+                self.backend.as_mut(),
+                &self.tokenizer,
+                &mut self.live,
+                &mut self.logits,
+                &self.health,
+            );
+            self.health.live.store(self.live.len(), Ordering::Relaxed);
         }
-        health.live.store(live.len(), Ordering::Relaxed);
+        true
+    }
+
+    fn fail_everything(&mut self) {
+        self.health.failing.store(true, Ordering::Relaxed);
+        self.health.live.store(0, Ordering::Relaxed);
+        let failed = || {
+            GenerationEvent::Failed(EngineError::Inference(
+                "the engine stopped after an internal error".to_owned(),
+            ))
+        };
+        for l in self.live.drain(..) {
+            let _ = l.events.send(failed());
+        }
+        for queued in self.admissions.try_iter() {
+            let _ = queued.events.send(failed());
+        }
     }
 }
 
