@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from convert_source import Model, inv_freq
-from onnx_graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, tensor_info
+from onnx_graph import INT32, MS_DOMAIN, GraphBuilder, decoder_io
 from onnx_linear import BLOCK, LinearEmitter, q8_parts
 
 
@@ -107,16 +107,8 @@ def build(model: Model, fast: bool):
     else:
         lin.linear(final, [model.output], "lm_head", out="logits")
 
-    kv = ["batch", h.num_kv_heads, "past_sequence_length", h.head_dim]
-    kv_out = ["batch", h.num_kv_heads, "present_sequence_length", h.head_dim]
-    inputs = [tensor_info("input_ids", INT64, ["batch", "sequence_length"]),
-              tensor_info("attention_mask", INT64, ["batch", "total_sequence_length"])]
-    outputs = [tensor_info("logits", FLOAT, ["batch", "sequence_length", h.vocab_size])]
-    for i in range(h.num_layers):
-        inputs += [tensor_info(f"past_key_values.{i}.key", FLOAT, kv),
-                   tensor_info(f"past_key_values.{i}.value", FLOAT, kv)]
-        outputs += [tensor_info(f"present.{i}.key", FLOAT, kv_out),
-                    tensor_info(f"present.{i}.value", FLOAT, kv_out)]
+    inputs, outputs = decoder_io(h.num_layers, h.num_kv_heads, h.head_dim, h.vocab_size,
+                                 position_ids=False)
     return gb.model(inputs, outputs, use_ms_domain=True, doc="moat fused graph"), in_names, out_names
 
 

@@ -94,6 +94,25 @@ INT32 = TensorProto.INT32
 BOOL = TensorProto.BOOL
 
 
+def decoder_io(num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int,
+               position_ids: bool):
+    """The value infos of a decoder's I/O contract (see docs/model-directory.md): the fused
+    contract without `position_ids`, the optimum one with it."""
+    kv = ["batch", num_kv_heads, "past_sequence_length", head_dim]
+    kv_out = ["batch", num_kv_heads, "present_sequence_length", head_dim]
+    inputs = [tensor_info("input_ids", INT64, ["batch", "sequence_length"]),
+              tensor_info("attention_mask", INT64, ["batch", "total_sequence_length"])]
+    if position_ids:
+        inputs.append(tensor_info("position_ids", INT64, ["batch", "sequence_length"]))
+    outputs = [tensor_info("logits", FLOAT, ["batch", "sequence_length", vocab_size])]
+    for i in range(num_layers):
+        inputs += [tensor_info(f"past_key_values.{i}.key", FLOAT, kv),
+                   tensor_info(f"past_key_values.{i}.value", FLOAT, kv)]
+        outputs += [tensor_info(f"present.{i}.key", FLOAT, kv_out),
+                    tensor_info(f"present.{i}.value", FLOAT, kv_out)]
+    return inputs, outputs
+
+
 def save(model: onnx.ModelProto, path: str) -> int:
     data = model.SerializeToString()
     if len(data) > MAX_MODEL_BYTES:

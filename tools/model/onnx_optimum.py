@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from convert_source import Model, inv_freq
-from onnx_graph import BOOL, FLOAT, INT64, GraphBuilder, tensor_info
+from onnx_graph import BOOL, FLOAT, GraphBuilder, decoder_io
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -130,15 +130,6 @@ def build(model: Model):
         lm_weight = gb.const("lm_head.weight", model.output.dense().T)
     gb.op("MatMul", [final, lm_weight], ["logits"], name="lm_head")
 
-    kv = ["batch", h.num_kv_heads, "past_sequence_length", hd]
-    kv_out = ["batch", h.num_kv_heads, "present_sequence_length", hd]
-    inputs = [tensor_info("input_ids", INT64, ["batch", "sequence_length"]),
-              tensor_info("attention_mask", INT64, ["batch", "total_sequence_length"]),
-              tensor_info("position_ids", INT64, ["batch", "sequence_length"])]
-    outputs = [tensor_info("logits", FLOAT, ["batch", "sequence_length", h.vocab_size])]
-    for i in range(h.num_layers):
-        inputs += [tensor_info(f"past_key_values.{i}.key", FLOAT, kv),
-                   tensor_info(f"past_key_values.{i}.value", FLOAT, kv)]
-        outputs += [tensor_info(f"present.{i}.key", FLOAT, kv_out),
-                    tensor_info(f"present.{i}.value", FLOAT, kv_out)]
+    inputs, outputs = decoder_io(h.num_layers, h.num_kv_heads, hd, h.vocab_size,
+                                 position_ids=True)
     return gb.model(inputs, outputs, use_ms_domain=False, doc="moat optimum-contract graph"), in_names, out_names
