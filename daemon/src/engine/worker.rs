@@ -200,41 +200,48 @@ fn step(
     live.retain_mut(|l| {
         let row = logits.row(index);
         index += 1;
-        if !l.sequence.record_step() {
-            // A prompt chunk that is not the last: nothing to sample yet.
-            return true;
-        }
-        let (event, done) = match l.sequence.advance(row, tokenizer) {
-            Ok(Advance::Token { id, text }) => (GenerationEvent::Token { id, text }, false),
-            Ok(Advance::Finished { id, text, reason }) => {
-                // The last token goes out first, then the summary.
-                let _ = l.events.send(GenerationEvent::Token { id, text });
-                (
-                    GenerationEvent::Finished {
-                        reason,
-                        usage: l.sequence.usage(),
-                    },
-                    true,
-                )
-            }
-            Err(e) => (
-                GenerationEvent::Failed(EngineError::Tokenize(e.to_string())),
-                true,
-            ),
-        };
-        if done {
-            // Released before the final event goes out, so whoever reads it sees the slot
-            // already free.
-            backend.finish_sequence(l.sequence.id);
-            health.live.fetch_sub(1, Ordering::Relaxed);
-            let _ = l.events.send(event);
-            return false;
-        }
-        if l.events.send(event).is_err() {
-            backend.finish_sequence(l.sequence.id);
-            health.live.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
+        deliver(l, row, tokenizer, backend, health)
     });
+}
+
+/// Turns one sequence's logits into its next event; false when the sequence is done (or
+/// its client gone) and has been released.
+fn deliver(
+    l: &mut Live,
+    row: &[f32],
+    tokenizer: &TextTokenizer,
+    backend: &mut dyn Backend,
+    health: &WorkerHealth,
+) -> bool {
+    if !l.sequence.record_step() {
+        // A prompt chunk that is not the last: nothing to sample yet.
+        return true;
+    }
+    let (event, done) = match l.sequence.advance(row, tokenizer) {
+        Ok(Advance::Token { id, text }) => (GenerationEvent::Token { id, text }, false),
+        Ok(Advance::Finished { id, text, reason }) => {
+            // The last token goes out first, then the summary.
+            let _ = l.events.send(GenerationEvent::Token { id, text });
+            let usage = l.sequence.usage();
+            (GenerationEvent::Finished { reason, usage }, true)
+        }
+        Err(e) => (
+            GenerationEvent::Failed(EngineError::Tokenize(e.to_string())),
+            true,
+        ),
+    };
+    if done {
+        // Released before the final event goes out, so whoever reads it sees the slot
+        // already free.
+        backend.finish_sequence(l.sequence.id);
+        health.live.fetch_sub(1, Ordering::Relaxed);
+        let _ = l.events.send(event);
+        return false;
+    }
+    if l.events.send(event).is_err() {
+        backend.finish_sequence(l.sequence.id);
+        health.live.fetch_sub(1, Ordering::Relaxed);
+        return false;
+    }
+    true
 }
