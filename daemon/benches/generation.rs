@@ -69,54 +69,29 @@ fn main() {
         eprintln!("llama.cpp peer skipped: run `bash bench/install-llama-cpp.sh` to build it");
     }
 
-    // Every engine runs once per round, rounds repeat: drift in the machine's speed (other
-    // load, thermal state) then touches all engines alike instead of favouring one.
-    let mut names: Vec<String> = Vec::new();
-    for variant in variants {
-        names.push(format!("moat engine (Rust), {variant} graph"));
-        names.push(format!("Python onnxruntime loop, {variant} graph"));
-    }
-    if llama.is_some() {
-        names.push("llama.cpp (llama-cpp-python), Q4_1 GGUF".into());
-    }
-    let mut samples: Vec<Vec<Measurement>> = vec![Vec::new(); names.len()];
-    for round in 0..=RUNS {
-        let mut round_samples = Vec::with_capacity(names.len());
-        for (engine, dir) in engines.iter().zip(&dirs) {
-            round_samples.push(rust_run(engine, &prompt_ids));
-            round_samples.push(python_run(&root, dir, &prompt_ids, threads));
-        }
-        if let Some(venv) = &llama {
-            round_samples.push(llama_cpp_run(
-                &root,
-                venv,
-                &models.join(GGUF),
-                &prompt_ids,
-                threads,
-            ));
-        }
-        // Round 0 warms caches and is not counted.
-        if round > 0 {
-            for (all, sample) in samples.iter_mut().zip(round_samples) {
-                all.push(sample);
-            }
-        }
-    }
+    let rows = measure_in_rounds(
+        &root,
+        &engines,
+        &dirs,
+        &prompt_ids,
+        llama.as_deref(),
+        threads,
+    );
     for engine in engines {
         engine.shutdown();
     }
-    let rows: Vec<(String, Measurement)> = names
-        .into_iter()
-        .zip(samples.iter().map(|s| median(s)))
-        .collect();
+    print_report(&rows, threads, prompt_ids.len());
+}
 
+/// Prints the table and the ratios the goals are stated in.
+fn print_report(rows: &[(String, Measurement)], threads: usize, prompt_tokens: usize) {
     println!(
         "\nSmolLM2-135M-Instruct, CPU, {threads} threads, prompt {} tokens, {NEW_TOKENS} new tokens, median of {RUNS} interleaved rounds\n",
-        prompt_ids.len()
+        prompt_tokens
     );
     println!("| engine | TTFT ms | decode tok/s |");
     println!("|---|---:|---:|");
-    for (name, m) in &rows {
+    for (name, m) in rows {
         println!(
             "| {name} | {:.1} | {:.1} |",
             m.ttft_ms, m.decode_tokens_per_s
@@ -145,6 +120,53 @@ fn main() {
             fast / llama
         );
     }
+}
+
+/// Every engine runs once per round and rounds repeat: drift in the machine's speed (other
+/// load, thermal state) then touches all engines alike instead of favouring one.
+fn measure_in_rounds(
+    root: &Path,
+    engines: &[Engine],
+    dirs: &[PathBuf],
+    prompt_ids: &[u32],
+    llama: Option<&Path>,
+    threads: usize,
+) -> Vec<(String, Measurement)> {
+    let mut names: Vec<String> = Vec::new();
+    for dir in dirs {
+        let variant = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit('-').next())
+            .unwrap_or("?");
+        names.push(format!("moat engine (Rust), {variant} graph"));
+        names.push(format!("Python onnxruntime loop, {variant} graph"));
+    }
+    if llama.is_some() {
+        names.push("llama.cpp (llama-cpp-python), Q4_1 GGUF".into());
+    }
+    let gguf = root.join("local/models").join(GGUF);
+    let mut samples: Vec<Vec<Measurement>> = vec![Vec::new(); names.len()];
+    for round in 0..=RUNS {
+        let mut round_samples = Vec::with_capacity(names.len());
+        for (engine, dir) in engines.iter().zip(dirs) {
+            round_samples.push(rust_run(engine, prompt_ids));
+            round_samples.push(python_run(root, dir, prompt_ids, threads));
+        }
+        if let Some(venv) = llama {
+            round_samples.push(llama_cpp_run(root, venv, &gguf, prompt_ids, threads));
+        }
+        // Round 0 warms caches and is not counted.
+        if round > 0 {
+            for (all, sample) in samples.iter_mut().zip(round_samples) {
+                all.push(sample);
+            }
+        }
+    }
+    names
+        .into_iter()
+        .zip(samples.iter().map(|s| median(s)))
+        .collect()
 }
 
 fn median(runs: &[Measurement]) -> Measurement {

@@ -257,26 +257,7 @@ impl Engine {
                 logits_width: backend_model.vocab_size,
             });
         }
-        let chat_template = match &metadata.chat_template {
-            Some(source) => {
-                let text = |id: Option<u32>| {
-                    id.and_then(|id| tokenizer.token_text(id))
-                        .unwrap_or_default()
-                };
-                Some(
-                    ChatTemplate::compile(
-                        source,
-                        &text(metadata.bos_token_id),
-                        &text(metadata.eos_token_ids.first().copied()),
-                    )
-                    .map_err(|e| ModelDirError::BadChatTemplate {
-                        path: model.metadata_path(),
-                        reason: e.to_string(),
-                    })?,
-                )
-            }
-            None => None,
-        };
+        let chat_template = compile_chat_template(model, &tokenizer)?;
         warm_up(backend.as_mut())?;
         let (admissions, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
         let worker_tokenizer = Arc::clone(&tokenizer);
@@ -468,6 +449,31 @@ impl Engine {
             let _ = worker.join();
         }
     }
+}
+
+/// Compiles the model's chat template, if it has one, with the texts of its BOS and EOS.
+fn compile_chat_template(
+    model: &ModelDirectory,
+    tokenizer: &TextTokenizer,
+) -> Result<Option<ChatTemplate>, ModelDirError> {
+    let metadata = &model.metadata;
+    let Some(source) = &metadata.chat_template else {
+        return Ok(None);
+    };
+    let text = |id: Option<u32>| {
+        id.and_then(|id| tokenizer.token_text(id))
+            .unwrap_or_default()
+    };
+    ChatTemplate::compile(
+        source,
+        &text(metadata.bos_token_id),
+        &text(metadata.eos_token_ids.first().copied()),
+    )
+    .map(Some)
+    .map_err(|e| ModelDirError::BadChatTemplate {
+        path: model.metadata_path(),
+        reason: e.to_string(),
+    })
 }
 
 /// Runs one token through a scratch sequence: proves the graph runs on this device and

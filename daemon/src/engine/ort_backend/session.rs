@@ -297,16 +297,27 @@ pub(super) fn check_io(
             unexpected.join(", ")
         )));
     }
+    check_shapes(session, metadata, graph)
+}
+
+/// Checks the graph's static dimensions against the metadata the engine sizes buffers from.
+fn check_shapes(
+    session: &Session,
+    metadata: &ModelMetadata,
+    graph: &Path,
+) -> Result<(), LoadError> {
     if let Some(logits) = session.outputs().iter().find(|o| o.name() == "logits")
         && let ValueType::Tensor { shape, .. } = logits.dtype()
         && let Some(&width) = shape.last()
         && width > 0
         && width as usize != metadata.vocab_size
     {
-        return Err(bad(format!(
-            "its logits are {width} wide but moat-model.json says vocab_size {}",
-            metadata.vocab_size
-        )));
+        return Err(LoadError::Model(ModelDirError::GraphMismatch {
+            path: graph.with_file_name(crate::engine::model_dir::METADATA_FILE),
+            field: "vocab_size",
+            declared: metadata.vocab_size,
+            graph: width,
+        }));
     }
     // The cache is allocated from the metadata's shape; a graph that disagrees would fail
     // at the first step with an opaque shape error, so say so now.
