@@ -69,6 +69,18 @@ fn main() {
         eprintln!("llama.cpp peer skipped: run `bash bench/install-llama-cpp.sh` to build it");
     }
 
+    // The same fast graph with ONNX Runtime's worker threads pinned (engine.pin_threads),
+    // to show what pinning contributes on this machine.
+    let pinned = Engine::load_ort(
+        &runtime,
+        &dirs[1],
+        &SessionOptions {
+            pin_threads: true,
+            ..options.clone()
+        },
+        EngineSettings::default(),
+    )
+    .expect("model loads");
     let rows = measure_in_rounds(
         &root,
         &engines,
@@ -76,10 +88,12 @@ fn main() {
         &prompt_ids,
         llama.as_deref(),
         threads,
+        &pinned,
     );
     for engine in engines {
         engine.shutdown();
     }
+    pinned.shutdown();
     print_report(&rows, threads, prompt_ids.len());
 }
 
@@ -114,7 +128,16 @@ fn print_report(rows: &[(String, Measurement)], threads: usize, prompt_tokens: u
             );
         }
     }
-    if let (Some(fast), Some(llama)) = (rate("moat engine (Rust), fast"), rate("llama.cpp")) {
+    if let (Some(pinned), Some(python)) = (
+        rate("moat engine (Rust), fast graph, threads pinned"),
+        rate("Python onnxruntime loop, fast"),
+    ) {
+        println!(
+            "Rust with pinned threads / Python loop, fast graph: {:.2}x",
+            pinned / python
+        );
+    }
+    if let (Some(fast), Some(llama)) = (rate("moat engine (Rust), fast graph"), rate("llama.cpp")) {
         println!(
             "Rust fast graph / llama.cpp: {:.2}x (goal >= 1.2x)",
             fast / llama
@@ -131,6 +154,7 @@ fn measure_in_rounds(
     prompt_ids: &[u32],
     llama: Option<&Path>,
     threads: usize,
+    pinned: &Engine,
 ) -> Vec<(String, Measurement)> {
     let mut names: Vec<String> = Vec::new();
     for dir in dirs {
@@ -142,6 +166,7 @@ fn measure_in_rounds(
         names.push(format!("moat engine (Rust), {variant} graph"));
         names.push(format!("Python onnxruntime loop, {variant} graph"));
     }
+    names.push("moat engine (Rust), fast graph, threads pinned".into());
     if llama.is_some() {
         names.push("llama.cpp (llama-cpp-python), Q4_1 GGUF".into());
     }
@@ -153,6 +178,7 @@ fn measure_in_rounds(
             round_samples.push(rust_run(engine, prompt_ids));
             round_samples.push(python_run(root, dir, prompt_ids, threads));
         }
+        round_samples.push(rust_run(pinned, prompt_ids));
         if let Some(venv) = llama {
             round_samples.push(llama_cpp_run(root, venv, &gguf, prompt_ids, threads));
         }

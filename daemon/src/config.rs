@@ -33,6 +33,10 @@ pub struct EngineConfig {
     pub device: DevicePreference,
     /// Threads per operator; unset lets ONNX Runtime use one per physical core.
     pub intra_op_threads: Option<usize>,
+    /// With `intra_op_threads` set: pin each worker thread to its own processor (of those
+    /// the process may use).
+    #[serde(default = "default_pin_threads")]
+    pub pin_threads: bool,
     /// `max_tokens` for requests that name none.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: usize,
@@ -56,6 +60,9 @@ fn default_queue_capacity() -> usize {
 fn default_max_batch() -> usize {
     EngineSettings::default().max_batch
 }
+fn default_pin_threads() -> bool {
+    false
+}
 fn default_prefill_chunk_tokens() -> usize {
     DEFAULT_PREFILL_CHUNK_TOKENS
 }
@@ -66,6 +73,7 @@ impl Default for EngineConfig {
             onnxruntime_library: None,
             device: DevicePreference::default(),
             intra_op_threads: None,
+            pin_threads: default_pin_threads(),
             default_max_tokens: default_max_tokens(),
             queue_capacity: default_queue_capacity(),
             max_batch: default_max_batch(),
@@ -165,6 +173,7 @@ impl Config {
         SessionOptions {
             device: self.engine.device,
             intra_op_threads: self.engine.intra_op_threads,
+            pin_threads: self.engine.pin_threads,
             prefill_chunk_tokens: self.engine.prefill_chunk_tokens,
         }
     }

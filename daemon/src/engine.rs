@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod chat_template;
+pub mod cpu_affinity;
 pub mod model_dir;
 pub mod ort_backend;
 pub mod runtime_library;

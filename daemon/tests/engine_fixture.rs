@@ -51,8 +51,11 @@ fn optimum_graph_matches_the_reference() {
 fn chunked_prefill_matches_the_reference() {
     // Chunks of 5 split every prompt below into several runs, on both contracts.
     for model in ["fixture-fused", "fixture-optimum"] {
+        // Two pinned worker threads also take the thread-affinity path.
         let options = SessionOptions {
             prefill_chunk_tokens: 5,
+            intra_op_threads: Some(2),
+            pin_threads: true,
             ..common::cpu_options()
         };
         let engine = Engine::load_ort(

@@ -12,6 +12,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::ValueType;
 
 use crate::engine::backend::DeviceKind;
+use crate::engine::cpu_affinity;
 use crate::engine::model_dir::ModelDirError;
 use crate::engine::runtime_library::{LocatedLibrary, RuntimeLibraryError};
 
@@ -35,6 +36,9 @@ pub struct SessionOptions {
     pub device: DevicePreference,
     /// Threads for one operator; `None` lets ONNX Runtime use one per physical core.
     pub intra_op_threads: Option<usize>,
+    /// With `intra_op_threads` set: pin each worker thread to its own processor (off by
+    /// default; see `cpu_affinity`).
+    pub pin_threads: bool,
     /// Most prompt tokens fed to the graph in one run; bounds the logits a run returns to
     /// this many rows.
     pub prefill_chunk_tokens: usize,
@@ -45,6 +49,7 @@ impl Default for SessionOptions {
         Self {
             device: DevicePreference::default(),
             intra_op_threads: None,
+            pin_threads: false,
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
         }
     }
@@ -216,6 +221,18 @@ fn build_session(
         builder = builder
             .with_intra_threads(threads)
             .map_err(|e| LoadError::Session(e.to_string()))?;
+        // Only with an explicit thread count: ONNX Runtime's own default counts physical
+        // cores, and pinning must not change how many threads run.
+        let allowed = options
+            .pin_threads
+            .then(cpu_affinity::allowed_cpus)
+            .flatten()
+            .unwrap_or_default();
+        if let Some(affinities) = cpu_affinity::intra_op_affinities(threads, &allowed) {
+            builder = builder
+                .with_config_entry("session.intra_op_thread_affinities", &affinities)
+                .map_err(|e| LoadError::Session(e.to_string()))?;
+        }
     }
     if cuda {
         // A CPU-only library or missing CUDA libraries make registration fail here; never
