@@ -12,6 +12,17 @@ fn moatd() -> Command {
     command
 }
 
+/// `moatd generate` on the fixture model with a one-word prompt, plus `extra` arguments.
+fn generate_on_fixture(extra: &[&str]) -> Command {
+    let mut command = moatd();
+    command
+        .args(["generate", "--model"])
+        .arg(common::model_dir("fixture-fused"))
+        .args(["--prompt", "Hi"])
+        .args(extra);
+    command
+}
+
 #[test]
 fn generate_answers_with_the_demo_model() {
     let output = moatd()
@@ -35,10 +46,7 @@ fn generate_answers_with_the_demo_model() {
 
 #[test]
 fn a_missing_onnx_runtime_library_says_how_to_fix_it() {
-    let output = moatd()
-        .args(["generate", "--model"])
-        .arg(common::model_dir("fixture-fused"))
-        .args(["--prompt", "Hi"])
+    let output = generate_on_fixture(&[])
         .env("MOAT_ONNXRUNTIME_LIB", "/nonexistent/libonnxruntime.so")
         .output()
         .expect("moatd runs");
@@ -62,10 +70,7 @@ fn a_file_that_is_not_onnx_runtime_is_refused_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = dir.path().join("libonnxruntime.so");
     std::fs::write(&fake, b"not a shared library").expect("write");
-    let output = moatd()
-        .args(["generate", "--model"])
-        .arg(common::model_dir("fixture-fused"))
-        .args(["--prompt", "Hi", "--onnxruntime-library"])
+    let output = generate_on_fixture(&["--onnxruntime-library"])
         .arg(&fake)
         .output()
         .expect("moatd runs");
@@ -81,10 +86,7 @@ fn a_file_that_is_not_onnx_runtime_is_refused_clearly() {
 #[test]
 fn cuda_without_a_gpu_fails_clearly_and_auto_falls_back() {
     let run = |device: &str| {
-        moatd()
-            .args(["generate", "--model"])
-            .arg(common::model_dir("fixture-fused"))
-            .args(["--prompt", "Hi", "--max-tokens", "2", "--device", device])
+        generate_on_fixture(&["--max-tokens", "2", "--device", device])
             .arg("--onnxruntime-library")
             .arg(common::repo_root().join("local/onnxruntime"))
             .env("MOAT_LOG", "warn")

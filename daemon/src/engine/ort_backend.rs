@@ -64,7 +64,6 @@ pub struct OrtBackend {
     /// Decode-step logits, `[1, 1, vocab]`, bound as the output of every single-token step.
     decode_logits: Tensor<f32>,
     cpu_memory: MemoryInfo<'static>,
-    attention_mask: Vec<i64>,
     prefill_chunk_tokens: usize,
 }
 
@@ -115,7 +114,6 @@ impl OrtBackend {
             rebind_past_each_run: device == DeviceKind::Cuda,
             decode_logits,
             cpu_memory: MemoryInfo::default(),
-            attention_mask: Vec::new(),
             prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
         })
     }
@@ -195,37 +193,42 @@ impl OrtBackend {
         tokens: &[u32],
         row: &mut [f32],
     ) -> Result<(), BackendError> {
-        let len = match self.sequences.get(&sequence) {
-            Some(state) => state.len,
-            None => return Err(BackendError::UnknownSequence { sequence }),
-        };
-        let total = len + tokens.len();
+        // Taken out of the map while it runs (the run borrows the backend mutably) and put
+        // back whatever happens.
+        let mut state = self
+            .sequences
+            .remove(&sequence)
+            .ok_or(BackendError::UnknownSequence { sequence })?;
+        let result = self.run_state(&mut state, tokens, row);
+        self.sequences.insert(sequence, state);
+        result
+    }
+
+    /// Runs one chunk for a sequence's state; its length moves only if the run succeeded.
+    fn run_state(
+        &mut self,
+        state: &mut SequenceState,
+        tokens: &[u32],
+        row: &mut [f32],
+    ) -> Result<(), BackendError> {
+        let total = state.len + tokens.len();
         let ids = Tensor::from_array((
             [1usize, tokens.len()],
             tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(),
         ))
         .map_err(runtime_error("building input_ids"))?;
-        self.attention_mask.resize(total, 1);
-        let mask = Tensor::from_array(([1usize, total], self.attention_mask[..total].to_vec()))
+        let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))
             .map_err(runtime_error("building attention_mask"))?;
-        // Taken out of the map while it runs (the run borrows the backend mutably) and put
-        // back whatever happens.
-        let Some(mut state) = self.sequences.remove(&sequence) else {
-            return Err(BackendError::UnknownSequence { sequence });
-        };
-        let result = match &mut state.cache {
+        match &mut state.cache {
             KvCache::Shared {
                 binding,
                 buffers,
                 verified,
             } => self.run_shared(binding, buffers, verified, ids, mask, row),
-            KvCache::Moved { past } => self.run_moved(past, ids, mask, len..total, row),
-        };
-        if result.is_ok() {
-            state.len = total;
-        }
-        self.sequences.insert(sequence, state);
-        result
+            KvCache::Moved { past } => self.run_moved(past, ids, mask, state.len..total, row),
+        }?;
+        state.len = total;
+        Ok(())
     }
 
     fn run_shared(
