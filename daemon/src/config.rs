@@ -7,18 +7,37 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod serve;
+
+pub use serve::{
+    CertField, IdentityConfig, LimitsConfig, MetricsConfig, ModelsConfig, ServerConfig, TlsConfig,
+    valid_model_name,
+};
+
 use crate::engine::ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS;
 use crate::engine::{DevicePreference, EngineSettings, SessionOptions};
 
 /// Exit status for a configuration error (`EX_USAGE`, as documented in the README).
 pub const EXIT_CONFIG: u8 = 64;
 
-/// The whole configuration file.
+/// The whole configuration file. Relative paths in it are relative to its directory.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
     pub engine: EngineConfig,
+    /// Required by `moatd serve`.
+    pub server: Option<ServerConfig>,
+    /// Required by `moatd serve`.
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Required by `moatd serve`.
+    pub models: Option<ModelsConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[engine]`: how models run.
@@ -110,14 +129,57 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Parses and validates TOML text; `path` only names the file in errors.
+    /// Parses and validates TOML text; `path` names the file in errors, and relative paths
+    /// are resolved against its directory.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate(path)?;
         Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(lib) = &mut self.engine.onnxruntime_library {
+            serve::resolve(lib, base);
+        }
+        if let Some(tls) = &mut self.tls {
+            tls.resolve(base);
+        }
+        if let Some(models) = &mut self.models {
+            serve::resolve(&mut models.directory, base);
+        }
+    }
+
+    /// Checks what `moatd serve` needs on top of [`Config::validate`]: the server sections
+    /// are present, and every file they name exists and is readable.
+    pub fn validate_for_serve(&self, origin: &Path) -> Result<(), ConfigError> {
+        let mut problems = self.problems();
+        match &self.server {
+            Some(server) => server.problems(&mut problems),
+            None => problems.push("[server] is required: listen = [\"ADDRESS:PORT\"]".into()),
+        }
+        match &self.tls {
+            Some(tls) => tls.problems(&mut problems),
+            None => problems
+                .push("[tls] is required: certificate, private_key and client_ca (files)".into()),
+        }
+        match &self.models {
+            Some(models) => models.problems(&mut problems),
+            None => problems.push("[models] is required: directory = \"DIR\"".into()),
+        }
+        self.metrics.problems(&mut problems);
+        self.limits.problems(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: origin.to_path_buf(),
+                problems,
+            })
+        }
     }
 
     /// Checks every field; `origin` names where the values came from in the error.
@@ -158,14 +220,6 @@ impl Config {
                 problems.push(format!("{name} must be at most {max}, got {value}"));
             }
         }
-        if let Some(lib) = &e.onnxruntime_library
-            && !lib.is_absolute()
-        {
-            problems.push(format!(
-                "engine.onnxruntime_library must be an absolute path, got {}",
-                lib.display()
-            ));
-        }
         problems
     }
 
@@ -194,13 +248,44 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_reported_at_once() {
-        let text =
-            "[engine]\nintra_op_threads = 0\nqueue_capacity = 0\nonnxruntime_library = \"lib\"\n";
+        let text = "[engine]\nintra_op_threads = 0\nqueue_capacity = 0\nmax_batch = 0\n";
         let err = Config::parse(text, Path::new("moat.toml")).expect_err("invalid");
         let ConfigError::Invalid { problems, .. } = &err else {
             panic!("wrong error: {err}");
         };
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn serve_reports_every_missing_section_and_file_at_once() {
+        let text = "[server]\nlisten = []\n[tls]\ncertificate = \"nope.crt\"\nprivate_key = \"nope.key\"\nclient_ca = []\n[metrics]\nlisten = \"0.0.0.0:9464\"\n";
+        let config = Config::parse(text, Path::new("/nonexistent/moat.toml")).expect("parses");
+        let err = config
+            .validate_for_serve(Path::new("moat.toml"))
+            .expect_err("invalid");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("wrong error: {err}");
+        };
+        let all = problems.join("\n");
+        for expected in [
+            "server.listen",
+            "tls.certificate: /nonexistent/nope.crt",
+            "tls.private_key",
+            "tls.client_ca",
+            "[models] is required",
+            "metrics.listen",
+        ] {
+            assert!(all.contains(expected), "{expected:?} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn identity_fields_are_named_as_in_the_certificate() {
+        let text = "[identity]\ndepartment = \"subject.O\"\nsubject = \"san.email\"\n";
+        let config = Config::parse(text, Path::new("m")).expect("valid");
+        assert_eq!(config.identity.department, CertField::SubjectOrganization);
+        assert_eq!(config.identity.subject, CertField::SanEmail);
+        assert!(Config::parse("[identity]\ndepartment = \"subject.X\"\n", Path::new("m")).is_err());
     }
 
     #[test]

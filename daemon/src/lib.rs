@@ -1,8 +1,14 @@
 //! moatd: the moat inference daemon.
 //!
-//! Today it owns the generation engine ([`engine`]) and the configuration it reads
-//! ([`config`]). It depends on `moat-core` for shared formats; nothing depends on it.
-//! Everything that touches ONNX Runtime stays inside [`engine::ort_backend`].
+//! [`config`] reads and validates `moat.toml`; [`engine`] runs models (everything that
+//! touches ONNX Runtime stays inside [`engine::ort_backend`]); [`tls`] accepts departments
+//! over mutual TLS and names the caller; [`api`] is the OpenAI-compatible HTTP API;
+//! [`metrics`] the Prometheus metrics; [`server`] puts them together for `moatd serve`.
+//! It depends on `moat-core` for shared formats; nothing depends on it.
 
+pub mod api;
 pub mod config;
 pub mod engine;
+pub mod metrics;
+pub mod server;
+pub mod tls;

@@ -31,6 +31,12 @@ enum Command {
         moatd generate --model local/models/smollm2-135m-instruct-exact --chat 'What is the capital of France?'\n  \
         moatd generate --model DIR --prompt 'Once upon a time' --max-tokens 64 --temperature 0.8 --seed 7")]
     Generate(GenerateArgs),
+    /// Serve the configured models over mutual TLS (OpenAI-compatible API) until SIGTERM.
+    #[command(after_help = "Examples:\n  \
+        moatd serve --config /etc/moat/moat.toml\n  \
+        moatd serve --config .moat-dev/moat.toml\n\n\
+        Configuration problems (every one is listed) exit with status 64.")]
+    Serve,
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,12 +118,43 @@ fn main() -> ExitCode {
             };
             generate(&config, args)
         }
+        Command::Serve => return serve(&config, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
+    let Some(file) = file else {
+        eprintln!("error: moatd serve needs --config FILE (for example /etc/moat/moat.toml)");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if let Err(e) = config.validate_for_serve(file) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match load_runtime(config) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match moat_daemon::server::serve(config, &runtime) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let status = if e.is_config_error() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            };
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            status
         }
     }
 }

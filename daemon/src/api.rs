@@ -1,0 +1,191 @@
+//! The OpenAI-compatible HTTP API (actix-web), served behind mutual TLS.
+//!
+//! Knows nothing of ONNX: it validates requests, resolves the model by name, and talks to
+//! the engine through [`Engine`] and [`Embedder`]. Every error leaves through
+//! [`ApiError`], the one place statuses are decided.
+
+pub mod error;
+pub mod generate;
+pub mod openai;
+mod service;
+pub mod stream;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::dev::Payload;
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{FromRequest, HttpMessage as _, HttpRequest};
+use futures_util::StreamExt as _;
+use serde::de::DeserializeOwned;
+
+pub use error::ApiError;
+pub use service::{ConnectionIdentity, metrics_routes, request_context, routes};
+
+use crate::config::LimitsConfig;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::tls::{Identity, IdentityError};
+
+/// A model moatd serves, by what it does.
+#[derive(Debug, Clone)]
+pub enum ServedModel {
+    /// Chat and completions.
+    Generator(Arc<Engine>),
+}
+
+impl ServedModel {
+    pub fn is_healthy(&self) -> bool {
+        match self {
+            ServedModel::Generator(engine) => engine.is_healthy(),
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub models: BTreeMap<String, ServedModel>,
+    pub limits: LimitsConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The model a request named, once it is known to be served (used as a metrics label, so
+/// names clients invent never become label values).
+#[derive(Debug, Clone)]
+pub struct ServedModelName(pub String);
+
+impl AppState {
+    fn find(&self, name: &str, http: &HttpRequest) -> Result<&ServedModel, ApiError> {
+        let model = self.models.get(name).ok_or_else(|| ApiError::NotFound {
+            message: format!(
+                "the model {name:?} does not exist; GET /v1/models lists the models served"
+            ),
+            code: "model_not_found",
+        })?;
+        http.extensions_mut()
+            .insert(ServedModelName(name.to_owned()));
+        Ok(model)
+    }
+
+    /// The engine of a text-generation model.
+    pub fn generator(
+        &self,
+        name: &str,
+        http: &HttpRequest,
+        _caller: &Caller,
+    ) -> Result<Arc<Engine>, ApiError> {
+        match self.find(name, http)? {
+            ServedModel::Generator(engine) => Ok(Arc::clone(engine)),
+        }
+    }
+}
+
+/// The authenticated caller. Extracting it fails closed: a connection without a usable
+/// identity gets 401 before its body is read.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: Identity,
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let result = match req.conn_data::<ConnectionIdentity>() {
+            Some(ConnectionIdentity(Ok(identity))) => Ok(Caller {
+                identity: identity.clone(),
+            }),
+            Some(ConnectionIdentity(Err(e))) => Err(ApiError::Unauthenticated(e.clone())),
+            // No identity recorded for the connection: never serve it.
+            None => Err(ApiError::Unauthenticated(IdentityError::NoCertificate)),
+        };
+        std::future::ready(result)
+    }
+}
+
+/// The request's id (also in the `x-request-id` response header) and arrival time.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub id: String,
+    pub started: Instant,
+}
+
+impl RequestContext {
+    pub fn new() -> Self {
+        Self {
+            id: format!("{:032x}", rand::random::<u128>()),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Default for RequestContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FromRequest for RequestContext {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let context = req.extensions().get::<RequestContext>().cloned();
+        std::future::ready(Ok(context.unwrap_or_default()))
+    }
+}
+
+/// Reads the whole body, refusing it with 413 as soon as it passes `limit` bytes.
+pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| match e {
+            actix_web::error::PayloadError::Overflow => ApiError::BodyTooLarge { limit },
+            other => ApiError::invalid(
+                format!("the request body could not be read: {other}"),
+                None,
+                "invalid_body",
+            ),
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Parses a JSON body, with errors that say where and what.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid(
+            format!(
+                "the request body is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            ),
+            None,
+            "invalid_utf8",
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "the request body is empty; send a JSON object",
+            None,
+            "invalid_json",
+        ));
+    }
+    serde_json::from_str(text).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "does not match the expected fields",
+            _ => "is not valid JSON",
+        };
+        ApiError::invalid(
+            format!("the request body {what}: {e}"),
+            None,
+            "invalid_json",
+        )
+    })
+}

@@ -1,0 +1,446 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: validate the request, hand it to
+//! the model's engine from a blocking thread, then answer whole or as a server-sent event
+//! stream.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse};
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::openai::{
+    ChatCompletionRequest, ChatMessageIn, CompletionPrompt, CompletionRequest, GenerationParams,
+    MessageContent, UsageOut,
+};
+use super::stream::{self, StreamFormat};
+use super::{AppState, Caller, RequestContext, parse_json, read_body};
+use crate::config::LimitsConfig;
+use crate::engine::{
+    ChatMessage, Engine, GenerationEvent, GenerationRequest, GenerationStream, Prompt,
+    SamplingParams,
+};
+use crate::metrics::GenerationTimer;
+
+/// Which endpoint a generation answers, deciding the shape of the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// What the response needs to know besides the generated text.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub endpoint: Endpoint,
+    pub include_usage: bool,
+}
+
+pub async fn chat_completions(
+    state: web::Data<AppState>,
+    caller: Caller,
+    context: RequestContext,
+    http: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.limits.max_body_bytes).await?;
+    let request: ChatCompletionRequest = parse_json(&body)?;
+    let engine = state.generator(&request.model, &http, &caller)?;
+    let messages = chat_messages(request.messages, &state.limits)?;
+    let generation = generation_request(Prompt::Chat(messages), &request.params, &state.limits)?;
+    let meta = response_meta(&context, request.model, Endpoint::Chat, &request.params);
+    let streamed = request.params.stream;
+    answer(
+        &state,
+        engine,
+        generation,
+        meta,
+        streamed,
+        &caller,
+        context.started,
+    )
+    .await
+}
+
+pub async fn completions(
+    state: web::Data<AppState>,
+    caller: Caller,
+    context: RequestContext,
+    http: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.limits.max_body_bytes).await?;
+    let request: CompletionRequest = parse_json(&body)?;
+    let engine = state.generator(&request.model, &http, &caller)?;
+    if request.echo == Some(true) {
+        return Err(ApiError::invalid(
+            "echo is not supported",
+            Some("echo"),
+            "unsupported_parameter",
+        ));
+    }
+    if request.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "best_of must be 1",
+            Some("best_of"),
+            "unsupported_parameter",
+        ));
+    }
+    if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            "suffix is not supported",
+            Some("suffix"),
+            "unsupported_parameter",
+        ));
+    }
+    let prompt = completion_prompt(request.prompt)?;
+    let generation = generation_request(prompt, &request.params, &state.limits)?;
+    let meta = response_meta(
+        &context,
+        request.model,
+        Endpoint::Completion,
+        &request.params,
+    );
+    let streamed = request.params.stream;
+    answer(
+        &state,
+        engine,
+        generation,
+        meta,
+        streamed,
+        &caller,
+        context.started,
+    )
+    .await
+}
+
+fn response_meta(
+    context: &RequestContext,
+    model: String,
+    endpoint: Endpoint,
+    params: &GenerationParams,
+) -> ResponseMeta {
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl-",
+        Endpoint::Completion => "cmpl-",
+    };
+    ResponseMeta {
+        id: format!("{prefix}{}", context.id),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model,
+        endpoint,
+        include_usage: params
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    }
+}
+
+/// Submits on a blocking thread (rendering and tokenizing a long prompt takes milliseconds)
+/// and answers whole or streamed.
+async fn answer(
+    state: &AppState,
+    engine: Arc<Engine>,
+    request: GenerationRequest,
+    meta: ResponseMeta,
+    streamed: bool,
+    caller: &Caller,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let model = meta.model.clone();
+    let submitting = Arc::clone(&engine);
+    let submitted = web::block(move || submitting.submit(request))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let events = submitted.map_err(|e| ApiError::from_engine(e, &model))?;
+    let timer = state
+        .metrics
+        .generation_timer(&caller.identity.department, &meta.model, started);
+    if streamed {
+        let format = StreamFormat::new(meta);
+        Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header(("cache-control", "no-cache"))
+            .streaming(stream::sse_body(events, format, timer)))
+    } else {
+        whole_answer(events, meta, timer).await
+    }
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct WholeResponse<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [C; 1],
+    usage: UsageOut,
+}
+
+async fn whole_answer(
+    mut events: GenerationStream,
+    meta: ResponseMeta,
+    mut timer: GenerationTimer,
+) -> Result<HttpResponse, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = events.next().await {
+        match event {
+            GenerationEvent::Token { text: piece, .. } => {
+                timer.token();
+                text.push_str(&piece);
+            }
+            GenerationEvent::Finished { reason, usage } => {
+                timer.finished(usage);
+                let usage = UsageOut::from(usage);
+                let finish_reason = reason.as_str();
+                let response = match meta.endpoint {
+                    Endpoint::Chat => serde_json::to_vec(&WholeResponse {
+                        id: &meta.id,
+                        object: "chat.completion",
+                        created: meta.created,
+                        model: &meta.model,
+                        choices: [ChatChoice {
+                            index: 0,
+                            message: AssistantMessage {
+                                role: "assistant",
+                                content: &text,
+                            },
+                            logprobs: None,
+                            finish_reason,
+                        }],
+                        usage,
+                    }),
+                    Endpoint::Completion => serde_json::to_vec(&WholeResponse {
+                        id: &meta.id,
+                        object: "text_completion",
+                        created: meta.created,
+                        model: &meta.model,
+                        choices: [TextChoice {
+                            index: 0,
+                            text: &text,
+                            logprobs: None,
+                            finish_reason,
+                        }],
+                        usage,
+                    }),
+                }
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                return Ok(HttpResponse::Ok()
+                    .content_type("application/json")
+                    .body(Bytes::from(response)));
+            }
+            GenerationEvent::Failed(error) => {
+                return Err(ApiError::from_engine(error, &meta.model));
+            }
+        }
+    }
+    Err(ApiError::Unavailable { model: meta.model })
+}
+
+/// Checks the fields shared by chat and completions and builds the engine request.
+pub fn generation_request(
+    prompt: Prompt,
+    params: &GenerationParams,
+    limits: &LimitsConfig,
+) -> Result<GenerationRequest, ApiError> {
+    refuse_unsupported(params)?;
+    let max_tokens = match (params.max_completion_tokens, params.max_tokens) {
+        (Some(n), _) => Some((n, "max_completion_tokens")),
+        (None, Some(n)) => Some((n, "max_tokens")),
+        (None, None) => None,
+    };
+    if let Some((n, field)) = max_tokens
+        && n > limits.max_tokens as u64
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "{field} is {n}; this server allows at most {}",
+                limits.max_tokens
+            ),
+            Some(field),
+            "invalid_value",
+        ));
+    }
+    let mut request = GenerationRequest::new(prompt);
+    request.max_tokens = max_tokens.map(|(n, _)| n as usize);
+    request.sampling = SamplingParams {
+        // OpenAI's defaults: temperature 1, top_p 1.
+        temperature: params.temperature.unwrap_or(1.0),
+        top_p: params.top_p.unwrap_or(1.0),
+        top_k: 0,
+        seed: params.seed.map(|s| s as u64),
+    };
+    request.stop = params
+        .stop
+        .clone()
+        .map(|s| s.into_vec())
+        .unwrap_or_default();
+    Ok(request)
+}
+
+/// Refuses fields whose meaning moat does not implement, rather than answering as if they
+/// were absent.
+fn refuse_unsupported(params: &GenerationParams) -> Result<(), ApiError> {
+    let unsupported = |param: &'static str, message: &str| {
+        Err(ApiError::invalid(
+            message,
+            Some(param),
+            "unsupported_parameter",
+        ))
+    };
+    if params.n.is_some_and(|n| n != 1) {
+        return unsupported("n", "n must be 1: one choice per request");
+    }
+    if params.logprobs.as_ref().is_some_and(is_set)
+        || params.top_logprobs.as_ref().is_some_and(is_set)
+    {
+        return unsupported("logprobs", "logprobs are not supported");
+    }
+    if params.tools.as_ref().is_some_and(is_set) || params.functions.as_ref().is_some_and(is_set) {
+        return unsupported("tools", "tools and functions are not supported");
+    }
+    if params.logit_bias.as_ref().is_some_and(is_set) {
+        return unsupported("logit_bias", "logit_bias is not supported");
+    }
+    if params.presence_penalty.is_some_and(|p| p != 0.0) {
+        return unsupported("presence_penalty", "presence_penalty is not supported");
+    }
+    if params.frequency_penalty.is_some_and(|p| p != 0.0) {
+        return unsupported("frequency_penalty", "frequency_penalty is not supported");
+    }
+    if let Some(format) = &params.response_format
+        && format.get("type").and_then(|t| t.as_str()) != Some("text")
+    {
+        // An answer that ignored a requested schema would look valid and not be.
+        return unsupported(
+            "response_format",
+            "response_format other than {\"type\": \"text\"} is not supported by this server",
+        );
+    }
+    Ok(())
+}
+
+/// Whether an optional JSON field asks for something (not null, false, 0, empty).
+fn is_set(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(b) => *b,
+        serde_json::Value::Number(n) => n.as_f64() != Some(0.0),
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// Converts chat messages, refusing roles and content moat cannot render.
+fn chat_messages(
+    messages: Vec<ChatMessageIn>,
+    limits: &LimitsConfig,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must not be empty",
+            Some("messages"),
+            "empty_messages",
+        ));
+    }
+    if messages.len() > limits.max_messages {
+        return Err(ApiError::invalid(
+            format!(
+                "{} messages; at most {} are allowed",
+                messages.len(),
+                limits.max_messages
+            ),
+            Some("messages"),
+            "too_many_messages",
+        ));
+    }
+    messages
+        .into_iter()
+        .map(|message| {
+            let role = match message.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("role {other:?} is not supported; use system, user or assistant"),
+                        Some("messages"),
+                        "invalid_role",
+                    ));
+                }
+            };
+            Ok(ChatMessage::new(role, message_text(message.content)?))
+        })
+        .collect()
+}
+
+fn message_text(content: Option<MessageContent>) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(MessageContent::Text(text)) => Ok(text),
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(piece)) => text.push_str(&piece),
+                    (kind, _) => {
+                        return Err(ApiError::invalid(
+                            format!("content parts of type {kind:?} are not supported; only text"),
+                            Some("messages"),
+                            "invalid_content",
+                        ));
+                    }
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+fn completion_prompt(prompt: CompletionPrompt) -> Result<Prompt, ApiError> {
+    let one_only = || {
+        ApiError::invalid(
+            "prompt must be one string or one list of token ids (batches are not supported)",
+            Some("prompt"),
+            "unsupported_parameter",
+        )
+    };
+    match prompt {
+        CompletionPrompt::Text(text) => Ok(Prompt::Text(text)),
+        CompletionPrompt::Texts(mut texts) if texts.len() == 1 => Ok(Prompt::Text(texts.remove(0))),
+        CompletionPrompt::Tokens(ids) => Ok(Prompt::TokenIds(ids)),
+        CompletionPrompt::TokenLists(mut lists) if lists.len() == 1 => {
+            Ok(Prompt::TokenIds(lists.remove(0)))
+        }
+        _ => Err(one_only()),
+    }
+}

@@ -1,0 +1,177 @@
+//! Routes, the per-request middleware (request id, tracing span, request metrics), the
+//! connection identity captured at handshake, and the small read-only endpoints.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage as _, HttpResponse, web};
+use serde_json::json;
+use tracing::Instrument as _;
+
+use super::openai::{ModelCard, ModelList};
+use super::{ApiError, AppState, Caller, RequestContext, ServedModelName, generate};
+use crate::metrics::RequestLabels;
+use crate::tls::{Identity, IdentityError};
+
+/// The identity read from a connection's leaf certificate at handshake, kept in the
+/// connection's data for every request on it.
+#[derive(Debug, Clone)]
+pub struct ConnectionIdentity(pub Result<Identity, IdentityError>);
+
+const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The department-facing routes.
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route(
+            "/v1/chat/completions",
+            web::post().to(generate::chat_completions),
+        )
+        .route("/v1/completions", web::post().to(generate::completions))
+        .route("/v1/models", web::get().to(list_models))
+        .route("/v1/models/{model}", web::get().to(get_model))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .default_service(web::to(unknown_route));
+}
+
+/// The metrics listener's routes (plain HTTP, loopback by default).
+pub fn metrics_routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/metrics", web::get().to(metrics))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .default_service(web::to(unknown_route));
+}
+
+/// Gives each request an id and a tracing span, returns the id in `x-request-id`, and
+/// counts the request by endpoint, status, department and model.
+pub async fn request_context(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let context = RequestContext::new();
+    let span = tracing::info_span!("request", id = %context.id, method = %req.method(), path = %req.path());
+    let id = HeaderValue::from_str(&context.id).ok();
+    req.extensions_mut().insert(context);
+    let mut response = next.call(req).instrument(span).await?;
+    if let Some(id) = id {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    count_request(&response);
+    Ok(response)
+}
+
+fn count_request<B>(response: &ServiceResponse<B>) {
+    let request = response.request();
+    let Some(state) = request.app_data::<web::Data<AppState>>() else {
+        return;
+    };
+    let endpoint = match request.match_pattern().as_deref() {
+        Some("/v1/chat/completions") => "chat",
+        Some("/v1/completions") => "completions",
+        Some("/v1/embeddings") => "embeddings",
+        Some("/v1/models") | Some("/v1/models/{model}") => "models",
+        Some("/healthz") | Some("/readyz") => "health",
+        Some("/metrics") => "metrics",
+        _ => "other",
+    };
+    let department = match request.conn_data::<ConnectionIdentity>() {
+        Some(ConnectionIdentity(Ok(identity))) => identity.department.clone(),
+        _ => String::new(),
+    };
+    let model = request
+        .extensions()
+        .get::<ServedModelName>()
+        .map(|m| m.0.clone())
+        .unwrap_or_default();
+    state.metrics.request(RequestLabels {
+        endpoint: endpoint.to_owned(),
+        status: response.status().as_u16(),
+        department,
+        model,
+    });
+}
+
+async fn list_models(state: web::Data<AppState>, _caller: Caller) -> HttpResponse {
+    let data = state.models.keys().map(|name| model_card(name)).collect();
+    HttpResponse::Ok().json(ModelList {
+        object: "list",
+        data,
+    })
+}
+
+async fn get_model(
+    state: web::Data<AppState>,
+    _caller: Caller,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    match state.models.get_key_value(name.as_str()) {
+        Some((name, _)) => Ok(HttpResponse::Ok().json(model_card(name))),
+        None => Err(ApiError::NotFound {
+            message: format!("the model {:?} does not exist", name.as_str()),
+            code: "model_not_found",
+        }),
+    }
+}
+
+fn model_card(name: &str) -> ModelCard<'_> {
+    ModelCard {
+        id: name,
+        object: "model",
+        created: 0,
+        owned_by: "moat",
+    }
+}
+
+/// Live: the process answers HTTP.
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Ready: every model is loaded, warmed (done before the listener opens) and its engine
+/// is healthy.
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let models: serde_json::Map<_, _> = state
+        .models
+        .iter()
+        .map(|(name, model)| {
+            let status = if model.is_healthy() {
+                "ready"
+            } else {
+                "failing"
+            };
+            (name.clone(), json!(status))
+        })
+        .collect();
+    let ready = state.models.values().all(|m| m.is_healthy());
+    let body = json!({"status": if ready { "ready" } else { "not_ready" }, "models": models});
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    for (name, model) in &state.models {
+        match model {
+            super::ServedModel::Generator(engine) => {
+                state
+                    .metrics
+                    .engine_state(name, engine.queued_requests(), engine.live_sequences());
+            }
+        }
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.encode())
+}
+
+async fn unknown_route() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound {
+        message: "no such route; the API serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models".into(),
+        code: "unknown_route",
+    })
+}

@@ -1,0 +1,321 @@
+//! The sections `moatd serve` needs: listeners, TLS, identity mapping, models, metrics and
+//! request limits. `moatd generate` ignores them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `[server]`: the department-facing HTTPS listener(s).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on (`127.0.0.1:8443`, `[::]:8443`; port 0 picks a free port).
+    pub listen: Vec<SocketAddr>,
+    /// HTTP worker threads; unset: one per processor. Inference runs elsewhere.
+    pub workers: Option<usize>,
+    /// A client must finish the TLS handshake within this time.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
+    /// In-flight requests get this long to finish when moatd stops.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    3_000
+}
+fn default_shutdown_grace_secs() -> u64 {
+    30
+}
+
+/// `[tls]`: the server's certificate and what client certificates are accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate first, then any intermediates.
+    pub certificate: PathBuf,
+    /// PEM file with the server's private key (PKCS#8, SEC1 or PKCS#1).
+    pub private_key: PathBuf,
+    /// PEM files of the department CAs; a client certificate must chain to one of them.
+    pub client_ca: Vec<PathBuf>,
+    /// PEM or DER CRL files. With any CRL configured, every CA in a client's chain must have
+    /// a current CRL here: unknown or expired revocation status refuses the client.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+}
+
+/// Where a part of the caller's identity is read from in the leaf certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum CertField {
+    /// The subject's organization (O).
+    #[serde(rename = "subject.O")]
+    SubjectOrganization,
+    /// The subject's organizational unit (OU).
+    #[serde(rename = "subject.OU")]
+    SubjectOrganizationalUnit,
+    /// The subject's common name (CN).
+    #[serde(rename = "subject.CN")]
+    SubjectCommonName,
+    /// The first DNS name in the subject alternative names.
+    #[serde(rename = "san.dns")]
+    SanDns,
+    /// The first e-mail address (rfc822Name) in the subject alternative names.
+    #[serde(rename = "san.email")]
+    SanEmail,
+    /// The first URI in the subject alternative names.
+    #[serde(rename = "san.uri")]
+    SanUri,
+}
+
+/// `[identity]`: how the leaf client certificate names the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default = "default_department_field")]
+    pub department: CertField,
+    #[serde(default = "default_subject_field")]
+    pub subject: CertField,
+}
+
+fn default_department_field() -> CertField {
+    CertField::SubjectOrganizationalUnit
+}
+fn default_subject_field() -> CertField {
+    CertField::SubjectCommonName
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            department: default_department_field(),
+            subject: default_subject_field(),
+        }
+    }
+}
+
+/// `[models]`: which model directories are served, under which names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Directory of model directories.
+    pub directory: PathBuf,
+    /// Served name -> subdirectory of `directory`. Empty: every subdirectory holding a
+    /// `moat-model.json`, under its directory name.
+    #[serde(default)]
+    pub serve: BTreeMap<String, PathBuf>,
+}
+
+/// `[metrics]`: the Prometheus endpoint, on its own plain-HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Off with `enabled = false`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+    /// Required to listen on anything but loopback: metrics name departments and models.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_metrics_listen(),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// `[limits]`: what a single request may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body; larger ones get 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may name (400 above, with the limit in the message).
+    #[serde(default = "default_max_tokens_limit")]
+    pub max_tokens: usize,
+    /// Most chat messages in one request.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+}
+
+fn default_max_body_bytes() -> usize {
+    1 << 20
+}
+fn default_max_tokens_limit() -> usize {
+    4096
+}
+fn default_max_messages() -> usize {
+    256
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body_bytes(),
+            max_tokens: default_max_tokens_limit(),
+            max_messages: default_max_messages(),
+        }
+    }
+}
+
+/// Pushes a problem for each file that is not a readable regular file.
+pub(super) fn check_file(problems: &mut Vec<String>, field: &str, path: &Path) {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(format!("{field}: cannot read {}: {e}", path.display()));
+            }
+        }
+        Ok(_) => problems.push(format!("{field}: {} is not a file", path.display())),
+        Err(e) => problems.push(format!("{field}: {}: {e}", path.display())),
+    }
+}
+
+impl ServerConfig {
+    pub(super) fn problems(&self, problems: &mut Vec<String>) {
+        if self.listen.is_empty() {
+            problems.push("server.listen must name at least one address".to_owned());
+        }
+        if self.workers == Some(0) || self.workers.is_some_and(|w| w > 1024) {
+            problems.push("server.workers must be between 1 and 1024".to_owned());
+        }
+        if !(100..=60_000).contains(&self.tls_handshake_timeout_ms) {
+            problems.push("server.tls_handshake_timeout_ms must be between 100 and 60000".into());
+        }
+        if self.shutdown_grace_secs > 3_600 {
+            problems.push("server.shutdown_grace_secs must be at most 3600".to_owned());
+        }
+    }
+}
+
+impl TlsConfig {
+    pub(super) fn problems(&self, problems: &mut Vec<String>) {
+        check_file(problems, "tls.certificate", &self.certificate);
+        check_file(problems, "tls.private_key", &self.private_key);
+        if self.client_ca.is_empty() {
+            // Without a CA nobody could connect; an empty list is a mistake, not a policy.
+            problems.push("tls.client_ca must name at least one CA file".to_owned());
+        }
+        for ca in &self.client_ca {
+            check_file(problems, "tls.client_ca", ca);
+        }
+        for crl in &self.crl {
+            check_file(problems, "tls.crl", crl);
+        }
+    }
+
+    pub(super) fn resolve(&mut self, base: &Path) {
+        resolve(&mut self.certificate, base);
+        resolve(&mut self.private_key, base);
+        self.client_ca.iter_mut().for_each(|p| resolve(p, base));
+        self.crl.iter_mut().for_each(|p| resolve(p, base));
+    }
+}
+
+impl ModelsConfig {
+    pub(super) fn problems(&self, problems: &mut Vec<String>) {
+        if !self.directory.is_dir() {
+            problems.push(format!(
+                "models.directory: {} is not a directory",
+                self.directory.display()
+            ));
+            return;
+        }
+        for (name, dir) in &self.serve {
+            if !valid_model_name(name) {
+                problems.push(format!(
+                    "models.serve: name {name:?} must be 1-64 characters of letters, digits, '.', '_', '-'"
+                ));
+            }
+            let path = self.directory.join(dir);
+            if !path.join(crate::engine::model_dir::METADATA_FILE).is_file() {
+                problems.push(format!(
+                    "models.serve.{name}: {} holds no {}",
+                    path.display(),
+                    crate::engine::model_dir::METADATA_FILE
+                ));
+            }
+        }
+    }
+
+    /// Served name and directory of every model to load.
+    pub fn selected(&self) -> std::io::Result<Vec<(String, PathBuf)>> {
+        if !self.serve.is_empty() {
+            return Ok(self
+                .serve
+                .iter()
+                .map(|(name, dir)| (name.clone(), self.directory.join(dir)))
+                .collect());
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&self.directory)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+            if let Some(name) = name
+                && valid_model_name(&name)
+                && path.join(crate::engine::model_dir::METADATA_FILE).is_file()
+            {
+                found.push((name, path));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+}
+
+/// Model names appear in URLs, metrics labels and logs: keep them plain.
+pub fn valid_model_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl MetricsConfig {
+    pub(super) fn problems(&self, problems: &mut Vec<String>) {
+        if self.enabled && !self.listen.ip().is_loopback() && !self.allow_non_loopback {
+            problems.push(format!(
+                "metrics.listen {} is not a loopback address; set metrics.allow_non_loopback = true to expose it",
+                self.listen
+            ));
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub(super) fn problems(&self, problems: &mut Vec<String>) {
+        for (name, value, min, max) in [
+            ("limits.max_body_bytes", self.max_body_bytes, 1024, 1 << 30),
+            ("limits.max_tokens", self.max_tokens, 1, 1 << 21),
+            ("limits.max_messages", self.max_messages, 1, 1 << 16),
+        ] {
+            if !(min..=max).contains(&value) {
+                problems.push(format!(
+                    "{name} must be between {min} and {max}, got {value}"
+                ));
+            }
+        }
+    }
+}
+
+/// Relative paths in the file are relative to the file's directory.
+pub(super) fn resolve(path: &mut PathBuf, base: &Path) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}

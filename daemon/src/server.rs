@@ -1,0 +1,223 @@
+//! `moatd serve`: load and warm every model, then open the mTLS API listener(s) and the
+//! metrics listener, and serve until SIGINT or SIGTERM (in-flight requests get
+//! `server.shutdown_grace_secs` to finish).
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_tls::accept::rustls_0_23::TlsStream;
+use actix_web::dev::Extensions;
+use actix_web::middleware::from_fn;
+use actix_web::rt::net::TcpStream;
+use actix_web::{App, HttpServer, web};
+
+use crate::api::{self, AppState, ConnectionIdentity, ServedModel};
+use crate::config::{Config, IdentityConfig};
+use crate::engine::{Engine, OrtRuntime, StartError};
+use crate::metrics::Metrics;
+use crate::tls::{self, IdentityError, TlsError};
+
+/// Why `moatd serve` could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the configuration is incomplete for serving: {0}")]
+    Incomplete(&'static str),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot list the models in {dir}: {source}")]
+    ListModels {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no model to serve: {dir} holds no model directory (each has a moat-model.json)")]
+    NoModels { dir: PathBuf },
+    #[error("cannot load the model {name} from {dir}: {source}")]
+    Model {
+        name: String,
+        dir: PathBuf,
+        #[source]
+        source: StartError,
+    },
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the server stopped with an error: {0}")]
+    Run(#[source] std::io::Error),
+}
+
+impl ServeError {
+    /// Errors in what the configuration names (files, certificates) rather than in the
+    /// machine: `moatd` exits with the configuration status for these.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            ServeError::Incomplete(_) | ServeError::Tls(_) | ServeError::NoModels { .. }
+        )
+    }
+}
+
+/// Serves until a stop signal. `config` must have passed [`Config::validate_for_serve`].
+pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
+    let (Some(server), Some(tls_config), Some(_)) = (&config.server, &config.tls, &config.models)
+    else {
+        return Err(ServeError::Incomplete(
+            "[server], [tls] and [models] are required",
+        ));
+    };
+    // TLS first: a bad certificate is reported before minutes of model loading.
+    let rustls_config = tls::server_config(tls_config)?;
+    let models = load_models(config, runtime)?;
+    let state = web::Data::new(AppState {
+        models,
+        limits: config.limits,
+        metrics: Arc::new(Metrics::new()),
+    });
+    let listeners = server
+        .listen
+        .iter()
+        .map(|&address| {
+            TcpListener::bind(address).map_err(|source| ServeError::Bind { address, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metrics_listener = match config.metrics.enabled {
+        true => {
+            let address = config.metrics.listen;
+            Some(
+                TcpListener::bind(address)
+                    .map_err(|source| ServeError::Bind { address, source })?,
+            )
+        }
+        false => None,
+    };
+    let system = actix_web::rt::System::new();
+    let result = system.block_on(run_servers(
+        state.clone(),
+        listeners,
+        metrics_listener,
+        rustls_config,
+        config,
+    ));
+    for (name, model) in &state.models {
+        tracing::debug!(model = %name, healthy = model.is_healthy(), "stopping model");
+    }
+    result
+}
+
+async fn run_servers(
+    state: web::Data<AppState>,
+    listeners: Vec<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    rustls_config: rustls::ServerConfig,
+    config: &Config,
+) -> Result<(), ServeError> {
+    let Some(server) = &config.server else {
+        return Err(ServeError::Incomplete("[server] is required"));
+    };
+    let identity = config.identity;
+    let api_state = state.clone();
+    let mut api = HttpServer::new(move || {
+        App::new()
+            .app_data(api_state.clone())
+            .wrap(from_fn(api::request_context))
+            .configure(api::routes)
+    })
+    .on_connect(move |connection, data| capture_identity(connection, data, &identity))
+    .tls_handshake_timeout(Duration::from_millis(server.tls_handshake_timeout_ms))
+    .shutdown_timeout(server.shutdown_grace_secs);
+    if let Some(workers) = server.workers {
+        api = api.workers(workers);
+    }
+    for listener in listeners {
+        let address = listener.local_addr().map_err(ServeError::Run)?;
+        api = api
+            .listen_rustls_0_23(listener, rustls_config.clone())
+            .map_err(|source| ServeError::Bind { address, source })?;
+        tracing::info!(url = %format!("https://{address}"), "API listening");
+    }
+    let api = api.run();
+    let Some(listener) = metrics_listener else {
+        return api.await.map_err(ServeError::Run);
+    };
+    let address = listener.local_addr().map_err(ServeError::Run)?;
+    let metrics = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(api::metrics_routes)
+    })
+    .workers(1)
+    .listen(listener)
+    .map_err(|source| ServeError::Bind { address, source })?
+    .run();
+    tracing::info!(url = %format!("http://{address}"), "metrics listening");
+    tracing::info!("moatd is ready");
+    let (api, metrics) = futures_util::future::join(api, metrics).await;
+    api.and(metrics).map_err(ServeError::Run)
+}
+
+/// Records the identity in the leaf client certificate of a new connection. Anything but a
+/// rustls connection with a verified certificate records a refusal.
+fn capture_identity(connection: &dyn Any, data: &mut Extensions, mapping: &IdentityConfig) {
+    let identity = match connection.downcast_ref::<TlsStream<TcpStream>>() {
+        Some(stream) => {
+            let (_, session) = stream.get_ref();
+            match session.peer_certificates().and_then(|chain| chain.first()) {
+                Some(leaf) => tls::identity_from_leaf(leaf, mapping),
+                None => Err(IdentityError::NoCertificate),
+            }
+        }
+        None => Err(IdentityError::NoCertificate),
+    };
+    if let Err(e) = &identity {
+        tracing::warn!(error = %e, "a verified client certificate names no usable identity");
+    }
+    data.insert(ConnectionIdentity(identity));
+}
+
+/// Loads and warms every configured model; any failure stops the start.
+fn load_models(
+    config: &Config,
+    runtime: &OrtRuntime,
+) -> Result<BTreeMap<String, ServedModel>, ServeError> {
+    let Some(models) = &config.models else {
+        return Err(ServeError::Incomplete("[models] is required"));
+    };
+    let selected = models.selected().map_err(|source| ServeError::ListModels {
+        dir: models.directory.clone(),
+        source,
+    })?;
+    if selected.is_empty() {
+        return Err(ServeError::NoModels {
+            dir: models.directory.clone(),
+        });
+    }
+    let mut served = BTreeMap::new();
+    for (name, dir) in selected {
+        let engine = Engine::load_ort(
+            runtime,
+            &dir,
+            &config.session_options(),
+            config.engine_settings(),
+        )
+        .map_err(|source| ServeError::Model {
+            name: name.clone(),
+            dir: dir.clone(),
+            source,
+        })?;
+        tracing::info!(
+            model = %name,
+            dir = %dir.display(),
+            device = %engine.model().device,
+            "model loaded and warmed"
+        );
+        served.insert(name, ServedModel::Generator(Arc::new(engine)));
+    }
+    Ok(served)
+}

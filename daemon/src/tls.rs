@@ -1,0 +1,165 @@
+//! The department-facing TLS: rustls, TLS 1.3 only, client certificates required.
+//!
+//! A client is accepted only if its certificate chains to a configured department CA, is
+//! within its validity period, and (when CRLs are configured) is not revoked according to a
+//! CRL that has not expired itself. There is no session resumption: every connection proves
+//! its certificate afresh, so a revocation takes effect on the next connection.
+
+pub mod identity;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{NoServerSessionStorage, ServerConfig, WebPkiClientVerifier};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+pub use identity::{Identity, IdentityError, identity_from_leaf};
+
+use crate::config::TlsConfig;
+
+/// Why the TLS configuration could not be built. Each variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: no PEM certificate found (tls.{field})")]
+    NoCertificate { path: PathBuf, field: &'static str },
+    #[error("{path}: not a usable PEM file (tls.{field}): {reason}")]
+    BadPem {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("{path}: CA certificate refused (tls.client_ca): {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("{path}: not a CRL in PEM or DER form (tls.crl): {reason}")]
+    BadCrl { path: PathBuf, reason: String },
+    #[error("the client certificate verifier could not be built: {0}")]
+    Verifier(String),
+    #[error("the server certificate and key were refused: {0}")]
+    ServerCertificate(String),
+}
+
+/// The crypto provider moatd uses: ring, TLS 1.3 suites only.
+fn tls13_provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|suite| suite.version() == &rustls::version::TLS13);
+    Arc::new(provider)
+}
+
+/// Builds the listener's rustls configuration from `[tls]`.
+pub fn server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    let provider = tls13_provider();
+    let roots = load_roots(&tls.client_ca)?;
+    let crls = load_crls(&tls.crl)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        // Without this rustls accepts a CRL past its next update: a stale list would
+        // silently stop revoking.
+        .enforce_revocation_expiration()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let chain = load_certificates(&tls.certificate, "certificate")?;
+    let key = PrivateKeyDer::from_pem_file(&tls.private_key).map_err(|e| TlsError::BadPem {
+        path: tls.private_key.clone(),
+        field: "private_key",
+        reason: e.to_string(),
+    })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::ServerCertificate(e.to_string()))?;
+    // No resumption of any kind: no stateful session cache and no tickets.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    Ok(config)
+}
+
+fn load_certificates(
+    path: &Path,
+    field: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |reason: String| TlsError::BadPem {
+        path: path.to_path_buf(),
+        field,
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+            field,
+        });
+    }
+    Ok(certs)
+}
+
+fn load_roots(files: &[PathBuf]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for path in files {
+        for cert in load_certificates(path, "client_ca")? {
+            roots.add(cert).map_err(|e| TlsError::BadCa {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    Ok(roots)
+}
+
+fn load_crls(files: &[PathBuf]) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let mut crls = Vec::new();
+    for path in files {
+        let bad = |reason: String| TlsError::BadCrl {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let from_pem = CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let found = if from_pem.is_empty() {
+            vec![CertificateRevocationListDer::from(bytes)]
+        } else {
+            from_pem
+        };
+        for crl in &found {
+            warn_if_stale(path, crl).map_err(bad)?;
+        }
+        crls.extend(found);
+    }
+    Ok(crls)
+}
+
+/// Parses a CRL up front, so a corrupt file fails at start, and warns when it has expired:
+/// every client its CA issued will be refused until it is replaced.
+fn warn_if_stale(path: &Path, crl: &CertificateRevocationListDer<'_>) -> Result<(), String> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl)
+        .map_err(|e| e.to_string())?;
+    if let Some(next_update) = parsed.next_update()
+        && next_update.timestamp() < unix_now()
+    {
+        tracing::warn!(
+            crl = %path.display(),
+            next_update = %next_update,
+            "this CRL has expired: clients of its CA are refused until a current CRL is installed"
+        );
+    }
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
