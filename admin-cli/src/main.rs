@@ -1,6 +1,8 @@
 //! moatctl: administers a moat appliance. It never links ONNX Runtime or the HTTP stack;
 //! shared formats come from `moat-core`.
 
+mod pki;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,6 +22,9 @@ enum Command {
     /// Work with model directories.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Run a development PKI: CA, client and server certificates, revocation and CRLs.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +55,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(ModelCommand::Inspect { dir, json }) => inspect(&dir, json),
+        Command::Pki(command) => {
+            for path in pki::run(command)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
     }
 }
 
