@@ -1,15 +1,110 @@
 #!/usr/bin/env bash
-# From a fresh clone to an answer: provisions everything (scripts/setup.sh), builds moatd,
-# and asks the demo model a question on this machine's CPU (or GPU, when one is usable).
+# From a fresh clone to an answer over mutual TLS:
+#   1. provisions everything (scripts/setup.sh) and builds moatd and moatctl;
+#   2. makes a development PKI in .moat-dev/pki (CA, server certificate, a client
+#      certificate for the department "demo") and .moat-dev/moat.toml;
+#   3. starts moatd in the background serving the demo model on 127.0.0.1 (pid in
+#      .moat-dev/moatd.pid, log in .moat-dev/moatd.log), replacing one started earlier;
+#   4. asks it "What is the capital of France?" with curl and a client certificate.
+# moatd keeps running afterwards; the last line printed says how to stop it.
+#
+# Ports: MOAT_DEV_PORT (API, default 8443) and MOAT_DEV_METRICS_PORT (default 9464).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+dev="$root/.moat-dev"
+pki="$dev/pki"
+port="${MOAT_DEV_PORT:-8443}"
+metrics_port="${MOAT_DEV_METRICS_PORT:-9464}"
 
 bash scripts/setup.sh
 echo "==> cargo build --release" >&2
-cargo build --release --locked --bin moatd
-echo "==> moatd generate (SmolLM2-135M-Instruct, exact graph)" >&2
-MOAT_ONNXRUNTIME_LIB="$root/local/onnxruntime" target/release/moatd generate \
-  --model local/models/smollm2-135m-instruct-exact \
-  --chat "What is the capital of France?" --max-tokens 64
+cargo build --release --locked --bin moatd --bin moatctl
+moatd="$root/target/release/moatd"
+moatctl="$root/target/release/moatctl"
+
+stop_previous() {
+  local pid
+  pid="$(cat "$dev/moatd.pid" 2>/dev/null || true)"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
+      && grep -q moatd "/proc/$pid/cmdline" 2>/dev/null; then
+    echo "==> stopping the moatd started earlier (pid $pid)" >&2
+    kill -TERM "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+  fi
+  rm -f "$dev/moatd.pid"
+}
+stop_previous
+
+echo "==> development PKI in .moat-dev/pki" >&2
+mkdir -p "$dev"
+chmod 700 "$dev"
+if [ ! -f "$pki/ca.crt" ]; then
+  "$moatctl" pki init --dir "$pki" --org "moat dev" >/dev/null
+fi
+"$moatctl" pki issue-server --dir "$pki" --dns localhost --ip 127.0.0.1 --force >/dev/null
+if [ ! -f "$pki/clients/demo.crt" ]; then
+  "$moatctl" pki issue-client --dir "$pki" --department demo --name demo >/dev/null
+fi
+"$moatctl" pki crl --dir "$pki" >/dev/null
+
+embedding_line=""
+if [ -f local/models/all-minilm-l6-v2/moat-model.json ]; then
+  embedding_line="\"all-minilm-l6-v2\" = \"all-minilm-l6-v2\""
+fi
+cat > "$dev/moat.toml" <<EOF
+# Development configuration written by scripts/quickstart.sh (rewritten on each run).
+# Start by hand with: target/release/moatd serve --config .moat-dev/moat.toml
+[engine]
+onnxruntime_library = "$root/local/onnxruntime"
+
+[server]
+listen = ["127.0.0.1:$port"]
+
+[tls]
+certificate = "pki/server.crt"
+private_key = "pki/server.key"
+client_ca = ["pki/ca.crt"]
+crl = ["pki/crl.pem"]
+
+[models]
+directory = "$root/local/models"
+
+[models.serve]
+"smollm2-135m-instruct" = "smollm2-135m-instruct-exact"
+$embedding_line
+
+[metrics]
+listen = "127.0.0.1:$metrics_port"
+EOF
+
+echo "==> starting moatd (log: .moat-dev/moatd.log)" >&2
+: > "$dev/moatd.log"
+setsid nohup "$moatd" serve --config "$dev/moat.toml" >>"$dev/moatd.log" 2>&1 < /dev/null &
+echo $! > "$dev/moatd.pid"
+pid="$(cat "$dev/moatd.pid")"
+
+for _ in $(seq 1 600); do
+  if curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "error: moatd exited during start; its log:" >&2
+    cat "$dev/moatd.log" >&2
+    rm -f "$dev/moatd.pid"
+    exit 1
+  fi
+  sleep 0.2
+done
+curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null
+
+echo "==> asking over mTLS: What is the capital of France?" >&2
+curl -sS --fail-with-body \
+  --cacert "$pki/ca.crt" --cert "$pki/clients/demo.crt" --key "$pki/clients/demo.key" \
+  -H 'content-type: application/json' \
+  "https://127.0.0.1:$port/v1/chat/completions" \
+  -d '{"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 64,
+       "messages": [{"role": "user", "content": "What is the capital of France?"}]}' \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'
+
+echo "moatd is running on https://127.0.0.1:$port (pid $pid); stop it with: kill \$(cat .moat-dev/moatd.pid)" >&2

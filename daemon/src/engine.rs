@@ -128,6 +128,8 @@ pub const MAX_STOP_STRING_BYTES: usize = 256;
 pub enum EngineError {
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error("message {index} contains the model's control token {token:?}; control tokens are reserved for the chat template")]
+    ControlTokenInMessage { index: usize, token: String },
     #[error(
         "the prompt has {prompt_tokens} tokens and {max_tokens} new tokens were asked for, but \
          the model's context holds {context_length}; shorten the prompt or lower max_tokens"
@@ -311,6 +313,11 @@ impl Engine {
         self.health.live.load(Ordering::Relaxed)
     }
 
+    /// Requests accepted and waiting for the engine thread to take them.
+    pub fn queued_requests(&self) -> usize {
+        self.admissions.len()
+    }
+
     /// Renders and tokenizes a prompt.
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let shared = &self.shared;
@@ -326,6 +333,14 @@ impl Engine {
                     .ok_or(EngineError::NoChatTemplate)?;
                 if messages.is_empty() {
                     return Err(EngineError::EmptyPrompt);
+                }
+                if let Some((index, token)) = messages.iter().enumerate().find_map(|(i, m)| {
+                    shared.tokenizer.find_control_token(&m.content).map(|t| (i, t))
+                }) {
+                    return Err(EngineError::ControlTokenInMessage {
+                        index,
+                        token: token.to_owned(),
+                    });
                 }
                 let text = template
                     .render(messages, true)

@@ -144,6 +144,7 @@ async fn run_servers(
     }
     let api = api.run();
     let Some(listener) = metrics_listener else {
+        tracing::info!("moatd is ready");
         return api.await.map_err(ServeError::Run);
     };
     let address = listener.local_addr().map_err(ServeError::Run)?;
@@ -153,6 +154,7 @@ async fn run_servers(
             .configure(api::metrics_routes)
     })
     .workers(1)
+    .shutdown_timeout(server.shutdown_grace_secs)
     .listen(listener)
     .map_err(|source| ServeError::Bind { address, source })?
     .run();

@@ -10,6 +10,8 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     vocab_size: usize,
     bos_to_prepend: Option<u32>,
+    /// The text of every special added token (`<|im_start|>`, `<|im_end|>`, ...).
+    control_tokens: Vec<String>,
 }
 
 /// Tokenizing or detokenizing failed.
@@ -20,18 +22,43 @@ pub struct TokenizeError(String);
 impl TextTokenizer {
     /// Loads `tokenizer.json`. `bos_to_prepend` is the BOS id when the model wants one in
     /// front of every prompt.
+    ///
+    /// Truncation and padding settings in the file are dropped: inputs are never cut short
+    /// behind the caller's back, and batches are padded by whoever builds them.
     pub fn load(path: &Path, bos_to_prepend: Option<u32>) -> Result<Self, ModelDirError> {
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| ModelDirError::BadTokenizer {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let bad = |reason: String| ModelDirError::BadTokenizer {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| bad(e.to_string()))?
+            .with_padding(None);
         let vocab_size = inner.get_vocab_size(true);
+        let mut control_tokens: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|token| token.special && !token.content.is_empty())
+            .map(|token| token.content)
+            .collect();
+        control_tokens.sort();
         Ok(Self {
             inner,
             vocab_size,
             bos_to_prepend,
+            control_tokens,
         })
+    }
+
+    /// The first special token written out in `text`, if any. Chat message contents must
+    /// not contain one: encoded as its id, it would let a message close its own turn and
+    /// open one with another role.
+    pub fn find_control_token(&self, text: &str) -> Option<&str> {
+        self.control_tokens
+            .iter()
+            .find(|token| text.contains(token.as_str()))
+            .map(String::as_str)
     }
 
     /// Number of distinct ids, added tokens included.
@@ -62,6 +89,17 @@ impl TextTokenizer {
         }
         out.extend_from_slice(ids);
         Ok(out)
+    }
+
+    /// Encodes one input of an encoder model: special tokens written in the text become their
+    /// ids, and the tokenizer's post-processor adds the ones the model expects around a
+    /// single sequence (BERT's `[CLS] ... [SEP]`).
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| TokenizeError(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// Decodes ids to text, leaving out special tokens.
