@@ -4,6 +4,7 @@
 //! the engine through [`Engine`] and [`Embedder`]. Every error leaves through
 //! [`ApiError`], the one place statuses are decided.
 
+mod embeddings;
 pub mod error;
 pub mod generate;
 pub mod openai;
@@ -24,7 +25,7 @@ pub use error::ApiError;
 pub use service::{ConnectionIdentity, metrics_routes, request_context, routes};
 
 use crate::config::LimitsConfig;
-use crate::engine::Engine;
+use crate::engine::{Embedder, Engine};
 use crate::metrics::Metrics;
 use crate::tls::{Identity, IdentityError};
 
@@ -33,12 +34,16 @@ use crate::tls::{Identity, IdentityError};
 pub enum ServedModel {
     /// Chat and completions.
     Generator(Arc<Engine>),
+    /// Embeddings.
+    Embedder(Arc<Embedder>),
 }
 
 impl ServedModel {
     pub fn is_healthy(&self) -> bool {
         match self {
             ServedModel::Generator(engine) => engine.is_healthy(),
+            // Runs on request threads; a failed run fails only its request.
+            ServedModel::Embedder(_) => true,
         }
     }
 }
@@ -78,6 +83,30 @@ impl AppState {
     ) -> Result<Arc<Engine>, ApiError> {
         match self.find(name, http)? {
             ServedModel::Generator(engine) => Ok(Arc::clone(engine)),
+            ServedModel::Embedder(_) => Err(ApiError::unsupported(
+                format!("the model {name} is an embedding model; use /v1/embeddings"),
+                Some("model"),
+                "wrong_model_task",
+            )),
+        }
+    }
+
+    /// The embedder of an embedding model.
+    pub fn embedder(
+        &self,
+        name: &str,
+        http: &HttpRequest,
+        _caller: &Caller,
+    ) -> Result<Arc<Embedder>, ApiError> {
+        match self.find(name, http)? {
+            ServedModel::Embedder(embedder) => Ok(Arc::clone(embedder)),
+            ServedModel::Generator(_) => Err(ApiError::unsupported(
+                format!(
+                    "the model {name} generates text; use /v1/chat/completions or /v1/completions"
+                ),
+                Some("model"),
+                "wrong_model_task",
+            )),
         }
     }
 }

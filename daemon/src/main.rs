@@ -30,7 +30,7 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         moatd generate --model local/models/smollm2-135m-instruct-exact --chat 'What is the capital of France?'\n  \
         moatd generate --model DIR --prompt 'Once upon a time' --max-tokens 64 --temperature 0.8 --seed 7")]
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Serve the configured models over mutual TLS (OpenAI-compatible API) until SIGTERM.
     #[command(after_help = "Examples:\n  \
         moatd serve --config /etc/moat/moat.toml\n  \
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            generate(&config, args)
+            generate(&config, *args)
         }
         Command::Serve => return serve(&config, cli.config.as_deref()),
     };
@@ -153,7 +153,8 @@ fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
             } else {
                 ExitCode::FAILURE
             };
-            eprintln!("error: {:#}", anyhow::Error::from(e));
+            // Each message already names its cause.
+            eprintln!("error: {e}");
             status
         }
     }

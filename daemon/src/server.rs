@@ -5,7 +5,7 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +17,10 @@ use actix_web::{App, HttpServer, web};
 
 use crate::api::{self, AppState, ConnectionIdentity, ServedModel};
 use crate::config::{Config, IdentityConfig};
-use crate::engine::{Engine, OrtRuntime, StartError};
+use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
 use crate::metrics::Metrics;
 use crate::tls::{self, IdentityError, TlsError};
+use moat_core::ModelTask;
 
 /// Why `moatd serve` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -202,24 +203,36 @@ fn load_models(
     }
     let mut served = BTreeMap::new();
     for (name, dir) in selected {
-        let engine = Engine::load_ort(
-            runtime,
-            &dir,
-            &config.session_options(),
-            config.engine_settings(),
-        )
-        .map_err(|source| ServeError::Model {
+        let model = load_model(config, runtime, &dir).map_err(|source| ServeError::Model {
             name: name.clone(),
             dir: dir.clone(),
             source,
         })?;
-        tracing::info!(
-            model = %name,
-            dir = %dir.display(),
-            device = %engine.model().device,
-            "model loaded and warmed"
-        );
-        served.insert(name, ServedModel::Generator(Arc::new(engine)));
+        served.insert(name, model);
     }
     Ok(served)
+}
+
+/// Loads one model directory as what its metadata says it is, and warms it up.
+fn load_model(
+    config: &Config,
+    runtime: &OrtRuntime,
+    dir: &Path,
+) -> Result<ServedModel, StartError> {
+    let task = ModelDirectory::open(dir)?.metadata.task;
+    let options = config.session_options();
+    let (model, device) = match task {
+        ModelTask::TextGeneration => {
+            let engine = Engine::load_ort(runtime, dir, &options, config.engine_settings())?;
+            let device = engine.model().device;
+            (ServedModel::Generator(Arc::new(engine)), device)
+        }
+        ModelTask::Embedding => {
+            let embedder = Embedder::load_ort(runtime, dir, &options)?;
+            let device = embedder.device();
+            (ServedModel::Embedder(Arc::new(embedder)), device)
+        }
+    };
+    tracing::info!(dir = %dir.display(), %task, %device, "model loaded and warmed");
+    Ok(model)
 }

@@ -178,7 +178,9 @@ impl ApiError {
                 "chat_not_supported",
             ),
             E::ChatTemplate(_) => invalid(Some("messages"), "invalid_messages"),
-            E::ControlTokenInMessage { .. } => invalid(Some("messages"), "control_token_in_message"),
+            E::ControlTokenInMessage { .. } => {
+                invalid(Some("messages"), "control_token_in_message")
+            }
             E::Tokenize(_) => invalid(None, "invalid_text"),
             E::Overloaded => ApiError::Overloaded {
                 model: model.to_owned(),

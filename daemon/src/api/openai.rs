@@ -151,11 +151,20 @@ pub struct ModelList<'a> {
     pub data: Vec<ModelCard<'a>>,
 }
 
+/// One vector, as a JSON array of floats or (`encoding_format: "base64"`) the base64 of its
+/// little-endian float32 bytes.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
 #[derive(Debug, Serialize)]
 pub struct EmbeddingData {
     pub object: &'static str,
     pub index: usize,
-    pub embedding: Vec<f32>,
+    pub embedding: EmbeddingVector,
 }
 
 #[derive(Debug, Serialize)]

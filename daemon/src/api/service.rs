@@ -10,7 +10,7 @@ use serde_json::json;
 use tracing::Instrument as _;
 
 use super::openai::{ModelCard, ModelList};
-use super::{ApiError, AppState, Caller, RequestContext, ServedModelName, generate};
+use super::{ApiError, AppState, Caller, RequestContext, ServedModelName, embeddings, generate};
 use crate::metrics::RequestLabels;
 use crate::tls::{Identity, IdentityError};
 
@@ -29,6 +29,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
             web::post().to(generate::chat_completions),
         )
         .route("/v1/completions", web::post().to(generate::completions))
+        .route("/v1/embeddings", web::post().to(embeddings::embeddings))
         .route("/v1/models", web::get().to(list_models))
         .route("/v1/models/{model}", web::get().to(get_model))
         .route("/healthz", web::get().to(healthz))
@@ -162,6 +163,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                     .metrics
                     .engine_state(name, engine.queued_requests(), engine.live_sequences());
             }
+            super::ServedModel::Embedder(_) => {}
         }
     }
     HttpResponse::Ok()

@@ -1,0 +1,330 @@
+//! What the serving plane costs: the demo model answered end to end through `moatd serve`
+//! (mutual TLS 1.3, HTTP/1.1, JSON, server-sent events) against the same engine called
+//! in-process, measured in one run, in alternating rounds, on this machine:
+//!
+//! - decode tokens/s of one streamed answer (goal: end to end >= 0.97x in-process);
+//! - the latency of a request with `max_tokens` = 1, p50 over many requests on a kept-alive
+//!   connection (goal: < 2 ms added), and the cost of a fresh TLS connection on top.
+//!
+//! `cargo bench -p moat-daemon --bench serving` (after `bash scripts/setup.sh`).
+//! `MOAT_BENCH_MODEL` picks the model directory under `local/models`
+//! (default `smollm2-135m-instruct-fast`).
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moat_daemon::engine::{
+    ChatMessage, DevicePreference, Engine, EngineSettings, GenerationEvent, GenerationRequest,
+    OrtRuntime, Prompt, SamplingParams, SessionOptions, runtime_library,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+
+const NEW_TOKENS: usize = 128;
+const DECODE_ROUNDS: usize = 5;
+const SHORT_REQUESTS: usize = 60;
+const STORY: &str = "Write a short story about a lighthouse keeper.";
+const SHORT: &str = "What is the capital of France?";
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+    client_pem: String,
+    client_key_pem: String,
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let model = std::env::var("MOAT_BENCH_MODEL")
+        .unwrap_or_else(|_| "smollm2-135m-instruct-fast".to_owned());
+    let model_dir = root.join("local/models").join(&model);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let pki = make_pki();
+    let server = start_moatd(&root, &pki, &model, threads);
+    let agent = client(&pki);
+
+    let located = runtime_library::locate(Some(&root.join("local/onnxruntime")), None)
+        .expect("run scripts/setup.sh first");
+    let runtime = OrtRuntime::load(located).expect("ONNX Runtime");
+    let options = SessionOptions {
+        device: DevicePreference::Cpu,
+        intra_op_threads: Some(threads),
+        ..SessionOptions::default()
+    };
+    let engine = Engine::load_ort(&runtime, &model_dir, &options, EngineSettings::default())
+        .expect("model loads");
+
+    // Warm both paths (first TLS connection, first allocations).
+    http_decode(&agent, &server.url, 8);
+    in_process_decode(&engine, 8);
+
+    let mut http_rates = Vec::new();
+    let mut local_rates = Vec::new();
+    for _ in 0..DECODE_ROUNDS {
+        http_rates.push(http_decode(&agent, &server.url, NEW_TOKENS));
+        local_rates.push(in_process_decode(&engine, NEW_TOKENS));
+    }
+    let mut http_short = Vec::new();
+    let mut local_short = Vec::new();
+    for _ in 0..SHORT_REQUESTS {
+        http_short.push(http_one_token(&agent, &server.url));
+        local_short.push(in_process_one_token(&engine));
+    }
+    let mut fresh = Vec::new();
+    for _ in 0..10 {
+        fresh.push(http_one_token(&client(&pki), &server.url));
+    }
+    engine.shutdown();
+    drop(server);
+
+    let http_rate = median(http_rates);
+    let local_rate = median(local_rates);
+    let http_p50 = median(http_short);
+    let local_p50 = median(local_short);
+    let fresh_p50 = median(fresh);
+    println!("model: {model} ({threads} threads, CPU), {NEW_TOKENS} new tokens, medians");
+    println!("| path | decode tok/s | max_tokens=1 p50 (ms) |");
+    println!("|---|---|---|");
+    println!(
+        "| in-process engine | {local_rate:.1} | {:.2} |",
+        local_p50 * 1e3
+    );
+    println!(
+        "| moatd over mTLS (kept-alive connection) | {http_rate:.1} | {:.2} |",
+        http_p50 * 1e3
+    );
+    println!(
+        "| moatd over mTLS (new connection each) | - | {:.2} |",
+        fresh_p50 * 1e3
+    );
+    println!();
+    println!(
+        "end-to-end / in-process decode: {:.3}x (goal >= 0.97x)",
+        http_rate / local_rate
+    );
+    println!(
+        "added p50 latency of a max_tokens=1 request: {:.2} ms (goal < 2 ms); a new TLS connection adds {:.2} ms more",
+        (http_p50 - local_p50) * 1e3,
+        (fresh_p50 - http_p50) * 1e3
+    );
+    drop(pki.dir);
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn greedy(content: &str, max_tokens: usize) -> GenerationRequest {
+    let mut request = GenerationRequest::new(Prompt::Chat(vec![ChatMessage::new("user", content)]));
+    request.max_tokens = Some(max_tokens);
+    request.sampling = SamplingParams::greedy();
+    request
+}
+
+/// Decode tokens/s of one in-process generation (first token to last).
+fn in_process_decode(engine: &Engine, max_tokens: usize) -> f64 {
+    let mut stream = engine.submit(greedy(STORY, max_tokens)).expect("accepted");
+    let (mut first, mut last, mut tokens) = (None, Instant::now(), 0usize);
+    while let Some(event) = stream.next_blocking() {
+        match event {
+            GenerationEvent::Token { .. } => {
+                first.get_or_insert_with(Instant::now);
+                last = Instant::now();
+                tokens += 1;
+            }
+            GenerationEvent::Finished { .. } => break,
+            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+    rate(tokens, first, last)
+}
+
+fn in_process_one_token(engine: &Engine) -> f64 {
+    let start = Instant::now();
+    let mut stream = engine.submit(greedy(SHORT, 1)).expect("accepted");
+    while let Some(event) = stream.next_blocking() {
+        if matches!(event, GenerationEvent::Finished { .. }) {
+            break;
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+fn rate(tokens: usize, first: Option<Instant>, last: Instant) -> f64 {
+    let first = first.expect("at least one token");
+    tokens.saturating_sub(1) as f64 / (last - first).as_secs_f64()
+}
+
+fn body(content: &str, max_tokens: usize, stream: bool) -> String {
+    serde_json::json!({
+        "model": "bench",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string()
+}
+
+/// Decode tokens/s of one streamed answer, from the first content event to the last,
+/// with the token count from the usage event.
+fn http_decode(agent: &ureq::Agent, url: &str, max_tokens: usize) -> f64 {
+    let response = agent
+        .post(&format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(body(STORY, max_tokens, true))
+        .expect("stream starts");
+    let reader = BufReader::new(response.into_body().into_reader());
+    let (mut first, mut last, mut tokens) = (None, Instant::now(), 0usize);
+    for line in reader.lines() {
+        let line = line.expect("stream reads");
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let event: serde_json::Value = serde_json::from_str(data).expect("JSON event");
+        if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        } else if event["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+        {
+            first.get_or_insert_with(Instant::now);
+            last = Instant::now();
+        }
+    }
+    rate(tokens, first, last)
+}
+
+fn http_one_token(agent: &ureq::Agent, url: &str) -> f64 {
+    let start = Instant::now();
+    let mut response = agent
+        .post(&format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(body(SHORT, 1, false))
+        .expect("answered");
+    let text = response.body_mut().read_to_string().expect("body");
+    let elapsed = start.elapsed().as_secs_f64();
+    assert!(text.contains("\"completion_tokens\":1"), "{text}");
+    elapsed
+}
+
+fn client(pki: &Pki) -> ureq::Agent {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+    let ca = Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA PEM");
+    let cert = Certificate::from_pem(pki.client_pem.as_bytes()).expect("client PEM");
+    let key = PrivateKey::from_pem(pki.client_key_pem.as_bytes()).expect("key PEM");
+    let tls = TlsConfig::builder()
+        .root_certs(RootCerts::Specific(Arc::new(vec![ca])))
+        .client_cert(Some(ClientCert::new_with_certs(&[cert], key)))
+        .build();
+    ureq::Agent::config_builder()
+        .tls_config(tls)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn make_pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, "bench CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, usage, ou: Option<&str>| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("names");
+        params.extended_key_usages = vec![usage];
+        if let Some(ou) = ou {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+            params.distinguished_name.push(DnType::CommonName, "bench");
+        }
+        let cert = params.signed_by(&key, &issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_pem, server_key) = leaf(
+        vec!["127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        None,
+    );
+    let (client_pem, client_key_pem) = leaf(
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ClientAuth,
+        Some("bench"),
+    );
+    let write =
+        |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    write("ca.crt", &ca_cert.pem());
+    write("server.crt", &server_pem);
+    write("server.key", &server_key);
+    Pki {
+        ca_pem: ca_cert.pem(),
+        client_pem,
+        client_key_pem,
+        dir,
+    }
+}
+
+fn start_moatd(root: &Path, pki: &Pki, model: &str, threads: usize) -> Server {
+    let config: PathBuf = pki.dir.path().join("moat.toml");
+    let text = format!(
+        "[engine]\nonnxruntime_library = {lib:?}\ndevice = \"cpu\"\nintra_op_threads = {threads}\n\
+         [server]\nlisten = [\"127.0.0.1:0\"]\n\
+         [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
+         [models]\ndirectory = {models:?}\n[models.serve]\nbench = {model:?}\n\
+         [metrics]\nenabled = false\n",
+        lib = root.join("local/onnxruntime"),
+        models = root.join("local/models"),
+    );
+    std::fs::write(&config, text).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moatd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MOAT_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("moatd starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = match lines.next() {
+            Some(Ok(line)) => line,
+            _ => panic!("moatd exited before listening"),
+        };
+        if let Some(at) = line.find("url=https://") {
+            break line[at + 4..].trim().to_owned();
+        }
+    };
+    // Keep draining the log so moatd never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, url }
+}

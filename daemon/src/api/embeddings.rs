@@ -1,0 +1,117 @@
+//! `POST /v1/embeddings`: mean-pooled sentence vectors from an embedding model.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+
+use super::error::ApiError;
+use super::openai::{
+    EmbeddingData, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
+    EmbeddingVector,
+};
+use super::{AppState, Caller, RequestContext, parse_json, read_body};
+use crate::engine::{EmbedError, Usage};
+
+pub async fn embeddings(
+    state: web::Data<AppState>,
+    caller: Caller,
+    context: RequestContext,
+    http: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.limits.max_body_bytes).await?;
+    let request: EmbeddingRequest = parse_json(&body)?;
+    let embedder = state.embedder(&request.model, &http, &caller)?;
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("encoding_format {other:?} is not supported; use float or base64"),
+                Some("encoding_format"),
+                "invalid_value",
+            ));
+        }
+    };
+    if let Some(asked) = request.dimensions
+        && asked != embedder.dimensions() as u64
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "dimensions is {asked}, but the model {} gives {}-wide vectors and cannot shorten them",
+                request.model,
+                embedder.dimensions()
+            ),
+            Some("dimensions"),
+            "invalid_value",
+        ));
+    }
+    let inputs = match request.input {
+        EmbeddingInput::One(text) => vec![text],
+        EmbeddingInput::Many(texts) => texts,
+    };
+    let running = embedder.clone();
+    let embedded = web::block(move || running.embed(&inputs))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(embed_error)?;
+    state
+        .metrics
+        .generation_timer(&caller.identity.department, &request.model, context.started)
+        .finished(Usage {
+            prompt_tokens: embedded.prompt_tokens,
+            completion_tokens: 0,
+        });
+    let data = embedded
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, vector)| EmbeddingData {
+            object: "embedding",
+            index,
+            embedding: if base64 {
+                EmbeddingVector::Base64(encode_base64(&vector))
+            } else {
+                EmbeddingVector::Float(vector)
+            },
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(EmbeddingResponse {
+        object: "list",
+        data,
+        model: &request.model,
+        usage: EmbeddingUsage {
+            prompt_tokens: embedded.prompt_tokens,
+            total_tokens: embedded.prompt_tokens,
+        },
+    }))
+}
+
+/// OpenAI's base64 form: the vector's float32 values, little-endian, base64-encoded.
+fn encode_base64(vector: &[f32]) -> String {
+    let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn embed_error(error: EmbedError) -> ApiError {
+    match error {
+        EmbedError::Inference(reason) => ApiError::Internal(reason),
+        other => ApiError::invalid(other.to_string(), Some("input"), "invalid_input"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_vectors_are_little_endian_float32() {
+        let encoded = encode_base64(&[1.0, -2.5]);
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .expect("valid base64");
+        assert_eq!(
+            bytes,
+            [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
+        );
+    }
+}
