@@ -8,4 +8,6 @@
 
 pub mod model_metadata;
 
-pub use model_metadata::{IoContract, MetadataError, ModelMetadata};
+pub use model_metadata::{
+    EmbeddingSpec, IoContract, MetadataError, ModelMetadata, ModelTask, Pooling,
+};

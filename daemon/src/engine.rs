@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod chat_template;
 pub mod cpu_affinity;
+pub mod embedder;
 pub mod model_dir;
 pub mod ort_backend;
 pub mod runtime_library;
@@ -23,13 +24,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use moat_core::ModelMetadata;
+use moat_core::{ModelMetadata, ModelTask};
 use tokio::sync::mpsc;
 
 pub use backend::{
     Backend, BackendError, BackendModel, DeviceKind, LogitsBatch, SequenceId, StepInput,
 };
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
+pub use embedder::{EmbedError, Embedder, Embeddings};
 pub use model_dir::{ModelDirError, ModelDirectory};
 pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};
 pub use sampler::{SamplingError, SamplingParams};
@@ -249,6 +251,7 @@ impl Engine {
         model: &ModelDirectory,
         settings: EngineSettings,
     ) -> Result<Self, StartError> {
+        model.require_task(ModelTask::TextGeneration)?;
         let metadata = model.metadata.clone();
         let bos = metadata.bos_token_id.filter(|_| metadata.add_bos_token);
         let tokenizer = Arc::new(TextTokenizer::load(&model.tokenizer_path(), bos)?);

@@ -27,7 +27,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # noqa: E402
+from tokenizers import (  # noqa: E402
+    AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors)
 
 from encoder_source import write_safetensors  # noqa: E402
 

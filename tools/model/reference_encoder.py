@@ -31,6 +31,7 @@ import encoder_source  # noqa: E402
 
 _ERF = np.frompyfunc(math.erf, 1, 1)
 
+
 class BertReference:
     def __init__(self, root: str):
         self.src = encoder_source.load(root)

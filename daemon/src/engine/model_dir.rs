@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use moat_core::{MetadataError, ModelMetadata};
+use moat_core::{EmbeddingSpec, MetadataError, ModelMetadata, ModelTask};
 
 pub const GRAPH_FILE: &str = "model.onnx";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -47,6 +47,24 @@ pub enum ModelDirError {
     },
     #[error("model file {path} has a chat template that does not compile: {reason}")]
     BadChatTemplate { path: PathBuf, reason: String },
+    #[error(
+        "model file {path} describes a model for task `{found}`, but task `{expected}` is \
+         needed here; use a model directory made for `{expected}`"
+    )]
+    WrongTask {
+        path: PathBuf,
+        expected: ModelTask,
+        found: ModelTask,
+    },
+    #[error(
+        "model file {path} has {tokenizer_vocab} tokens but moat-model.json says vocab_size = \
+         {declared}; the model directory mixes files from different models"
+    )]
+    TokenizerVocabMismatch {
+        path: PathBuf,
+        tokenizer_vocab: usize,
+        declared: usize,
+    },
 }
 
 impl ModelDirectory {
@@ -68,6 +86,31 @@ impl ModelDirectory {
         Ok(Self {
             root: root.to_path_buf(),
             metadata,
+        })
+    }
+
+    /// Refuses a model made for another task (an embedding model where text generation is
+    /// asked for, or the reverse).
+    pub fn require_task(&self, expected: ModelTask) -> Result<(), ModelDirError> {
+        let found = self.metadata.task;
+        if found == expected {
+            return Ok(());
+        }
+        Err(ModelDirError::WrongTask {
+            path: self.metadata_path(),
+            expected,
+            found,
+        })
+    }
+
+    /// What the vectors of an embedding model are; refuses any other model.
+    pub fn embedding_spec(&self) -> Result<EmbeddingSpec, ModelDirError> {
+        self.require_task(ModelTask::Embedding)?;
+        // Validation sets `embedding` exactly for embedding models.
+        self.metadata.embedding.ok_or(ModelDirError::WrongTask {
+            path: self.metadata_path(),
+            expected: ModelTask::Embedding,
+            found: self.metadata.task,
         })
     }
 

@@ -1,5 +1,5 @@
-//! The ONNX Runtime backend: this module and its `session` child are the only code that
-//! names `ort`.
+//! The ONNX Runtime backend: this module and its `session` and `encoder` children are the
+//! only code that names `ort`.
 //!
 //! One [`OrtBackend`] owns one session and the KV caches of its sequences. Graphs with the
 //! fused contract (GroupQueryAttention) keep each sequence's cache in one buffer allocated
@@ -8,11 +8,12 @@
 //! reallocated or copied per token. Graphs with the optimum contract concatenate inside the
 //! graph; their present outputs are moved, not copied, into the next step's inputs.
 
+pub(super) mod encoder;
 mod session;
 
 use std::collections::HashMap;
 
-use moat_core::{IoContract, ModelMetadata};
+use moat_core::{IoContract, ModelMetadata, ModelTask};
 use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynTensorValueType, DynValue, Tensor};
@@ -91,6 +92,7 @@ impl OrtBackend {
         model_dir: &ModelDirectory,
         options: &SessionOptions,
     ) -> Result<Self, LoadError> {
+        model_dir.require_task(ModelTask::TextGeneration)?;
         let graph = model_dir.graph_path();
         let (session, device) = create_session(runtime, &graph, options)?;
         let metadata = model_dir.metadata.clone();
@@ -368,6 +370,13 @@ impl Backend for OrtBackend {
         let cache = match self.metadata.io_contract {
             IoContract::Fused => self.new_shared_cache(capacity),
             IoContract::Optimum => self.new_moved_cache(),
+            // `load` refuses encoder graphs; they have no cache to allocate.
+            IoContract::Encoder => {
+                return Err(BackendError::Runtime {
+                    during: "allocating the KV cache",
+                    message: "an encoder graph has no KV cache".to_owned(),
+                });
+            }
         }
         .map_err(|e| BackendError::Runtime {
             during: "allocating the KV cache",

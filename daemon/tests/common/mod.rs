@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use moat_daemon::engine::runtime_library;
 use moat_daemon::engine::{
-    DevicePreference, Engine, EngineSettings, FinishReason, GenerationEvent, GenerationRequest,
-    OrtRuntime, SessionOptions, Usage,
+    DevicePreference, Embedder, Engine, EngineSettings, FinishReason, GenerationEvent,
+    GenerationRequest, OrtRuntime, SessionOptions, Usage,
 };
 
 pub fn repo_root() -> PathBuf {
@@ -131,4 +131,69 @@ pub fn reference_greedy(gguf: &str, prompt: &[u32], new_tokens: usize) -> Vec<u3
         .iter()
         .map(|v| v.as_u64().expect("id") as u32)
         .collect()
+}
+
+pub fn load_embedder(model: &str) -> Embedder {
+    Embedder::load_ort(&runtime(), &model_dir(model), &cpu_options())
+        .unwrap_or_else(|e| panic!("loading {model}: {e}"))
+}
+
+/// What the numpy encoder reference (`tools/model/reference_encoder.py`) makes of some texts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceEmbeddings {
+    pub token_ids: Vec<Vec<u32>>,
+    pub vectors: Vec<Vec<f32>>,
+}
+
+/// Embeddings from the numpy reference, which runs each text alone (no padding) straight
+/// from the checkpoint in `local/models/{source}` and shares no code with the ONNX graph.
+pub fn reference_embeddings(source: &str, texts: &[&str]) -> ReferenceEmbeddings {
+    let root = repo_root();
+    let python = provisioned(root.join("local/venv/bin/python"));
+    let mut command = Command::new(python);
+    command
+        .arg(root.join("tools/model/reference_encoder.py"))
+        .arg("--source")
+        .arg(provisioned(root.join("local/models").join(source)));
+    for text in texts {
+        command.arg(format!("--text={text}"));
+    }
+    let output = command.output().expect("reference runs");
+    assert!(
+        output.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
+    let rows = |key: &str| -> Vec<serde_json::Value> {
+        value[key].as_array().expect("an array of rows").clone()
+    };
+    ReferenceEmbeddings {
+        token_ids: rows("token_ids")
+            .iter()
+            .map(|row| {
+                let ids = row.as_array().expect("ids");
+                ids.iter().map(|v| v.as_u64().expect("id") as u32).collect()
+            })
+            .collect(),
+        vectors: rows("embeddings")
+            .iter()
+            .map(|row| {
+                let values = row.as_array().expect("values");
+                values
+                    .iter()
+                    .map(|v| v.as_f64().expect("float") as f32)
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+/// Largest absolute difference between two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vectors of different widths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
