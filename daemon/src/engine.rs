@@ -130,7 +130,9 @@ pub const MAX_STOP_STRING_BYTES: usize = 256;
 pub enum EngineError {
     #[error("the prompt is empty")]
     EmptyPrompt,
-    #[error("message {index} contains the model's control token {token:?}; control tokens are reserved for the chat template")]
+    #[error(
+        "message {index} contains the model's control token {token:?}; control tokens are reserved for the chat template"
+    )]
     ControlTokenInMessage { index: usize, token: String },
     #[error(
         "the prompt has {prompt_tokens} tokens and {max_tokens} new tokens were asked for, but \
@@ -338,7 +340,10 @@ impl Engine {
                     return Err(EngineError::EmptyPrompt);
                 }
                 if let Some((index, token)) = messages.iter().enumerate().find_map(|(i, m)| {
-                    shared.tokenizer.find_control_token(&m.content).map(|t| (i, t))
+                    shared
+                        .tokenizer
+                        .find_control_token(&m.content)
+                        .map(|t| (i, t))
                 }) {
                     return Err(EngineError::ControlTokenInMessage {
                         index,

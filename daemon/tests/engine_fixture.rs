@@ -5,8 +5,8 @@ mod common;
 
 use common::{load, model_dir, reference_greedy, run, runtime};
 use moat_daemon::engine::{
-    ChatMessage, Engine, EngineError, EngineSettings, FinishReason, GenerationRequest, Prompt, SamplingError,
-    SamplingParams, SessionOptions, StartError,
+    ChatMessage, Engine, EngineError, EngineSettings, FinishReason, GenerationRequest, Prompt,
+    SamplingError, SamplingParams, SessionOptions, StartError,
 };
 
 const PROMPTS: [&str; 3] = [
