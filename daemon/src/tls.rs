@@ -163,3 +163,93 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    struct Files {
+        dir: tempfile::TempDir,
+        config: TlsConfig,
+    }
+
+    fn files() -> Files {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let server = CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("server cert");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let config = TlsConfig {
+            certificate: write("server.crt", &server.pem()),
+            private_key: write("server.key", &key.serialize_pem()),
+            client_ca: vec![write("ca.crt", &ca_cert.pem())],
+            crl: Vec::new(),
+        };
+        Files { dir, config }
+    }
+
+    #[test]
+    fn the_server_never_resumes_sessions() {
+        let files = files();
+        let config = server_config(&files.config).expect("builds");
+        assert_eq!(config.send_tls13_tickets, 0);
+        assert!(!config.ticketer.enabled());
+        assert_eq!(config.max_early_data_size, 0);
+        assert!(config.session_storage.get(b"any id").is_none());
+        assert!(
+            !config
+                .session_storage
+                .put(b"id".to_vec(), b"state".to_vec())
+        );
+    }
+
+    #[test]
+    fn unusable_files_are_named() {
+        let files = files();
+        let garbage = files.dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").expect("write");
+
+        let mut no_ca = files.config.clone();
+        no_ca.client_ca = vec![garbage.clone()];
+        assert!(matches!(
+            server_config(&no_ca),
+            Err(TlsError::NoCertificate {
+                field: "client_ca",
+                ..
+            })
+        ));
+
+        let mut no_key = files.config.clone();
+        no_key.private_key = garbage.clone();
+        let error = server_config(&no_key).expect_err("no key");
+        assert!(error.to_string().contains("garbage.pem"), "{error}");
+
+        let mut bad_crl = files.config.clone();
+        bad_crl.crl = vec![garbage];
+        assert!(matches!(
+            server_config(&bad_crl),
+            Err(TlsError::BadCrl { .. })
+        ));
+
+        let mut mismatched = files.config.clone();
+        mismatched.private_key = files.dir.path().join("other.key");
+        let other = KeyPair::generate().expect("key").serialize_pem();
+        std::fs::write(&mismatched.private_key, other).expect("write");
+        assert!(matches!(
+            server_config(&mismatched),
+            Err(TlsError::ServerCertificate(_))
+        ));
+    }
+}
