@@ -56,15 +56,18 @@ pub async fn request_context(
     let span = tracing::info_span!("request", id = %context.id, method = %req.method(), path = %req.path());
     let id = HeaderValue::from_str(&context.id).ok();
     req.extensions_mut().insert(context);
-    let mut response = next.call(req).instrument(span).await?;
+    let started = std::time::Instant::now();
+    let mut response = next.call(req).instrument(span.clone()).await?;
     if let Some(id) = id {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
-    count_request(&response);
+    span.in_scope(|| count_request(&response, started));
     Ok(response)
 }
 
-fn count_request<B>(response: &ServiceResponse<B>) {
+/// Counts the request and logs one line for it. For a stream, the status and duration are
+/// those of the response head; its tokens are counted when it ends.
+fn count_request<B>(response: &ServiceResponse<B>, started: std::time::Instant) {
     let request = response.request();
     let Some(state) = request.app_data::<web::Data<AppState>>() else {
         return;
@@ -87,9 +90,17 @@ fn count_request<B>(response: &ServiceResponse<B>) {
         .get::<ServedModelName>()
         .map(|m| m.0.clone())
         .unwrap_or_default();
+    let status = response.status().as_u16();
+    tracing::info!(
+        status,
+        department = %department,
+        model = %model,
+        millis = started.elapsed().as_millis() as u64,
+        "answered"
+    );
     state.metrics.request(RequestLabels {
         endpoint: endpoint.to_owned(),
-        status: response.status().as_u16(),
+        status,
         department,
         model,
     });
