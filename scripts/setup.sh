@@ -27,14 +27,16 @@ step() { printf '==> %s\n' "$*" >&2; }
 step "ONNX Runtime library"
 bash packaging/provision-onnxruntime.sh >/dev/null
 
-step "Python tools (local/venv)"
-reqs="tools/model/requirements.txt"
+step "Python tools and test dependencies (local/venv)"
+# One venv for the model tools and the end-to-end tests; rebuilt when either list changes.
+reqs=(tools/model/requirements.txt tests/requirements.txt)
 stamp="$venv/.requirements-sha256"
-want="$(sha256sum "$reqs" | cut -d' ' -f1)"
+want="$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$py" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$py" -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$reqs"
+  "$py" -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+    -r "${reqs[0]}" -r "${reqs[1]}"
   echo "$want" > "$stamp"
 fi
 

@@ -14,4 +14,7 @@ echo "==> cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test" >&2
 cargo test --workspace --locked
+echo "==> end-to-end tests (tests/e2e)" >&2
+cargo build --locked --bin moatd --bin moatctl
+local/venv/bin/python -m pytest -q tests/e2e
 echo "==> all checks passed" >&2

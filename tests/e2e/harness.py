@@ -1,0 +1,314 @@
+"""The real `moatd` and `moatctl` binaries, run as an operator runs them, and the client
+side a department uses: TLS contexts, HTTP clients and the Prometheus text."""
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = REPO / "local" / "models"
+ONNXRUNTIME = REPO / "local" / "onnxruntime"
+
+
+def binary(name: str) -> Path:
+    """A debug binary built by `cargo build --bin moatd --bin moatctl`, honouring
+    CARGO_TARGET_DIR as cargo does."""
+    target = Path(os.environ.get("CARGO_TARGET_DIR", "target"))
+    if not target.is_absolute():
+        target = REPO / target
+    return target / "debug" / name
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # A server never outlives the tests: if pytest itself is killed, the kernel stops it.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def moatctl(*args: str | Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([binary("moatctl"), *map(str, args)], capture_output=True,
+                            text=True, timeout=60)
+    if result.returncode != 0:
+        raise AssertionError(f"moatctl {' '.join(map(str, args))} exited "
+                             f"{result.returncode}:\n{result.stderr}")
+    return result
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """A client's certificate file (leaf first, then any intermediates) and key file."""
+
+    cert: Path
+    key: Path
+
+
+class Pki:
+    """A development PKI made with `moatctl pki` in `directory`."""
+
+    def __init__(self, directory: Path, *init_options: str):
+        self.dir = directory
+        moatctl("pki", "init", "--dir", directory, *init_options)
+        moatctl("pki", "issue-server", "--dir", directory, "--dns", "localhost",
+                "--ip", "127.0.0.1")
+
+    ca_cert = property(lambda self: self.dir / "ca.crt")
+    ca_key = property(lambda self: self.dir / "ca.key")
+    crl = property(lambda self: self.dir / "crl.pem")
+    server_cert = property(lambda self: self.dir / "server.crt")
+    server_key = property(lambda self: self.dir / "server.key")
+
+    def issue_client(self, department: str, name: str, *options: str) -> ClientCert:
+        moatctl("pki", "issue-client", "--dir", self.dir, "--department", department,
+                "--name", name, *options)
+        return ClientCert(self.dir / "clients" / f"{name}.crt",
+                          self.dir / "clients" / f"{name}.key")
+
+    def revoke(self, name: str) -> None:
+        moatctl("pki", "revoke", "--dir", self.dir, "--name", name)
+
+
+def toml_text(config: dict) -> str:
+    """TOML for a config of tables whose values are strings, numbers, booleans, lists of
+    those, or sub-tables."""
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (str, Path)):
+            return json.dumps(str(v))
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"no TOML for {v!r}")
+
+    lines: list[str] = []
+
+    def table(path: str, body: dict) -> None:
+        lines.append(f"[{path}]")
+        subtables = {k: v for k, v in body.items() if isinstance(v, dict)}
+        for k, v in body.items():
+            if not isinstance(v, dict):
+                lines.append(f"{json.dumps(k)} = {value(v)}")
+        for k, v in subtables.items():
+            table(f"{path}.{json.dumps(k)}", v)
+
+    for section, body in config.items():
+        table(json.dumps(section), body)
+    return "\n".join(lines) + "\n"
+
+
+def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
+    """A serving config for the PKI's server certificate and CA, with its CRL, over the
+    models in `serve` (served name -> directory under local/models). Each keyword replaces
+    or adds keys in that section."""
+    config = {
+        "engine": {"onnxruntime_library": str(ONNXRUNTIME), "queue_capacity": 64,
+                   "max_batch": 16},
+        "server": {"listen": ["127.0.0.1:0"], "shutdown_grace_secs": 1},
+        "tls": {"certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                "client_ca": [str(pki.ca_cert)], "crl": [str(pki.crl)]},
+        "models": {"directory": str(MODELS), "serve": dict(serve)},
+        "metrics": {"listen": "127.0.0.1:0"},
+    }
+    for section, keys in sections.items():
+        config.setdefault(section, {}).update(keys)
+    return config
+
+
+class Moatd:
+    """One `moatd serve` process. Its stderr is read by a thread as it is written, so the
+    log never fills a pipe and readiness is seen the moment it is logged."""
+
+    READY = "moatd is ready"
+
+    def __init__(self, config_path: Path):
+        env = dict(os.environ, MOAT_LOG="info,ort=warn")
+        self.process = subprocess.Popen(
+            [binary("moatd"), "serve", "--config", str(config_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env=env, preexec_fn=_die_with_parent)
+        self.lines: list[str] = []
+        self.api_url: str | None = None
+        self.metrics_url: str | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, directory: Path, config: dict, timeout: float = 180) -> "Moatd":
+        """Writes `config` to DIRECTORY/moat.toml, starts moatd on it and waits until it
+        says it is ready; fails with its log if it exits or takes longer than `timeout`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "moat.toml"
+        path.write_text(toml_text(config))
+        server = cls(path)
+        try:
+            server.wait_ready(timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _read_log(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if m := re.search(r"url=\"?(https://[^\s\"]+)", line):
+                self.api_url = self.api_url or m.group(1)
+            if m := re.search(r"url=\"?(http://[^\s\"]+)", line):
+                self.metrics_url = m.group(1)
+            if self.READY in line:
+                self._ready.set()
+        self._ready.set()  # end of the log: the process is gone
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self._ready.wait(timeout):
+            raise AssertionError(f"moatd was not ready within {timeout} s:\n{self.log}")
+        if self.process.poll() is not None or self.api_url is None:
+            self.process.wait(timeout=10)
+            raise AssertionError(
+                f"moatd exited with status {self.process.returncode} before it was ready:"
+                f"\n{self.log}")
+
+    @property
+    def port(self) -> int:
+        return int(self.api_url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._reader.join(timeout=10)
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    # Clients ---------------------------------------------------------------------------
+
+    def http(self, ca: Path, client: ClientCert | None, **kwargs) -> httpx.Client:
+        """An HTTP client of the API, authenticated by `client` (or by nothing)."""
+        kwargs.setdefault("timeout", 120)
+        return httpx.Client(base_url=self.api_url, verify=tls_context(ca, client), **kwargs)
+
+    def openai(self, ca: Path, client: ClientCert, **kwargs) -> openai.OpenAI:
+        """The official SDK, authenticated by the client certificate (the API key is unused
+        by moat but required by the SDK)."""
+        kwargs.setdefault("max_retries", 0)
+        kwargs.setdefault("timeout", 120)
+        return openai.OpenAI(base_url=f"{self.api_url}/v1", api_key="unused",
+                             http_client=httpx.Client(verify=tls_context(ca, client)),
+                             **kwargs)
+
+    def metrics(self) -> "Metrics":
+        response = httpx.get(f"{self.metrics_url}/metrics", timeout=10)
+        response.raise_for_status()
+        return Metrics.parse(response.text)
+
+
+@contextlib.contextmanager
+def running(directory: Path, config: dict, timeout: float = 180):
+    """A moatd serving `config` for the duration of the block."""
+    server = Moatd.start(directory, config, timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def tls_context(ca: Path, client: ClientCert | None = None, *,
+                maximum_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A client TLS context trusting `ca` for the server, presenting `client` if given."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        context.load_cert_chain(str(client.cert), str(client.key))
+    if maximum_version is not None:
+        context.maximum_version = maximum_version
+    return context
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict
+    value: float
+
+
+class Metrics:
+    """The samples of one scrape of /metrics."""
+
+    _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+    _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+    def __init__(self, samples: list[Sample], text: str):
+        self.samples = samples
+        self.text = text
+
+    @classmethod
+    def parse(cls, text: str) -> "Metrics":
+        samples = []
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            m = cls._SAMPLE.match(line)
+            if not m:
+                raise AssertionError(f"not a Prometheus sample: {line!r}")
+            labels = dict(cls._LABEL.findall(m.group(2) or ""))
+            samples.append(Sample(m.group(1), labels, float(m.group(3))))
+        return cls(samples, text)
+
+    def select(self, name: str, **labels: str) -> list[Sample]:
+        """Samples named `name` whose labels include `labels`."""
+        return [s for s in self.samples if s.name == name
+                and all(s.labels.get(k) == str(v) for k, v in labels.items())]
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(s.value for s in self.select(name, **labels))
+
+    def requests(self, **labels: str) -> float:
+        return self.total("moat_requests_total", **labels)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Polls `predicate` until it returns something truthy, failing after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[len("data: "):])
+        elif line and not line.startswith(":"):
+            raise AssertionError(f"unexpected line in the event stream: {line!r}")
+    return events
