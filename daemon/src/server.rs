@@ -143,26 +143,92 @@ async fn run_servers(
             .map_err(|source| ServeError::Bind { address, source })?;
         tracing::info!(url = %format!("https://{address}"), "API listening");
     }
-    let api = api.run();
-    let Some(listener) = metrics_listener else {
-        tracing::info!("moatd is ready");
-        return api.await.map_err(ServeError::Run);
-    };
-    let address = listener.local_addr().map_err(ServeError::Run)?;
-    let metrics = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .configure(api::metrics_routes)
-    })
-    .workers(1)
-    .shutdown_timeout(server.shutdown_grace_secs)
-    .listen(listener)
-    .map_err(|source| ServeError::Bind { address, source })?
-    .run();
-    tracing::info!(url = %format!("http://{address}"), "metrics listening");
+    // moatd handles the stop signals itself: actix would stop each server on its own and
+    // then the whole runtime, cutting off the API's in-flight requests when the idle
+    // metrics server finishes first.
+    let api = api.disable_signals().run();
+    let mut handles = vec![api.handle()];
+    let mut servers = vec![actix_web::rt::spawn(api)];
+    if let Some(listener) = metrics_listener {
+        let address = listener.local_addr().map_err(ServeError::Run)?;
+        let metrics = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(api::metrics_routes)
+        })
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(server.shutdown_grace_secs)
+        .listen(listener)
+        .map_err(|source| ServeError::Bind { address, source })?
+        .run();
+        handles.push(metrics.handle());
+        servers.push(actix_web::rt::spawn(metrics));
+        tracing::info!(url = %format!("http://{address}"), "metrics listening");
+    }
     tracing::info!("moatd is ready");
-    let (api, metrics) = futures_util::future::join(api, metrics).await;
-    api.and(metrics).map_err(ServeError::Run)
+    actix_web::rt::spawn(stop_on_signal(handles, server.shutdown_grace_secs));
+    let mut result = Ok(());
+    for server in servers {
+        let outcome = server
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        result = result.and(outcome);
+    }
+    result.map_err(ServeError::Run)
+}
+
+/// On SIGTERM or SIGINT: stop accepting, let in-flight requests finish (up to the grace
+/// period), API first, then metrics, so health probes answer while requests drain. A
+/// second signal stops at once.
+async fn stop_on_signal(handles: Vec<actix_web::dev::ServerHandle>, grace_secs: u64) {
+    let Ok(mut signals) = StopSignals::new() else {
+        tracing::error!("cannot listen for stop signals; stop moatd with SIGKILL");
+        return;
+    };
+    let first = signals.next().await;
+    tracing::info!(
+        signal = first,
+        grace_secs,
+        "stopping: finishing in-flight requests"
+    );
+    let graceful = async {
+        for handle in &handles {
+            handle.stop(true).await;
+        }
+    };
+    tokio::select! {
+        () = graceful => tracing::info!("stopped"),
+        second = signals.next() => {
+            tracing::warn!(signal = second, "second stop signal: stopping now");
+            for handle in &handles {
+                handle.stop(false).await;
+            }
+        }
+    }
+}
+
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
 }
 
 /// Records the identity in the leaf client certificate of a new connection. Anything but a
