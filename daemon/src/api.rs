@@ -187,6 +187,15 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes,
     Ok(body.freeze())
 }
 
+/// Reads the body within `limits.max_body_bytes` and parses it as JSON.
+pub async fn read_json<T: DeserializeOwned>(
+    payload: web::Payload,
+    limits: &LimitsConfig,
+) -> Result<T, ApiError> {
+    let body = read_body(payload, limits.max_body_bytes).await?;
+    parse_json(&body)
+}
+
 /// Parses a JSON body, with errors that say where and what.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {

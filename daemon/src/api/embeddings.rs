@@ -8,7 +8,7 @@ use super::openai::{
     EmbeddingData, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
     EmbeddingVector,
 };
-use super::{AppState, Caller, RequestContext, parse_json, read_body};
+use super::{AppState, Caller, RequestContext, read_json};
 use crate::engine::{EmbedError, Usage};
 
 pub async fn embeddings(
@@ -18,8 +18,7 @@ pub async fn embeddings(
     http: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, state.limits.max_body_bytes).await?;
-    let request: EmbeddingRequest = parse_json(&body)?;
+    let request: EmbeddingRequest = read_json(payload, &state.limits).await?;
     let embedder = state.embedder(&request.model, &http, &caller)?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,

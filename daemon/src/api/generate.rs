@@ -3,7 +3,7 @@
 //! stream.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
@@ -15,7 +15,7 @@ use super::openai::{
     MessageContent, UsageOut,
 };
 use super::stream::{self, StreamFormat};
-use super::{AppState, Caller, RequestContext, parse_json, read_body};
+use super::{AppState, Caller, RequestContext, read_json};
 use crate::config::LimitsConfig;
 use crate::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, GenerationStream, Prompt,
@@ -47,23 +47,23 @@ pub async fn chat_completions(
     http: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, state.limits.max_body_bytes).await?;
-    let request: ChatCompletionRequest = parse_json(&body)?;
+    let request: ChatCompletionRequest = read_json(payload, &state.limits).await?;
     let engine = state.generator(&request.model, &http, &caller)?;
-    let messages = chat_messages(request.messages, &state.limits)?;
-    let generation = generation_request(Prompt::Chat(messages), &request.params, &state.limits)?;
-    let meta = response_meta(&context, request.model, Endpoint::Chat, &request.params);
-    let streamed = request.params.stream;
-    answer(
-        &state,
-        engine,
-        generation,
-        meta,
-        streamed,
-        &caller,
-        context.started,
-    )
-    .await
+    let prompt = Prompt::Chat(chat_messages(request.messages, &state.limits)?);
+    let exchange = Exchange {
+        state: &state,
+        caller: &caller,
+        context: &context,
+    };
+    exchange
+        .generate(
+            engine,
+            prompt,
+            request.model,
+            request.params,
+            Endpoint::Chat,
+        )
+        .await
 }
 
 pub async fn completions(
@@ -73,49 +73,92 @@ pub async fn completions(
     http: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, state.limits.max_body_bytes).await?;
-    let request: CompletionRequest = parse_json(&body)?;
+    let request: CompletionRequest = read_json(payload, &state.limits).await?;
     let engine = state.generator(&request.model, &http, &caller)?;
-    if request.echo == Some(true) {
-        return Err(ApiError::invalid(
-            "echo is not supported",
-            Some("echo"),
+    let unsupported = |message: &str, param| {
+        Err(ApiError::invalid(
+            message,
+            Some(param),
             "unsupported_parameter",
-        ));
+        ))
+    };
+    if request.echo == Some(true) {
+        return unsupported("echo is not supported", "echo");
     }
     if request.best_of.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid(
-            "best_of must be 1",
-            Some("best_of"),
-            "unsupported_parameter",
-        ));
+        return unsupported("best_of must be 1", "best_of");
     }
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid(
-            "suffix is not supported",
-            Some("suffix"),
-            "unsupported_parameter",
-        ));
+        return unsupported("suffix is not supported", "suffix");
     }
     let prompt = completion_prompt(request.prompt)?;
-    let generation = generation_request(prompt, &request.params, &state.limits)?;
-    let meta = response_meta(
-        &context,
-        request.model,
-        Endpoint::Completion,
-        &request.params,
-    );
-    let streamed = request.params.stream;
-    answer(
-        &state,
-        engine,
-        generation,
-        meta,
-        streamed,
-        &caller,
-        context.started,
-    )
-    .await
+    let exchange = Exchange {
+        state: &state,
+        caller: &caller,
+        context: &context,
+    };
+    exchange
+        .generate(
+            engine,
+            prompt,
+            request.model,
+            request.params,
+            Endpoint::Completion,
+        )
+        .await
+}
+
+/// One request being answered: who asked, and the server's shared state.
+struct Exchange<'a> {
+    state: &'a AppState,
+    caller: &'a Caller,
+    context: &'a RequestContext,
+}
+
+impl Exchange<'_> {
+    /// Checks the shared fields, submits the prompt and answers whole or streamed.
+    async fn generate(
+        &self,
+        engine: Arc<Engine>,
+        prompt: Prompt,
+        model: String,
+        params: GenerationParams,
+        endpoint: Endpoint,
+    ) -> Result<HttpResponse, ApiError> {
+        let request = generation_request(prompt, &params, &self.state.limits)?;
+        let meta = response_meta(self.context, model, endpoint, &params);
+        self.answer(engine, request, meta, params.stream).await
+    }
+
+    /// Submits on a blocking thread (rendering and tokenizing a long prompt takes
+    /// milliseconds) and answers whole or streamed.
+    async fn answer(
+        &self,
+        engine: Arc<Engine>,
+        request: GenerationRequest,
+        meta: ResponseMeta,
+        streamed: bool,
+    ) -> Result<HttpResponse, ApiError> {
+        let model = meta.model.clone();
+        let submitted = web::block(move || engine.submit(request))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let events = submitted.map_err(|e| ApiError::from_engine(e, &model))?;
+        let timer = self.state.metrics.generation_timer(
+            &self.caller.identity.department,
+            &meta.model,
+            self.context.started,
+        );
+        if streamed {
+            let format = StreamFormat::new(meta);
+            Ok(HttpResponse::Ok()
+                .content_type("text/event-stream")
+                .insert_header(("cache-control", "no-cache"))
+                .streaming(stream::sse_body(events, format, timer)))
+        } else {
+            whole_answer(events, meta, timer).await
+        }
+    }
 }
 
 fn response_meta(
@@ -139,37 +182,6 @@ fn response_meta(
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage),
-    }
-}
-
-/// Submits on a blocking thread (rendering and tokenizing a long prompt takes milliseconds)
-/// and answers whole or streamed.
-async fn answer(
-    state: &AppState,
-    engine: Arc<Engine>,
-    request: GenerationRequest,
-    meta: ResponseMeta,
-    streamed: bool,
-    caller: &Caller,
-    started: Instant,
-) -> Result<HttpResponse, ApiError> {
-    let model = meta.model.clone();
-    let submitting = Arc::clone(&engine);
-    let submitted = web::block(move || submitting.submit(request))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let events = submitted.map_err(|e| ApiError::from_engine(e, &model))?;
-    let timer = state
-        .metrics
-        .generation_timer(&caller.identity.department, &meta.model, started);
-    if streamed {
-        let format = StreamFormat::new(meta);
-        Ok(HttpResponse::Ok()
-            .content_type("text/event-stream")
-            .insert_header(("cache-control", "no-cache"))
-            .streaming(stream::sse_body(events, format, timer)))
-    } else {
-        whole_answer(events, meta, timer).await
     }
 }
 
