@@ -30,6 +30,11 @@ pub struct CallerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
 }
@@ -47,6 +52,7 @@ pub struct Metrics {
     inter_token_latency: HistogramFamily,
     queue_depth: Family<ModelLabels, Gauge>,
     active_sequences: Family<ModelLabels, Gauge>,
+    client_certificates_refused: Family<RefusalLabels, Counter>,
 }
 
 fn ttft_histogram() -> Histogram {
@@ -110,8 +116,15 @@ impl Metrics {
             "Generations a model's engine is running",
             active_sequences.clone(),
         );
+        let client_certificates_refused = Family::default();
+        registry.register(
+            "client_certificates_refused",
+            "Client certificates refused at the TLS handshake, by reason",
+            client_certificates_refused.clone(),
+        );
         Self {
             registry,
+            client_certificates_refused,
             requests,
             prompt_tokens,
             completion_tokens,
@@ -125,6 +138,13 @@ impl Metrics {
     /// Counts one answered request.
     pub fn request(&self, labels: RequestLabels) {
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts a client certificate refused at the handshake.
+    pub fn client_refused(&self, reason: &'static str) {
+        self.client_certificates_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 
     /// Records the current queue depth and active sequences of a model.
@@ -226,6 +246,7 @@ mod tests {
             completion_tokens: 2,
         });
         metrics.engine_state("m", 3, 1);
+        metrics.client_refused("revoked");
         let text = metrics.encode();
         for expected in [
             "moat_requests_total{endpoint=\"chat\",status=\"200\",department=\"finance\",model=\"m\"} 1",
@@ -235,6 +256,7 @@ mod tests {
             "moat_inter_token_latency_seconds_count{model=\"m\"} 1",
             "moat_queue_depth{model=\"m\"} 3",
             "moat_active_sequences{model=\"m\"} 1",
+            "moat_client_certificates_refused_total{reason=\"revoked\"} 1",
         ] {
             assert!(text.contains(expected), "{expected} missing from\n{text}");
         }

@@ -74,12 +74,17 @@ pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
         ));
     };
     // TLS first: a bad certificate is reported before minutes of model loading.
-    let rustls_config = tls::server_config(tls_config)?;
+    let metrics = Arc::new(Metrics::new());
+    let refusals = Arc::clone(&metrics);
+    let rustls_config = tls::server_config(
+        tls_config,
+        Arc::new(move |reason| refusals.client_refused(reason)),
+    )?;
     let models = load_models(config, runtime)?;
     let state = web::Data::new(AppState {
         models,
         limits: config.limits,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
     });
     let listeners = server
         .listen

@@ -6,6 +6,7 @@
 //! its certificate afresh, so a revocation takes effect on the next connection.
 
 pub mod identity;
+mod verifier;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 pub use identity::{Identity, IdentityError, identity_from_leaf};
+pub use verifier::{RefusalObserver, refusal_reason};
 
 use crate::config::TlsConfig;
 
@@ -50,8 +52,12 @@ fn tls13_provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-/// Builds the listener's rustls configuration from `[tls]`.
-pub fn server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
+/// Builds the listener's rustls configuration from `[tls]`; `on_refusal` hears the reason of
+/// every client certificate refused.
+pub fn server_config(
+    tls: &TlsConfig,
+    on_refusal: RefusalObserver,
+) -> Result<ServerConfig, TlsError> {
     let provider = tls13_provider();
     let roots = load_roots(&tls.client_ca)?;
     let crls = load_crls(&tls.crl)?;
@@ -62,6 +68,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
         .enforce_revocation_expiration()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(verifier::ObservedVerifier::new(verifier, on_refusal));
     let chain = load_certificates(&tls.certificate, "certificate")?;
     let key = PrivateKeyDer::from_pem_file(&tls.private_key).map_err(|e| TlsError::BadPem {
         path: tls.private_key.clone(),
@@ -174,6 +181,10 @@ mod tests {
         config: TlsConfig,
     }
 
+    fn ignore() -> RefusalObserver {
+        Arc::new(|_| {})
+    }
+
     fn files() -> Files {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca_key = KeyPair::generate().expect("key");
@@ -203,7 +214,7 @@ mod tests {
     #[test]
     fn the_server_never_resumes_sessions() {
         let files = files();
-        let config = server_config(&files.config).expect("builds");
+        let config = server_config(&files.config, ignore()).expect("builds");
         assert_eq!(config.send_tls13_tickets, 0);
         assert!(!config.ticketer.enabled());
         assert_eq!(config.max_early_data_size, 0);
@@ -224,7 +235,7 @@ mod tests {
         let mut no_ca = files.config.clone();
         no_ca.client_ca = vec![garbage.clone()];
         assert!(matches!(
-            server_config(&no_ca),
+            server_config(&no_ca, ignore()),
             Err(TlsError::NoCertificate {
                 field: "client_ca",
                 ..
@@ -233,13 +244,13 @@ mod tests {
 
         let mut no_key = files.config.clone();
         no_key.private_key = garbage.clone();
-        let error = server_config(&no_key).expect_err("no key");
+        let error = server_config(&no_key, ignore()).expect_err("no key");
         assert!(error.to_string().contains("garbage.pem"), "{error}");
 
         let mut bad_crl = files.config.clone();
         bad_crl.crl = vec![garbage];
         assert!(matches!(
-            server_config(&bad_crl),
+            server_config(&bad_crl, ignore()),
             Err(TlsError::BadCrl { .. })
         ));
 
@@ -248,7 +259,7 @@ mod tests {
         let other = KeyPair::generate().expect("key").serialize_pem();
         std::fs::write(&mismatched.private_key, other).expect("write");
         assert!(matches!(
-            server_config(&mismatched),
+            server_config(&mismatched, ignore()),
             Err(TlsError::ServerCertificate(_))
         ));
     }

@@ -29,10 +29,15 @@ def handshake_then_get(port: int, context: ssl.SSLContext) -> tuple[str, bytes]:
             return tls.version(), response
 
 
-def assert_refused(server, context: ssl.SSLContext, alert: str) -> None:
+REFUSED = "moat_client_certificates_refused_total"
+
+
+def assert_refused(server, context: ssl.SSLContext, alert: str, reason: str | None = None) -> None:
     """The connection fails with the TLS alert `alert`, an HTTP client gets no response
-    either, and the server counts no request for it."""
+    either, and the server counts no request for it. With `reason`, the server counts the
+    refused certificate under that reason."""
     before = server.metrics().requests()
+    refused_before = server.metrics().total(REFUSED, reason=reason) if reason else 0
     with pytest.raises(ssl.SSLError) as failure:
         handshake_then_get(server.port, context)
     assert alert in str(failure.value).upper(), failure.value
@@ -41,6 +46,8 @@ def assert_refused(server, context: ssl.SSLContext, alert: str) -> None:
             http.get("/v1/models")
         assert not isinstance(transport.value, httpx.TimeoutException)
     assert server.metrics().requests() == before
+    if reason:
+        assert server.metrics().total(REFUSED, reason=reason) >= refused_before + 2
 
 
 def test_tls13_is_negotiated(moatd, pki, alice):
@@ -56,7 +63,7 @@ def test_no_client_certificate_is_refused(moatd, pki):
 def test_certificate_from_an_unknown_ca_is_refused(moatd, pki, tmp_path):
     other = Pki(tmp_path / "other", "--org", "Other Org")
     stranger = other.issue_client("finance", "alice")
-    assert_refused(moatd, tls_context(pki.ca_cert, stranger), "UNKNOWN_CA")
+    assert_refused(moatd, tls_context(pki.ca_cert, stranger), "UNKNOWN_CA", "unknown_issuer")
 
 
 def test_certificate_from_a_lookalike_ca_is_refused(moatd, pki, tmp_path):
@@ -77,18 +84,18 @@ def test_self_signed_certificate_naming_a_department_is_refused(moatd, pki, tmp_
 
 def test_expired_certificate_is_refused(moatd, pki):
     expired = pki.issue_client("finance", "bob", "--not-after", "2020-01-01T00:00:00Z")
-    assert_refused(moatd, tls_context(pki.ca_cert, expired), "CERTIFICATE_EXPIRED")
+    assert_refused(moatd, tls_context(pki.ca_cert, expired), "CERTIFICATE_EXPIRED", "expired")
 
 
 def test_certificate_not_yet_valid_is_refused(moatd, pki):
     future = certs.now() + datetime.timedelta(days=2)
     early = pki.issue_client("finance", "dave", "--not-before",
                              future.strftime("%Y-%m-%dT%H:%M:%SZ"))
-    assert_refused(moatd, tls_context(pki.ca_cert, early), "CERTIFICATE_EXPIRED")
+    assert_refused(moatd, tls_context(pki.ca_cert, early), "CERTIFICATE_EXPIRED", "not_yet_valid")
 
 
 def test_revoked_certificate_is_refused(moatd, pki, mallory, alice):
-    assert_refused(moatd, tls_context(pki.ca_cert, mallory), "CERTIFICATE_REVOKED")
+    assert_refused(moatd, tls_context(pki.ca_cert, mallory), "CERTIFICATE_REVOKED", "revoked")
     # Same CA, same CRL, not revoked: served.
     version, response = handshake_then_get(moatd.port, tls_context(pki.ca_cert, alice))
     assert response.startswith(b"HTTP/1.1 200")
