@@ -456,3 +456,83 @@ fn completion_prompt(prompt: CompletionPrompt) -> Result<Prompt, ApiError> {
         _ => Err(one_only()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::parse_json;
+    use proptest::prelude::*;
+
+    /// Runs a body through everything a chat request meets before the engine.
+    fn check_chat(body: &[u8]) -> Result<GenerationRequest, ApiError> {
+        let request: ChatCompletionRequest = parse_json(body)?;
+        let limits = LimitsConfig::default();
+        let messages = chat_messages(request.messages, &limits)?;
+        generation_request(Prompt::Chat(messages), &request.params, &limits)
+    }
+
+    #[test]
+    fn openai_fields_map_onto_the_engine_request() {
+        let body = br#"{"model": "m", "messages": [{"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}],
+            "max_completion_tokens": 7, "max_tokens": 99, "temperature": 0, "top_p": 0.5,
+            "seed": -1, "stop": "\n", "n": 1, "unknown_field": {"ignored": true},
+            "response_format": {"type": "text"}, "logprobs": false, "presence_penalty": 0}"#;
+        let request = check_chat(body).expect("valid");
+        assert_eq!(request.max_tokens, Some(7));
+        assert_eq!(request.sampling.temperature, 0.0);
+        assert_eq!(request.sampling.top_p, 0.5);
+        assert_eq!(request.sampling.seed, Some(u64::MAX));
+        assert_eq!(request.stop, vec!["\n".to_owned()]);
+        let Prompt::Chat(messages) = request.prompt else {
+            panic!("not a chat prompt");
+        };
+        assert_eq!(messages[0].role, "system");
+        assert_eq!(messages[1].content, "hi there");
+    }
+
+    #[test]
+    fn requests_relying_on_unimplemented_fields_are_refused() {
+        for (field, value) in [
+            ("n", "2"),
+            ("logprobs", "true"),
+            ("tools", r#"[{"type": "function"}]"#),
+            ("logit_bias", r#"{"50256": -100}"#),
+            ("frequency_penalty", "0.5"),
+            ("response_format", r#"{"type": "json_object"}"#),
+        ] {
+            let body = format!(
+                r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}], "{field}": {value}}}"#
+            );
+            let error = check_chat(body.as_bytes()).expect_err(field);
+            assert_eq!(error.detail().code, "unsupported_parameter", "{field}");
+        }
+    }
+
+    proptest! {
+        /// Whatever bytes arrive, the request is refused or accepted, never a panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = check_chat(&body);
+        }
+
+        /// Well-formed JSON of the right overall shape with arbitrary values.
+        #[test]
+        fn arbitrary_field_values_never_panic(
+            role in "[a-z]{0,10}",
+            content in ".{0,40}",
+            max_tokens in proptest::option::of(any::<i64>()),
+            temperature in proptest::option::of(any::<f32>()),
+            n in proptest::option::of(any::<i64>()),
+        ) {
+            let body = serde_json::json!({
+                "model": "m",
+                "messages": [{"role": role, "content": content}],
+                "max_tokens": max_tokens,
+                "temperature": temperature.filter(|t| t.is_finite()),
+                "n": n,
+            });
+            let _ = check_chat(body.to_string().as_bytes());
+        }
+    }
+}

@@ -242,4 +242,19 @@ mod tests {
             Err(IdentityError::Unparsable(_))
         ));
     }
+
+    proptest::proptest! {
+        /// A certificate damaged anywhere yields an identity or a refusal, never a panic.
+        #[test]
+        fn damaged_certificates_never_panic(at in 0usize..4096, byte in proptest::prelude::any::<u8>()) {
+            let mut der = leaf(|p| {
+                p.distinguished_name.push(DnType::OrganizationalUnitName, "finance");
+                p.distinguished_name.push(DnType::CommonName, "alice");
+            });
+            let index = at % der.len();
+            der[index] = byte;
+            let _ = identity_from_leaf(&der, &IdentityConfig::default());
+            let _ = identity_from_leaf(&der[..index], &IdentityConfig::default());
+        }
+    }
 }
