@@ -1,25 +1,33 @@
-//! What the serving plane costs: the demo model answered end to end through `moatd serve`
-//! (mutual TLS 1.3, HTTP/1.1, JSON, server-sent events) against the same engine called
-//! in-process, measured in one run, in alternating rounds, on this machine:
+//! What the serving plane costs: the demo model answered end to end through moatd's server
+//! (mutual TLS 1.3 listener, actix-web, JSON, server-sent events; `server::serve_models`,
+//! what `moatd serve` runs) against the very same engine called in-process, measured in one
+//! run, in alternating rounds, on this machine:
 //!
 //! - decode tokens/s of one streamed answer (goal: end to end >= 0.97x in-process);
 //! - the latency of a request with `max_tokens` = 1, p50 over many requests on a kept-alive
 //!   connection (goal: < 2 ms added), and the cost of a fresh TLS connection on top.
 //!
+//! Both paths drive one `Engine` (one ONNX Runtime session): two sessions in two processes
+//! would disturb each other's spinning worker threads on a small machine and measure that
+//! instead. The client runs on the same cores and does as little as it can per event.
+//!
 //! `cargo bench -p moat-daemon --bench serving` (after `bash scripts/setup.sh`).
 //! `MOAT_BENCH_MODEL` picks the model directory under `local/models`
 //! (default `smollm2-135m-instruct-fast`).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use moat_daemon::api::ServedModel;
+use moat_daemon::config::Config;
 use moat_daemon::engine::{
     ChatMessage, DevicePreference, Engine, EngineSettings, GenerationEvent, GenerationRequest,
     OrtRuntime, Prompt, SamplingParams, SessionOptions, runtime_library,
 };
+use moat_daemon::server;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -27,6 +35,7 @@ use rcgen::{
 const NEW_TOKENS: usize = 128;
 const DECODE_ROUNDS: usize = 5;
 const SHORT_REQUESTS: usize = 60;
+const IDLE_BETWEEN_REQUESTS: Duration = Duration::from_millis(20);
 const STORY: &str = "Write a short story about a lighthouse keeper.";
 const SHORT: &str = "What is the capital of France?";
 
@@ -35,18 +44,6 @@ struct Pki {
     ca_pem: String,
     client_pem: String,
     client_key_pem: String,
-}
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn main() {
@@ -59,10 +56,6 @@ fn main() {
     let model_dir = root.join("local/models").join(&model);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    let pki = make_pki();
-    let server = start_moatd(&root, &pki, &model, threads);
-    let agent = client(&pki);
-
     let located = runtime_library::locate(Some(&root.join("local/onnxruntime")), None)
         .expect("run scripts/setup.sh first");
     let runtime = OrtRuntime::load(located).expect("ONNX Runtime");
@@ -71,31 +64,40 @@ fn main() {
         intra_op_threads: Some(threads),
         ..SessionOptions::default()
     };
-    let engine = Engine::load_ort(&runtime, &model_dir, &options, EngineSettings::default())
-        .expect("model loads");
+    let engine = Arc::new(
+        Engine::load_ort(&runtime, &model_dir, &options, EngineSettings::default())
+            .expect("model loads"),
+    );
+    let pki = make_pki();
+    let url = start_server(&pki, Arc::clone(&engine));
+    let agent = client(&pki);
 
     // Warm both paths (first TLS connection, first allocations).
-    http_decode(&agent, &server.url, 8);
+    http_decode(&agent, &url, 8);
     in_process_decode(&engine, 8);
 
     let mut http_rates = Vec::new();
     let mut local_rates = Vec::new();
     for _ in 0..DECODE_ROUNDS {
-        http_rates.push(http_decode(&agent, &server.url, NEW_TOKENS));
+        http_rates.push(http_decode(&agent, &url, NEW_TOKENS));
         local_rates.push(in_process_decode(&engine, NEW_TOKENS));
     }
     let mut http_short = Vec::new();
     let mut local_short = Vec::new();
     for _ in 0..SHORT_REQUESTS {
-        http_short.push(http_one_token(&agent, &server.url));
+        // Each request arrives at an idle server, as a lone request does: ONNX Runtime's
+        // worker threads keep spinning for a moment after a run, and a request landing in
+        // that moment would measure the contention for the two cores instead.
+        std::thread::sleep(IDLE_BETWEEN_REQUESTS);
+        http_short.push(http_one_token(&agent, &url));
+        std::thread::sleep(IDLE_BETWEEN_REQUESTS);
         local_short.push(in_process_one_token(&engine));
     }
     let mut fresh = Vec::new();
     for _ in 0..10 {
-        fresh.push(http_one_token(&client(&pki), &server.url));
+        std::thread::sleep(IDLE_BETWEEN_REQUESTS);
+        fresh.push(http_one_token(&client(&pki), &url));
     }
-    engine.shutdown();
-    drop(server);
 
     let http_rate = median(http_rates);
     let local_rate = median(local_rates);
@@ -128,6 +130,8 @@ fn main() {
         (fresh_p50 - http_p50) * 1e3
     );
     drop(pki.dir);
+    // The server thread serves until the process ends.
+    std::process::exit(0);
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -189,30 +193,33 @@ fn body(content: &str, max_tokens: usize, stream: bool) -> String {
 }
 
 /// Decode tokens/s of one streamed answer, from the first content event to the last,
-/// with the token count from the usage event.
+/// with the token count from the usage event. The client shares this machine's cores with
+/// moatd, so it does as little as it can per event: a substring test, and JSON parsing
+/// only for the final usage event.
 fn http_decode(agent: &ureq::Agent, url: &str, max_tokens: usize) -> f64 {
     let response = agent
         .post(&format!("{url}/v1/chat/completions"))
         .header("content-type", "application/json")
         .send(body(STORY, max_tokens, true))
         .expect("stream starts");
-    let reader = BufReader::new(response.into_body().into_reader());
+    let mut reader = BufReader::with_capacity(64 * 1024, response.into_body().into_reader());
     let (mut first, mut last, mut tokens) = (None, Instant::now(), 0usize);
-    for line in reader.lines() {
-        let line = line.expect("stream reads");
-        let Some(data) = line.strip_prefix("data: ") else {
+    let mut line = String::with_capacity(1024);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).expect("stream reads") == 0 {
+            break;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
             continue;
         };
         if data == "[DONE]" {
             break;
         }
-        let event: serde_json::Value = serde_json::from_str(data).expect("JSON event");
-        if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
-            tokens = n as usize;
-        } else if event["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|s| !s.is_empty())
-        {
+        if data.contains("\"usage\"") {
+            let event: serde_json::Value = serde_json::from_str(data).expect("JSON event");
+            tokens = event["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+        } else if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
             first.get_or_insert_with(Instant::now);
             last = Instant::now();
         }
@@ -293,38 +300,25 @@ fn make_pki() -> Pki {
     }
 }
 
-fn start_moatd(root: &Path, pki: &Pki, model: &str, threads: usize) -> Server {
-    let config: PathBuf = pki.dir.path().join("moat.toml");
+/// Starts moatd's server around `engine` on a free loopback port and waits until it
+/// accepts connections. Returns its base URL.
+fn start_server(pki: &Pki, engine: Arc<Engine>) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
     let text = format!(
-        "[engine]\nonnxruntime_library = {lib:?}\ndevice = \"cpu\"\nintra_op_threads = {threads}\n\
-         [server]\nlisten = [\"127.0.0.1:0\"]\n\
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\
          [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
-         [models]\ndirectory = {models:?}\n[models.serve]\nbench = {model:?}\n\
-         [metrics]\nenabled = false\n",
-        lib = root.join("local/onnxruntime"),
-        models = root.join("local/models"),
+         [metrics]\nenabled = false\n"
     );
-    std::fs::write(&config, text).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moatd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("MOAT_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("moatd starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = match lines.next() {
-            Some(Ok(line)) => line,
-            _ => panic!("moatd exited before listening"),
-        };
-        if let Some(at) = line.find("url=https://") {
-            break line[at + 4..].trim().to_owned();
-        }
-    };
-    // Keep draining the log so moatd never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server { child, url }
+    let config = Config::parse(&text, &pki.dir.path().join("moat.toml")).expect("config");
+    let models = BTreeMap::from([("bench".to_owned(), ServedModel::Generator(engine))]);
+    std::thread::spawn(move || server::serve_models(&config, models).expect("serves"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    format!("https://127.0.0.1:{port}")
 }

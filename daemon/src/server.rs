@@ -16,7 +16,7 @@ use actix_web::rt::net::TcpStream;
 use actix_web::{App, HttpServer, web};
 
 use crate::api::{self, AppState, ConnectionIdentity, ServedModel};
-use crate::config::{Config, IdentityConfig};
+use crate::config::{Config, IdentityConfig, ServerConfig, TlsConfig};
 use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
 use crate::metrics::Metrics;
 use crate::tls::{self, IdentityError, TlsError};
@@ -75,12 +75,43 @@ pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
     };
     // TLS first: a bad certificate is reported before minutes of model loading.
     let metrics = Arc::new(Metrics::new());
-    let refusals = Arc::clone(&metrics);
-    let rustls_config = tls::server_config(
+    let rustls_config = listener_tls(tls_config, &metrics)?;
+    let models = load_models(config, runtime)?;
+    run(config, server, rustls_config, metrics, models)
+}
+
+/// Serves models loaded by the caller (who may also use them directly, as the serving
+/// benchmark does) until a stop signal.
+pub fn serve_models(
+    config: &Config,
+    models: BTreeMap<String, ServedModel>,
+) -> Result<(), ServeError> {
+    let (Some(server), Some(tls_config)) = (&config.server, &config.tls) else {
+        return Err(ServeError::Incomplete("[server] and [tls] are required"));
+    };
+    let metrics = Arc::new(Metrics::new());
+    let rustls_config = listener_tls(tls_config, &metrics)?;
+    run(config, server, rustls_config, metrics, models)
+}
+
+fn listener_tls(
+    tls_config: &TlsConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let refusals = Arc::clone(metrics);
+    tls::server_config(
         tls_config,
         Arc::new(move |reason| refusals.client_refused(reason)),
-    )?;
-    let models = load_models(config, runtime)?;
+    )
+}
+
+fn run(
+    config: &Config,
+    server: &ServerConfig,
+    rustls_config: rustls::ServerConfig,
+    metrics: Arc<Metrics>,
+    models: BTreeMap<String, ServedModel>,
+) -> Result<(), ServeError> {
     let state = web::Data::new(AppState {
         models,
         limits: config.limits,
@@ -104,17 +135,13 @@ pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
         false => None,
     };
     let system = actix_web::rt::System::new();
-    let result = system.block_on(run_servers(
-        state.clone(),
+    system.block_on(run_servers(
+        state,
         listeners,
         metrics_listener,
         rustls_config,
         config,
-    ));
-    for (name, model) in &state.models {
-        tracing::debug!(model = %name, healthy = model.is_healthy(), "stopping model");
-    }
-    result
+    ))
 }
 
 async fn run_servers(
