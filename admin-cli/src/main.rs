@@ -11,7 +11,16 @@ use clap::{Parser, Subcommand};
 use moat_core::ModelMetadata;
 
 #[derive(Debug, Parser)]
-#[command(name = "moatctl", version, about = "Administer a moat appliance")]
+#[command(
+    name = "moatctl",
+    version,
+    about = "Administer a moat appliance",
+    after_help = "Examples:\n  \
+        moatctl model inspect local/models/smollm2-135m-instruct-exact\n  \
+        moatctl pki init --dir pki\n  \
+        moatctl pki issue-client --dir pki --department finance --name alice\n\n\
+        Each command has its own --help with examples."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

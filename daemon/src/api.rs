@@ -35,7 +35,38 @@ pub enum ServedModel {
     /// Chat and completions.
     Generator(Arc<Engine>),
     /// Embeddings.
-    Embedder(Arc<Embedder>),
+    Embedder(Arc<EmbeddingService>),
+}
+
+/// An embedding model with a bound on the requests in its hands: it runs on blocking
+/// threads, one batch at a time, and past `capacity` requests more get 503 instead of
+/// piling up threads.
+#[derive(Debug)]
+pub struct EmbeddingService {
+    pub embedder: Embedder,
+    admissions: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+impl EmbeddingService {
+    pub fn new(embedder: Embedder, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            embedder,
+            admissions: Arc::new(tokio::sync::Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// A place for one request, or `None` when `capacity` requests are already in.
+    pub fn try_admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.admissions).try_acquire_owned().ok()
+    }
+
+    /// Requests admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.admissions.available_permits()
+    }
 }
 
 impl ServedModel {
@@ -97,7 +128,7 @@ impl AppState {
         name: &str,
         http: &HttpRequest,
         _caller: &Caller,
-    ) -> Result<Arc<Embedder>, ApiError> {
+    ) -> Result<Arc<EmbeddingService>, ApiError> {
         match self.find(name, http)? {
             ServedModel::Embedder(embedder) => Ok(Arc::clone(embedder)),
             ServedModel::Generator(_) => Err(ApiError::unsupported(

@@ -172,6 +172,13 @@ impl Config {
         }
         self.metrics.problems(&mut problems);
         self.limits.problems(&mut problems);
+        if self.engine.default_max_tokens > self.limits.max_tokens {
+            // A request naming no max_tokens must not get more than one may ask for.
+            problems.push(format!(
+                "engine.default_max_tokens ({}) must not exceed limits.max_tokens ({})",
+                self.engine.default_max_tokens, self.limits.max_tokens
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -258,7 +265,7 @@ mod tests {
 
     #[test]
     fn serve_reports_every_missing_section_and_file_at_once() {
-        let text = "[server]\nlisten = []\n[tls]\ncertificate = \"nope.crt\"\nprivate_key = \"nope.key\"\nclient_ca = []\n[metrics]\nlisten = \"0.0.0.0:9464\"\n";
+        let text = "[engine]\ndefault_max_tokens = 900\n[limits]\nmax_tokens = 800\n[server]\nlisten = []\n[tls]\ncertificate = \"nope.crt\"\nprivate_key = \"nope.key\"\nclient_ca = []\n[metrics]\nlisten = \"0.0.0.0:9464\"\n";
         let config = Config::parse(text, Path::new("/nonexistent/moat.toml")).expect("parses");
         let err = config
             .validate_for_serve(Path::new("moat.toml"))
@@ -274,6 +281,7 @@ mod tests {
             "tls.client_ca",
             "[models] is required",
             "metrics.listen",
+            "engine.default_max_tokens (900) must not exceed limits.max_tokens (800)",
         ] {
             assert!(all.contains(expected), "{expected:?} missing from:\n{all}");
         }

@@ -15,7 +15,7 @@ use actix_web::middleware::from_fn;
 use actix_web::rt::net::TcpStream;
 use actix_web::{App, HttpServer, web};
 
-use crate::api::{self, AppState, ConnectionIdentity, ServedModel};
+use crate::api::{self, AppState, ConnectionIdentity, EmbeddingService, ServedModel};
 use crate::config::{Config, IdentityConfig, ServerConfig, TlsConfig};
 use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
 use crate::metrics::Metrics;
@@ -328,7 +328,8 @@ fn load_model(
         ModelTask::Embedding => {
             let embedder = Embedder::load_ort(runtime, dir, &options)?;
             let device = embedder.device();
-            (ServedModel::Embedder(Arc::new(embedder)), device)
+            let service = EmbeddingService::new(embedder, config.engine.queue_capacity);
+            (ServedModel::Embedder(Arc::new(service)), device)
         }
     };
     tracing::info!(dir = %dir.display(), %task, %device, "model loaded and warmed");

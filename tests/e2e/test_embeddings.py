@@ -5,10 +5,11 @@ refusing the other's endpoint."""
 import base64
 import math
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import MODELS, running, server_config
+from harness import MODELS, running, server_config, wait_until
 
 MODELS_SERVED = {"minilm": "all-minilm-l6-v2", "fixture-embedding": "fixture-embedding",
                  "fixture": "fixture-fused"}
@@ -154,3 +155,26 @@ def test_readiness_lists_every_kind_of_model(api):
     response = api.get("/readyz")
     assert response.status_code == 200
     assert response.json()["models"] == {name: "ready" for name in MODELS_SERVED}
+
+
+def test_embedding_requests_past_capacity_get_503(tmp_path, pki, alice):
+    """With room for one embedding request, a second one sent while the first is being
+    embedded is refused at once with 503 and Retry-After; afterwards requests are served."""
+    config = server_config(pki, {"minilm": "all-minilm-l6-v2"}, engine={"queue_capacity": 1})
+    # 256 inputs of ~200 tokens: seconds of work for two cores.
+    big = {"model": "minilm", "input": ["the quick brown fox jumps over the lazy dog " * 20] * 256}
+    with running(tmp_path / "moatd", config) as server, \
+            server.http(pki.ca_cert, alice) as first, server.http(pki.ca_cert, alice) as second:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            busy = pool.submit(first.post, "/v1/embeddings", json=big)
+            wait_until(lambda: server.metrics().total("moat_active_sequences", model="minilm") == 1,
+                       30, "the first request to be embedding")
+            refused = second.post("/v1/embeddings", json={"model": "minilm", "input": "hi"})
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert busy.result(timeout=120).status_code == 200
+        wait_until(lambda: server.metrics().total("moat_active_sequences", model="minilm") == 0,
+                   10, "the request to be released")
+        served = second.post("/v1/embeddings", json={"model": "minilm", "input": "hi"})
+        assert served.status_code == 200, served.text

@@ -1,5 +1,7 @@
 //! `POST /v1/embeddings`: mean-pooled sentence vectors from an embedding model.
 
+use std::sync::Arc;
+
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 
@@ -19,7 +21,13 @@ pub async fn embeddings(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request: EmbeddingRequest = read_json(payload, &state.limits).await?;
-    let embedder = state.embedder(&request.model, &http, &caller)?;
+    let service = state.embedder(&request.model, &http, &caller)?;
+    let Some(admission) = service.try_admit() else {
+        return Err(ApiError::Overloaded {
+            model: request.model,
+        });
+    };
+    let embedder = &service.embedder;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -48,11 +56,14 @@ pub async fn embeddings(
         EmbeddingInput::One(text) => vec![text],
         EmbeddingInput::Many(texts) => texts,
     };
-    let running = embedder.clone();
-    let embedded = web::block(move || running.embed(&inputs))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(embed_error)?;
+    let running = Arc::clone(&service);
+    let embedded = web::block(move || {
+        let _admission = admission;
+        running.embedder.embed(&inputs)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(embed_error)?;
     state
         .metrics
         .generation_timer(&caller.identity.department, &request.model, context.started)

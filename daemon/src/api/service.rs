@@ -174,7 +174,9 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                     .metrics
                     .engine_state(name, engine.queued_requests(), engine.live_sequences());
             }
-            super::ServedModel::Embedder(_) => {}
+            super::ServedModel::Embedder(service) => {
+                state.metrics.engine_state(name, 0, service.in_flight());
+            }
         }
     }
     HttpResponse::Ok()
