@@ -11,7 +11,9 @@ pub mod openai;
 mod service;
 pub mod stream;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,10 +89,11 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The model a request named, once it is known to be served (used as a metrics label, so
-/// names clients invent never become label values).
-#[derive(Debug, Clone)]
-pub struct ServedModelName(pub String);
+/// The model a request named, once it is known to be served (a metrics label, so names
+/// clients invent never become label values). Shared between the handler that learns it
+/// and the middleware that counts the request, even when the handler is dropped.
+#[derive(Debug, Clone, Default)]
+pub struct ServedModelName(pub Rc<RefCell<String>>);
 
 impl AppState {
     fn find(&self, name: &str, http: &HttpRequest) -> Result<&ServedModel, ApiError> {
@@ -100,8 +103,9 @@ impl AppState {
             ),
             code: "model_not_found",
         })?;
-        http.extensions_mut()
-            .insert(ServedModelName(name.to_owned()));
+        if let Some(slot) = http.extensions().get::<ServedModelName>() {
+            name.clone_into(&mut slot.0.borrow_mut());
+        }
         Ok(model)
     }
 

@@ -3,13 +3,14 @@ client that goes away frees its sequence, and a full queue refuses with 503 + Re
 instead of waiting without bound."""
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from harness import running, server_config, wait_until
+from harness import running, server_config, tls_context, wait_until
 
 PROMPTS = [
     "What is the capital of France?",
@@ -132,3 +133,25 @@ def test_full_queue_is_refused_with_retry_after(tmp_path, pki, alice):
         wait_until(lambda: depth() == (0, 0), 10, "both sequences to be freed")
         assert server.metrics().requests(endpoint="completions", status="503") == 8
         assert server.metrics().requests(endpoint="completions", status="200") == 2
+
+
+def test_client_disconnect_cancels_a_whole_answer(moatd, pki, alice):
+    """Without streaming too: a client that hangs up while its answer is generated frees the
+    sequence within seconds, and the request is counted as abandoned (499)."""
+    body = json.dumps({"model": "smollm2", "prompt": STORY, "temperature": 0,
+                       "max_tokens": 3000}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\nContent-Length: "
+               + str(len(body)).encode() + b"\r\n\r\n" + body)
+    before = moatd.metrics().requests(endpoint="completions", status="499")
+    context = tls_context(pki.ca_cert, alice)
+    with socket.create_connection(("127.0.0.1", moatd.port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(request)
+            wait_until(lambda: moatd.metrics().total("moat_active_sequences", model="smollm2") == 1,
+                       timeout=30, what="the answer to be generating")
+    # Hung up mid-answer, before any byte of the response.
+    wait_until(lambda: moatd.metrics().total("moat_active_sequences", model="smollm2") == 0,
+               timeout=10, what="the abandoned answer's sequence to be freed")
+    wait_until(lambda: moatd.metrics().requests(endpoint="completions", status="499") == before + 1,
+               timeout=10, what="the abandoned request to be counted")

@@ -5,13 +5,16 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
+use std::sync::Arc;
+use std::time::Instant;
+
 use actix_web::{HttpMessage as _, HttpResponse, web};
 use serde_json::json;
 use tracing::Instrument as _;
 
 use super::openai::{ModelCard, ModelList};
 use super::{ApiError, AppState, Caller, RequestContext, ServedModelName, embeddings, generate};
-use crate::metrics::RequestLabels;
+use crate::metrics::{Metrics, RequestLabels};
 use crate::tls::{Identity, IdentityError};
 
 /// The identity read from a connection's leaf certificate at handshake, kept in the
@@ -46,6 +49,10 @@ pub fn metrics_routes(config: &mut web::ServiceConfig) {
         .default_service(web::to(unknown_route));
 }
 
+/// Status counted for a request whose client went away before the answer was ready (the
+/// handler was dropped, and with it the generation), as nginx counts it.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// Gives each request an id and a tracing span, returns the id in `x-request-id`, and
 /// counts the request by endpoint, status, department and model.
 pub async fn request_context(
@@ -55,55 +62,92 @@ pub async fn request_context(
     let context = RequestContext::new();
     let span = tracing::info_span!("request", id = %context.id, method = %req.method(), path = %req.path());
     let id = HeaderValue::from_str(&context.id).ok();
+    let model = ServedModelName::default();
+    let record = RequestRecord {
+        metrics: req
+            .app_data::<web::Data<AppState>>()
+            .map(|state| Arc::clone(&state.metrics)),
+        endpoint: endpoint_of(req.path()),
+        department: match req.conn_data::<ConnectionIdentity>() {
+            Some(ConnectionIdentity(Ok(identity))) => identity.department.clone(),
+            _ => String::new(),
+        },
+        model: model.clone(),
+        span: span.clone(),
+        started: Instant::now(),
+    };
     req.extensions_mut().insert(context);
-    let started = std::time::Instant::now();
-    let mut response = next.call(req).instrument(span.clone()).await?;
+    req.extensions_mut().insert(model);
+    // Counts the request as abandoned if this future is dropped before the answer is ready.
+    let mut guard = AbandonOnDrop(Some(record));
+    let result = next.call(req).instrument(span).await;
+    let record = guard.0.take();
+    let mut response = result?;
     if let Some(id) = id {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
-    span.in_scope(|| count_request(&response, started));
+    if let Some(record) = record {
+        record.count(response.status().as_u16());
+    }
     Ok(response)
 }
 
-/// Counts the request and logs one line for it. For a stream, the status and duration are
-/// those of the response head; its tokens are counted when it ends.
-fn count_request<B>(response: &ServiceResponse<B>, started: std::time::Instant) {
-    let request = response.request();
-    let Some(state) = request.app_data::<web::Data<AppState>>() else {
-        return;
-    };
-    let endpoint = match request.match_pattern().as_deref() {
-        Some("/v1/chat/completions") => "chat",
-        Some("/v1/completions") => "completions",
-        Some("/v1/embeddings") => "embeddings",
-        Some("/v1/models") | Some("/v1/models/{model}") => "models",
-        Some("/healthz") | Some("/readyz") => "health",
-        Some("/metrics") => "metrics",
+/// Everything needed to count and log a request, gathered before its handler runs.
+struct RequestRecord {
+    metrics: Option<Arc<Metrics>>,
+    endpoint: &'static str,
+    department: String,
+    model: ServedModelName,
+    span: tracing::Span,
+    started: Instant,
+}
+
+/// Counts the record as abandoned when dropped still holding it.
+struct AbandonOnDrop(Option<RequestRecord>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take() {
+            record.count(CLIENT_CLOSED_REQUEST);
+        }
+    }
+}
+
+fn endpoint_of(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "chat",
+        "/v1/completions" => "completions",
+        "/v1/embeddings" => "embeddings",
+        "/v1/models" => "models",
+        "/healthz" | "/readyz" => "health",
+        "/metrics" => "metrics",
+        other if other.starts_with("/v1/models/") => "models",
         _ => "other",
-    };
-    let department = match request.conn_data::<ConnectionIdentity>() {
-        Some(ConnectionIdentity(Ok(identity))) => identity.department.clone(),
-        _ => String::new(),
-    };
-    let model = request
-        .extensions()
-        .get::<ServedModelName>()
-        .map(|m| m.0.clone())
-        .unwrap_or_default();
-    let status = response.status().as_u16();
-    tracing::info!(
-        status,
-        department = %department,
-        model = %model,
-        millis = started.elapsed().as_millis() as u64,
-        "answered"
-    );
-    state.metrics.request(RequestLabels {
-        endpoint: endpoint.to_owned(),
-        status,
-        department,
-        model,
-    });
+    }
+}
+
+impl RequestRecord {
+    /// Counts the request and logs one line for it. For a stream, the status and duration
+    /// are those of the response head; its tokens are counted when it ends.
+    fn count(self, status: u16) {
+        let _entered = self.span.enter();
+        let model = self.model.0.borrow().clone();
+        let millis = self.started.elapsed().as_millis() as u64;
+        let department = self.department;
+        if status == CLIENT_CLOSED_REQUEST {
+            tracing::info!(department = %department, model = %model, millis, "client went away before the answer; cancelled");
+        } else {
+            tracing::info!(status, department = %department, model = %model, millis, "answered");
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.request(RequestLabels {
+                endpoint: self.endpoint.to_owned(),
+                status,
+                department,
+                model,
+            });
+        }
+    }
 }
 
 async fn list_models(state: web::Data<AppState>, _caller: Caller) -> HttpResponse {
