@@ -63,15 +63,17 @@ pub async fn request_context(
     let span = tracing::info_span!("request", id = %context.id, method = %req.method(), path = %req.path());
     let id = HeaderValue::from_str(&context.id).ok();
     let model = ServedModelName::default();
+    let identity = match req.conn_data::<ConnectionIdentity>() {
+        Some(ConnectionIdentity(Ok(identity))) => Some(identity),
+        _ => None,
+    };
     let record = RequestRecord {
         metrics: req
             .app_data::<web::Data<AppState>>()
             .map(|state| Arc::clone(&state.metrics)),
         endpoint: endpoint_of(req.path()),
-        department: match req.conn_data::<ConnectionIdentity>() {
-            Some(ConnectionIdentity(Ok(identity))) => identity.department.clone(),
-            _ => String::new(),
-        },
+        department: identity.map(|i| i.department.clone()).unwrap_or_default(),
+        subject: identity.map(|i| i.subject.clone()).unwrap_or_default(),
         model: model.clone(),
         span: span.clone(),
         started: Instant::now(),
@@ -97,6 +99,7 @@ struct RequestRecord {
     metrics: Option<Arc<Metrics>>,
     endpoint: &'static str,
     department: String,
+    subject: String,
     model: ServedModelName,
     span: tracing::Span,
     started: Instant,
@@ -135,9 +138,9 @@ impl RequestRecord {
         let millis = self.started.elapsed().as_millis() as u64;
         let department = self.department;
         if status == CLIENT_CLOSED_REQUEST {
-            tracing::info!(department = %department, model = %model, millis, "client went away before the answer; cancelled");
+            tracing::info!(department = %department, subject = %self.subject, model = %model, millis, "client went away before the answer; cancelled");
         } else {
-            tracing::info!(status, department = %department, model = %model, millis, "answered");
+            tracing::info!(status, department = %department, subject = %self.subject, model = %model, millis, "answered");
         }
         if let Some(metrics) = &self.metrics {
             metrics.request(RequestLabels {
