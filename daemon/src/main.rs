@@ -14,10 +14,14 @@ use moat_daemon::engine::{
     OrtRuntime, Prompt, SamplingParams,
 };
 
+/// The configuration `moatd serve` reads when `--config` names none.
+const DEFAULT_CONFIG: &str = "/etc/moat/moat.toml";
+
 #[derive(Debug, Parser)]
 #[command(name = "moatd", version, about = "The moat inference daemon")]
 struct Cli {
-    /// Configuration file (TOML). Without it, built-in defaults apply.
+    /// Configuration file (TOML). Without it: /etc/moat/moat.toml for serve, built-in
+    /// defaults for generate.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -33,7 +37,7 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// Serve the configured models over mutual TLS (OpenAI-compatible API) until SIGTERM.
     #[command(after_help = "Examples:\n  \
-        moatd serve --config /etc/moat/moat.toml\n  \
+        moatd serve                       (reads /etc/moat/moat.toml)\n  \
         moatd serve --config .moat-dev/moat.toml\n\n\
         Configuration problems (every one is listed) exit with status 64.")]
     Serve,
@@ -99,11 +103,20 @@ fn parse_device(text: &str) -> Result<DevicePreference, String> {
 
 fn main() -> ExitCode {
     init_logging();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    let defaulted = matches!(cli.command, Command::Serve) && cli.config.is_none();
+    if defaulted {
+        cli.config = Some(PathBuf::from(DEFAULT_CONFIG));
+    }
     let config = match load_config(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e}");
+            if defaulted {
+                eprintln!(
+                    "(moatd serve reads {DEFAULT_CONFIG} unless --config FILE names another)"
+                );
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -130,10 +143,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
-    let Some(file) = file else {
-        eprintln!("error: moatd serve needs --config FILE (for example /etc/moat/moat.toml)");
-        return ExitCode::from(EXIT_CONFIG);
-    };
+    let file = file.unwrap_or(Path::new(DEFAULT_CONFIG));
     if let Err(e) = config.validate_for_serve(file) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_CONFIG);

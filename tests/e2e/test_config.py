@@ -2,6 +2,9 @@
 problem at once, before it loads a model or opens a port."""
 
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from harness import binary, server_config, toml_text
 
@@ -36,9 +39,14 @@ def test_every_bad_field_is_reported_at_once(tmp_path, pki):
     assert "API listening" not in result.stderr
 
 
-def test_serve_without_a_config_file_is_a_config_error():
+def test_serve_without_a_config_file_reads_the_production_path():
+    """Without --config, serve reads /etc/moat/moat.toml (absent on a test machine): a
+    configuration error that names the path and the option."""
+    if Path("/etc/moat/moat.toml").exists():
+        pytest.skip("this machine has a production configuration")
     result = serve()
     assert result.returncode == EXIT_CONFIG
+    assert "/etc/moat/moat.toml" in result.stderr
     assert "--config" in result.stderr
 
 
