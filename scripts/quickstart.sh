@@ -2,7 +2,8 @@
 # From a fresh clone to an answer over mutual TLS:
 #   1. provisions everything (scripts/setup.sh) and builds moatd and moatctl;
 #   2. makes a development PKI in .moat-dev/pki (CA, server certificate, a client
-#      certificate for the department "demo") and .moat-dev/moat.toml;
+#      certificate for the department "demo"), .moat-dev/policies (the shipped policy set
+#      plus a permit for "demo") and .moat-dev/moat.toml;
 #   3. starts moatd in the background serving the demo model on 127.0.0.1 (pid in
 #      .moat-dev/moatd.pid, log in .moat-dev/moatd.log), replacing one started earlier;
 #   4. asks it "What is the capital of France?" with curl and a client certificate.
@@ -50,6 +51,20 @@ if [ ! -f "$pki/clients/demo.crt" ]; then
 fi
 "$moatctl" pki crl --dir "$pki" >/dev/null
 
+echo "==> policies in .moat-dev/policies (the shipped set plus a permit for the demo department)" >&2
+mkdir -p "$dev/policies"
+cp policies/schema.cedarschema policies/policies.cedar policies/moat-policy.toml "$dev/policies/"
+cat > "$dev/policies/dev.cedar" <<'EOF_POLICY'
+// Development: the department "demo" (the quick start's client certificate) may use every
+// model.
+@id("dev-demo-uses-every-model")
+permit (
+  principal in Moat::Department::"demo",
+  action in [Moat::Action::"chat", Moat::Action::"complete", Moat::Action::"embed"],
+  resource
+);
+EOF_POLICY
+
 embedding_line=""
 if [ -f local/models/all-minilm-l6-v2/moat-model.json ]; then
   embedding_line="\"all-minilm-l6-v2\" = \"all-minilm-l6-v2\""
@@ -75,6 +90,9 @@ directory = "$root/local/models"
 [models.serve]
 "smollm2-135m-instruct" = "smollm2-135m-instruct-exact"
 $embedding_line
+
+[policy]
+directory = "policies"
 
 [metrics]
 listen = "127.0.0.1:$metrics_port"

@@ -7,6 +7,7 @@
 //! hand them in.
 
 pub mod model_metadata;
+pub mod policy;
 
 pub use model_metadata::{
     EmbeddingSpec, IoContract, MetadataError, ModelMetadata, ModelTask, Pooling,

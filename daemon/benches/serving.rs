@@ -300,6 +300,21 @@ fn make_pki() -> Pki {
     }
 }
 
+/// The shipped schema and data rules with one policy permitting everything: the bench
+/// measures the serving plane with its policy gate, not a refusal.
+fn write_permissive_policy(dir: &Path) {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    std::fs::create_dir_all(dir).expect("policy dir");
+    for file in ["schema.cedarschema", "moat-policy.toml"] {
+        std::fs::copy(shipped.join(file), dir.join(file)).expect("copy policy file");
+    }
+    std::fs::write(
+        dir.join("bench.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .expect("write policy");
+}
+
 /// Starts moatd's server around `engine` on a free loopback port and waits until it
 /// accepts connections. Returns its base URL.
 fn start_server(pki: &Pki, engine: Arc<Engine>) -> String {
@@ -310,8 +325,9 @@ fn start_server(pki: &Pki, engine: Arc<Engine>) -> String {
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\
          [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
-         [metrics]\nenabled = false\n"
+         [metrics]\nenabled = false\n[policy]\ndirectory = \"policies\"\n"
     );
+    write_permissive_policy(&pki.dir.path().join("policies"));
     let config = Config::parse(&text, &pki.dir.path().join("moat.toml")).expect("config");
     let models = BTreeMap::from([("bench".to_owned(), ServedModel::Generator(engine))]);
     std::thread::spawn(move || server::serve_models(&config, models).expect("serves"));

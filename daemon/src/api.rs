@@ -7,6 +7,7 @@
 mod embeddings;
 pub mod error;
 pub mod generate;
+pub mod guard;
 pub mod openai;
 mod service;
 pub mod stream;
@@ -87,6 +88,7 @@ pub struct AppState {
     pub models: BTreeMap<String, ServedModel>,
     pub limits: LimitsConfig,
     pub metrics: Arc<Metrics>,
+    pub policy: Arc<crate::policy::PolicyStore>,
 }
 
 /// The model a request named, once it is known to be served (a metrics label, so names

@@ -10,8 +10,8 @@ use serde::Deserialize;
 mod serve;
 
 pub use serve::{
-    CertField, IdentityConfig, LimitsConfig, MetricsConfig, ModelsConfig, ServerConfig, TlsConfig,
-    valid_model_name,
+    CertField, IdentityConfig, LimitsConfig, MetricsConfig, ModelsConfig, PolicyConfig,
+    ServerConfig, TlsConfig, valid_model_name,
 };
 
 use crate::engine::ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS;
@@ -34,6 +34,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// Required by `moatd serve`.
     pub models: Option<ModelsConfig>,
+    /// Required by `moatd serve`: no policy, no answer.
+    pub policy: Option<PolicyConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
@@ -151,6 +153,9 @@ impl Config {
         if let Some(models) = &mut self.models {
             serve::resolve(&mut models.directory, base);
         }
+        if let Some(policy) = &mut self.policy {
+            serve::resolve(&mut policy.directory, base);
+        }
     }
 
     /// Checks what `moatd serve` needs on top of [`Config::validate`]: the server sections
@@ -169,6 +174,13 @@ impl Config {
         match &self.models {
             Some(models) => models.problems(&mut problems),
             None => problems.push("[models] is required: directory = \"DIR\"".into()),
+        }
+        match &self.policy {
+            Some(policy) => policy.problems(&mut problems),
+            None => problems.push(
+                "[policy] is required: directory = \"DIR\" (Cedar schema, *.cedar, moat-policy.toml)"
+                    .into(),
+            ),
         }
         self.metrics.problems(&mut problems);
         self.limits.problems(&mut problems);

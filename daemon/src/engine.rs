@@ -372,6 +372,33 @@ impl Engine {
         Ok(ids)
     }
 
+    /// The new tokens a request may generate: `asked`, or the engine's default, within the
+    /// room the prompt leaves in the context.
+    pub fn max_new_tokens(
+        &self,
+        prompt_tokens: usize,
+        asked: Option<usize>,
+    ) -> Result<usize, EngineError> {
+        let shared = &self.shared;
+        let context_length = shared.model.context_length;
+        let room = context_length.saturating_sub(prompt_tokens);
+        match asked {
+            Some(0) => Err(EngineError::ZeroMaxTokens),
+            Some(asked) if asked > room => Err(EngineError::ContextOverflow {
+                prompt_tokens,
+                max_tokens: asked,
+                context_length,
+            }),
+            Some(asked) => Ok(asked),
+            None if room == 0 => Err(EngineError::ContextOverflow {
+                prompt_tokens,
+                max_tokens: 1,
+                context_length,
+            }),
+            None => Ok(shared.settings.default_max_tokens.min(room)),
+        }
+    }
+
     /// Decodes token ids to text (special tokens left out), as a whole.
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
         self.shared
@@ -431,26 +458,7 @@ impl Engine {
             return Err(EngineError::ZeroMaxTokens);
         }
         let prompt = self.tokenize_prompt(&request.prompt)?;
-        let context_length = shared.model.context_length;
-        let room = context_length.saturating_sub(prompt.len());
-        let max_new_tokens = match request.max_tokens {
-            Some(asked) if asked > room => {
-                return Err(EngineError::ContextOverflow {
-                    prompt_tokens: prompt.len(),
-                    max_tokens: asked,
-                    context_length,
-                });
-            }
-            Some(asked) => asked,
-            None if room == 0 => {
-                return Err(EngineError::ContextOverflow {
-                    prompt_tokens: prompt.len(),
-                    max_tokens: 1,
-                    context_length,
-                });
-            }
-            None => shared.settings.default_max_tokens.min(room),
-        };
+        let max_new_tokens = self.max_new_tokens(prompt.len(), request.max_tokens)?;
         let mut stop_token_ids: HashSet<u32> = request.stop_token_ids.iter().copied().collect();
         if !request.ignore_eos {
             stop_token_ids.extend(shared.metadata.eos_token_ids.iter().copied());

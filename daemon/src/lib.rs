@@ -10,5 +10,6 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod tls;

@@ -30,6 +30,13 @@ pub struct CallerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub reason: String,
+    pub department: String,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub reason: &'static str,
 }
@@ -53,6 +60,7 @@ pub struct Metrics {
     queue_depth: Family<ModelLabels, Gauge>,
     active_sequences: Family<ModelLabels, Gauge>,
     client_certificates_refused: Family<RefusalLabels, Counter>,
+    policy_decisions: Family<DecisionLabels, Counter>,
 }
 
 fn ttft_histogram() -> Histogram {
@@ -122,9 +130,16 @@ impl Metrics {
             "Client certificates refused at the TLS handshake, by reason",
             client_certificates_refused.clone(),
         );
+        let policy_decisions = Family::default();
+        registry.register(
+            "policy_decisions",
+            "Policy decisions by reason code, department and model",
+            policy_decisions.clone(),
+        );
         Self {
             registry,
             client_certificates_refused,
+            policy_decisions,
             requests,
             prompt_tokens,
             completion_tokens,
@@ -138,6 +153,17 @@ impl Metrics {
     /// Counts one answered request.
     pub fn request(&self, labels: RequestLabels) {
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts one policy decision.
+    pub fn policy_decision(&self, reason: &str, department: &str, model: &str) {
+        self.policy_decisions
+            .get_or_create(&DecisionLabels {
+                reason: reason.to_owned(),
+                department: department.to_owned(),
+                model: model.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a client certificate refused at the handshake.

@@ -19,6 +19,7 @@ use crate::api::{self, AppState, ConnectionIdentity, EmbeddingService, ServedMod
 use crate::config::{Config, IdentityConfig, ServerConfig, TlsConfig};
 use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
 use crate::metrics::Metrics;
+use crate::policy::{PolicyLoadError, PolicyStore};
 use crate::tls::{self, IdentityError, TlsError};
 use moat_core::ModelTask;
 
@@ -44,6 +45,8 @@ pub enum ServeError {
         #[source]
         source: StartError,
     },
+    #[error(transparent)]
+    Policy(#[from] PolicyLoadError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -60,7 +63,10 @@ impl ServeError {
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,
-            ServeError::Incomplete(_) | ServeError::Tls(_) | ServeError::NoModels { .. }
+            ServeError::Incomplete(_)
+                | ServeError::Tls(_)
+                | ServeError::Policy(_)
+                | ServeError::NoModels { .. }
         )
     }
 }
@@ -73,11 +79,23 @@ pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
             "[server], [tls] and [models] are required",
         ));
     };
-    // TLS first: a bad certificate is reported before minutes of model loading.
+    // TLS and policy first: a bad certificate or policy is reported before minutes of
+    // model loading.
     let metrics = Arc::new(Metrics::new());
     let rustls_config = listener_tls(tls_config, &metrics)?;
+    let policy = open_policy(config)?;
     let models = load_models(config, runtime)?;
-    run(config, server, rustls_config, metrics, models)
+    run(config, server, rustls_config, metrics, policy, models)
+}
+
+fn open_policy(config: &Config) -> Result<Arc<PolicyStore>, ServeError> {
+    let Some(policy) = &config.policy else {
+        return Err(ServeError::Incomplete("[policy] is required"));
+    };
+    let store = PolicyStore::open(&policy.directory)?;
+    let counts = store.current().counts.clone();
+    tracing::info!(dir = %policy.directory.display(), files = ?counts, "policy loaded");
+    Ok(Arc::new(store))
 }
 
 /// Serves models loaded by the caller (who may also use them directly, as the serving
@@ -91,7 +109,8 @@ pub fn serve_models(
     };
     let metrics = Arc::new(Metrics::new());
     let rustls_config = listener_tls(tls_config, &metrics)?;
-    run(config, server, rustls_config, metrics, models)
+    let policy = open_policy(config)?;
+    run(config, server, rustls_config, metrics, policy, models)
 }
 
 fn listener_tls(
@@ -110,12 +129,14 @@ fn run(
     server: &ServerConfig,
     rustls_config: rustls::ServerConfig,
     metrics: Arc<Metrics>,
+    policy: Arc<PolicyStore>,
     models: BTreeMap<String, ServedModel>,
 ) -> Result<(), ServeError> {
     let state = web::Data::new(AppState {
         models,
         limits: config.limits,
         metrics,
+        policy,
     });
     let listeners = server
         .listen
@@ -155,6 +176,7 @@ async fn run_servers(
         return Err(ServeError::Incomplete("[server] is required"));
     };
     let identity = config.identity;
+    let policy = Arc::clone(&state.policy);
     let api_state = state.clone();
     let mut api = HttpServer::new(move || {
         App::new()
@@ -200,6 +222,7 @@ async fn run_servers(
     }
     tracing::info!("moatd is ready");
     actix_web::rt::spawn(stop_on_signal(handles, server.shutdown_grace_secs));
+    actix_web::rt::spawn(reload_on_hangup(Arc::clone(&policy)));
     let mut result = Ok(());
     for server in servers {
         let outcome = server
@@ -209,6 +232,30 @@ async fn run_servers(
         result = result.and(outcome);
     }
     result.map_err(ServeError::Run)
+}
+
+/// On SIGHUP: read and validate the policy directory again and put it in force; an invalid
+/// policy is refused and the one in force stays.
+async fn reload_on_hangup(policy: Arc<PolicyStore>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; policy reload needs a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let store = Arc::clone(&policy);
+        let outcome = actix_web::rt::task::spawn_blocking(move || store.reload()).await;
+        match outcome {
+            Ok(Ok(())) => tracing::info!(dir = %policy.dir().display(), "policy reloaded"),
+            Ok(Err(e)) => tracing::error!(
+                error = %e,
+                "policy reload REFUSED; the previous policy stays in force"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload failed; the previous policy stays in force")
+            }
+        }
+    }
 }
 
 /// On SIGTERM or SIGINT: stop accepting, let in-flight requests finish (up to the grace

@@ -113,6 +113,48 @@ def toml_text(config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Lets every department do everything, so that tests of other features are not refused;
+# policy tests write their own policy directories.
+PERMIT_ALL = """@id("tests-permit-all")
+permit (principal, action, resource);
+"""
+
+
+# The shipped content rules and classification defaults, without limits: tests of other
+# features send more than a department's default share.
+UNLIMITED_DATA = """
+classification = ["public", "internal", "confidential", "secret"]
+[default_department]
+classification = "internal"
+ceiling = "internal"
+[default_model]
+ceiling = "internal"
+[[content]]
+detector = "card_number"
+action = "deny"
+[[content]]
+detector = "iban"
+action = "redact"
+[[content]]
+detector = "email"
+action = "redact_in_audit"
+[[content]]
+detector = "secret_marking"
+action = "deny"
+"""
+
+
+def policy_dir(directory: Path, policies: str = PERMIT_ALL, data: str = UNLIMITED_DATA) -> Path:
+    """A policy directory in `directory`: the shipped schema, `policies` as its only .cedar
+    file, and `data` as moat-policy.toml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shipped = REPO / "policies"
+    (directory / "schema.cedarschema").write_text((shipped / "schema.cedarschema").read_text())
+    (directory / "policies.cedar").write_text(policies)
+    (directory / "moat-policy.toml").write_text(data)
+    return directory
+
+
 def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
     """A serving config for the PKI's server certificate and CA, with its CRL, over the
     models in `serve` (served name -> directory under local/models). Each keyword replaces
@@ -125,6 +167,7 @@ def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
                 "client_ca": [str(pki.ca_cert)], "crl": [str(pki.crl)]},
         "models": {"directory": str(MODELS), "serve": dict(serve)},
         "metrics": {"listen": "127.0.0.1:0"},
+        "policy": {"directory": str(policy_dir(pki.dir.parent / "permit-all-policy"))},
     }
     for section, keys in sections.items():
         config.setdefault(section, {}).update(keys)

@@ -6,12 +6,14 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 
 use super::error::ApiError;
+use super::guard::{self, GateRequest};
 use super::openai::{
     EmbeddingData, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
     EmbeddingVector,
 };
 use super::{AppState, Caller, RequestContext, read_json};
 use crate::engine::{EmbedError, Usage};
+use moat_core::policy::{ModelFacts, PolicyAction};
 
 pub async fn embeddings(
     state: web::Data<AppState>,
@@ -22,11 +24,6 @@ pub async fn embeddings(
 ) -> Result<HttpResponse, ApiError> {
     let request: EmbeddingRequest = read_json(payload, &state.limits).await?;
     let service = state.embedder(&request.model, &http, &caller)?;
-    let Some(admission) = service.try_admit() else {
-        return Err(ApiError::Overloaded {
-            model: request.model,
-        });
-    };
     let embedder = &service.embedder;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -52,18 +49,48 @@ pub async fn embeddings(
             "invalid_value",
         ));
     }
-    let inputs = match request.input {
+    let policy = state.policy.current();
+    let inputs: Vec<String> = match request.input {
         EmbeddingInput::One(text) => vec![text],
         EmbeddingInput::Many(texts) => texts,
+    }
+    .iter()
+    .map(|text| guard::redact_for_inference(&policy, text))
+    .collect();
+    let Some(capacity) = service.try_admit() else {
+        return Err(ApiError::Overloaded {
+            model: request.model,
+        });
     };
+    // Tokens are counted before the policy decides: limits charge them.
+    let counting = Arc::clone(&service);
+    let (inputs, tokenized) = web::block(move || {
+        let tokenized = counting.embedder.tokenize(&inputs);
+        (inputs, tokenized)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let prompt_tokens: usize = tokenized.map_err(embed_error)?.iter().map(Vec::len).sum();
+    let gate = GateRequest {
+        action: PolicyAction::Embed,
+        model: Some(ModelFacts {
+            name: &request.model,
+            task: "embedding",
+        }),
+        prompt_text: &inputs.join("\n"),
+        prompt_tokens: prompt_tokens as u64,
+        max_tokens: 0,
+    };
+    let admitted = guard::admit(&state, policy, &caller, &http, gate)?;
     let running = Arc::clone(&service);
     let embedded = web::block(move || {
-        let _admission = admission;
+        let _capacity = capacity;
         running.embedder.embed(&inputs)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(embed_error)?;
+    admitted.settle(0);
     state
         .metrics
         .generation_timer(&caller.identity.department, &request.model, context.started)

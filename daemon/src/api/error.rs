@@ -44,6 +44,21 @@ pub enum ApiError {
     /// The model is not running (503).
     #[error("the model {model} is not available right now; retry later")]
     Unavailable { model: String },
+    /// The policy refuses the request (403); `reason` is the stable reason code.
+    #[error("the policy does not allow this request ({reason})")]
+    PolicyDenied { reason: String },
+    /// The answer tripped a content rule and is withheld (403).
+    #[error(
+        "the answer was withheld: it contains content the policy does not let leave ({reason})"
+    )]
+    AnswerWithheld { reason: String },
+    /// A department limit (429, with `Retry-After` when waiting helps).
+    #[error("{message}")]
+    LimitExceeded {
+        reason: String,
+        message: String,
+        retry_after: Option<u64>,
+    },
     /// The engine failed while serving a valid request (500).
     #[error("the model failed while answering: {0}")]
     Internal(String),
@@ -90,8 +105,8 @@ impl ApiError {
     }
 
     /// The `error` object for this error.
-    pub fn detail(&self) -> ErrorDetail<'static> {
-        let (kind, param, code) = match self {
+    pub fn detail(&self) -> ErrorDetail<'_> {
+        let (kind, param, code): (&str, Option<&str>, &str) = match self {
             ApiError::InvalidRequest { param, code, .. } => {
                 ("invalid_request_error", *param, *code)
             }
@@ -102,6 +117,12 @@ impl ApiError {
             ApiError::Overloaded { .. } => ("overloaded_error", None, "queue_full"),
             ApiError::Unavailable { .. } => ("service_unavailable", None, "model_unavailable"),
             ApiError::Internal(_) => ("server_error", None, "inference_failed"),
+            ApiError::PolicyDenied { reason } | ApiError::AnswerWithheld { reason } => {
+                ("permission_denied", None, reason.as_str())
+            }
+            ApiError::LimitExceeded { reason, .. } => {
+                ("rate_limit_exceeded", None, reason.as_str())
+            }
         };
         ErrorDetail {
             message: self.to_string(),
@@ -124,6 +145,10 @@ impl ResponseError for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::PolicyDenied { .. } | ApiError::AnswerWithheld { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -134,6 +159,13 @@ impl ResponseError for ApiError {
             ApiError::Overloaded { .. } | ApiError::Unavailable { .. }
         ) {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS)));
+        }
+        if let ApiError::LimitExceeded {
+            retry_after: Some(secs),
+            ..
+        } = self
+        {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from(*secs)));
         }
         response.json(ErrorBody {
             error: self.detail(),

@@ -10,6 +10,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use serde::Serialize;
 
 use super::error::ApiError;
+use super::guard::{self, Admitted, GateRequest};
 use super::openai::{
     ChatCompletionRequest, ChatMessageIn, CompletionPrompt, CompletionRequest, GenerationParams,
     MessageContent, UsageOut,
@@ -22,6 +23,7 @@ use crate::engine::{
     SamplingParams,
 };
 use crate::metrics::GenerationTimer;
+use moat_core::policy::{AccessPolicy, ModelFacts, PolicyAction};
 
 /// Prompts up to this much text are tokenized on the HTTP worker itself.
 const INLINE_PROMPT_BYTES: usize = 2048;
@@ -69,6 +71,7 @@ pub async fn chat_completions(
         state: &state,
         caller: &caller,
         context: &context,
+        http: &http,
     };
     exchange
         .generate(
@@ -111,6 +114,7 @@ pub async fn completions(
         state: &state,
         caller: &caller,
         context: &context,
+        http: &http,
     };
     exchange
         .generate(
@@ -128,10 +132,12 @@ struct Exchange<'a> {
     state: &'a AppState,
     caller: &'a Caller,
     context: &'a RequestContext,
+    http: &'a HttpRequest,
 }
 
 impl Exchange<'_> {
-    /// Checks the shared fields, submits the prompt and answers whole or streamed.
+    /// Checks the shared fields, applies the policy (content rules, decision, limits),
+    /// submits the prompt and answers whole or streamed.
     async fn generate(
         &self,
         engine: Arc<Engine>,
@@ -140,32 +146,47 @@ impl Exchange<'_> {
         params: GenerationParams,
         endpoint: Endpoint,
     ) -> Result<HttpResponse, ApiError> {
-        let request = generation_request(prompt, &params, &self.state.limits)?;
+        let policy = self.state.policy.current();
+        let (prompt, prompt_text) = policy_prompt(&policy, &engine, prompt, &model)?;
+        let mut request = generation_request(prompt, &params, &self.state.limits)?;
+        let ids = tokenize(&engine, &request.prompt, &model).await?;
+        let max_new_tokens = engine
+            .max_new_tokens(ids.len(), request.max_tokens)
+            .map_err(|e| ApiError::from_engine(e, &model))?;
+        let action = match endpoint {
+            Endpoint::Chat => PolicyAction::Chat,
+            Endpoint::Completion => PolicyAction::Complete,
+        };
+        let gate = GateRequest {
+            action,
+            model: Some(ModelFacts {
+                name: &model,
+                task: "text-generation",
+            }),
+            prompt_text: &prompt_text,
+            prompt_tokens: ids.len() as u64,
+            max_tokens: max_new_tokens as u64,
+        };
+        let admitted = guard::admit(self.state, policy, self.caller, self.http, gate)?;
+        request.prompt = Prompt::TokenIds(ids);
+        request.max_tokens = Some(max_new_tokens);
         let meta = response_meta(self.context, model, endpoint, &params);
-        self.answer(engine, request, meta, params.stream).await
+        self.answer(engine, request, meta, params.stream, admitted)
+            .await
     }
 
-    /// Submits on a blocking thread (rendering and tokenizing a long prompt takes
-    /// milliseconds) and answers whole or streamed.
+    /// Submits the tokenized request and answers whole or streamed.
     async fn answer(
         &self,
         engine: Arc<Engine>,
         request: GenerationRequest,
         meta: ResponseMeta,
         streamed: bool,
+        admitted: Admitted,
     ) -> Result<HttpResponse, ApiError> {
-        let model = meta.model.clone();
-        // Rendering and tokenizing a short prompt takes microseconds: done here, it saves two
-        // thread hand-offs on every short request. Longer prompts go to a blocking thread so
-        // they never hold up the other connections of this worker.
-        let submitted = if prompt_text_bytes(&request.prompt) <= INLINE_PROMPT_BYTES {
-            engine.submit(request)
-        } else {
-            web::block(move || engine.submit(request))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-        };
-        let events = submitted.map_err(|e| ApiError::from_engine(e, &model))?;
+        let events = engine
+            .submit(request)
+            .map_err(|e| ApiError::from_engine(e, &meta.model))?;
         let timer = self.state.metrics.generation_timer(
             &self.caller.identity.department,
             &meta.model,
@@ -176,9 +197,9 @@ impl Exchange<'_> {
             Ok(HttpResponse::Ok()
                 .content_type("text/event-stream")
                 .insert_header(("cache-control", "no-cache"))
-                .streaming(stream::sse_body(events, format, timer)))
+                .streaming(stream::sse_body(events, format, timer, admitted)))
         } else {
-            whole_answer(events, meta, timer).await
+            whole_answer(events, meta, timer, admitted).await
         }
     }
 }
@@ -243,6 +264,7 @@ async fn whole_answer(
     mut events: GenerationStream,
     meta: ResponseMeta,
     mut timer: GenerationTimer,
+    admitted: Admitted,
 ) -> Result<HttpResponse, ApiError> {
     let mut text = String::new();
     while let Some(event) = events.next().await {
@@ -253,6 +275,9 @@ async fn whole_answer(
             }
             GenerationEvent::Finished { reason, usage } => {
                 timer.finished(usage);
+                let policy = Arc::clone(&admitted.policy);
+                admitted.settle(usage.completion_tokens as u64);
+                let text = guard::check_answer(&policy, text)?;
                 let usage = UsageOut::from(usage);
                 let finish_reason = reason.as_str();
                 let response = match meta.endpoint {
@@ -297,6 +322,68 @@ async fn whole_answer(
         }
     }
     Err(ApiError::Unavailable { model: meta.model })
+}
+
+/// The prompt as inference will see it (`redact` rules masked) and its text for the
+/// content rules. Token-id prompts are decoded, so ids cannot carry what text may not.
+fn policy_prompt(
+    policy: &AccessPolicy,
+    engine: &Engine,
+    prompt: Prompt,
+    model: &str,
+) -> Result<(Prompt, String), ApiError> {
+    match prompt {
+        Prompt::Chat(messages) => {
+            let messages: Vec<ChatMessage> = messages
+                .into_iter()
+                .map(|m| {
+                    let content = guard::redact_for_inference(policy, &m.content);
+                    ChatMessage::new(m.role, content)
+                })
+                .collect();
+            let text = messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n");
+            Ok((Prompt::Chat(messages), text))
+        }
+        Prompt::Text(text) => {
+            let redacted = guard::redact_for_inference(policy, &text);
+            Ok((Prompt::Text(redacted.clone()), redacted))
+        }
+        Prompt::TokenIds(ids) => {
+            let text = engine
+                .decode(&ids)
+                .map_err(|e| ApiError::from_engine(e, model))?;
+            let redacted = guard::redact_for_inference(policy, &text);
+            if redacted == text {
+                Ok((Prompt::TokenIds(ids), text))
+            } else {
+                Ok((Prompt::Text(redacted.clone()), redacted))
+            }
+        }
+    }
+}
+
+/// Renders and tokenizes the prompt: on this worker for short prompts (microseconds, and
+/// two thread hand-offs saved), on a blocking thread for long ones so they never hold up the
+/// other connections of this worker.
+async fn tokenize(
+    engine: &Arc<Engine>,
+    prompt: &Prompt,
+    model: &str,
+) -> Result<Vec<u32>, ApiError> {
+    let ids = if prompt_text_bytes(prompt) <= INLINE_PROMPT_BYTES {
+        engine.tokenize_prompt(prompt)
+    } else {
+        let engine = Arc::clone(engine);
+        let prompt = prompt.clone();
+        web::block(move || engine.tokenize_prompt(&prompt))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+    };
+    ids.map_err(|e| ApiError::from_engine(e, model))
 }
 
 /// Checks the fields shared by chat and completions and builds the engine request.

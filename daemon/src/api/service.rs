@@ -13,9 +13,13 @@ use serde_json::json;
 use tracing::Instrument as _;
 
 use super::openai::{ModelCard, ModelList};
-use super::{ApiError, AppState, Caller, RequestContext, ServedModelName, embeddings, generate};
+use super::{
+    ApiError, AppState, Caller, RequestContext, ServedModelName, embeddings, generate, guard,
+};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::tls::{Identity, IdentityError};
+use actix_web::HttpRequest;
+use moat_core::policy::PolicyAction;
 
 /// The identity read from a connection's leaf certificate at handshake, kept in the
 /// connection's data for every request on it.
@@ -153,19 +157,39 @@ impl RequestRecord {
     }
 }
 
-async fn list_models(state: web::Data<AppState>, _caller: Caller) -> HttpResponse {
+/// The policy's word on listing models (action `list_models`).
+fn admit_listing(state: &AppState, caller: &Caller, http: &HttpRequest) -> Result<(), ApiError> {
+    let gate = guard::GateRequest {
+        action: PolicyAction::ListModels,
+        model: None,
+        prompt_text: "",
+        prompt_tokens: 0,
+        max_tokens: 0,
+    };
+    guard::admit(state, state.policy.current(), caller, http, gate)?.settle(0);
+    Ok(())
+}
+
+async fn list_models(
+    state: web::Data<AppState>,
+    caller: Caller,
+    http: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    admit_listing(&state, &caller, &http)?;
     let data = state.models.keys().map(|name| model_card(name)).collect();
-    HttpResponse::Ok().json(ModelList {
+    Ok(HttpResponse::Ok().json(ModelList {
         object: "list",
         data,
-    })
+    }))
 }
 
 async fn get_model(
     state: web::Data<AppState>,
-    _caller: Caller,
+    caller: Caller,
+    http: HttpRequest,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    admit_listing(&state, &caller, &http)?;
     match state.models.get_key_value(name.as_str()) {
         Some((name, _)) => Ok(HttpResponse::Ok().json(model_card(name))),
         None => Err(ApiError::NotFound {

@@ -9,8 +9,14 @@ use actix_web::web::Bytes;
 use futures_util::Stream;
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use moat_core::policy::AccessPolicy;
+use moat_core::policy::content::{ContentAction, Direction};
+
 use super::error::ApiError;
 use super::generate::{Endpoint, ResponseMeta};
+use super::guard::{self, Admitted};
 use super::openai::UsageOut;
 use crate::engine::{GenerationEvent, GenerationStream};
 use crate::metrics::GenerationTimer;
@@ -153,6 +159,8 @@ struct StreamState {
     events: GenerationStream,
     format: StreamFormat,
     timer: GenerationTimer,
+    filter: AnswerFilter,
+    admitted: Option<Admitted>,
     opened: bool,
     done: bool,
 }
@@ -162,11 +170,14 @@ pub fn sse_body(
     events: GenerationStream,
     format: StreamFormat,
     timer: GenerationTimer,
+    admitted: Admitted,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
     let state = StreamState {
         events,
         format,
         timer,
+        filter: AnswerFilter::new(Arc::clone(&admitted.policy)),
+        admitted: Some(admitted),
         opened: false,
         done: false,
     };
@@ -180,35 +191,168 @@ pub fn sse_body(
             state.format.opening(&mut out);
         }
         loop {
-            match state.events.next().await {
-                Some(GenerationEvent::Token { text, .. }) => {
-                    state.timer.token();
-                    if text.is_empty() {
-                        continue; // held back (partial character or possible stop string)
-                    }
-                    state.format.text(&text, &mut out);
-                }
-                Some(GenerationEvent::Finished { reason, usage }) => {
-                    state.timer.finished(usage);
-                    state.format.finish(reason.as_str(), usage.into(), &mut out);
-                    state.done = true;
-                }
-                Some(GenerationEvent::Failed(error)) => {
-                    let model = state.format.meta.model.clone();
-                    state
-                        .format
-                        .failure(ApiError::from_engine(error, &model), &mut out);
-                    state.done = true;
-                }
-                None => {
-                    let model = state.format.meta.model.clone();
-                    state
-                        .format
-                        .failure(ApiError::Unavailable { model }, &mut out);
-                    state.done = true;
-                }
+            let event = state.events.next().await;
+            if !state.step(event, &mut out) {
+                continue;
             }
             return Some((Ok(Bytes::from(out)), state));
         }
     })
+}
+
+impl StreamState {
+    /// Handles one event; false when it released nothing to send yet.
+    fn step(&mut self, event: Option<GenerationEvent>, out: &mut Vec<u8>) -> bool {
+        match event {
+            Some(GenerationEvent::Token { text, .. }) => {
+                self.timer.token();
+                match self.filter.push(&text) {
+                    Ok(released) if released.is_empty() => return false,
+                    Ok(released) => self.format.text(&released, out),
+                    Err(withheld) => self.fail(withheld, out),
+                }
+            }
+            Some(GenerationEvent::Finished { reason, usage }) => {
+                self.timer.finished(usage);
+                if let Some(admitted) = self.admitted.take() {
+                    admitted.settle(usage.completion_tokens as u64);
+                }
+                match self.filter.finish() {
+                    Ok(rest) => {
+                        if !rest.is_empty() {
+                            self.format.text(&rest, out);
+                        }
+                        self.format.finish(reason.as_str(), usage.into(), out);
+                        self.done = true;
+                    }
+                    Err(withheld) => self.fail(withheld, out),
+                }
+            }
+            Some(GenerationEvent::Failed(error)) => {
+                let model = self.format.meta.model.clone();
+                self.fail(ApiError::from_engine(error, &model), out);
+            }
+            None => {
+                let model = self.format.meta.model.clone();
+                self.fail(ApiError::Unavailable { model }, out);
+            }
+        }
+        true
+    }
+
+    fn fail(&mut self, error: ApiError, out: &mut Vec<u8>) {
+        self.format.failure(error, out);
+        self.done = true;
+    }
+}
+
+/// Holds back the end of a streamed answer that could still grow into a match of an answer
+/// rule, so that a match is complete, and denied or masked, before any of it is sent.
+/// Without answer rules, text passes straight through.
+struct AnswerFilter {
+    policy: Arc<AccessPolicy>,
+    active: bool,
+    /// A configured pattern applies to answers: its matches have no known alphabet, so the
+    /// last [`ANSWER_LAG_BYTES`] are always held.
+    patterns: bool,
+    raw: String,
+    released: String,
+}
+
+/// Most of a streamed answer held back at once: a configured pattern matching more text
+/// than this could have its beginning sent before it completes.
+pub const ANSWER_LAG_BYTES: usize = 256;
+
+/// `hold` bytes from the end of `text`, widened to a character boundary.
+fn floor_boundary_from_end(text: &str, hold: usize) -> usize {
+    let mut start = text.len() - hold;
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    text.len() - start
+}
+
+impl AnswerFilter {
+    fn new(policy: Arc<AccessPolicy>) -> Self {
+        let active = policy.data().content.iter().any(|rule| {
+            rule.applies_to != Direction::Prompt
+                && matches!(rule.action, ContentAction::Deny | ContentAction::Redact)
+        });
+        let patterns = policy.data().content.iter().any(|rule| {
+            rule.applies_to != Direction::Prompt
+                && rule.detector == "regex"
+                && matches!(rule.action, ContentAction::Deny | ContentAction::Redact)
+        });
+        Self {
+            policy,
+            active,
+            patterns,
+            raw: String::new(),
+            released: String::new(),
+        }
+    }
+
+    /// Adds generated text; returns what may be sent now, or the refusal.
+    fn push(&mut self, text: &str) -> Result<String, ApiError> {
+        if !self.active {
+            return Ok(text.to_owned());
+        }
+        self.raw.push_str(text);
+        let safe = self.checked()?;
+        let end = safe.len() - self.hold_back(&safe);
+        self.release(&safe[..end])
+    }
+
+    /// How many bytes at the end of `text` could be the beginning of a match: the trailing
+    /// run of characters a card number, IBAN, e-mail address or marking is made of (none of
+    /// them contains other characters), or the whole lag when a configured pattern applies.
+    fn hold_back(&self, text: &str) -> usize {
+        let limit = text.len().min(ANSWER_LAG_BYTES);
+        if self.patterns {
+            return floor_boundary_from_end(text, limit);
+        }
+        let run = |part_of: fn(char) -> bool| {
+            text.chars()
+                .rev()
+                .take_while(|&c| part_of(c))
+                .map(char::len_utf8)
+                .sum::<usize>()
+        };
+        // Words, e-mail addresses, IBANs and card numbers written without spaces.
+        let word = run(|c| c.is_ascii_alphanumeric() || "._%+@-".contains(c));
+        // Card numbers, IBANs and markings written with spaces, hyphens or slashes.
+        let grouped = run(|c| c.is_ascii_digit() || c.is_ascii_uppercase() || " -/".contains(c));
+        floor_boundary_from_end(text, word.max(grouped).min(limit))
+    }
+
+    /// The answer is complete: the rest, or the refusal.
+    fn finish(&mut self) -> Result<String, ApiError> {
+        if !self.active {
+            return Ok(String::new());
+        }
+        let safe = self.checked()?;
+        self.release(&safe)
+    }
+
+    /// The answer so far with answer rules applied: masked, or refused by a deny rule.
+    fn checked(&self) -> Result<String, ApiError> {
+        guard::check_answer(&self.policy, self.raw.clone())
+    }
+
+    /// Sends the part of `upto` not sent yet. Masking only ever changes text within the
+    /// lag, so what was sent stays a prefix; if it ever did not, the stream stops rather
+    /// than send text that was not checked.
+    fn release(&mut self, upto: &str) -> Result<String, ApiError> {
+        let Some(new) = upto.strip_prefix(self.released.as_str()) else {
+            if upto.len() < self.released.len() && self.released.starts_with(upto) {
+                return Ok(String::new());
+            }
+            return Err(ApiError::AnswerWithheld {
+                reason: "content.inconsistent_masking".to_owned(),
+            });
+        };
+        let new = new.to_owned();
+        self.released.push_str(&new);
+        Ok(new)
+    }
 }

@@ -107,6 +107,24 @@ pub struct ModelsConfig {
     pub serve: BTreeMap<String, PathBuf>,
 }
 
+/// `[policy]`: the policy directory (Cedar schema and policies, `moat-policy.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub directory: PathBuf,
+}
+
+impl PolicyConfig {
+    pub(super) fn problems(&self, problems: &mut Vec<String>) {
+        if !self.directory.is_dir() {
+            problems.push(format!(
+                "policy.directory: {} is not a directory",
+                self.directory.display()
+            ));
+        }
+    }
+}
+
 /// `[metrics]`: the Prometheus endpoint, on its own plain-HTTP listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,0 +1,150 @@
+//! The policy gate of every request: content rules on the prompt, the Cedar decision, the
+//! classification ceilings, then the department's limits. A refusal leaves as 403 or 429
+//! with the stable reason code and never the policy's text.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use actix_web::HttpRequest;
+use moat_core::policy::content::{ContentScan, Direction, Purpose};
+use moat_core::policy::limits::{Admission, LimitRequest};
+use moat_core::policy::{
+    AccessPolicy, ModelFacts, PolicyAction, PolicyDecision, PolicyRequest, ReasonCode,
+};
+
+use super::error::ApiError;
+use super::{AppState, Caller};
+
+/// Header in which a request states its data classification.
+pub const CLASSIFICATION_HEADER: &str = "x-moat-classification";
+
+/// A request the policy let through: its decision (for the audit), and its hold on the
+/// department's limits, released when the answer is done.
+#[derive(Debug)]
+pub struct Admitted {
+    pub decision: PolicyDecision,
+    pub prompt_scan: ContentScan,
+    pub policy: Arc<AccessPolicy>,
+    admission: Option<Admission>,
+}
+
+impl Admitted {
+    /// The answer is done with this many output tokens: unused reserved tokens go back.
+    pub fn settle(mut self, output_tokens: u64) {
+        if let Some(admission) = self.admission.take() {
+            admission.settle(output_tokens, Instant::now());
+        }
+    }
+}
+
+/// What a request asks for, as the gate needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct GateRequest<'a> {
+    pub action: PolicyAction,
+    pub model: Option<ModelFacts<'a>>,
+    /// The prompt's text as the content rules see it (after redaction for inference).
+    pub prompt_text: &'a str,
+    pub prompt_tokens: u64,
+    pub max_tokens: u64,
+}
+
+/// The policy's prompt text for inference: `redact` rules masked.
+pub fn redact_for_inference(policy: &AccessPolicy, text: &str) -> String {
+    policy
+        .content()
+        .redact(text, Direction::Prompt, Purpose::Inference)
+        .into_owned()
+}
+
+/// Decides and, if allowed, takes the request's place in its department's limits.
+pub fn admit(
+    state: &AppState,
+    policy: Arc<AccessPolicy>,
+    caller: &Caller,
+    http: &HttpRequest,
+    request: GateRequest<'_>,
+) -> Result<Admitted, ApiError> {
+    let prompt_scan = policy
+        .content()
+        .scan(request.prompt_text, Direction::Prompt);
+    // A header that is not text names no label on the scale.
+    let classification = http
+        .headers()
+        .get(CLASSIFICATION_HEADER)
+        .map(|value| value.to_str().unwrap_or("\u{fffd}").trim());
+    let unix_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let decision = policy.decide(&PolicyRequest {
+        department: &caller.identity.department,
+        subject: &caller.identity.subject,
+        action: request.action,
+        model: request.model,
+        classification,
+        source_ip: http
+            .peer_addr()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip()),
+        unix_time,
+        prompt_tokens: request.prompt_tokens,
+        max_tokens: request.max_tokens,
+        prompt_scan: &prompt_scan,
+    });
+    let model = request.model.map_or("", |m| m.name);
+    let count = |reason: &ReasonCode| {
+        state
+            .metrics
+            .policy_decision(&reason.as_str(), &caller.identity.department, model);
+    };
+    if !decision.reason.is_allow() {
+        count(&decision.reason);
+        tracing::info!(reason = %decision.reason, classification = %decision.classification, "refused by policy");
+        return Err(ApiError::PolicyDenied {
+            reason: decision.reason.as_str(),
+        });
+    }
+    let limits = LimitRequest {
+        input_tokens: request.prompt_tokens,
+        max_output_tokens: request.max_tokens,
+    };
+    let admission =
+        match state
+            .policy
+            .limiter()
+            .admit(&caller.identity.department, limits, Instant::now())
+        {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                let reason = ReasonCode::Limit(refusal.limit);
+                count(&reason);
+                tracing::info!(%reason, "refused by a limit");
+                return Err(ApiError::LimitExceeded {
+                    reason: reason.as_str(),
+                    message: refusal.to_string(),
+                    retry_after: refusal.retry_after.map(|d| d.as_secs().max(1)),
+                });
+            }
+        };
+    count(&decision.reason);
+    Ok(Admitted {
+        decision,
+        prompt_scan,
+        policy,
+        admission: Some(admission),
+    })
+}
+
+/// Checks a whole answer: `Err` when a deny rule fires (the answer is withheld), else the
+/// answer with `redact` rules masked.
+pub fn check_answer(policy: &AccessPolicy, answer: String) -> Result<String, ApiError> {
+    let scan = policy.content().scan(&answer, Direction::Answer);
+    if let Some(detector) = scan.denied_by {
+        return Err(ApiError::AnswerWithheld {
+            reason: ReasonCode::Content(detector).as_str(),
+        });
+    }
+    Ok(policy
+        .content()
+        .redact(&answer, Direction::Answer, Purpose::Inference)
+        .into_owned())
+}

@@ -1,0 +1,148 @@
+//! The policy in force: read from the policy directory, decided on by `moat-core`, swapped
+//! whole on reload.
+//!
+//! A policy directory holds `schema.cedarschema`, one or more `*.cedar` files and
+//! `moat-policy.toml`. A reload validates the new directory completely before it replaces
+//! the old policy; an invalid one is refused and the old one stays in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use moat_core::policy::limits::Limiter;
+use moat_core::policy::{AccessPolicy, PolicyError, PolicySource, SourceFile};
+
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+pub const DATA_FILE: &str = "moat-policy.toml";
+
+/// Why a policy directory could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    #[error("cannot read the policy directory {dir}: {source}")]
+    Read {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the policy directory {dir} holds no .cedar file")]
+    NoPolicies { dir: PathBuf },
+    #[error("the policy in {dir} is invalid: {source}")]
+    Invalid {
+        dir: PathBuf,
+        #[source]
+        source: PolicyError,
+    },
+}
+
+/// The texts of a policy directory, read in a stable order.
+#[derive(Debug)]
+pub struct PolicyFiles {
+    schema: (String, String),
+    policies: Vec<(String, String)>,
+    data: (String, String),
+}
+
+impl PolicyFiles {
+    /// Reads `schema.cedarschema`, every `*.cedar` (by name) and `moat-policy.toml`.
+    pub fn read(dir: &Path) -> Result<Self, PolicyLoadError> {
+        let read_error = |source| PolicyLoadError::Read {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let read = |name: &Path| -> Result<(String, String), PolicyLoadError> {
+            let text = std::fs::read_to_string(name).map_err(read_error)?;
+            Ok((name.display().to_string(), text))
+        };
+        let mut cedar: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(read_error)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|e| e == "cedar") && path.is_file())
+            .collect();
+        cedar.sort();
+        if cedar.is_empty() {
+            return Err(PolicyLoadError::NoPolicies {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Ok(Self {
+            schema: read(&dir.join(SCHEMA_FILE))?,
+            policies: cedar.iter().map(|p| read(p)).collect::<Result<_, _>>()?,
+            data: read(&dir.join(DATA_FILE))?,
+        })
+    }
+
+    pub fn source(&self) -> PolicySource<'_> {
+        fn file((name, text): &(String, String)) -> SourceFile<'_> {
+            SourceFile {
+                name: name.as_str(),
+                text: text.as_str(),
+            }
+        }
+        PolicySource {
+            schema: file(&self.schema),
+            policies: self.policies.iter().map(file).collect(),
+            data: file(&self.data),
+        }
+    }
+}
+
+/// Reads and validates a policy directory.
+pub fn load_dir(dir: &Path) -> Result<AccessPolicy, PolicyLoadError> {
+    let files = PolicyFiles::read(dir)?;
+    AccessPolicy::load(&files.source()).map_err(|source| PolicyLoadError::Invalid {
+        dir: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// The policy in force and the limit state, shared by every request.
+#[derive(Debug)]
+pub struct PolicyStore {
+    dir: PathBuf,
+    current: RwLock<Arc<AccessPolicy>>,
+    limiter: Limiter,
+}
+
+impl PolicyStore {
+    /// Loads the directory; the limits start empty.
+    pub fn open(dir: &Path) -> Result<Self, PolicyLoadError> {
+        let policy = load_dir(dir)?;
+        let data = policy.data();
+        let limiter = Limiter::new(data.default_limits, data.department_limits());
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            current: RwLock::new(Arc::new(policy)),
+            limiter,
+        })
+    }
+
+    /// The policy in force. Requests keep the one they started with.
+    pub fn current(&self) -> Arc<AccessPolicy> {
+        match self.current.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads and validates the directory again and, only if it is valid, puts it in force
+    /// (limits keep their current levels). On error the old policy stays.
+    pub fn reload(&self) -> Result<(), PolicyLoadError> {
+        let policy = load_dir(&self.dir)?;
+        let data = policy.data();
+        self.limiter
+            .reconfigure(data.default_limits, data.department_limits());
+        let policy = Arc::new(policy);
+        match self.current.write() {
+            Ok(mut guard) => *guard = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+        Ok(())
+    }
+}
