@@ -11,7 +11,7 @@ mod serve;
 
 pub use serve::{
     CertField, IdentityConfig, LimitsConfig, MetricsConfig, ModelsConfig, PolicyConfig,
-    ServerConfig, TlsConfig, valid_model_name,
+    ServerConfig, TlsConfig, network_allows, valid_model_name,
 };
 
 use crate::engine::ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS;

@@ -2,25 +2,21 @@
 //! metrics listener, and serve until SIGINT or SIGTERM (in-flight requests get
 //! `server.shutdown_grace_secs` to finish).
 
-use std::any::Any;
+mod listener;
+
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use actix_tls::accept::rustls_0_23::TlsStream;
-use actix_web::dev::Extensions;
-use actix_web::middleware::from_fn;
-use actix_web::rt::net::TcpStream;
 use actix_web::{App, HttpServer, web};
 
-use crate::api::{self, AppState, ConnectionIdentity, EmbeddingService, ServedModel};
-use crate::config::{Config, IdentityConfig, ServerConfig, TlsConfig};
+use crate::api::{self, AppState, EmbeddingService, ServedModel};
+use crate::config::{Config, ServerConfig, TlsConfig};
 use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
 use crate::metrics::Metrics;
 use crate::policy::{PolicyLoadError, PolicyStore};
-use crate::tls::{self, IdentityError, TlsError};
+use crate::tls::{self, TlsError};
 use moat_core::ModelTask;
 
 /// Why `moatd serve` could not start or stopped with an error.
@@ -175,32 +171,14 @@ async fn run_servers(
     let Some(server) = &config.server else {
         return Err(ServeError::Incomplete("[server] is required"));
     };
-    let identity = config.identity;
     let policy = Arc::clone(&state.policy);
-    let api_state = state.clone();
-    let mut api = HttpServer::new(move || {
-        App::new()
-            .app_data(api_state.clone())
-            .wrap(from_fn(api::request_context))
-            .configure(api::routes)
-    })
-    .on_connect(move |connection, data| capture_identity(connection, data, &identity))
-    .tls_handshake_timeout(Duration::from_millis(server.tls_handshake_timeout_ms))
-    .shutdown_timeout(server.shutdown_grace_secs);
-    if let Some(workers) = server.workers {
-        api = api.workers(workers);
-    }
-    for listener in listeners {
-        let address = listener.local_addr().map_err(ServeError::Run)?;
-        api = api
-            .listen_rustls_0_23(listener, rustls_config.clone())
-            .map_err(|source| ServeError::Bind { address, source })?;
-        tracing::info!(url = %format!("https://{address}"), "API listening");
-    }
-    // moatd handles the stop signals itself: actix would stop each server on its own and
-    // then the whole runtime, cutting off the API's in-flight requests when the idle
-    // metrics server finishes first.
-    let api = api.disable_signals().run();
+    let api = listener::api_server(
+        state.clone(),
+        listeners,
+        rustls_config,
+        server,
+        config.identity,
+    )?;
     let mut handles = vec![api.handle()];
     let mut servers = vec![actix_web::rt::spawn(api)];
     if let Some(listener) = metrics_listener {
@@ -308,25 +286,6 @@ impl StopSignals {
             _ = self.interrupt.recv() => "SIGINT",
         }
     }
-}
-
-/// Records the identity in the leaf client certificate of a new connection. Anything but a
-/// rustls connection with a verified certificate records a refusal.
-fn capture_identity(connection: &dyn Any, data: &mut Extensions, mapping: &IdentityConfig) {
-    let identity = match connection.downcast_ref::<TlsStream<TcpStream>>() {
-        Some(stream) => {
-            let (_, session) = stream.get_ref();
-            match session.peer_certificates().and_then(|chain| chain.first()) {
-                Some(leaf) => tls::identity_from_leaf(leaf, mapping),
-                None => Err(IdentityError::NoCertificate),
-            }
-        }
-        None => Err(IdentityError::NoCertificate),
-    };
-    if let Err(e) = &identity {
-        tracing::warn!(error = %e, "a verified client certificate names no usable identity");
-    }
-    data.insert(ConnectionIdentity(identity));
 }
 
 /// Loads and warms every configured model; any failure stops the start.

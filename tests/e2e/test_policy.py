@@ -63,7 +63,7 @@ def refusal(response, status: int, code: str) -> dict:
 
 @pytest.fixture(scope="module")
 def legal(pki):
-    return pki.issue_client("legal", "bob")
+    return pki.issue_client("legal", "lena")
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,30 @@ def test_an_invalid_policy_stops_the_start_with_every_problem(tmp_path, pki):
     assert "policies.cedar:1:" in message
     assert "default_model.ceiling" in message
     assert time.monotonic() - start < 60
+
+
+def test_sources_outside_the_listeners_networks_are_closed_before_tls(tmp_path, pki, alice):
+    import socket
+    import ssl
+
+    from harness import tls_context
+
+    config = server_config(pki, FIXTURE, server={"allowed_networks": ["10.0.0.0/8"]})
+    with running(tmp_path / "closed", config) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            # Closed on accept: not even the server's TLS hello comes back.
+            raw.settimeout(10)
+            assert raw.recv(1) == b""
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                with tls_context(pki.ca_cert, alice).wrap_socket(
+                        raw, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    tls.recv(1)
+        wait_until(lambda: "not in the listener's networks" in server.log, 10, "the log line")
+    config = server_config(pki, FIXTURE, server={
+        "allowed_networks": ["10.0.0.0/8"],
+        "listener_networks": {"127.0.0.1:0": ["127.0.0.0/8"]}})
+    with running(tmp_path / "open", config) as server, \
+            server.http(pki.ca_cert, alice) as http:
+        assert http.get("/healthz").status_code == 200

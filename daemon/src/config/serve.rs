@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 /// `[server]`: the department-facing HTTPS listener(s).
@@ -21,6 +22,35 @@ pub struct ServerConfig {
     /// In-flight requests get this long to finish when moatd stops.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
+    /// Client source networks every listener accepts (CIDR); others are closed before the
+    /// TLS handshake. Empty: any address.
+    #[serde(default)]
+    pub allowed_networks: Vec<IpNet>,
+    /// Per listener (by its `listen` address), networks instead of `allowed_networks`.
+    #[serde(default)]
+    pub listener_networks: BTreeMap<String, Vec<IpNet>>,
+}
+
+impl ServerConfig {
+    /// The networks a listener accepts; empty means any.
+    pub fn networks_for(&self, listen: SocketAddr) -> &[IpNet] {
+        self.listener_networks
+            .iter()
+            .find(|(address, _)| address.parse::<SocketAddr>().ok() == Some(listen))
+            .map_or(&self.allowed_networks, |(_, networks)| networks)
+    }
+}
+
+/// Whether `peer` is in one of `networks` (empty: any). IPv4 peers on an IPv6 listener
+/// arrive as `::ffff:a.b.c.d` and are matched as the IPv4 address they are.
+pub fn network_allows(networks: &[IpNet], peer: std::net::IpAddr) -> bool {
+    let peer = match peer {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    networks.is_empty() || networks.iter().any(|network| network.contains(&peer))
 }
 
 fn default_handshake_timeout_ms() -> u64 {
@@ -217,6 +247,14 @@ impl ServerConfig {
         }
         if self.shutdown_grace_secs > 3_600 {
             problems.push("server.shutdown_grace_secs must be at most 3600".to_owned());
+        }
+        for address in self.listener_networks.keys() {
+            match address.parse::<SocketAddr>() {
+                Ok(parsed) if self.listen.contains(&parsed) => {}
+                _ => problems.push(format!(
+                    "server.listener_networks: {address:?} is not one of server.listen"
+                )),
+            }
         }
     }
 }
