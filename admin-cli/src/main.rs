@@ -2,6 +2,7 @@
 //! shared formats come from `moat-core`.
 
 mod pki;
+mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +19,8 @@ use moat_core::ModelMetadata;
     after_help = "Examples:\n  \
         moatctl model inspect local/models/smollm2-135m-instruct-exact\n  \
         moatctl pki init --dir pki\n  \
-        moatctl pki issue-client --dir pki --department finance --name alice\n\n\
+        moatctl pki issue-client --dir pki --department finance --name alice\n  \
+        moatctl policy validate /etc/moat/policies\n\n\
         Each command has its own --help with examples."
 )]
 struct Cli {
@@ -34,6 +36,9 @@ enum Command {
     /// Run a development PKI: CA, client and server certificates, revocation and CRLs.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// Check, test and reload the access policy (Cedar policies and moat-policy.toml).
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,23 +58,28 @@ enum ModelCommand {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            e.downcast_ref::<policy::Error>()
+                .map_or(ExitCode::FAILURE, |e| ExitCode::from(e.exit_code()))
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Model(ModelCommand::Inspect { dir, json }) => inspect(&dir, json),
+        Command::Model(ModelCommand::Inspect { dir, json }) => {
+            inspect(&dir, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pki(command) => {
             for path in pki::run(command)? {
                 println!("{}", path.display());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Policy(command) => Ok(policy::run(command)?),
     }
 }
 
