@@ -332,7 +332,8 @@ fn the_judged_label_is_the_stated_one_or_the_departments_default() {
     let policy = load(ESTATE_POLICIES, ESTATE_DATA);
     for (department, label) in [
         ("finance", "internal"),
-        ("legal", "public"),
+        // legal's table names no default label: it inherits [default_department]'s.
+        ("legal", "internal"),
         ("enclave", "confidential"),
         ("visitor", "internal"),
     ] {
@@ -517,4 +518,64 @@ proptest! {
         let decision = ask.decide(&WITHOUT_PERMITS);
         prop_assert!(!decision.reason.is_allow(), "{ask:?}: {decision:?}");
     }
+}
+
+/// A schema edit that the requests moatd builds no longer fit (here a department attribute
+/// moatd does not supply) is refused at load, instead of denying every request later.
+#[test]
+fn a_schema_the_requests_do_not_fit_is_refused_at_load() {
+    let schema = SCHEMA.replace(
+        "ceiling_label: String,",
+        "ceiling_label: String,\n    region: String,",
+    );
+    assert_ne!(schema, SCHEMA);
+    let source = PolicySource {
+        schema: SourceFile {
+            name: "schema.cedarschema",
+            text: &schema,
+        },
+        policies: vec![SourceFile {
+            name: "policies.cedar",
+            text: SHIPPED_POLICIES,
+        }],
+        data: SourceFile {
+            name: "moat-policy.toml",
+            text: SHIPPED_DATA,
+        },
+    };
+    let error = AccessPolicy::load(&source).expect_err("refused");
+    assert!(
+        error
+            .problems
+            .iter()
+            .any(|p| p.contains("does not fit the chat requests")),
+        "{error}"
+    );
+}
+
+/// Data-rule syntax errors carry the file, line and column.
+#[test]
+fn data_syntax_errors_are_located() {
+    let source = PolicySource {
+        schema: SourceFile {
+            name: "schema.cedarschema",
+            text: SCHEMA,
+        },
+        policies: vec![SourceFile {
+            name: "policies.cedar",
+            text: SHIPPED_POLICIES,
+        }],
+        data: SourceFile {
+            name: "moat-policy.toml",
+            text: "classification = [\"public\"]\n\n[default_model]\nceiling = \n",
+        },
+    };
+    let error = AccessPolicy::load(&source).expect_err("refused");
+    assert!(
+        error
+            .problems
+            .iter()
+            .any(|p| p.starts_with("moat-policy.toml:4:")),
+        "{error}"
+    );
 }

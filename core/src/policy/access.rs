@@ -109,6 +109,8 @@ pub struct AccessPolicy {
     content: ContentRules,
     authorizer: Authorizer,
     types: EntityTypes,
+    /// Entities shared by every request (see `base_entities`).
+    base: Entities,
     /// How many policies each file contributed, in order (for `moatctl policy validate`).
     pub counts: Vec<(String, usize)>,
 }
@@ -172,6 +174,10 @@ impl AccessPolicy {
                 );
                 Some(data)
             }
+            Err(e) if e.starts_with(|c: char| c.is_ascii_digit()) => {
+                problems.push(format!("{}:{e}", source.data.name));
+                None
+            }
             Err(e) => {
                 problems.push(format!("{}: {e}", source.data.name));
                 None
@@ -187,17 +193,36 @@ impl AccessPolicy {
             },
             None => None,
         };
-        match (schema, data, content) {
-            (Some(schema), Some(data), Some(content)) if problems.is_empty() => Ok(Self {
-                schema,
-                policies,
-                data,
-                content,
-                authorizer: Authorizer::new(),
-                types: EntityTypes::new(),
-                counts,
-            }),
-            _ => Err(PolicyError { problems }),
+        let (Some(schema), Some(data), Some(content)) = (schema, data, content) else {
+            return Err(PolicyError { problems });
+        };
+        if !problems.is_empty() {
+            return Err(PolicyError { problems });
+        }
+        let mut policy = Self {
+            schema,
+            policies,
+            data,
+            content,
+            authorizer: Authorizer::new(),
+            types: EntityTypes::new(),
+            base: Entities::empty(),
+            counts,
+        };
+        match policy.base_entities() {
+            Ok(base) => policy.base = base,
+            Err(e) => problems.push(format!("{}: {e}", source.schema.name)),
+        }
+        problems.extend(
+            policy
+                .probe()
+                .into_iter()
+                .map(|p| format!("{}: {p}", source.schema.name)),
+        );
+        if problems.is_empty() {
+            Ok(policy)
+        } else {
+            Err(PolicyError { problems })
         }
     }
 
@@ -227,7 +252,9 @@ impl AccessPolicy {
         };
         // A request that cannot be put to Cedar (facts the schema refuses) is not
         // permitted: the default outcome is "not allowed, no deciding policy".
-        let (allowed, policies) = self.authorize(request, &label, rank).unwrap_or_default();
+        let (allowed, policies) = self
+            .authorize(request, &label, rank, false)
+            .unwrap_or_default();
         if !allowed {
             let reason = if policies.is_empty() {
                 ReasonCode::NoPermit
@@ -253,13 +280,18 @@ impl AccessPolicy {
     }
 
     /// Puts the request to Cedar: whether it is allowed, and the deciding policies.
+    ///
+    /// With `strict`, the entities and the request are checked against the schema (done once
+    /// at load, on probe requests); per request they are built from the same code without
+    /// the check, on top of the entities prepared at load.
     fn authorize(
         &self,
         request: &PolicyRequest<'_>,
         label: &str,
         rank: usize,
+        strict: bool,
     ) -> Result<(bool, Vec<String>), String> {
-        let entities = self.entities(request).map_err(|e| e.to_string())?;
+        let entities = self.entities(request, strict).map_err(|e| e.to_string())?;
         let t = &self.types;
         let principal = uid(&t.subject, request.subject);
         let action = uid(&t.action, request.action.as_str());
@@ -270,7 +302,8 @@ impl AccessPolicy {
         let context = self
             .context(request, label, rank)
             .map_err(|e| e.to_string())?;
-        let cedar_request = Request::new(principal, action, resource, context, Some(&self.schema))
+        let schema = strict.then_some(&self.schema);
+        let cedar_request = Request::new(principal, action, resource, context, schema)
             .map_err(|e| e.to_string())?;
         let response = self
             .authorizer
@@ -286,61 +319,123 @@ impl AccessPolicy {
     fn entities(
         &self,
         request: &PolicyRequest<'_>,
+        strict: bool,
     ) -> Result<Entities, Box<dyn std::error::Error>> {
         let t = &self.types;
-        let data = &self.data;
-        let rules = data.department(request.department);
-        let ceiling = rules.ceiling.as_deref().unwrap_or(data.lowest());
         let department_uid = uid(&t.department, request.department);
-        let mut entities = vec![
-            Entity::new(
-                department_uid.clone(),
-                ceiling_attrs(ceiling, data.rank(ceiling).unwrap_or(0)),
-                HashSet::new(),
-            )?,
-            Entity::new_no_attrs(
-                uid(&t.subject, request.subject),
-                HashSet::from([department_uid]),
-            ),
-        ];
-        match request.model {
-            Some(model) => {
-                let rules = data.model(model.name);
-                let ceiling = rules.ceiling.as_deref().unwrap_or(data.lowest());
-                let mut attrs = ceiling_attrs(ceiling, data.rank(ceiling).unwrap_or(0));
-                attrs.insert(
-                    "name".into(),
-                    RestrictedExpression::new_string(model.name.into()),
-                );
-                attrs.insert(
-                    "task".into(),
-                    RestrictedExpression::new_string(model.task.into()),
-                );
-                attrs.insert(
-                    "version".into(),
-                    RestrictedExpression::new_string(rules.version.clone().unwrap_or_default()),
-                );
-                attrs.insert(
-                    "tags".into(),
-                    RestrictedExpression::new_set(
-                        rules
-                            .tags
-                            .iter()
-                            .map(|t| RestrictedExpression::new_string(t.clone())),
-                    ),
-                );
-                entities.push(Entity::new(
-                    uid(&t.model, model.name),
-                    attrs,
-                    HashSet::new(),
-                )?);
-            }
-            None => entities.push(Entity::new_no_attrs(
-                uid(&t.appliance, "moat"),
-                HashSet::new(),
-            )),
+        let mut entities = vec![Entity::new_no_attrs(
+            uid(&t.subject, request.subject),
+            HashSet::from([department_uid]),
+        )];
+        let tabled = self.data.departments.contains_key(request.department);
+        if strict || !tabled {
+            entities.push(self.department_entity(request.department)?);
         }
-        Ok(Entities::from_entities(entities, Some(&self.schema))?)
+        match request.model {
+            Some(model) => entities.push(self.model_entity(model)?),
+            None if strict => entities.push(self.appliance_entity()),
+            None => {}
+        }
+        if strict {
+            return Entities::from_entities(entities, Some(&self.schema))
+                .map_err(|e| diagnostic_text(&e).into());
+        }
+        Ok(self.base.clone().add_entities(entities, None)?)
+    }
+
+    fn department_entity(&self, name: &str) -> Result<Entity, Box<dyn std::error::Error>> {
+        let data = &self.data;
+        let ceiling = data
+            .department(name)
+            .ceiling
+            .as_deref()
+            .unwrap_or(data.lowest());
+        Ok(Entity::new(
+            uid(&self.types.department, name),
+            ceiling_attrs(ceiling, data.rank(ceiling).unwrap_or(0)),
+            HashSet::new(),
+        )?)
+    }
+
+    fn appliance_entity(&self) -> Entity {
+        Entity::new_no_attrs(uid(&self.types.appliance, "moat"), HashSet::new())
+    }
+
+    fn model_entity(&self, model: ModelFacts<'_>) -> Result<Entity, Box<dyn std::error::Error>> {
+        let data = &self.data;
+        let rules = data.model(model.name);
+        let ceiling = rules.ceiling.as_deref().unwrap_or(data.lowest());
+        let mut attrs = ceiling_attrs(ceiling, data.rank(ceiling).unwrap_or(0));
+        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+        attrs.insert("name".into(), string(model.name));
+        attrs.insert("task".into(), string(model.task));
+        attrs.insert(
+            "version".into(),
+            string(rules.version.as_deref().unwrap_or_default()),
+        );
+        attrs.insert(
+            "tags".into(),
+            RestrictedExpression::new_set(rules.tags.iter().map(|t| string(t))),
+        );
+        Ok(Entity::new(
+            uid(&self.types.model, model.name),
+            attrs,
+            HashSet::new(),
+        )?)
+    }
+
+    /// The entities every request shares, built and checked against the schema once:
+    /// departments with a table of their own, the appliance, and the schema's actions.
+    fn base_entities(&self) -> Result<Entities, String> {
+        let mut entities = vec![self.appliance_entity()];
+        for name in self.data.departments.keys() {
+            entities.push(self.department_entity(name).map_err(|e| e.to_string())?);
+        }
+        Entities::from_entities(entities, Some(&self.schema)).map_err(|e| e.to_string())
+    }
+
+    /// Puts one request of every action through the schema-checked path, so that a schema
+    /// the requests do not fit is refused at load instead of denying everything later.
+    fn probe(&self) -> Vec<String> {
+        let scan = ContentScan::default();
+        let department = self
+            .data
+            .departments
+            .keys()
+            .next()
+            .map_or("probe-department", String::as_str);
+        let lowest = self.data.lowest().to_owned();
+        [
+            PolicyAction::Chat,
+            PolicyAction::Complete,
+            PolicyAction::Embed,
+            PolicyAction::ListModels,
+        ]
+        .into_iter()
+        .filter_map(|action| {
+            let request = PolicyRequest {
+                department,
+                subject: "probe-subject",
+                action,
+                model: (action != PolicyAction::ListModels).then_some(ModelFacts {
+                    name: "probe-model",
+                    task: "text-generation",
+                }),
+                classification: None,
+                source_ip: IpAddr::from([127, 0, 0, 1]),
+                unix_time: 0,
+                prompt_tokens: 0,
+                max_tokens: 0,
+                prompt_scan: &scan,
+            };
+            self.authorize(&request, &lowest, 0, true).err().map(|e| {
+                format!(
+                    "the schema does not fit the {} requests moatd builds: {e}",
+                    action.as_str()
+                )
+            })
+        })
+        .collect()
     }
 
     fn context(
@@ -383,6 +478,21 @@ impl AccessPolicy {
             ),
         ])?)
     }
+}
+
+/// A Cedar diagnostic's message with its help and related diagnostics.
+fn diagnostic_text(error: &dyn miette::Diagnostic) -> String {
+    let mut message = error.to_string();
+    if let Some(help) = error.help() {
+        message.push_str(&format!(" ({help})"));
+    }
+    if let Some(related) = error.related() {
+        for inner in related {
+            message.push_str(": ");
+            message.push_str(&diagnostic_text(inner));
+        }
+    }
+    message
 }
 
 fn ceiling_attrs(label: &str, rank: usize) -> HashMap<String, RestrictedExpression> {

@@ -66,9 +66,42 @@ fn default_scale() -> Vec<String> {
 }
 
 impl PolicyData {
-    /// Parses the TOML text.
+    /// Parses the TOML text. A department or model table inherits the fields it leaves out
+    /// from `[default_department]` or `[default_model]`. Errors read `LINE:COLUMN: message`
+    /// where the position is known.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let mut data: Self = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_owned();
+            match e.span() {
+                Some(span) => {
+                    let before = text.get(..span.start).unwrap_or(text);
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                    format!("{line}:{column}: {message}")
+                }
+                None => message,
+            }
+        })?;
+        data.inherit_defaults();
+        Ok(data)
+    }
+
+    fn inherit_defaults(&mut self) {
+        let department = self.default_department.clone();
+        for rules in self.departments.values_mut() {
+            if rules.classification.is_none() {
+                rules.classification.clone_from(&department.classification);
+            }
+            if rules.ceiling.is_none() {
+                rules.ceiling.clone_from(&department.ceiling);
+            }
+        }
+        let model = self.default_model.clone();
+        for rules in self.models.values_mut() {
+            if rules.ceiling.is_none() {
+                rules.ceiling.clone_from(&model.ceiling);
+            }
+        }
     }
 
     /// Everything wrong with the rules, each naming its field.
@@ -108,9 +141,22 @@ impl PolicyData {
                     .map(|(n, d)| (format!("departments.{n}"), d)),
             );
         let mut limit_problems = self.default_limits.problems("default_limits");
+        let mut above_ceiling = Vec::new();
         for (field, rules) in departments {
             check_label(format!("{field}.classification"), &rules.classification);
             check_label(format!("{field}.ceiling"), &rules.ceiling);
+            let rank = |label: &Option<String>| {
+                scale
+                    .iter()
+                    .position(|l| Some(l) == label.as_ref())
+                    .unwrap_or(0)
+            };
+            if rank(&rules.classification) > rank(&rules.ceiling) {
+                // Every request stating no label would be refused.
+                above_ceiling.push(format!(
+                    "{field}.classification is above its ceiling: requests without a label would all be refused"
+                ));
+            }
             if let Some(limits) = &rules.limits {
                 limit_problems.extend(limits.problems(&format!("{field}.limits")));
             }
@@ -120,6 +166,7 @@ impl PolicyData {
         for (field, rules) in models {
             check_label(format!("{field}.ceiling"), &rules.ceiling);
         }
+        problems.extend(above_ceiling);
         problems.extend(limit_problems);
         problems
     }
