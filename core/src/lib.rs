@@ -6,6 +6,7 @@
 //! anything else that touches the network, the disk or hardware: callers read the bytes and
 //! hand them in.
 
+pub mod audit;
 pub mod model_metadata;
 pub mod policy;
 
