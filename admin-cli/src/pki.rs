@@ -162,10 +162,10 @@ pub struct CrlArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read.
-    #[error("could not read {}: {source}", .path.display())]
+    #[error("could not read {}", .path.display())]
     Read { path: PathBuf, source: io::Error },
     /// A file or directory could not be written.
-    #[error("could not write {}: {source}", .path.display())]
+    #[error("could not write {}", .path.display())]
     Write { path: PathBuf, source: io::Error },
     /// The command would replace a file and --force was not given.
     #[error("{} already exists; pass --force to replace it", .path.display())]
@@ -183,16 +183,16 @@ pub enum Error {
     #[error("{} holds no PEM certificate", .path.display())]
     NotPem { path: PathBuf },
     /// A PEM certificate that does not parse.
-    #[error("{} is not a valid certificate: {source}", .path.display())]
+    #[error("{} is not a valid certificate", .path.display())]
     InvalidCertificate {
         path: PathBuf,
         source: x509_parser::error::X509Error,
     },
     /// The CA certificate parses but cannot serve as an issuer.
-    #[error("{} cannot be used as the CA certificate: {source}", .path.display())]
+    #[error("{} cannot be used as the CA certificate", .path.display())]
     InvalidCaCertificate { path: PathBuf, source: rcgen::Error },
     /// The CA key file is not a usable private key.
-    #[error("{} is not a usable private key: {source}", .path.display())]
+    #[error("{} is not a usable private key", .path.display())]
     InvalidKey { path: PathBuf, source: rcgen::Error },
     /// The CA key is not the key of the CA certificate.
     #[error("{} is not the key of {}", .key.display(), .cert.display())]
@@ -228,7 +228,7 @@ pub enum Error {
     #[error(transparent)]
     Name(#[from] NameError),
     /// The revocation record does not parse.
-    #[error("{} is not a valid revocation record: {source}", .path.display())]
+    #[error("{} is not a valid revocation record", .path.display())]
     InvalidRecord {
         path: PathBuf,
         source: serde_json::Error,
