@@ -7,6 +7,7 @@
 //! It depends on `moat-core` for shared formats; nothing depends on it.
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod metrics;
