@@ -23,12 +23,19 @@ pub enum ModelTask {
     Embedding,
 }
 
-impl fmt::Display for ModelTask {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl ModelTask {
+    /// The name `moat-model.json` and the policies (`resource.task`) use.
+    pub fn as_str(self) -> &'static str {
+        match self {
             ModelTask::TextGeneration => "text-generation",
             ModelTask::Embedding => "embedding",
-        })
+        }
+    }
+}
+
+impl fmt::Display for ModelTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -241,9 +241,23 @@ impl Engine {
         options: &SessionOptions,
         settings: EngineSettings,
     ) -> Result<Self, StartError> {
-        let model = ModelDirectory::open(model_dir)?;
-        let backend = OrtBackend::load(runtime, &model, options)?;
-        Self::start(Box::new(backend), &model, settings)
+        Self::load_ort_directory(
+            runtime,
+            &ModelDirectory::open(model_dir)?,
+            options,
+            settings,
+        )
+    }
+
+    /// [`Engine::load_ort`] for a model directory already opened.
+    pub fn load_ort_directory(
+        runtime: &OrtRuntime,
+        model: &ModelDirectory,
+        options: &SessionOptions,
+        settings: EngineSettings,
+    ) -> Result<Self, StartError> {
+        let backend = OrtBackend::load(runtime, model, options)?;
+        Self::start(Box::new(backend), model, settings)
     }
 
     /// Starts the engine thread over a loaded backend, after checking that tokenizer and

@@ -323,16 +323,23 @@ fn load_model(
     runtime: &OrtRuntime,
     dir: &Path,
 ) -> Result<ServedModel, StartError> {
-    let task = ModelDirectory::open(dir)?.metadata.task;
+    // Opened once: its metadata says what to load, and the loader uses it as it is.
+    let directory = ModelDirectory::open(dir)?;
+    let task = directory.metadata.task;
     let options = config.session_options();
     let (model, device) = match task {
         ModelTask::TextGeneration => {
-            let engine = Engine::load_ort(runtime, dir, &options, config.engine_settings())?;
+            let engine = Engine::load_ort_directory(
+                runtime,
+                &directory,
+                &options,
+                config.engine_settings(),
+            )?;
             let device = engine.model().device;
             (ServedModel::Generator(Arc::new(engine)), device)
         }
         ModelTask::Embedding => {
-            let embedder = Embedder::load_ort(runtime, dir, &options)?;
+            let embedder = Embedder::load_ort_directory(runtime, directory, &options)?;
             let device = embedder.device();
             let service = EmbeddingService::new(embedder, config.engine.queue_capacity);
             (ServedModel::Embedder(Arc::new(service)), device)

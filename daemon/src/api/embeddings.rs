@@ -13,6 +13,7 @@ use super::openai::{
 };
 use super::{AppState, Caller, RequestContext, read_json};
 use crate::engine::{EmbedError, Usage};
+use moat_core::ModelTask;
 use moat_core::policy::{ModelFacts, PolicyAction};
 
 pub async fn embeddings(
@@ -75,7 +76,7 @@ pub async fn embeddings(
         action: PolicyAction::Embed,
         model: Some(ModelFacts {
             name: &request.model,
-            task: "embedding",
+            task: ModelTask::Embedding.as_str(),
         }),
         prompt_text: &inputs.join("\n"),
         prompt_tokens: prompt_tokens as u64,

@@ -23,6 +23,7 @@ use crate::engine::{
     SamplingParams,
 };
 use crate::metrics::GenerationTimer;
+use moat_core::ModelTask;
 use moat_core::policy::{AccessPolicy, ModelFacts, PolicyAction};
 
 /// Prompts up to this much text are tokenized on the HTTP worker itself.
@@ -161,7 +162,7 @@ impl Exchange<'_> {
             action,
             model: Some(ModelFacts {
                 name: &model,
-                task: "text-generation",
+                task: ModelTask::TextGeneration.as_str(),
             }),
             prompt_text: &prompt_text,
             prompt_tokens: ids.len() as u64,
@@ -277,7 +278,7 @@ async fn whole_answer(
                 timer.finished(usage);
                 let policy = Arc::clone(&admitted.policy);
                 admitted.settle(usage.completion_tokens as u64);
-                let text = guard::check_answer(&policy, text)?;
+                let text = guard::check_answer(&policy, &text)?;
                 let usage = UsageOut::from(usage);
                 let finish_reason = reason.as_str();
                 let response = match meta.endpoint {

@@ -136,8 +136,8 @@ pub fn admit(
 
 /// Checks a whole answer: `Err` when a deny rule fires (the answer is withheld), else the
 /// answer with `redact` rules masked.
-pub fn check_answer(policy: &AccessPolicy, answer: String) -> Result<String, ApiError> {
-    let scan = policy.content().scan(&answer, Direction::Answer);
+pub fn check_answer(policy: &AccessPolicy, answer: &str) -> Result<String, ApiError> {
+    let scan = policy.content().scan(answer, Direction::Answer);
     if let Some(detector) = scan.denied_by {
         return Err(ApiError::AnswerWithheld {
             reason: ReasonCode::Content(detector).as_str(),
@@ -145,6 +145,6 @@ pub fn check_answer(policy: &AccessPolicy, answer: String) -> Result<String, Api
     }
     Ok(policy
         .content()
-        .redact(&answer, Direction::Answer, Purpose::Inference)
+        .redact(answer, Direction::Answer, Purpose::Inference)
         .into_owned())
 }

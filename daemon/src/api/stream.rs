@@ -336,7 +336,7 @@ impl AnswerFilter {
 
     /// The answer so far with answer rules applied: masked, or refused by a deny rule.
     fn checked(&self) -> Result<String, ApiError> {
-        guard::check_answer(&self.policy, self.raw.clone())
+        guard::check_answer(&self.policy, &self.raw)
     }
 
     /// Sends the part of `upto` not sent yet. Masking only ever changes text within the

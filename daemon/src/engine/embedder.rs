@@ -102,7 +102,15 @@ impl Embedder {
         model_dir: &Path,
         options: &SessionOptions,
     ) -> Result<Embedder, StartError> {
-        let model = ModelDirectory::open(model_dir)?;
+        Self::load_ort_directory(runtime, ModelDirectory::open(model_dir)?, options)
+    }
+
+    /// [`Embedder::load_ort`] for a model directory already opened.
+    pub fn load_ort_directory(
+        runtime: &OrtRuntime,
+        model: ModelDirectory,
+        options: &SessionOptions,
+    ) -> Result<Embedder, StartError> {
         let spec = model.embedding_spec()?;
         let tokenizer = TextTokenizer::load(&model.tokenizer_path(), None)?;
         if tokenizer.vocab_size() != model.metadata.vocab_size {
