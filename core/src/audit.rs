@@ -6,9 +6,12 @@
 //! that writer and verifier agree byte for byte on what is hashed and signed.
 
 pub mod chain;
+pub mod encoding;
+pub mod export;
+pub mod layout;
 pub mod record;
 pub mod verify;
 
-pub use chain::{ChainEntry, Checkpoint, GENESIS, checkpoint_message, link_hash};
+pub use chain::{ChainEntry, Checkpoint, CheckpointKind, GENESIS, checkpoint_message, link_hash};
 pub use record::{AuditRecord, Finding, RecordKind, RetainedText, Retention};
 pub use verify::{Damage, VerifiedChain, VerifyError, verify_chain};

@@ -1,10 +1,12 @@
 //! The hash chain over stored records and the signed checkpoints over the chain.
 //!
-//! Each stored entry carries the hash `link_hash(previous, sequence, ciphertext)`; changing,
-//! removing, reordering or inserting an entry breaks every later link. A checkpoint signs
-//! (node, sequence, chain head, time) with the node's ed25519 key, so a chain cannot be
-//! recomputed by someone without the key, and a cut-off tail is detected against the last
-//! checkpoint.
+//! Each stored entry carries the hash `link_hash(node, previous, sequence, time,
+//! ciphertext)`; changing, removing, reordering or inserting an entry breaks every later
+//! link. A checkpoint signs (node, sequence, chain head, time) with the node's ed25519 key,
+//! so a chain cannot be recomputed by someone without the key, and a cut-off tail is
+//! detected against the last checkpoint. A prune marker is a checkpoint of another kind: it
+//! says the records up to its sequence were removed on purpose, and its head is where the
+//! remaining chain continues from.
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -17,62 +19,112 @@ pub const GENESIS: [u8; 32] = [0; 32];
 const LINK_DOMAIN: &[u8] = b"moat-audit-link-v1\0";
 const CHECKPOINT_DOMAIN: &[u8] = b"moat-audit-checkpoint-v1\0";
 
-/// The chain hash of node `node_id`'s record `sequence` with body `ciphertext` after
-/// `previous`. The node is part of the hash, so records of one node never fit another's
-/// chain.
-pub fn link_hash(node_id: &str, previous: &[u8; 32], sequence: u64, ciphertext: &[u8]) -> [u8; 32] {
+/// The chain hash of node `node_id`'s record `sequence`, stored at `unix_ms`, with body
+/// `ciphertext`, after `previous`. The node is part of the hash, so records of one node
+/// never fit another's chain; the time is, so that time ranges cannot be shifted.
+pub fn link_hash(
+    node_id: &str,
+    previous: &[u8; 32],
+    sequence: u64,
+    unix_ms: i64,
+    ciphertext: &[u8],
+) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(LINK_DOMAIN);
     hasher.update((node_id.len() as u64).to_be_bytes());
     hasher.update(node_id.as_bytes());
     hasher.update(previous);
     hasher.update(sequence.to_be_bytes());
+    hasher.update(unix_ms.to_be_bytes());
     hasher.update((ciphertext.len() as u64).to_be_bytes());
     hasher.update(ciphertext);
     hasher.finalize().into()
 }
 
-/// One stored record: its sequence number, its encrypted body and its chain hash.
+/// One stored record: its sequence number, when it was stored (the only plaintext besides
+/// the sequence, so that time ranges can be exported without decrypting), its encrypted
+/// body and its chain hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainEntry {
     pub sequence: u64,
+    pub unix_ms: i64,
+    #[serde(with = "crate::audit::encoding::base64_bytes")]
     pub ciphertext: Vec<u8>,
+    #[serde(with = "crate::audit::encoding::hex_array")]
     pub hash: [u8; 32],
 }
 
 impl ChainEntry {
     /// Node `node_id`'s entry after `previous` (its hash, or [`GENESIS`]).
-    pub fn new(node_id: &str, previous: &[u8; 32], sequence: u64, ciphertext: Vec<u8>) -> Self {
-        let hash = link_hash(node_id, previous, sequence, &ciphertext);
+    pub fn new(
+        node_id: &str,
+        previous: &[u8; 32],
+        sequence: u64,
+        unix_ms: i64,
+        ciphertext: Vec<u8>,
+    ) -> Self {
+        let hash = link_hash(node_id, previous, sequence, unix_ms, &ciphertext);
         Self {
             sequence,
+            unix_ms,
             ciphertext,
             hash,
         }
     }
+
+    /// Whether the stored hash is the link from `previous` (`node_id`'s chain).
+    pub fn links_to(&self, node_id: &str, previous: &[u8; 32]) -> bool {
+        link_hash(
+            node_id,
+            previous,
+            self.sequence,
+            self.unix_ms,
+            &self.ciphertext,
+        ) == self.hash
+    }
+}
+
+/// What a signed head says about the records up to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// The chain reached this head: nothing up to here may change or go missing.
+    #[default]
+    Checkpoint,
+    /// The records up to here were removed on purpose (retention); the chain goes on from
+    /// this head.
+    Prune,
 }
 
 /// A signed statement: node `node_id`'s chain reached `head` at record `sequence` at
-/// `unix_time`.
+/// `unix_time` (seconds), or, for a prune marker, was pruned through it then.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
+    #[serde(default)]
+    pub kind: CheckpointKind,
     pub node_id: String,
     pub sequence: u64,
+    #[serde(with = "crate::audit::encoding::hex_array")]
     pub head: [u8; 32],
     pub unix_time: i64,
-    #[serde(with = "signature_bytes")]
+    #[serde(with = "crate::audit::encoding::hex_array")]
     pub signature: [u8; 64],
 }
 
 /// The exact bytes a checkpoint's signature covers.
 pub fn checkpoint_message(
+    kind: CheckpointKind,
     node_id: &str,
     sequence: u64,
     head: &[u8; 32],
     unix_time: i64,
 ) -> Vec<u8> {
-    let mut message = Vec::with_capacity(CHECKPOINT_DOMAIN.len() + node_id.len() + 56);
+    let mut message = Vec::with_capacity(CHECKPOINT_DOMAIN.len() + node_id.len() + 57);
     message.extend_from_slice(CHECKPOINT_DOMAIN);
+    message.push(match kind {
+        CheckpointKind::Checkpoint => 0,
+        CheckpointKind::Prune => 1,
+    });
     message.extend_from_slice(&(node_id.len() as u64).to_be_bytes());
     message.extend_from_slice(node_id.as_bytes());
     message.extend_from_slice(&sequence.to_be_bytes());
@@ -90,8 +142,29 @@ impl Checkpoint {
         head: [u8; 32],
         unix_time: i64,
     ) -> Self {
-        let signature = key.sign(&checkpoint_message(node_id, sequence, &head, unix_time));
+        Self::sign_kind(
+            CheckpointKind::Checkpoint,
+            key,
+            node_id,
+            sequence,
+            head,
+            unix_time,
+        )
+    }
+
+    /// Signs a checkpoint of `kind` with the node's key.
+    pub fn sign_kind(
+        kind: CheckpointKind,
+        key: &SigningKey,
+        node_id: &str,
+        sequence: u64,
+        head: [u8; 32],
+        unix_time: i64,
+    ) -> Self {
+        let message = checkpoint_message(kind, node_id, sequence, &head, unix_time);
+        let signature = key.sign(&message);
         Self {
+            kind,
             node_id: node_id.to_owned(),
             sequence,
             head,
@@ -103,24 +176,14 @@ impl Checkpoint {
     /// Whether the signature is the node key's over this checkpoint (strict verification:
     /// no malleable encodings).
     pub fn is_signed_by(&self, key: &VerifyingKey) -> bool {
-        let message = checkpoint_message(&self.node_id, self.sequence, &self.head, self.unix_time);
+        let message = checkpoint_message(
+            self.kind,
+            &self.node_id,
+            self.sequence,
+            &self.head,
+            self.unix_time,
+        );
         key.verify_strict(&message, &Signature::from_bytes(&self.signature))
             .is_ok()
-    }
-}
-
-/// Serde for 64-byte signatures (serde derives arrays only up to 32).
-mod signature_bytes {
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8; 64], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(bytes)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[u8; 64], D::Error> {
-        let bytes = Vec::<u8>::deserialize(deserializer)?;
-        bytes
-            .try_into()
-            .map_err(|_| serde::de::Error::custom("a signature is 64 bytes"))
     }
 }

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::encoding::hex;
+
 /// What the audit keeps of prompt and answer text (always inside the encrypted body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,10 +52,24 @@ pub struct Finding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordKind {
-    /// A department's request, allowed or refused.
+    /// A request the policy allowed, written before any inference runs for it: if it
+    /// cannot be stored, the request gets 503 and the model never sees the prompt.
+    Admission,
+    /// A department's request as it ended, allowed or refused: every request has exactly
+    /// one, stored before its response is released (for a stream, before its last event).
     Request,
-    /// An administrator's action (policy reload, model rollout, ...).
+    /// An administrator's or the node's own action (start, stop, policy reload, ...).
     Admin,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Admission => "admission",
+            RecordKind::Request => "request",
+            RecordKind::Admin => "admin",
+        }
+    }
 }
 
 /// The plaintext body of one record. Field names are the documented JSONL columns.
@@ -71,15 +87,20 @@ pub struct AuditRecord {
     pub model: String,
     /// chat, complete, embed, list_models, or the admin action.
     pub action: String,
-    /// `allow` or `deny`.
+    /// `allow`, `deny`, or empty when the request was refused before the policy saw it
+    /// (malformed, unknown model) or for an admin action that failed.
     pub decision: String,
-    /// The stable reason code.
+    /// The policy's stable reason code, or the error code of a request refused before the
+    /// policy decided.
     pub reason: String,
     pub classification: String,
     pub findings: Vec<Finding>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub latency_ms: u64,
+    /// The HTTP status the client got (499: it went away first); 0 in admission and admin
+    /// records.
+    pub status: u16,
     pub prompt: Option<RetainedText>,
     pub answer: Option<RetainedText>,
 }
@@ -94,11 +115,6 @@ impl AuditRecord {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
-}
-
-/// Lower-case hexadecimal.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -145,6 +161,7 @@ mod tests {
             prompt_tokens: 40,
             completion_tokens: 8,
             latency_ms: 120,
+            status: 200,
             prompt: RetainedText::keep(Retention::Sha256, "hi"),
             answer: None,
         };

@@ -1,8 +1,10 @@
 //! Verifying a chain of entries with its checkpoints: the first damage found, located.
 
+use std::collections::BTreeMap;
+
 use ed25519_dalek::VerifyingKey;
 
-use super::chain::{ChainEntry, Checkpoint, link_hash};
+use super::chain::{ChainEntry, Checkpoint, CheckpointKind};
 
 /// The kind of damage found at a sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +24,8 @@ pub enum Damage {
     Truncated,
     /// A checkpoint from another node.
     ForeignCheckpoint,
+    /// An entry or checkpoint that cannot be read at all (an export line that is not one).
+    Unreadable,
 }
 
 impl Damage {
@@ -34,6 +38,7 @@ impl Damage {
             Damage::CheckpointMismatch => "checkpoint_mismatch",
             Damage::Truncated => "truncated",
             Damage::ForeignCheckpoint => "foreign_checkpoint",
+            Damage::Unreadable => "unreadable",
         }
     }
 }
@@ -56,11 +61,15 @@ pub struct VerifiedChain {
     /// Records after the last checkpoint: intact as far as the chain shows, but not yet
     /// vouched for by a signature.
     pub unsigned_tail: usize,
+    /// The latest checkpoint met: its sequence and signing time (seconds). Records cut off
+    /// at a checkpoint boundary leave an intact chain; what shows it is this checkpoint
+    /// being older than the export (moatd signs one at every export and at shutdown).
+    pub last_checkpoint: Option<(u64, i64)>,
 }
 
 /// Verifies `entries` (in stored order) and `checkpoints` of node `node_id`. `start` is the
 /// sequence number and previous hash the entries continue from (`(0, GENESIS)` for a chain
-/// from its beginning; an export of a time range starts later).
+/// from its beginning; an export or a pruned store starts later).
 pub fn verify_chain(
     node_id: &str,
     key: &VerifyingKey,
@@ -68,65 +77,149 @@ pub fn verify_chain(
     entries: &[ChainEntry],
     checkpoints: &[Checkpoint],
 ) -> Result<VerifiedChain, VerifyError> {
-    let (mut expected, mut previous) = start;
-    let mut heads = std::collections::HashMap::with_capacity(entries.len());
+    let mut verifier = ChainVerifier::new(node_id, key, start);
     for entry in entries {
+        verifier.entry(entry)?;
+    }
+    for checkpoint in checkpoints {
+        verifier.checkpoint(checkpoint)?;
+    }
+    verifier.finish()
+}
+
+/// Verifies a chain as it is read, entry by entry and checkpoint by checkpoint, in any
+/// interleaving, keeping 32 bytes per record (the heads checkpoints are compared with).
+#[derive(Debug)]
+pub struct ChainVerifier<'k> {
+    node_id: String,
+    key: &'k VerifyingKey,
+    start: u64,
+    expected: u64,
+    previous: [u8; 32],
+    /// Hash of record `start + i` at index `i`.
+    heads: Vec<[u8; 32]>,
+    /// Checkpoints of records not read yet.
+    pending: BTreeMap<u64, ([u8; 32], i64)>,
+    checkpoints: usize,
+    signed_up_to: Option<(u64, i64)>,
+}
+
+impl<'k> ChainVerifier<'k> {
+    /// A verifier of node `node_id`'s chain continuing from `start` (sequence number and
+    /// previous hash).
+    pub fn new(node_id: &str, key: &'k VerifyingKey, start: (u64, [u8; 32])) -> Self {
+        Self {
+            node_id: node_id.to_owned(),
+            key,
+            start: start.0,
+            expected: start.0,
+            previous: start.1,
+            heads: Vec::new(),
+            pending: BTreeMap::new(),
+            checkpoints: 0,
+            signed_up_to: None,
+        }
+    }
+
+    /// The sequence number the next entry must have.
+    pub fn expected(&self) -> u64 {
+        self.expected
+    }
+
+    /// Checks the next entry.
+    pub fn entry(&mut self, entry: &ChainEntry) -> Result<(), VerifyError> {
         let fail = |damage| VerifyError {
             sequence: entry.sequence,
             damage,
         };
-        if entry.sequence < expected {
+        if entry.sequence < self.expected {
             return Err(fail(Damage::OutOfOrder));
         }
-        if entry.sequence > expected {
+        if entry.sequence > self.expected {
             return Err(VerifyError {
-                sequence: expected,
+                sequence: self.expected,
                 damage: Damage::Gap,
             });
         }
-        if link_hash(node_id, &previous, entry.sequence, &entry.ciphertext) != entry.hash {
+        if !entry.links_to(&self.node_id, &self.previous) {
             return Err(fail(Damage::BrokenLink));
         }
-        heads.insert(entry.sequence, entry.hash);
-        previous = entry.hash;
-        expected = entry.sequence + 1;
+        if let Some((head, unix_time)) = self.pending.remove(&entry.sequence) {
+            if head != entry.hash {
+                return Err(fail(Damage::CheckpointMismatch));
+            }
+            self.signed(entry.sequence, unix_time);
+        }
+        self.heads.push(entry.hash);
+        self.previous = entry.hash;
+        self.expected = entry.sequence + 1;
+        Ok(())
     }
-    let last = entries.last().map(|e| e.sequence);
-    let mut signed_up_to = None;
-    for checkpoint in checkpoints {
+
+    /// Checks a checkpoint: the node's, signed by its key, over a head the chain reaches.
+    pub fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), VerifyError> {
         let fail = |damage| VerifyError {
             sequence: checkpoint.sequence,
             damage,
         };
-        if checkpoint.node_id != node_id {
+        if checkpoint.node_id != self.node_id {
             return Err(fail(Damage::ForeignCheckpoint));
         }
-        if !checkpoint.is_signed_by(key) {
+        if !checkpoint.is_signed_by(self.key) {
             return Err(fail(Damage::BadSignature));
         }
-        if checkpoint.sequence < start.0 {
-            continue; // before this range
+        if checkpoint.kind != CheckpointKind::Checkpoint {
+            // A prune marker anchors a chain; among its checkpoints it is misplaced.
+            return Err(fail(Damage::CheckpointMismatch));
         }
-        match heads.get(&checkpoint.sequence) {
-            Some(head) if *head == checkpoint.head => {
-                signed_up_to = signed_up_to.max(Some(checkpoint.sequence));
-            }
-            Some(_) => return Err(fail(Damage::CheckpointMismatch)),
-            None => return Err(fail(Damage::Truncated)),
+        self.checkpoints += 1;
+        if checkpoint.sequence < self.start {
+            return Ok(()); // before this range
         }
+        if checkpoint.sequence >= self.expected {
+            self.pending.insert(
+                checkpoint.sequence,
+                (checkpoint.head, checkpoint.unix_time),
+            );
+            return Ok(());
+        }
+        let index = (checkpoint.sequence - self.start) as usize;
+        if self.heads.get(index) != Some(&checkpoint.head) {
+            return Err(fail(Damage::CheckpointMismatch));
+        }
+        self.signed(checkpoint.sequence, checkpoint.unix_time);
+        Ok(())
     }
-    let unsigned_tail = match (last, signed_up_to) {
-        (Some(last), Some(signed)) => (last - signed) as usize,
-        (Some(_), None) => entries.len(),
-        (None, _) => 0,
-    };
-    Ok(VerifiedChain {
-        first: entries.first().map(|e| e.sequence),
-        last,
-        records: entries.len(),
-        checkpoints: checkpoints.len(),
-        unsigned_tail,
-    })
+
+    fn signed(&mut self, sequence: u64, unix_time: i64) {
+        self.signed_up_to = self.signed_up_to.max(Some((sequence, unix_time)));
+    }
+
+    /// The verdict once everything is read: a checkpoint of records that never came means
+    /// the chain was cut short.
+    pub fn finish(self) -> Result<VerifiedChain, VerifyError> {
+        if let Some((&sequence, _)) = self.pending.first_key_value() {
+            return Err(VerifyError {
+                sequence,
+                damage: Damage::Truncated,
+            });
+        }
+        let records = self.heads.len();
+        let last = self.expected.checked_sub(1).filter(|_| records > 0);
+        let unsigned_tail = match (last, self.signed_up_to) {
+            (Some(last), Some((signed, _))) => (last - signed) as usize,
+            (Some(_), None) => records,
+            (None, _) => 0,
+        };
+        Ok(VerifiedChain {
+            first: (records > 0).then_some(self.start),
+            last,
+            records,
+            checkpoints: self.checkpoints,
+            unsigned_tail,
+            last_checkpoint: self.signed_up_to,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +242,7 @@ mod tests {
                 node,
                 &previous,
                 sequence,
+                1_795_913_185_000 + sequence as i64,
                 format!("body {sequence}").into_bytes(),
             );
             previous = entry.hash;
@@ -211,6 +305,10 @@ mod tests {
         repeated.insert(5, entries[4].clone());
         assert_eq!(check(&repeated, &checkpoints), at(4, Damage::OutOfOrder));
 
+        let mut shifted = entries.clone();
+        shifted[5].unix_ms += 3_600_000;
+        assert_eq!(check(&shifted, &checkpoints), at(5, Damage::BrokenLink));
+
         let truncated = &entries[..8];
         assert_eq!(check(truncated, &checkpoints), at(9, Damage::Truncated));
 
@@ -223,7 +321,7 @@ mod tests {
             } else {
                 entry.ciphertext.clone()
             };
-            let forged = ChainEntry::new("node-a", &previous, entry.sequence, body);
+            let forged = ChainEntry::new("node-a", &previous, entry.sequence, entry.unix_ms, body);
             previous = forged.hash;
             rewritten.push(forged);
         }

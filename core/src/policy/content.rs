@@ -82,7 +82,7 @@ pub enum ContentAction {
 pub enum Purpose {
     /// The model (or the client, for answers): `redact` rules apply.
     Inference,
-    /// The audit log: `redact` and `redact_in_audit` rules apply.
+    /// The audit log: `redact`, `redact_in_audit` and `deny` rules apply.
     Audit,
 }
 
@@ -172,9 +172,12 @@ impl Purpose {
     fn redacts(self, action: ContentAction) -> bool {
         match self {
             Purpose::Inference => action == ContentAction::Redact,
-            Purpose::Audit => {
-                matches!(action, ContentAction::Redact | ContentAction::RedactInAudit)
-            }
+            // What a deny rule refused is not kept either, even encrypted: the finding and
+            // the reason code say what happened.
+            Purpose::Audit => matches!(
+                action,
+                ContentAction::Redact | ContentAction::RedactInAudit | ContentAction::Deny
+            ),
         }
     }
 }
@@ -224,8 +227,8 @@ impl ContentRules {
 
     /// `text` with the matches of the rules that apply to `direction` and whose action
     /// `purpose` asks for replaced by `[REDACTED:<detector name>]`: for
-    /// [`Purpose::Inference`] the `redact` rules, for [`Purpose::Audit`] the `redact` and
-    /// `redact_in_audit` rules. Overlapping matches are replaced together, named after the
+    /// [`Purpose::Inference`] the `redact` rules, for [`Purpose::Audit`] the `redact`,
+    /// `redact_in_audit` and `deny` rules. Overlapping matches are replaced together, named after the
     /// one that starts first (the longer, then the earlier rule, where two start together).
     /// Everything between matches is kept as it was.
     ///

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 
 use super::content::ContentRuleConfig;
+use crate::audit::Retention;
 use super::limits::LimitsConfig;
 
 /// The whole file.
@@ -45,6 +46,9 @@ pub struct DepartmentRules {
     pub ceiling: Option<String>,
     /// Its own limits instead of `default_limits`.
     pub limits: Option<LimitsConfig>,
+    /// What the audit keeps of its prompts and answers: `none`, `sha256` (the default) or
+    /// `full` (always encrypted to the auditors).
+    pub retention: Option<Retention>,
 }
 
 /// What a model may be sent, and how policies see it.
@@ -94,6 +98,9 @@ impl PolicyData {
             }
             if rules.ceiling.is_none() {
                 rules.ceiling.clone_from(&department.ceiling);
+            }
+            if rules.retention.is_none() {
+                rules.retention = department.retention;
             }
         }
         let model = self.default_model.clone();
@@ -177,6 +184,11 @@ impl PolicyData {
     }
 
     /// The rules of a department: its own table, or the default.
+    /// What the audit keeps of a department's prompts and answers.
+    pub fn retention(&self, department: &str) -> Retention {
+        self.department(department).retention.unwrap_or_default()
+    }
+
     pub fn department(&self, name: &str) -> &DepartmentRules {
         self.departments
             .get(name)

@@ -158,7 +158,7 @@ fn redact_for_inference_keeps_what_only_the_audit_log_hides() {
     );
     assert_eq!(
         rules.redact(&text, Direction::Prompt, Purpose::Audit),
-        format!("[REDACTED:card_number] [REDACTED:email] {IBAN} NOFORN")
+        format!("[REDACTED:card_number] [REDACTED:email] [REDACTED:iban] NOFORN")
     );
 }
 
@@ -170,11 +170,17 @@ fn redact_borrows_when_nothing_matches() {
         rules.redact(text, Direction::Prompt, Purpose::Audit),
         Cow::Borrowed(t) if t == text
     ));
+    // What a deny rule refused is masked in the audit, never for inference (the request
+    // never gets that far).
     let deny_only = built_ins(ContentAction::Deny);
     assert!(matches!(
-        deny_only.redact(CARD, Direction::Prompt, Purpose::Audit),
+        deny_only.redact(CARD, Direction::Prompt, Purpose::Inference),
         Cow::Borrowed(_)
     ));
+    assert_eq!(
+        deny_only.redact(CARD, Direction::Prompt, Purpose::Audit),
+        "[REDACTED:card_number]"
+    );
 }
 
 #[test]
