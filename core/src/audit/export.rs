@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use super::chain::{ChainEntry, Checkpoint, GENESIS};
 use super::verify::{ChainVerifier, Damage, VerifiedChain, VerifyError};
 
+pub mod select;
+
 /// The format version this build writes and reads.
 pub const EXPORT_VERSION: u32 = 1;
 
