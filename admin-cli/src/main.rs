@@ -1,6 +1,7 @@
 //! moatctl: administers a moat appliance. It never links ONNX Runtime or the HTTP stack;
 //! shared formats come from `moat-core`.
 
+mod audit;
 mod pki;
 mod policy;
 
@@ -20,7 +21,8 @@ use moat_core::ModelMetadata;
         moatctl model inspect local/models/smollm2-135m-instruct-exact\n  \
         moatctl pki init --dir pki\n  \
         moatctl pki issue-client --dir pki --department finance --name alice\n  \
-        moatctl policy validate /etc/moat/policies\n\n\
+        moatctl policy validate /etc/moat/policies\n  \
+        moatctl audit verify node-a.moat-audit\n\n\
         Each command has its own --help with examples."
 )]
 struct Cli {
@@ -39,6 +41,9 @@ enum Command {
     /// Check, test and reload the access policy (Cedar policies and moat-policy.toml).
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Export the audit trail, verify an export, decrypt it for an auditor.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +66,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(e) = e.downcast_ref::<audit::Error>() {
+                return ExitCode::from(e.exit_code());
+            }
             e.downcast_ref::<policy::Error>()
                 .map_or(ExitCode::FAILURE, |e| ExitCode::from(e.exit_code()))
         }
@@ -80,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(command) => Ok(policy::run(command)?),
+        Command::Audit(command) => Ok(audit::run(command)?),
     }
 }
 

@@ -1,0 +1,449 @@
+//! `moatctl audit`: export a stopped node's audit store, verify an export, and decrypt it
+//! on an auditor's machine.
+//!
+//! The export format, the chain and its verification are `moat-core`'s, the same code moatd
+//! runs; this module reads the store and the files and reports.
+
+/// The exit statuses, shared by `verify` and `decrypt` (and `export`, for a damaged store),
+/// as a literal for `concat!`.
+macro_rules! exit_codes {
+    () => {
+        "\
+Exit status:
+   0  the export verifies
+   1  another error (a file cannot be read or written, ...)
+   2  usage error
+   3  not a moat audit export, an unsupported format version, or an invalid node key
+   4  the export's node key is not the one given with --node-key
+  10  unreadable: a line is not a record, checkpoint or end line, or comes after the end
+  11  gap: a record is missing
+  12  out_of_order: a record repeats or comes back
+  13  broken_link: a record was altered, or spliced in from another chain
+  14  bad_signature: a checkpoint (or the anchor) is not signed by the node key
+  15  checkpoint_mismatch: a checkpoint names a chain head the records do not reach
+  16  truncated: the export was cut short
+  17  foreign_checkpoint: a checkpoint of another node"
+    };
+}
+
+mod decrypt;
+mod export;
+mod listing;
+mod staged;
+mod store;
+mod verify;
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use ed25519_dalek::VerifyingKey;
+use indicatif::{ProgressBar, ProgressBarIter, ProgressStyle};
+use moat_core::audit::encoding::{hex, unhex};
+use moat_core::audit::export::{ExportError, ExportHeader, read_header};
+use moat_core::audit::{Checkpoint, CheckpointKind, Damage};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+pub use decrypt::DecryptError;
+pub use listing::ListingFormat;
+pub use store::StoreError;
+
+/// Where moatd keeps its audit store with the default state directory.
+const DEFAULT_STORE: &str = "/var/lib/moat/audit";
+
+/// `moatctl audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Export a stopped node's audit store to a file an auditor can verify and decrypt.
+    ///
+    /// Records stay encrypted to the auditors. A time range is widened back to the latest
+    /// checkpoint before it (or the chain's start, or the prune marker of a pruned store),
+    /// so that every exported record is vouched for by a signature. The file is written
+    /// under a temporary name and renamed into place once complete and synced; the export
+    /// is then verified as an auditor would, and damage in the store is reported with the
+    /// verify exit status (the file is kept: it is the evidence).
+    #[command(after_help = export::HELP)]
+    Export {
+        /// The stopped node's audit store (a sled directory); without a value,
+        /// /var/lib/moat/audit. Without --store, the export would go through the running
+        /// moatd's admin socket, which this moatctl does not support yet.
+        #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = DEFAULT_STORE)]
+        store: Option<PathBuf>,
+        /// The export file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only records stored at or after this time (RFC 3339, e.g. 2026-11-29T10:00:00Z).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<i64>,
+        /// Only records stored at or before this time (RFC 3339).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        until: Option<i64>,
+    },
+    /// Verify an export: chain, signatures, gaps, order, and its end.
+    ///
+    /// On success prints what the export covers, and warns (without failing) about records
+    /// no checkpoint signs yet and about a last checkpoint older than the export. On
+    /// damage names the first bad record, its line and the kind of damage, and exits with
+    /// the status of that kind.
+    #[command(after_help = verify::HELP)]
+    Verify {
+        /// The export file.
+        file: PathBuf,
+        /// The node key you trust for this node (64 hex digits, as `moatctl audit export`
+        /// printed it); without it the export's own key is used, which proves only that
+        /// the file is consistent.
+        #[arg(long, value_name = "HEX", value_parser = parse_node_key)]
+        node_key: Option<[u8; 32]>,
+    },
+    /// Decrypt a verified export with an auditor's age identity, as JSON lines or CSV.
+    ///
+    /// The export is verified while it is read, and nothing is presented unless all of it
+    /// verifies: with --out the result is written under a temporary name and renamed into
+    /// place at the end; to standard output the export is read twice, the first time to
+    /// verify and decrypt everything, the second to print. Exits with the verify status on
+    /// damage, and 1 if an identity cannot open a record (the record is named).
+    #[command(after_help = decrypt::HELP)]
+    Decrypt {
+        /// The export file.
+        file: PathBuf,
+        /// An age identity file (AGE-SECRET-KEY-1... lines; # comments allowed).
+        #[arg(long, value_name = "KEYFILE")]
+        identity: PathBuf,
+        /// jsonl: one record a line; csv: a table for a spreadsheet.
+        #[arg(long, value_enum)]
+        format: ListingFormat,
+        /// Where to write the records; default: standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The node key you trust for this node (64 hex digits), as for `verify`.
+        #[arg(long, value_name = "HEX", value_parser = parse_node_key)]
+        node_key: Option<[u8; 32]>,
+    },
+}
+
+/// Why an `audit` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--since` is after `--until`.
+    #[error("--since {since} is after --until {until}: the time range holds nothing")]
+    EmptyTimeRange { since: String, until: String },
+    /// An export without `--store` needs the running moatd.
+    #[error(
+        "without --store the export goes through the running moatd's admin socket, which this \
+         moatctl cannot use yet; to export a stopped node's store, run \
+         `moatctl audit export --store {DEFAULT_STORE} --out FILE`"
+    )]
+    LiveExportUnavailable,
+    /// The store cannot be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store holds no record in the time range.
+    #[error("the audit store in {} holds no record {}", .dir.display(), describe_range(*.since, *.until))]
+    NothingToExport {
+        dir: PathBuf,
+        since: Option<i64>,
+        until: Option<i64>,
+    },
+    /// An output file cannot be written.
+    #[error("cannot write {}", .path.display())]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An export cannot be read, or is not one, or is not signed by the trusted key.
+    #[error("cannot use {}", .path.display())]
+    Export {
+        path: PathBuf,
+        #[source]
+        source: ExportError,
+    },
+    /// An export is damaged.
+    #[error(
+        "the export {} is damaged at record {sequence} (line {line}): {}: {}",
+        .path.display(), .damage.as_str(), meaning(*.damage)
+    )]
+    Damaged {
+        path: PathBuf,
+        line: u64,
+        sequence: u64,
+        damage: Damage,
+    },
+    /// An export was written from a damaged store.
+    #[error(
+        "the export {} was written, but the store it was read from is damaged at record \
+         {sequence} (export line {line}): {}: {}; `moatctl audit verify {}` shows the same",
+        .out.display(), .damage.as_str(), meaning(*.damage), .out.display()
+    )]
+    StoreDamaged {
+        out: PathBuf,
+        line: u64,
+        sequence: u64,
+        damage: Damage,
+    },
+    /// A record cannot be decrypted.
+    #[error(transparent)]
+    Decrypt(#[from] DecryptError),
+}
+
+impl Error {
+    /// The exit status; see `exit_codes!`.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::EmptyTimeRange { .. } => 2,
+            Error::Export { source, .. } => match source {
+                ExportError::NotAnExport(_)
+                | ExportError::UnsupportedVersion(_)
+                | ExportError::BadNodeKey => 3,
+                ExportError::UntrustedKey { .. } => 4,
+                ExportError::Damaged { source, .. } => damage_code(source.damage),
+                ExportError::Io(_) => 1,
+            },
+            Error::Damaged { damage, .. } | Error::StoreDamaged { damage, .. } => {
+                damage_code(*damage)
+            }
+            Error::Store(StoreError::Unreadable { .. }) => damage_code(Damage::Unreadable),
+            _ => 1,
+        }
+    }
+
+    /// `source` met reading the export `path`, located if it is damage.
+    fn reading(path: &Path, source: ExportError) -> Self {
+        match source {
+            ExportError::Damaged { line, source } => Error::Damaged {
+                path: path.to_path_buf(),
+                line,
+                sequence: source.sequence,
+                damage: source.damage,
+            },
+            source => Error::Export {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    }
+}
+
+/// Runs one `audit` subcommand.
+pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
+    match command {
+        AuditCommand::Export {
+            store,
+            out,
+            since,
+            until,
+        } => {
+            if let (Some(since), Some(until)) = (since, until)
+                && since > until
+            {
+                return Err(Error::EmptyTimeRange {
+                    since: format_time(since),
+                    until: format_time(until),
+                });
+            }
+            let store = store.ok_or(Error::LiveExportUnavailable)?;
+            export::run(&store, &out, since, until)
+        }
+        AuditCommand::Verify { file, node_key } => verify::run(&file, node_key),
+        AuditCommand::Decrypt {
+            file,
+            identity,
+            format,
+            out,
+            node_key,
+        } => decrypt::run(&file, &identity, format, out.as_deref(), node_key),
+    }
+}
+
+/// The exit status of a kind of damage.
+fn damage_code(damage: Damage) -> u8 {
+    match damage {
+        Damage::Unreadable => 10,
+        Damage::Gap => 11,
+        Damage::OutOfOrder => 12,
+        Damage::BrokenLink => 13,
+        Damage::BadSignature => 14,
+        Damage::CheckpointMismatch => 15,
+        Damage::Truncated => 16,
+        Damage::ForeignCheckpoint => 17,
+    }
+}
+
+/// What a kind of damage means for the records, in a sentence.
+fn meaning(damage: Damage) -> &'static str {
+    match damage {
+        Damage::Unreadable => {
+            "the line is not a record, checkpoint or end line of an export, or follows the end line"
+        }
+        Damage::Gap => "this record is missing",
+        Damage::OutOfOrder => "this record repeats or comes after a later one",
+        Damage::BrokenLink => {
+            "this record does not chain to the one before it: it or its predecessor was \
+             altered, or it comes from another node's chain"
+        }
+        Damage::BadSignature => "the checkpoint at this record is not signed by the node key",
+        Damage::CheckpointMismatch => {
+            "the checkpoint at this record names a chain head the records do not reach: records \
+             up to it were rewritten"
+        }
+        Damage::Truncated => {
+            "records from here on are missing: the export was cut short, or its end line altered"
+        }
+        Damage::ForeignCheckpoint => "the checkpoint at this record belongs to another node",
+    }
+}
+
+/// An export opened for reading: its header, the key to verify it with, and the rest.
+#[derive(Debug)]
+struct OpenedExport {
+    header: ExportHeader,
+    key: VerifyingKey,
+    input: BufReader<ProgressBarIter<File>>,
+}
+
+/// Opens the export `path` and reads its header; checks its node key against `trusted`.
+/// The reading advances `bar` by bytes.
+fn open_export(
+    path: &Path,
+    trusted: Option<[u8; 32]>,
+    bar: &ProgressBar,
+) -> Result<OpenedExport, Error> {
+    let failed = |source: ExportError| Error::reading(path, source);
+    let file = File::open(path).map_err(|e| failed(ExportError::Io(e)))?;
+    if let Ok(meta) = file.metadata() {
+        bar.set_length(meta.len());
+    }
+    let mut input = BufReader::new(bar.wrap_read(file));
+    let header = read_header(&mut input).map_err(failed)?;
+    if let Some(trusted) = trusted.filter(|t| *t != header.node_key) {
+        return Err(failed(ExportError::UntrustedKey {
+            expected: hex(&trusted),
+            found: hex(&header.node_key),
+        }));
+    }
+    let key = header.verifying_key().map_err(failed)?;
+    Ok(OpenedExport { header, key, input })
+}
+
+/// A progress bar on standard error (hidden when it is not a terminal).
+fn progress_bar(message: &'static str, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0).with_message(message);
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// A progress bar over the bytes of a file.
+fn bytes_bar(message: &'static str) -> ProgressBar {
+    progress_bar(
+        message,
+        "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta} left)",
+    )
+}
+
+/// An RFC 3339 date-time as milliseconds since the Unix epoch.
+fn parse_time(text: &str) -> Result<i64, String> {
+    let time = OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 date-time such as 2026-11-29T10:00:00Z ({e})"))?;
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).map_err(|e| e.to_string())
+}
+
+/// A node key: 64 hex digits.
+fn parse_node_key(text: &str) -> Result<[u8; 32], String> {
+    unhex::<32>(text.trim())
+        .ok_or_else(|| "a node key is 64 hex digits, as `moatctl audit export` prints it".into())
+}
+
+/// Milliseconds since the Unix epoch as ISO 8601 UTC with milliseconds
+/// (`2026-11-29T10:00:00.000Z`), or the number where no date fits.
+fn format_time(unix_ms: i64) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|time| time.format(FORMAT).ok())
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
+/// `in the time range A to B` for messages.
+fn describe_range(since: Option<i64>, until: Option<i64>) -> String {
+    match (since, until) {
+        (None, None) => "at all".into(),
+        (Some(since), None) => format!("stored at or after {}", format_time(since)),
+        (None, Some(until)) => format!("stored at or before {}", format_time(until)),
+        (Some(since), Some(until)) => format!(
+            "stored from {} to {}",
+            format_time(since),
+            format_time(until)
+        ),
+    }
+}
+
+/// What an export continues from, in words.
+fn describe_anchor(anchor: Option<&Checkpoint>) -> String {
+    let Some(anchor) = anchor else {
+        return "the chain's first record".into();
+    };
+    let signed = format_time(anchor.unix_time.saturating_mul(1000));
+    match anchor.kind {
+        CheckpointKind::Checkpoint => {
+            format!(
+                "the checkpoint at record {}, signed {signed}",
+                anchor.sequence
+            )
+        }
+        CheckpointKind::Prune => format!(
+            "the prune marker at record {}, signed {signed} (records up to it were pruned)",
+            anchor.sequence
+        ),
+    }
+}
+
+/// The current time in milliseconds since the Unix epoch.
+fn now_unix_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_from_rfc_3339_and_print_as_utc_with_milliseconds() {
+        let ms = parse_time("2026-11-29T11:00:00.25+01:00").expect("parses");
+        assert_eq!(format_time(ms), "2026-11-29T10:00:00.250Z");
+        assert!(parse_time("2026-11-29 10:00").is_err());
+        assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn every_kind_of_damage_has_its_own_exit_status() {
+        let kinds = [
+            Damage::Unreadable,
+            Damage::Gap,
+            Damage::OutOfOrder,
+            Damage::BrokenLink,
+            Damage::BadSignature,
+            Damage::CheckpointMismatch,
+            Damage::Truncated,
+            Damage::ForeignCheckpoint,
+        ];
+        let codes: std::collections::BTreeSet<u8> = kinds.iter().map(|d| damage_code(*d)).collect();
+        assert_eq!(codes.len(), kinds.len());
+        for kind in kinds {
+            let line = format!("{:>4}  {}:", damage_code(kind), kind.as_str());
+            assert!(exit_codes!().contains(&line), "{line} is documented");
+        }
+    }
+
+    #[test]
+    fn node_keys_are_64_hex_digits() {
+        assert_eq!(parse_node_key(&"ab".repeat(32)), Ok([0xab; 32]));
+        assert!(parse_node_key("abcd").is_err());
+    }
+}
