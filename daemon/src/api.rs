@@ -4,6 +4,7 @@
 //! the engine through [`Engine`] and [`Embedder`]. Every error leaves through
 //! [`ApiError`], the one place statuses are decided.
 
+pub mod audit_trail;
 mod embeddings;
 pub mod error;
 pub mod generate;
@@ -89,6 +90,7 @@ pub struct AppState {
     pub limits: LimitsConfig,
     pub metrics: Arc<Metrics>,
     pub policy: Arc<crate::policy::PolicyStore>,
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 /// The model a request named, once it is known to be served (a metrics label, so names

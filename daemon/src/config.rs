@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod audit;
 mod serve;
 
+pub use audit::{AuditConfig, SIGNING_KEY_CREDENTIAL, valid_node_id};
 pub use serve::{
     CertField, IdentityConfig, LimitsConfig, MetricsConfig, ModelsConfig, PolicyConfig,
     ServerConfig, TlsConfig, network_allows, valid_model_name,
@@ -36,6 +38,8 @@ pub struct Config {
     pub models: Option<ModelsConfig>,
     /// Required by `moatd serve`: no policy, no answer.
     pub policy: Option<PolicyConfig>,
+    /// Required by `moatd serve`: no audit, no answer.
+    pub audit: Option<AuditConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
@@ -156,6 +160,9 @@ impl Config {
         if let Some(policy) = &mut self.policy {
             serve::resolve(&mut policy.directory, base);
         }
+        if let Some(audit) = &mut self.audit {
+            serve::resolve(&mut audit.state_directory, base);
+        }
     }
 
     /// Checks what `moatd serve` needs on top of [`Config::validate`]: the server sections
@@ -179,6 +186,13 @@ impl Config {
             Some(policy) => policy.problems(&mut problems),
             None => problems.push(
                 "[policy] is required: directory = \"DIR\" (Cedar schema, *.cedar, moat-policy.toml)"
+                    .into(),
+            ),
+        }
+        match &self.audit {
+            Some(audit) => audit.problems(&mut problems),
+            None => problems.push(
+                "[audit] is required: state_directory = \"DIR\" and recipients = [\"age1...\"]"
                     .into(),
             ),
         }
@@ -292,6 +306,7 @@ mod tests {
             "tls.private_key",
             "tls.client_ca",
             "[models] is required",
+            "[audit] is required",
             "metrics.listen",
             "engine.default_max_tokens (900) must not exceed limits.max_tokens (800)",
         ] {

@@ -12,12 +12,16 @@ use std::sync::Arc;
 use actix_web::{App, HttpServer, web};
 
 use crate::api::{self, AppState, EmbeddingService, ServedModel};
+use crate::audit::log::admin_record;
+use crate::audit::{AuditError, AuditLog};
+use crate::config::valid_node_id;
 use crate::config::{Config, ServerConfig, TlsConfig};
 use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
 use crate::metrics::Metrics;
 use crate::policy::{PolicyLoadError, PolicyStore};
 use crate::tls::{self, TlsError};
 use moat_core::ModelTask;
+use moat_core::audit::encoding::hex;
 
 /// Why `moatd serve` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Policy(#[from] PolicyLoadError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -63,6 +69,12 @@ impl ServeError {
                 | ServeError::Tls(_)
                 | ServeError::Policy(_)
                 | ServeError::NoModels { .. }
+                | ServeError::Audit(
+                    AuditError::NoRecipients
+                        | AuditError::BadRecipient { .. }
+                        | AuditError::Key { .. }
+                        | AuditError::ForeignStore { .. }
+                )
         )
     }
 }
@@ -80,8 +92,60 @@ pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let rustls_config = listener_tls(tls_config, &metrics)?;
     let policy = open_policy(config)?;
+    let audit = open_audit(config)?;
     let models = load_models(config, runtime)?;
-    run(config, server, rustls_config, metrics, policy, models)
+    run(
+        config,
+        server,
+        rustls_config,
+        metrics,
+        policy,
+        audit,
+        models,
+    )
+}
+
+/// Opens the audit trail: no audit, no answer.
+fn open_audit(config: &Config) -> Result<Arc<AuditLog>, ServeError> {
+    let Some(audit) = &config.audit else {
+        return Err(ServeError::Incomplete("[audit] is required"));
+    };
+    let node_id = match &audit.node_id {
+        Some(node) => node.clone(),
+        None => host_name().ok_or(ServeError::Incomplete(
+            "audit.node_id is unset and the host name is not a usable node id; set audit.node_id",
+        ))?,
+    };
+    if audit.recipients.len() < 2 {
+        tracing::warn!(
+            recipients = audit.recipients.len(),
+            "the audit trail is encrypted to a single auditor key: if it is lost, no one can read the trail; configure at least two"
+        );
+    }
+    let log = AuditLog::open(audit, node_id)?;
+    let node = log.node();
+    tracing::info!(
+        node = %node.node_id,
+        key = %hex(&node.public_key),
+        store = %audit.store_directory().display(),
+        recipients = audit.recipients.len(),
+        "audit trail open"
+    );
+    let detail = format!(
+        "moatd {} started; node key {}; {} auditor recipient(s)",
+        env!("CARGO_PKG_VERSION"),
+        hex(&node.public_key),
+        audit.recipients.len()
+    );
+    log.append_blocking(admin_record(node, "node.start", "moatd", "allow", detail))?;
+    Ok(log)
+}
+
+/// The host name, if it is a usable node id.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    valid_node_id(name).then(|| name.to_owned())
 }
 
 fn open_policy(config: &Config) -> Result<Arc<PolicyStore>, ServeError> {
@@ -106,7 +170,16 @@ pub fn serve_models(
     let metrics = Arc::new(Metrics::new());
     let rustls_config = listener_tls(tls_config, &metrics)?;
     let policy = open_policy(config)?;
-    run(config, server, rustls_config, metrics, policy, models)
+    let audit = open_audit(config)?;
+    run(
+        config,
+        server,
+        rustls_config,
+        metrics,
+        policy,
+        audit,
+        models,
+    )
 }
 
 fn listener_tls(
@@ -126,6 +199,7 @@ fn run(
     rustls_config: rustls::ServerConfig,
     metrics: Arc<Metrics>,
     policy: Arc<PolicyStore>,
+    audit: Arc<AuditLog>,
     models: BTreeMap<String, ServedModel>,
 ) -> Result<(), ServeError> {
     let state = web::Data::new(AppState {
@@ -133,6 +207,7 @@ fn run(
         limits: config.limits,
         metrics,
         policy,
+        audit: Arc::clone(&audit),
     });
     let listeners = server
         .listen
@@ -152,13 +227,29 @@ fn run(
         false => None,
     };
     let system = actix_web::rt::System::new();
-    system.block_on(run_servers(
+    let served = system.block_on(run_servers(
         state,
         listeners,
         metrics_listener,
         rustls_config,
         config,
-    ))
+    ));
+    // Every request has finished (or was cut off at the grace period): the last record,
+    // then the final checkpoint.
+    let stopped = admin_record(
+        audit.node(),
+        "node.stop",
+        "moatd",
+        "allow",
+        "moatd stopped".into(),
+    );
+    let closed = audit.append_blocking(stopped).and_then(|_| audit.close());
+    match &closed {
+        Ok(()) => tracing::info!("audit trail closed with a final checkpoint"),
+        Err(e) => tracing::error!(error = %e, "the final audit checkpoint failed"),
+    }
+    served?;
+    closed.map_err(ServeError::Audit)
 }
 
 async fn run_servers(
@@ -172,6 +263,7 @@ async fn run_servers(
         return Err(ServeError::Incomplete("[server] is required"));
     };
     let policy = Arc::clone(&state.policy);
+    let audit = Arc::clone(&state.audit);
     let api = listener::api_server(
         state.clone(),
         listeners,
@@ -200,7 +292,7 @@ async fn run_servers(
     }
     tracing::info!("moatd is ready");
     actix_web::rt::spawn(stop_on_signal(handles, server.shutdown_grace_secs));
-    actix_web::rt::spawn(reload_on_hangup(Arc::clone(&policy)));
+    actix_web::rt::spawn(reload_on_hangup(Arc::clone(&policy), audit));
     let mut result = Ok(());
     for server in servers {
         let outcome = server
@@ -214,7 +306,7 @@ async fn run_servers(
 
 /// On SIGHUP: read and validate the policy directory again and put it in force; an invalid
 /// policy is refused and the one in force stays.
-async fn reload_on_hangup(policy: Arc<PolicyStore>) {
+async fn reload_on_hangup(policy: Arc<PolicyStore>, audit: Arc<AuditLog>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP; policy reload needs a restart");
@@ -223,15 +315,25 @@ async fn reload_on_hangup(policy: Arc<PolicyStore>) {
     while hangups.recv().await.is_some() {
         let store = Arc::clone(&policy);
         let outcome = actix_web::rt::task::spawn_blocking(move || store.reload()).await;
-        match outcome {
-            Ok(Ok(())) => tracing::info!(dir = %policy.dir().display(), "policy reloaded"),
-            Ok(Err(e)) => tracing::error!(
-                error = %e,
-                "policy reload REFUSED; the previous policy stays in force"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "policy reload failed; the previous policy stays in force")
+        let dir = policy.dir().display().to_string();
+        let (decision, detail) = match outcome {
+            Ok(Ok(())) => {
+                tracing::info!(%dir, "policy reloaded");
+                let counts = &policy.current().counts;
+                ("allow", format!("policy reloaded from {dir}: {counts:?}"))
             }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "policy reload REFUSED; the previous policy stays in force");
+                ("deny", format!("policy reload from {dir} refused: {e}"))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
+                ("deny", format!("policy reload from {dir} failed: {e}"))
+            }
+        };
+        let record = admin_record(audit.node(), "policy.reload", "SIGHUP", decision, detail);
+        if let Err(e) = audit.append(record).await {
+            tracing::error!(error = %e, "the policy reload could not be audited");
         }
     }
 }

@@ -190,11 +190,7 @@ pub fn read_header(input: &mut impl BufRead) -> Result<ExportHeader, ExportError
 impl<'k, R: BufRead> ExportReader<'k, R> {
     /// Starts reading after `header` (see [`read_header`]), verifying with `key`: the
     /// header's own key, or the one the auditor trusts for this node.
-    pub fn new(
-        input: R,
-        header: ExportHeader,
-        key: &'k VerifyingKey,
-    ) -> Result<Self, ExportError> {
+    pub fn new(input: R, header: ExportHeader, key: &'k VerifyingKey) -> Result<Self, ExportError> {
         if let Some(anchor) = &header.anchor {
             let damage = if anchor.node_id != header.node_id {
                 Some(Damage::ForeignCheckpoint)

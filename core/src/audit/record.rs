@@ -103,6 +103,9 @@ pub struct AuditRecord {
     pub status: u16,
     pub prompt: Option<RetainedText>,
     pub answer: Option<RetainedText>,
+    /// What an admin record is about (the policy files loaded, what a prune removed, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl AuditRecord {
@@ -164,6 +167,7 @@ mod tests {
             status: 200,
             prompt: RetainedText::keep(Retention::Sha256, "hi"),
             answer: None,
+            detail: None,
         };
         assert_eq!(
             AuditRecord::from_bytes(&record.to_bytes()).expect("parses"),

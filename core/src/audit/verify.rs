@@ -177,10 +177,8 @@ impl<'k> ChainVerifier<'k> {
             return Ok(()); // before this range
         }
         if checkpoint.sequence >= self.expected {
-            self.pending.insert(
-                checkpoint.sequence,
-                (checkpoint.head, checkpoint.unix_time),
-            );
+            self.pending
+                .insert(checkpoint.sequence, (checkpoint.head, checkpoint.unix_time));
             return Ok(());
         }
         let index = (checkpoint.sequence - self.start) as usize;

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 
 use super::content::ContentRuleConfig;
-use crate::audit::Retention;
 use super::limits::LimitsConfig;
+use crate::audit::Retention;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]

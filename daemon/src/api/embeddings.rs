@@ -83,6 +83,8 @@ pub async fn embeddings(
         max_tokens: 0,
     };
     let admitted = guard::admit(&state, policy, &caller, &http, gate)?;
+    // No inference before the admission record is durable.
+    admitted.notes.admission().await?;
     let running = Arc::clone(&service);
     let embedded = web::block(move || {
         let _capacity = capacity;

@@ -62,6 +62,9 @@ pub enum ApiError {
     /// The engine failed while serving a valid request (500).
     #[error("the model failed while answering: {0}")]
     Internal(String),
+    /// The request's audit record could not be made durable: no audit, no answer (503).
+    #[error("the audit trail cannot record this request, so it is not answered; retry later")]
+    AuditUnavailable(String),
 }
 
 #[derive(Serialize)]
@@ -117,6 +120,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => ("overloaded_error", None, "queue_full"),
             ApiError::Unavailable { .. } => ("service_unavailable", None, "model_unavailable"),
             ApiError::Internal(_) => ("server_error", None, "inference_failed"),
+            ApiError::AuditUnavailable(_) => ("service_unavailable", None, "audit_unavailable"),
             ApiError::PolicyDenied { reason } | ApiError::AnswerWithheld { reason } => {
                 ("permission_denied", None, reason.as_str())
             }
@@ -141,9 +145,9 @@ impl ResponseError for ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unsupported { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Overloaded { .. } | ApiError::Unavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded { .. }
+            | ApiError::Unavailable { .. }
+            | ApiError::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PolicyDenied { .. } | ApiError::AnswerWithheld { .. } => {
                 StatusCode::FORBIDDEN
@@ -156,7 +160,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if matches!(
             self,
-            ApiError::Overloaded { .. } | ApiError::Unavailable { .. }
+            ApiError::Overloaded { .. }
+                | ApiError::Unavailable { .. }
+                | ApiError::AuditUnavailable(_)
         ) {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS)));
         }

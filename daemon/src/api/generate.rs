@@ -169,6 +169,8 @@ impl Exchange<'_> {
             max_tokens: max_new_tokens as u64,
         };
         let admitted = guard::admit(self.state, policy, self.caller, self.http, gate)?;
+        // No inference before the admission record is durable.
+        admitted.notes.admission().await?;
         request.prompt = Prompt::TokenIds(ids);
         request.max_tokens = Some(max_new_tokens);
         let meta = response_meta(self.context, model, endpoint, &params);
@@ -194,6 +196,7 @@ impl Exchange<'_> {
             self.context.started,
         );
         if streamed {
+            admitted.notes.stream_writes_final();
             let format = StreamFormat::new(meta);
             Ok(HttpResponse::Ok()
                 .content_type("text/event-stream")
@@ -277,6 +280,9 @@ async fn whole_answer(
             GenerationEvent::Finished { reason, usage } => {
                 timer.finished(usage);
                 let policy = Arc::clone(&admitted.policy);
+                admitted
+                    .notes
+                    .answered(&policy, &text, usage.completion_tokens as u64);
                 admitted.settle(usage.completion_tokens as u64);
                 let text = guard::check_answer(&policy, &text)?;
                 let usage = UsageOut::from(usage);

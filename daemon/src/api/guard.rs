@@ -6,13 +6,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use actix_web::HttpRequest;
+use actix_web::{HttpMessage as _, HttpRequest};
 use moat_core::policy::content::{ContentScan, Direction, Purpose};
 use moat_core::policy::limits::{Admission, LimitRequest};
 use moat_core::policy::{
     AccessPolicy, ModelFacts, PolicyAction, PolicyDecision, PolicyRequest, ReasonCode,
 };
 
+use super::audit_trail::AuditNotes;
 use super::error::ApiError;
 use super::{AppState, Caller};
 
@@ -26,6 +27,8 @@ pub struct Admitted {
     pub decision: PolicyDecision,
     pub prompt_scan: ContentScan,
     pub policy: Arc<AccessPolicy>,
+    /// The request's audit notes: the answer goes into them.
+    pub notes: AuditNotes,
     admission: Option<Admission>,
 }
 
@@ -91,6 +94,20 @@ pub fn admit(
         prompt_scan: &prompt_scan,
     });
     let model = request.model.map_or("", |m| m.name);
+    // No notes, no record: refuse rather than answer unaudited.
+    let notes = http
+        .extensions()
+        .get::<AuditNotes>()
+        .cloned()
+        .ok_or_else(|| ApiError::AuditUnavailable("the request has no audit notes".into()))?;
+    notes.decided(
+        &policy,
+        model,
+        &decision,
+        &prompt_scan,
+        request.prompt_text,
+        request.prompt_tokens,
+    );
     let count = |reason: &ReasonCode| {
         state
             .metrics
@@ -117,6 +134,7 @@ pub fn admit(
             Err(refusal) => {
                 let reason = ReasonCode::Limit(refusal.limit);
                 count(&reason);
+                notes.refused_by_limit(reason.as_str());
                 tracing::info!(%reason, "refused by a limit");
                 return Err(ApiError::LimitExceeded {
                     reason: reason.as_str(),
@@ -130,6 +148,7 @@ pub fn admit(
         decision,
         prompt_scan,
         policy,
+        notes,
         admission: Some(admission),
     })
 }

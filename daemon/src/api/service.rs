@@ -1,7 +1,8 @@
 //! Routes, the per-request middleware (request id, tracing span, request metrics), the
 //! connection identity captured at handshake, and the small read-only endpoints.
 
-use actix_web::body::MessageBody;
+use actix_web::ResponseError as _;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
@@ -12,6 +13,7 @@ use actix_web::{HttpMessage as _, HttpResponse, web};
 use serde_json::json;
 use tracing::Instrument as _;
 
+use super::audit_trail::{AuditNotes, RequestOrigin};
 use super::openai::{ModelCard, ModelList};
 use super::{
     ApiError, AppState, Caller, RequestContext, ServedModelName, embeddings, generate, guard,
@@ -57,12 +59,14 @@ pub fn metrics_routes(config: &mut web::ServiceConfig) {
 /// handler was dropped, and with it the generation), as nginx counts it.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
-/// Gives each request an id and a tracing span, returns the id in `x-request-id`, and
-/// counts the request by endpoint, status, department and model.
-pub async fn request_context(
+/// Gives each request an id and a tracing span, returns the id in `x-request-id`, counts
+/// the request by endpoint, status, department and model, and stores its final audit
+/// record before the response leaves: if that record cannot be made durable, the client
+/// gets 503 instead of the response.
+pub async fn request_context<B: MessageBody>(
     req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
     let context = RequestContext::new();
     let span = tracing::info_span!("request", id = %context.id, method = %req.method(), path = %req.path());
     let id = HeaderValue::from_str(&context.id).ok();
@@ -71,24 +75,62 @@ pub async fn request_context(
         Some(ConnectionIdentity(Ok(identity))) => Some(identity),
         _ => None,
     };
+    let state = req.app_data::<web::Data<AppState>>();
+    let endpoint = endpoint_of(req.path());
+    let department = identity.map(|i| i.department.clone()).unwrap_or_default();
+    let subject = identity.map(|i| i.subject.clone()).unwrap_or_default();
+    // Every department request is audited; probes and metrics are not requests.
+    let audit = state
+        .filter(|_| !matches!(endpoint, "health" | "metrics"))
+        .map(|state| {
+            let origin = RequestOrigin {
+                request_id: context.id.clone(),
+                department: department.clone(),
+                subject: subject.clone(),
+                source_address: req
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default(),
+                action: endpoint,
+            };
+            AuditNotes::new(Arc::clone(&state.audit), origin, context.started)
+        });
     let record = RequestRecord {
-        metrics: req
-            .app_data::<web::Data<AppState>>()
-            .map(|state| Arc::clone(&state.metrics)),
-        endpoint: endpoint_of(req.path()),
-        department: identity.map(|i| i.department.clone()).unwrap_or_default(),
-        subject: identity.map(|i| i.subject.clone()).unwrap_or_default(),
+        metrics: state.map(|state| Arc::clone(&state.metrics)),
+        endpoint,
+        department,
+        subject,
         model: model.clone(),
+        audit: audit.clone(),
         span: span.clone(),
         started: Instant::now(),
     };
     req.extensions_mut().insert(context);
     req.extensions_mut().insert(model);
-    // Counts the request as abandoned if this future is dropped before the answer is ready.
+    if let Some(audit) = &audit {
+        req.extensions_mut().insert(audit.clone());
+    }
+    // Counts (and audits) the request as abandoned if this future is dropped before the
+    // answer is ready.
     let mut guard = AbandonOnDrop(Some(record));
-    let result = next.call(req).instrument(span).await;
+    let result = next.call(req).instrument(span.clone()).await;
+    let mut response = result?.map_into_left_body();
+    if let Some(audit) = audit.filter(|a| !a.is_streams_to_write()) {
+        let code = response
+            .response()
+            .error()
+            .and_then(|e| e.as_error::<ApiError>())
+            .map(|e| e.detail().code.to_owned())
+            .unwrap_or_default();
+        let status = response.status().as_u16();
+        if let Err(refusal) = audit.finish(status, &code).instrument(span).await {
+            tracing::error!(status, "the request's audit record failed; answering 503");
+            let (request, _) = response.into_parts();
+            response =
+                ServiceResponse::new(request, refusal.error_response()).map_into_right_body();
+        }
+    }
     let record = guard.0.take();
-    let mut response = result?;
     if let Some(id) = id {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
@@ -105,6 +147,7 @@ struct RequestRecord {
     department: String,
     subject: String,
     model: ServedModelName,
+    audit: Option<AuditNotes>,
     span: tracing::Span,
     started: Instant,
 }
@@ -115,6 +158,9 @@ struct AbandonOnDrop(Option<RequestRecord>);
 impl Drop for AbandonOnDrop {
     fn drop(&mut self) {
         if let Some(record) = self.0.take() {
+            if let Some(audit) = &record.audit {
+                audit.finish_abandoned(CLIENT_CLOSED_REQUEST);
+            }
             record.count(CLIENT_CLOSED_REQUEST);
         }
     }

@@ -14,10 +14,12 @@ use std::sync::Arc;
 use moat_core::policy::AccessPolicy;
 use moat_core::policy::content::{ContentAction, Direction};
 
+use super::audit_trail::AuditNotes;
 use super::error::ApiError;
 use super::generate::{Endpoint, ResponseMeta};
 use super::guard::{self, Admitted};
 use super::openai::UsageOut;
+use super::service::CLIENT_CLOSED_REQUEST;
 use crate::engine::{GenerationEvent, GenerationStream};
 use crate::metrics::GenerationTimer;
 
@@ -161,8 +163,20 @@ struct StreamState {
     timer: GenerationTimer,
     filter: AnswerFilter,
     admitted: Option<Admitted>,
+    notes: AuditNotes,
+    /// The whole answer as generated, for the audit record.
+    answer: String,
+    /// How the stream ended (status and error code), until its record is stored.
+    ending: Option<(u16, String)>,
     opened: bool,
     done: bool,
+}
+
+impl Drop for StreamState {
+    /// A stream dropped before its end: the client went away.
+    fn drop(&mut self) {
+        self.notes.finish_abandoned(CLIENT_CLOSED_REQUEST);
+    }
 }
 
 /// The response body: one chunk per event that releases text, then the final chunks.
@@ -177,7 +191,10 @@ pub fn sse_body(
         format,
         timer,
         filter: AnswerFilter::new(Arc::clone(&admitted.policy)),
+        notes: admitted.notes.clone(),
         admitted: Some(admitted),
+        answer: String::new(),
+        ending: None,
         opened: false,
         done: false,
     };
@@ -195,6 +212,13 @@ pub fn sse_body(
             if !state.step(event, &mut out) {
                 continue;
             }
+            if let Some((status, code)) = state.ending.take() {
+                // The last events go out only once the request's record is durable.
+                if let Err(refusal) = state.notes.finish(status, &code).await {
+                    out.clear();
+                    state.format.failure(refusal, &mut out);
+                }
+            }
             return Some((Ok(Bytes::from(out)), state));
         }
     })
@@ -206,6 +230,7 @@ impl StreamState {
         match event {
             Some(GenerationEvent::Token { text, .. }) => {
                 self.timer.token();
+                self.answer.push_str(&text);
                 match self.filter.push(&text) {
                     Ok(released) if released.is_empty() => return false,
                     Ok(released) => self.format.text(&released, out),
@@ -214,8 +239,11 @@ impl StreamState {
             }
             Some(GenerationEvent::Finished { reason, usage }) => {
                 self.timer.finished(usage);
+                let tokens = usage.completion_tokens as u64;
+                self.notes
+                    .answered(&self.filter.policy, &self.answer, tokens);
                 if let Some(admitted) = self.admitted.take() {
-                    admitted.settle(usage.completion_tokens as u64);
+                    admitted.settle(tokens);
                 }
                 match self.filter.finish() {
                     Ok(rest) => {
@@ -223,6 +251,7 @@ impl StreamState {
                             self.format.text(&rest, out);
                         }
                         self.format.finish(reason.as_str(), usage.into(), out);
+                        self.ending = Some((200, String::new()));
                         self.done = true;
                     }
                     Err(withheld) => self.fail(withheld, out),
@@ -241,6 +270,9 @@ impl StreamState {
     }
 
     fn fail(&mut self, error: ApiError, out: &mut Vec<u8>) {
+        use actix_web::ResponseError as _;
+        let status = error.status_code().as_u16();
+        self.ending = Some((status, error.detail().code.to_owned()));
         self.format.failure(error, out);
         self.done = true;
     }

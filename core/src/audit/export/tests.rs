@@ -28,9 +28,9 @@ fn chain(n: u64, node: &str, signer: &SigningKey) -> (Vec<ChainEntry>, Vec<Check
 /// The export of `entries[from..]` (anchored at the checkpoint before `from`, if any).
 fn export(entries: &[ChainEntry], checkpoints: &[Checkpoint], from: usize) -> String {
     let signer = key(1);
-    let anchor = from.checked_sub(1).map(|before| {
-        Checkpoint::sign(&signer, NODE, before as u64, entries[before].hash, 60)
-    });
+    let anchor = from
+        .checked_sub(1)
+        .map(|before| Checkpoint::sign(&signer, NODE, before as u64, entries[before].hash, 60));
     let header = ExportHeader {
         moat_audit_export: EXPORT_VERSION,
         node_id: NODE.into(),
@@ -91,7 +91,10 @@ fn line_of(lines: &[String], sequence: u64) -> usize {
 fn an_intact_export_verifies_whole_or_from_an_anchor() {
     let (entries, checkpoints) = chain(10, NODE, &key(1));
     let (verified, read) = verify(&export(&entries, &checkpoints, 0)).expect("intact");
-    assert_eq!((verified.first, verified.last, read), (Some(0), Some(9), 10));
+    assert_eq!(
+        (verified.first, verified.last, read),
+        (Some(0), Some(9), 10)
+    );
     assert_eq!(verified.unsigned_tail, 0);
     let (verified, read) = verify(&export(&entries, &checkpoints, 4)).expect("intact range");
     assert_eq!((verified.first, read), (Some(4), 6));

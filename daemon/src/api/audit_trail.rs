@@ -1,0 +1,238 @@
+//! What each request's audit records say, gathered as the request goes.
+//!
+//! The request middleware starts an [`AuditNotes`] for every department request; the
+//! policy gate adds the decision, the classification, the findings and the prompt (as the
+//! department's retention keeps it); the handlers add token counts and the answer. Before
+//! any inference runs, the gate's [`AuditNotes::admission`] record must be durable; the
+//! middleware writes the final [`RecordKind::Request`] record before the response leaves,
+//! except for a stream, which writes it itself before its last event.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use moat_core::audit::{AuditRecord, Finding, RecordKind, RetainedText, Retention};
+use moat_core::policy::content::{ContentScan, Direction, Purpose};
+use moat_core::policy::{AccessPolicy, PolicyDecision};
+
+use super::error::ApiError;
+use crate::audit::AuditLog;
+use crate::audit::log::now_unix_ms;
+
+/// Who asked, from where, through which endpoint: known before the handler runs.
+#[derive(Debug, Clone, Default)]
+pub struct RequestOrigin {
+    pub request_id: String,
+    pub department: String,
+    pub subject: String,
+    pub source_address: String,
+    pub action: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct Notes {
+    origin: RequestOrigin,
+    model: String,
+    decision: &'static str,
+    reason: String,
+    classification: String,
+    findings: Vec<Finding>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    retention: Retention,
+    prompt: Option<RetainedText>,
+    answer: Option<RetainedText>,
+    /// The final record is the stream's to write.
+    stream_writes_final: bool,
+    /// The final record was written (or handed in).
+    finished: bool,
+}
+
+/// A request's audit notes, shared between the middleware, the handler and its stream
+/// (all on one worker thread).
+#[derive(Debug, Clone)]
+pub struct AuditNotes {
+    notes: Rc<RefCell<Notes>>,
+    started: Instant,
+    log: Arc<AuditLog>,
+}
+
+impl AuditNotes {
+    pub fn new(log: Arc<AuditLog>, origin: RequestOrigin, started: Instant) -> Self {
+        Self {
+            notes: Rc::new(RefCell::new(Notes {
+                origin,
+                ..Notes::default()
+            })),
+            started,
+            log,
+        }
+    }
+
+    /// The policy's decision on the request, and its prompt as the audit keeps it
+    /// (`redact`, `redact_in_audit` and `deny` matches masked, then the department's
+    /// retention).
+    pub fn decided(
+        &self,
+        policy: &AccessPolicy,
+        model: &str,
+        decision: &PolicyDecision,
+        prompt_scan: &ContentScan,
+        prompt_text: &str,
+        prompt_tokens: u64,
+    ) {
+        let mut notes = self.notes.borrow_mut();
+        let retention = policy.data().retention(&notes.origin.department);
+        notes.model = match policy
+            .data()
+            .models
+            .get(model)
+            .and_then(|m| m.version.as_ref())
+        {
+            Some(version) => format!("{model}@{version}"),
+            None => model.to_owned(),
+        };
+        notes.decision = if decision.reason.is_allow() {
+            "allow"
+        } else {
+            "deny"
+        };
+        notes.reason = decision.reason.as_str();
+        decision
+            .classification
+            .clone_into(&mut notes.classification);
+        notes.findings = findings(prompt_scan);
+        notes.prompt_tokens = prompt_tokens;
+        notes.retention = retention;
+        notes.prompt = keep(policy, retention, prompt_text, Direction::Prompt);
+    }
+
+    /// A limit refused what the policy allowed.
+    pub fn refused_by_limit(&self, reason: String) {
+        let mut notes = self.notes.borrow_mut();
+        notes.decision = "deny";
+        notes.reason = reason;
+    }
+
+    /// The answer (before the client's redaction) and its length in tokens.
+    pub fn answered(&self, policy: &AccessPolicy, answer: &str, completion_tokens: u64) {
+        let mut notes = self.notes.borrow_mut();
+        let scan = policy.content().scan(answer, Direction::Answer);
+        notes.findings.extend(findings(&scan));
+        notes.completion_tokens = completion_tokens;
+        notes.answer = keep(policy, notes.retention, answer, Direction::Answer);
+    }
+
+    /// The stream, not the middleware, writes the final record.
+    pub fn stream_writes_final(&self) {
+        self.notes.borrow_mut().stream_writes_final = true;
+    }
+
+    pub fn is_streams_to_write(&self) -> bool {
+        self.notes.borrow().stream_writes_final
+    }
+
+    /// Stores the admission record; until it is durable no inference may run.
+    pub async fn admission(&self) -> Result<(), ApiError> {
+        let record = self.record(RecordKind::Admission, 0, "");
+        self.log
+            .append(record)
+            .await
+            .map(drop)
+            .map_err(|e| ApiError::AuditUnavailable(e.to_string()))
+    }
+
+    /// Stores the final record with the status the client gets; `error_code` is the
+    /// refusal's code when the policy never decided. Written once.
+    pub async fn finish(&self, status: u16, error_code: &str) -> Result<(), ApiError> {
+        let Some(record) = self.final_record(status, error_code) else {
+            return Ok(());
+        };
+        self.log
+            .append(record)
+            .await
+            .map(drop)
+            .map_err(|e| ApiError::AuditUnavailable(e.to_string()))
+    }
+
+    /// Hands the final record in without waiting: the client is gone.
+    pub fn finish_abandoned(&self, status: u16) {
+        if let Some(record) = self.final_record(status, "") {
+            self.log.submit(record);
+        }
+    }
+
+    fn final_record(&self, status: u16, error_code: &str) -> Option<AuditRecord> {
+        if std::mem::replace(&mut self.notes.borrow_mut().finished, true) {
+            return None;
+        }
+        Some(self.record(RecordKind::Request, status, error_code))
+    }
+
+    fn record(&self, kind: RecordKind, status: u16, error_code: &str) -> AuditRecord {
+        let notes = self.notes.borrow();
+        let origin = &notes.origin;
+        let admission = kind == RecordKind::Admission;
+        AuditRecord {
+            kind,
+            unix_ms: now_unix_ms(),
+            node_id: self.log.node().node_id.clone(),
+            request_id: origin.request_id.clone(),
+            department: origin.department.clone(),
+            subject: origin.subject.clone(),
+            source_address: origin.source_address.clone(),
+            model: notes.model.clone(),
+            action: origin.action.to_owned(),
+            decision: notes.decision.to_owned(),
+            reason: if notes.reason.is_empty() {
+                error_code.to_owned()
+            } else {
+                notes.reason.clone()
+            },
+            classification: notes.classification.clone(),
+            findings: notes.findings.clone(),
+            prompt_tokens: notes.prompt_tokens,
+            completion_tokens: notes.completion_tokens,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            status,
+            // The admission record holds the prompt; the final record the answer, and
+            // the prompt only when no admission record was written.
+            prompt: if admission || notes.decision != "allow" {
+                notes.prompt.clone()
+            } else {
+                None
+            },
+            answer: if admission {
+                None
+            } else {
+                notes.answer.clone()
+            },
+            detail: None,
+        }
+    }
+}
+
+fn findings(scan: &ContentScan) -> Vec<Finding> {
+    scan.findings
+        .iter()
+        .map(|f| Finding {
+            detector: f.detector.clone(),
+            count: f.count,
+        })
+        .collect()
+}
+
+/// `text` as the audit may keep it: masked for the audit, then as `retention` says.
+fn keep(
+    policy: &AccessPolicy,
+    retention: Retention,
+    text: &str,
+    direction: Direction,
+) -> Option<RetainedText> {
+    if retention == Retention::None {
+        return None;
+    }
+    let masked = policy.content().redact(text, direction, Purpose::Audit);
+    RetainedText::keep(retention, &masked)
+}

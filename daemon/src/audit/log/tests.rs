@@ -1,0 +1,249 @@
+use super::*;
+use moat_core::audit::layout;
+use moat_core::audit::{GENESIS, RetainedText, Retention, verify_chain};
+use std::io::Read as _;
+use std::path::Path;
+
+fn record(n: u64, unix_ms: i64, prompt: &str) -> AuditRecord {
+    AuditRecord {
+        kind: RecordKind::Request,
+        unix_ms,
+        node_id: "node-a".into(),
+        request_id: format!("r{n}"),
+        department: "finance".into(),
+        subject: "alice".into(),
+        source_address: "10.0.0.7".into(),
+        model: "smollm2".into(),
+        action: "chat".into(),
+        decision: "allow".into(),
+        reason: "allow".into(),
+        classification: "internal".into(),
+        findings: Vec::new(),
+        prompt_tokens: 3,
+        completion_tokens: 5,
+        latency_ms: 12,
+        status: 200,
+        prompt: RetainedText::keep(Retention::Full, prompt),
+        answer: None,
+        detail: None,
+    }
+}
+
+fn settings(dir: &Path, key: &SigningKey) -> AuditSettings {
+    AuditSettings {
+        store_directory: dir.join("audit"),
+        node: NodeInfo {
+            node_id: "node-a".into(),
+            public_key: key.verifying_key().to_bytes(),
+        },
+        checkpoint_every_records: 1000,
+        checkpoint_every: Duration::from_secs(3600),
+        retention: None,
+        write_timeout: Duration::from_secs(5),
+    }
+}
+
+fn decrypt(identity: &age::x25519::Identity, ciphertext: &[u8]) -> AuditRecord {
+    let decryptor = age::Decryptor::new(ciphertext).expect("age file");
+    let mut reader = decryptor
+        .decrypt(std::iter::once(identity as &dyn age::Identity))
+        .expect("decrypts");
+    let mut plaintext = Vec::new();
+    reader.read_to_end(&mut plaintext).expect("reads");
+    AuditRecord::from_bytes(&plaintext).expect("record")
+}
+
+/// Everything the store holds, verified from its start.
+fn verified(dir: &Path, key: &SigningKey) -> (Vec<moat_core::audit::ChainEntry>, usize) {
+    let store = Store::open(&dir.join("audit"), &settings(dir, key).node).expect("opens");
+    let start = match store.prune_marker().expect("marker") {
+        Some(marker) => (marker.sequence + 1, marker.head),
+        None => (0, GENESIS),
+    };
+    let entries: Vec<_> = store
+        .entries(0..=u64::MAX)
+        .collect::<Result<_, _>>()
+        .expect("entries");
+    let checkpoints = store.checkpoints().expect("checkpoints");
+    let chain = verify_chain(
+        "node-a",
+        &key.verifying_key(),
+        start,
+        &entries,
+        &checkpoints,
+    )
+    .expect("the chain verifies");
+    (entries, chain.unsigned_tail)
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn concurrent_records_are_encrypted_chained_in_groups_and_signed_at_close() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let auditor = age::x25519::Identity::generate();
+    let second = age::x25519::Identity::generate();
+    let canary = "CANARY-4f1d-prompt";
+    let log = AuditLog::start(
+        settings(dir.path(), &key),
+        vec![auditor.to_public(), second.to_public()],
+        key.clone(),
+    )
+    .expect("starts");
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                (0..25)
+                    .map(|n| {
+                        log.append_blocking(record(t * 100 + n, now_unix_ms(), canary))
+                            .expect("durable")
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut sequences: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("thread"))
+        .collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, (0..200).collect::<Vec<_>>());
+    log.close().expect("final checkpoint");
+    assert!(matches!(
+        log.append_blocking(record(0, 0, "late")),
+        Err(AuditError::Closed)
+    ));
+
+    let (entries, unsigned) = verified(dir.path(), &key);
+    assert_eq!((entries.len(), unsigned), (200, 0));
+    // Either auditor reads every record; nothing readable is on disk.
+    let first = decrypt(&second, &entries[0].ciphertext);
+    assert_eq!(first.prompt, RetainedText::keep(Retention::Full, canary));
+    for file in walk(dir.path()) {
+        let bytes = std::fs::read(&file).expect("read");
+        assert!(
+            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+            "plaintext in {}",
+            file.display()
+        );
+        assert!(
+            !bytes.windows(16).any(|w| w == b"AGE-SECRET-KEY-1"),
+            "an age identity in {}",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn checkpoints_come_every_n_records_and_the_chain_goes_on_after_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let auditor = age::x25519::Identity::generate();
+    let mut every_ten = settings(dir.path(), &key);
+    every_ten.checkpoint_every_records = 10;
+    for round in 0..2 {
+        let log = AuditLog::start(every_ten.clone(), vec![auditor.to_public()], key.clone())
+            .expect("starts");
+        for n in 0..25 {
+            let sequence = log
+                .append_blocking(record(n, now_unix_ms(), "p"))
+                .expect("durable");
+            assert_eq!(sequence, round * 25 + n);
+        }
+        // Dropped without close, as after a crash: the tail is unsigned.
+        drop(log);
+    }
+    let (entries, unsigned) = verified(dir.path(), &key);
+    assert_eq!(entries.len(), 50);
+    assert!(unsigned < 10, "{unsigned} unsigned");
+    let store = Store::open(&dir.path().join("audit"), &every_ten.node).expect("opens");
+    assert!(store.checkpoints().expect("checkpoints").len() >= 4);
+}
+
+#[test]
+fn a_store_of_another_node_or_key_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let auditor = age::x25519::Identity::generate();
+    let log = AuditLog::start(
+        settings(dir.path(), &key),
+        vec![auditor.to_public()],
+        key.clone(),
+    )
+    .expect("starts");
+    log.close().expect("closes");
+    drop(log);
+    let other_key = SigningKey::from_bytes(&[8; 32]);
+    let error = AuditLog::start(
+        settings(dir.path(), &other_key),
+        vec![auditor.to_public()],
+        other_key,
+    )
+    .expect_err("another key");
+    assert!(matches!(error, AuditError::ForeignStore { .. }), "{error}");
+    let error = AuditLog::start(settings(dir.path(), &key), Vec::new(), key.clone())
+        .expect_err("no recipients");
+    assert!(matches!(error, AuditError::NoRecipients));
+}
+
+#[test]
+fn pruning_keeps_what_no_checkpoint_covers_and_leaves_a_verifiable_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let auditor = age::x25519::Identity::generate();
+    let mut config = settings(dir.path(), &key);
+    config.checkpoint_every_records = 10;
+    let day_ms = 86_400_000;
+    let now = now_unix_ms();
+    {
+        let log = AuditLog::start(config.clone(), vec![auditor.to_public()], key.clone())
+            .expect("starts");
+        // 25 records ten days old (checkpoints after 9 and 19), then 5 new ones.
+        for n in 0..25 {
+            log.append_blocking(record(n, now - 10 * day_ms, "old"))
+                .expect("durable");
+        }
+        for n in 25..30 {
+            log.append_blocking(record(n, now, "new")).expect("durable");
+        }
+        log.close().expect("closes");
+    }
+    config.retention = Some(Duration::from_secs(7 * 86_400));
+    let log =
+        AuditLog::start(config.clone(), vec![auditor.to_public()], key.clone()).expect("prunes");
+    log.close().expect("closes");
+    drop(log);
+    let (entries, unsigned) = verified(dir.path(), &key);
+    // Old records 20..24 stay: the checkpoint covering them also covers new records.
+    assert_eq!(entries.first().map(|e| e.sequence), Some(20));
+    assert_eq!((entries.len(), unsigned), (10, 0));
+    let store = Store::open(&dir.path().join("audit"), &config.node).expect("opens");
+    let marker = store.prune_marker().expect("read").expect("a prune marker");
+    assert_eq!(marker.sequence, 19);
+    assert!(marker.is_signed_by(&key.verifying_key()));
+    assert_eq!(store.entries(0..=19).count(), 0);
+    drop(store);
+    // The meta tree names the node.
+    let db = sled::open(dir.path().join("audit")).expect("sled");
+    let node = db
+        .open_tree(layout::META)
+        .expect("meta")
+        .get(layout::NODE_KEY)
+        .expect("read")
+        .expect("node");
+    let node: NodeInfo = serde_json::from_slice(&node).expect("json");
+    assert_eq!(node.node_id, "node-a");
+}
