@@ -28,6 +28,7 @@ Exit status:
 
 mod decrypt;
 mod export;
+mod keygen;
 mod listing;
 mod staged;
 mod store;
@@ -57,6 +58,21 @@ const DEFAULT_STORE: &str = "/var/lib/moat/audit";
 /// `moatctl audit` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// Create an auditor's age identity (on the auditor's machine, never the appliance).
+    ///
+    /// Writes the identity to FILE (mode 0600; an existing file is never overwritten) and
+    /// prints its public key, `age1...`, for every node's `[audit] recipients`. Keep the
+    /// file offline and backed up: without it no record encrypted to it can be read.
+    #[command(
+        after_help = "Example:\n  moatctl audit keygen --out ~/moat-auditor.key\n  \
+        # then on each node, in /etc/moat/moat.toml:\n  \
+        # [audit]\n  # recipients = [\"age1...\", \"age1...(a second auditor)\"]"
+    )]
+    Keygen {
+        /// Where to write the identity.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Export a stopped node's audit store to a file an auditor can verify and decrypt.
     ///
     /// Records stay encrypted to the auditors. A time range is widened back to the latest
@@ -230,6 +246,12 @@ impl Error {
 /// Runs one `audit` subcommand.
 pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
     match command {
+        AuditCommand::Keygen { out } => {
+            let recipient = keygen::run(&out)?;
+            eprintln!("wrote the identity to {}; its public key:", out.display());
+            println!("{recipient}");
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Export {
             store,
             out,

@@ -9,6 +9,7 @@ import re
 import signal
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -155,10 +156,34 @@ def policy_dir(directory: Path, policies: str = PERMIT_ALL, data: str = UNLIMITE
     return directory
 
 
+@dataclass(frozen=True)
+class Auditors:
+    """Two auditors' age identities (made with `moatctl audit keygen`) and their public
+    keys, as an organisation would configure them."""
+
+    identities: tuple[Path, Path]
+    recipients: tuple[str, str]
+
+
+def auditors(directory: Path) -> Auditors:
+    """The two auditors of `directory`, created on first use."""
+    directory.mkdir(parents=True, exist_ok=True)
+    identities = (directory / "auditor-1.key", directory / "auditor-2.key")
+    for identity in identities:
+        if not identity.exists():
+            moatctl("audit", "keygen", "--out", identity)
+    recipients = tuple(
+        re.search(r"public key: (age1\w+)", identity.read_text()).group(1)
+        for identity in identities)
+    return Auditors(identities, recipients)
+
+
 def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
     """A serving config for the PKI's server certificate and CA, with its CRL, over the
-    models in `serve` (served name -> directory under local/models). Each keyword replaces
-    or adds keys in that section."""
+    models in `serve` (served name -> directory under local/models), auditing into a state
+    directory of its own. Each keyword replaces or adds keys in that section."""
+    root = pki.dir.parent
+    state = Path(tempfile.mkdtemp(prefix="state-", dir=root))
     config = {
         "engine": {"onnxruntime_library": str(ONNXRUNTIME), "queue_capacity": 64,
                    "max_batch": 16},
@@ -167,7 +192,9 @@ def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
                 "client_ca": [str(pki.ca_cert)], "crl": [str(pki.crl)]},
         "models": {"directory": str(MODELS), "serve": dict(serve)},
         "metrics": {"listen": "127.0.0.1:0"},
-        "policy": {"directory": str(policy_dir(pki.dir.parent / "permit-all-policy"))},
+        "policy": {"directory": str(policy_dir(root / "permit-all-policy"))},
+        "audit": {"state_directory": str(state), "node_id": "test-node",
+                  "recipients": list(auditors(root / "auditors").recipients)},
     }
     for section, keys in sections.items():
         config.setdefault(section, {}).update(keys)

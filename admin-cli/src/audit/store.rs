@@ -26,6 +26,13 @@ pub enum StoreError {
         .dir.display()
     )]
     Locked { dir: PathBuf },
+    /// A snapshot sled left unfinished cannot be removed.
+    #[error("cannot remove an unfinished sled snapshot in {}", .dir.display())]
+    Cleanup {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// sled cannot open the store.
     #[error("cannot open the audit store in {}", .dir.display())]
     Open {
@@ -99,7 +106,13 @@ impl StoppedStore {
         // sled locks its `db` file (flock) while open; look first, so that a running moatd
         // gets a clear message rather than sled's. The lock is released before sled opens.
         match file.try_lock() {
-            Ok(()) => drop(file),
+            Ok(()) => {
+                drop(file);
+                remove_unfinished_snapshots(dir).map_err(|source| StoreError::Cleanup {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
+            }
             Err(TryLockError::WouldBlock) => {
                 return Err(StoreError::Locked {
                     dir: dir.to_path_buf(),
@@ -239,4 +252,24 @@ impl StoppedStore {
                 .ok_or_else(|| self.unreadable(StoredItem::Checkpoint(sequence)))
         })
     }
+}
+
+/// Removes snapshots sled began and never finished (a full disk or a crash mid-write):
+/// sled 0.34 refuses a store holding one, and rebuilds its snapshot from the intact log.
+fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(layout::is_unfinished_snapshot)
+        {
+            eprintln!(
+                "removing an unfinished sled snapshot: {}",
+                entry.path().display()
+            );
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }

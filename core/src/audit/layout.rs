@@ -19,6 +19,15 @@ pub const PRUNE_KEY: &str = "prune";
 
 const HEADER: usize = 8 + 32;
 
+/// Whether `file_name`, in the store's directory, is a snapshot sled began and never
+/// finished. sled writes `snap.<lsn>.generating` and renames it when complete; one left
+/// behind (a full disk or a crash mid-write) is never authoritative, yet sled 0.34 refuses
+/// to open a store that has one ("Read corrupted data"). The log it summarises is intact,
+/// so such a file is removed before the store is opened.
+pub fn is_unfinished_snapshot(file_name: &str) -> bool {
+    file_name.starts_with("snap.") && file_name.ends_with(".generating")
+}
+
 /// Who wrote the store: the node id and the public half of its checkpoint key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -67,6 +76,13 @@ pub fn decode_checkpoint(value: &[u8]) -> Option<Checkpoint> {
 mod tests {
     use super::*;
     use crate::audit::GENESIS;
+
+    #[test]
+    fn only_unfinished_snapshots_are_named_unfinished() {
+        assert!(is_unfinished_snapshot("snap.000000000007DA24.generating"));
+        assert!(!is_unfinished_snapshot("snap.000000000007DA24"));
+        assert!(!is_unfinished_snapshot("db"));
+    }
 
     #[test]
     fn entries_round_trip_and_malformed_values_are_refused() {

@@ -69,7 +69,17 @@ impl Store {
             dir: dir.to_path_buf(),
             reason,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
+        create_private_dir(dir).map_err(|e| open_error(e.to_string()))?;
+        // sled locks its log while open: only with the lock free is it safe to tidy up.
+        match File::open(dir.join("db")).map(|file| file.try_lock()) {
+            Ok(Err(std::fs::TryLockError::WouldBlock)) => {
+                return Err(open_error(
+                    "another process has it open (a second moatd, or moatctl audit export)".into(),
+                ));
+            }
+            Ok(_) | Err(_) => {}
+        }
+        remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
         let db = sled::Config::new()
             .path(dir)
             // moatd flushes (and syncs) at every commit; a background flusher would only
@@ -340,6 +350,33 @@ impl Store {
         sync_path(&self.dir.join("conf")).map_err(write_error)?;
         sync_path(&self.dir).map_err(write_error)
     }
+}
+
+/// The store's directory, readable by moatd's user only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Removes snapshots sled began and never finished (see
+/// [`layout::is_unfinished_snapshot`]); sled rebuilds its snapshot from the log.
+fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(layout::is_unfinished_snapshot)
+        {
+            tracing::warn!(file = %entry.path().display(), "removing an unfinished sled snapshot");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn sync_path(path: &Path) -> std::io::Result<()> {

@@ -1,0 +1,113 @@
+"""The auditor's side of the audit trail, with the real `moatctl audit`: export a stopped
+node's store, verify the export, decrypt it; and the crash drill: load on moatd, kill -9 at
+a random moment, then prove every answer a client saw has its record."""
+
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from harness import Auditors, ClientCert, Moatd, binary, moatctl
+
+
+def store_of(config: dict) -> Path:
+    return Path(config["audit"]["state_directory"]) / "audit"
+
+
+def run_moatctl(*args) -> subprocess.CompletedProcess:
+    """moatctl, whatever its exit status."""
+    return subprocess.run([binary("moatctl"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def export(store: Path, out: Path, *options: str) -> Path:
+    moatctl("audit", "export", "--store", store, "--out", out, *options)
+    return out
+
+
+def verify(export_file: Path) -> str:
+    """`moatctl audit verify`'s report of an intact export."""
+    result = moatctl("audit", "verify", export_file)
+    return result.stdout + result.stderr
+
+
+def decrypt(export_file: Path, identity: Path) -> list[dict]:
+    """The records of an export, as an auditor reads them (JSON lines)."""
+    result = moatctl("audit", "decrypt", "--identity", identity, "--format", "jsonl",
+                     export_file)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def records_of(config: dict, auditors: Auditors, directory: Path) -> list[dict]:
+    """Every record of a stopped node: exported, verified and decrypted."""
+    out = export(store_of(config), directory / f"export-{time.monotonic_ns()}.jsonl")
+    verify(out)
+    return decrypt(out, auditors.identities[0])
+
+
+@dataclass
+class Load:
+    """Clients sending short chats as fast as moatd answers them; what they saw answered."""
+
+    server: Moatd
+    ca: Path
+    client: ClientCert
+    threads: int = 4
+    answered: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def _run(self, seed: int) -> None:
+        body = {"model": "fixture", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": f"load {seed}"}]}
+        try:
+            with self.server.http(self.ca, self.client, timeout=10) as client:
+                while not self._stop.is_set():
+                    response = client.post("/v1/chat/completions", json=body)
+                    # Answered: the whole body arrived and is an answer.
+                    if response.status_code == 200 and response.json()["choices"]:
+                        self.answered.add(response.headers["x-request-id"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return  # the server died mid-request: that request was not answered
+
+    def __enter__(self) -> "Load":
+        self._workers = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                         for n in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=30)
+
+
+def crash_drill(config_dir: Path, config: dict, ca: Path, client: ClientCert, runs: int,
+                seed: int = 0) -> set[str]:
+    """`runs` times: start moatd on the same store, load it, kill -9 it at a random moment.
+    Returns the request ids clients saw answered."""
+    rng = random.Random(seed)
+    answered: set[str] = set()
+    for _ in range(runs):
+        server = Moatd.start(config_dir, config)
+        with Load(server, ca, client) as load:
+            time.sleep(rng.uniform(0.2, 1.5))
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait(timeout=10)
+        server.stop()
+        answered |= load.answered
+    return answered
+
+
+def check_every_answer_recorded(records: list[dict], answered: set[str]) -> None:
+    final = {r["request_id"]: r for r in records if r["kind"] == "request"}
+    missing = sorted(answered - final.keys())
+    assert not missing, f"{len(missing)} answered requests without a record: {missing[:5]}"
+    for request_id in answered:
+        assert final[request_id]["status"] == 200, final[request_id]

@@ -1,0 +1,270 @@
+"""The audit trail, end to end: every request is recorded before its answer leaves, the
+records decrypt only with the auditors' keys, the chain verifies after crashes, tampering is
+located, and a store that cannot be written refuses answers (503) until it can again."""
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import stat
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+
+from audit_trail import (check_every_answer_recorded, crash_drill, decrypt, export,
+                         records_of, run_moatctl, store_of, verify)
+from harness import (UNLIMITED_DATA, auditors, binary, policy_dir, running, server_config,
+                     sse_events, toml_text, wait_until)
+
+FIXTURE = {"fixture": "fixture-fused"}
+
+# Finance keeps prompts and answers in full (encrypted); everyone else their SHA-256.
+RETENTION_DATA = UNLIMITED_DATA.replace(
+    '[default_model]', '[departments.finance]\nretention = "full"\n[default_model]')
+
+
+def chat(content: str, **extra) -> dict:
+    return {"model": "fixture", "temperature": 0, "max_tokens": 6,
+            "messages": [{"role": "user", "content": content}], **extra}
+
+
+def files_under(directory) -> list:
+    return [p for p in directory.rglob("*") if p.is_file()]
+
+
+def test_every_request_is_recorded_encrypted_to_the_auditors_and_verifies(
+        tmp_path, pki, alice):
+    canary = f"CANARY-{uuid.uuid4()}"
+    bob = pki.issue_client("legal", "bob-audit")
+    config = server_config(pki, FIXTURE, policy={
+        "directory": str(policy_dir(tmp_path / "policy", data=RETENTION_DATA))})
+    seen: dict[str, tuple[int, str]] = {}
+
+    def sent(response: httpx.Response, expected: int, label: str) -> None:
+        assert response.status_code == expected, response.text
+        seen[response.headers["x-request-id"]] = (expected, label)
+
+    with running(tmp_path / "moatd", config) as server:
+        with server.http(pki.ca_cert, alice) as api:
+            sent(api.post("/v1/chat/completions", json=chat(f"Say hi. {canary}")), 200, "chat")
+            with api.stream("POST", "/v1/chat/completions",
+                            json=chat("Count.", stream=True)) as stream:
+                assert sse_events(stream)[-1] == "[DONE]"
+                sent(stream, 200, "stream")
+            sent(api.post("/v1/chat/completions", json=chat("card 4111 1111 1111 1111")),
+                 403, "card")
+            sent(api.post("/v1/chat/completions", json=chat("mail me at a.b@example.com")),
+                 200, "email")
+            sent(api.post("/v1/chat/completions", content=b"{not json"), 400, "malformed")
+            sent(api.post("/v1/chat/completions", json={**chat("x"), "model": "nope"}),
+                 404, "unknown model")
+            sent(api.get("/v1/models"), 200, "list")
+        with server.http(pki.ca_cert, bob) as api:
+            sent(api.post("/v1/chat/completions", json=chat("legal question")), 200, "legal")
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "policy reloaded" in server.log, 10, "the policy reload")
+        # The reload's record is durable before the next request's.
+        with server.http(pki.ca_cert, alice) as api:
+            sent(api.get("/v1/models"), 200, "after reload")
+
+    team = auditors(pki.dir.parent / "auditors")
+    out = export(store_of(config), tmp_path / "trail.jsonl")
+    report = verify(out)
+    # moatd signed everything at shutdown.
+    assert re.search(r"unsigned tail:\s+0 record", report), report
+    records = decrypt(out, team.identities[0])
+    # The second auditor reads the same trail.
+    assert decrypt(out, team.identities[1]) == records
+
+    kinds = [(r["kind"], r["action"]) for r in records]
+    assert kinds[0] == ("admin", "node.start") and kinds[-1] == ("admin", "node.stop")
+    assert ("admin", "policy.reload") in kinds
+    reload = next(r for r in records if r["action"] == "policy.reload")
+    assert reload["decision"] == "allow" and reload["subject"] == "SIGHUP"
+
+    final = {r["request_id"]: r for r in records if r["kind"] == "request"}
+    admissions = {r["request_id"]: r for r in records if r["kind"] == "admission"}
+    assert set(final) == set(seen), "one final record per request"
+    for request_id, (status, label) in seen.items():
+        record = final[request_id]
+        assert record["status"] == status, (label, record)
+        assert record["node_id"] == "test-node"
+        assert record["source_address"] == "127.0.0.1"
+        # Inference ran only for requests whose admission was stored before it.
+        ran = label in ("chat", "stream", "email", "legal")
+        assert (request_id in admissions) == ran, label
+        if ran:
+            assert admissions[request_id]["sequence"] < record["sequence"]
+            assert record["completion_tokens"] > 0 and record["decision"] == "allow"
+
+    by_label = {label: final[rid] for rid, (_, label) in seen.items()}
+    chat_admission = admissions[next(r for r, (_, l) in seen.items() if l == "chat")]
+    assert chat_admission["department"] == "finance" and chat_admission["subject"] == "alice"
+    assert chat_admission["prompt"] == {"kept": "full", "text": f"Say hi. {canary}"}
+    assert by_label["chat"]["answer"]["kept"] == "full"
+    card = by_label["card"]
+    assert (card["decision"], card["reason"]) == ("deny", "content.card_number")
+    # What a deny rule refused is masked even in the encrypted record.
+    assert card["prompt"]["text"] == "card [REDACTED:card_number]"
+    assert {"detector": "card_number", "count": 1} in card["findings"]
+    email_admission = admissions[next(r for r, (_, l) in seen.items() if l == "email")]
+    assert email_admission["prompt"]["text"] == "mail me at [REDACTED:email]"
+    assert by_label["malformed"]["reason"] == "invalid_json"
+    assert by_label["unknown model"]["reason"] == "model_not_found"
+    assert by_label["list"]["action"] == "models"
+    legal_admission = admissions[next(r for r, (_, l) in seen.items() if l == "legal")]
+    assert legal_admission["prompt"] == {
+        "kept": "sha256", "sha256": hashlib.sha256(b"legal question").hexdigest()}
+
+    # The appliance holds ciphertext only, and no identity that could open it.
+    state = store_of(config).parent
+    for path in files_under(state):
+        data = path.read_bytes()
+        assert canary.encode() not in data, f"plaintext canary in {path}"
+        assert b"AGE-SECRET-KEY" not in data, f"an age identity in {path}"
+    key = state / "audit-signing.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    # The spreadsheet form of the same trail.
+    csv = subprocess.run([binary("moatctl"), "audit", "decrypt", "--identity",
+                          team.identities[0], "--format", "csv", out], capture_output=True)
+    assert csv.returncode == 0, csv.stderr
+    assert csv.stdout.startswith("\ufeff".encode()) and b"\r\n" in csv.stdout
+    assert csv.stdout.count(b"\r\n") == len(records) + 1
+
+
+def test_a_tampered_export_is_refused_naming_the_record(tmp_path, pki, alice):
+    config = server_config(pki, FIXTURE)
+    with running(tmp_path / "moatd", config) as server:
+        with server.http(pki.ca_cert, alice) as api:
+            for n in range(3):
+                assert api.post("/v1/chat/completions", json=chat(f"q{n}")).status_code == 200
+    out = export(store_of(config), tmp_path / "trail.jsonl")
+    lines = out.read_text().splitlines(keepends=True)
+    # Line 1 is the header, line 2 the start record: alter the third line's body.
+    target = lines[2]
+    at = target.index('"ciphertext":"') + len('"ciphertext":"') + 40
+    flipped = target[:at] + ("A" if target[at] != "A" else "B") + target[at + 1:]
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text("".join(lines[:2] + [flipped] + lines[3:]))
+    result = run_moatctl("audit", "verify", damaged)
+    assert result.returncode == 13, result.stderr  # broken_link
+    assert "record 1" in result.stderr and "broken_link" in result.stderr
+    deleted = tmp_path / "deleted.jsonl"
+    deleted.write_text("".join(lines[:2] + lines[3:]))
+    result = run_moatctl("audit", "verify", deleted)
+    assert result.returncode == 11, result.stderr  # gap
+    assert "record 1" in result.stderr
+
+
+def test_kill_9_under_load_loses_no_answered_request(tmp_path, pki, alice):
+    """20 crashes at random moments under load: every answer a client saw has its record,
+    the store opens each time, and the chain across all runs verifies."""
+    config = server_config(pki, FIXTURE, audit={"checkpoint_every_records": 50})
+    answered = crash_drill(tmp_path / "moatd", config, pki.ca_cert, alice, runs=20, seed=20)
+    assert len(answered) > 100, "the load must have been answered"
+    records = records_of(config, auditors(pki.dir.parent / "auditors"), tmp_path)
+    check_every_answer_recorded(records, answered)
+    starts = [r for r in records if r["action"] == "node.start"]
+    assert len(starts) == 20
+
+
+@contextlib.contextmanager
+def small_filesystem(directory, megabytes: int):
+    """A tmpfs of its own at `directory`, or a skip where this machine cannot mount."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs",
+                              str(directory)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def fill(directory) -> object:
+    """Fills the filesystem of `directory` to the last byte; returns the filler's path."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
+    return filler
+
+
+def test_a_full_or_read_only_store_refuses_answers_at_once_and_recovers(tmp_path, pki, alice):
+    state = tmp_path / "state"
+    with small_filesystem(state, 64):
+        config = server_config(pki, FIXTURE, audit={"state_directory": str(state)})
+        with running(tmp_path / "moatd", config) as server, \
+                server.http(pki.ca_cert, alice) as api:
+            assert api.post("/v1/chat/completions", json=chat("before")).status_code == 200
+
+            def refused(label: str) -> None:
+                started = time.monotonic()
+                response = api.post("/v1/chat/completions", json=chat(label))
+                took = time.monotonic() - started
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "audit_unavailable"
+                assert took < 1.0, f"503 after {took:.2f} s"
+
+            def until_refused(label: str) -> None:
+                # sled may still have room in pages it already holds: records that fit
+                # there are durable and answered; the first that does not is refused.
+                for n in range(500):
+                    response = api.post("/v1/chat/completions", json=chat(f"{label} {n}"))
+                    if response.status_code != 200:
+                        break
+                refused(label)
+
+            filler = fill(state)
+            until_refused("full")
+            for n in range(3):
+                refused(f"full {n}")
+            os.unlink(filler)
+            response = api.post("/v1/chat/completions", json=chat("room again"))
+            assert response.status_code == 200, response.text
+
+            # Full again, then read-only: moatd closed the store at the write error, so
+            # the filesystem can be remounted read-only under it (a kernel does this to a
+            # failing disk); it cannot open the store for writing until it is writable.
+            filler = fill(state)
+            until_refused("full again")
+            remount = ["mount", "-o", "remount,{}", str(state)]
+            subprocess.run([a.format("ro") for a in remount], check=True)
+            try:
+                refused("read-only")
+                refused("still read-only")
+            finally:
+                subprocess.run([a.format("rw") for a in remount], check=True)
+            os.unlink(filler)
+            response = api.post("/v1/chat/completions", json=chat("writable again"))
+            assert response.status_code == 200, server.log[-3000:]
+            assert "audit records could not be made durable" in server.log
+
+        records = records_of(config, auditors(pki.dir.parent / "auditors"), tmp_path)
+        answered = {r["request_id"] for r in records if r["kind"] == "request"}
+        assert len(answered) >= 3
+
+
+def test_moatd_refuses_to_serve_without_an_auditor(tmp_path, pki):
+    config = server_config(pki, FIXTURE, audit={"recipients": []})
+    path = tmp_path / "moat.toml"
+    path.write_text(toml_text(config))
+    result = subprocess.run([binary("moatd"), "serve", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 64, result.stderr
+    assert "audit.recipients" in result.stderr
+
+
+def test_a_single_auditor_is_warned_about(tmp_path, pki, alice):
+    team = auditors(pki.dir.parent / "auditors")
+    config = server_config(pki, FIXTURE, audit={"recipients": [team.recipients[0]]})
+    with running(tmp_path / "moatd", config) as server:
+        assert "single auditor key" in server.log
