@@ -71,13 +71,12 @@ impl Store {
         };
         create_private_dir(dir).map_err(|e| open_error(e.to_string()))?;
         // sled locks its log while open: only with the lock free is it safe to tidy up.
-        match File::open(dir.join("db")).map(|file| file.try_lock()) {
-            Ok(Err(std::fs::TryLockError::WouldBlock)) => {
-                return Err(open_error(
-                    "another process has it open (a second moatd, or moatctl audit export)".into(),
-                ));
-            }
-            Ok(_) | Err(_) => {}
+        if let Ok(Err(std::fs::TryLockError::WouldBlock)) =
+            File::open(dir.join("db")).map(|file| file.try_lock())
+        {
+            return Err(open_error(
+                "another process has it open (a second moatd, or moatctl audit export)".into(),
+            ));
         }
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
         let db = sled::Config::new()
