@@ -2,8 +2,10 @@
 # From a fresh clone to an answer over mutual TLS:
 #   1. provisions everything (scripts/setup.sh) and builds moatd and moatctl;
 #   2. makes a development PKI in .moat-dev/pki (CA, server certificate, a client
-#      certificate for the department "demo"), .moat-dev/policies (the shipped policy set
-#      plus a permit for "demo") and .moat-dev/moat.toml;
+#      certificate for the department "demo"), two auditors' age identities in
+#      .moat-dev/auditors (on a real appliance they stay on the auditors' machines),
+#      .moat-dev/policies (the shipped policy set plus a permit for "demo") and
+#      .moat-dev/moat.toml (audit trail in .moat-dev/state);
 #   3. starts moatd in the background serving the demo model on 127.0.0.1 (pid in
 #      .moat-dev/moatd.pid, log in .moat-dev/moatd.log), replacing one started earlier;
 #   4. asks it "What is the capital of France?" with curl and a client certificate.
@@ -51,6 +53,17 @@ if [ ! -f "$pki/clients/demo.crt" ]; then
 fi
 "$moatctl" pki crl --dir "$pki" >/dev/null
 
+echo "==> auditors' keys in .moat-dev/auditors" >&2
+mkdir -p "$dev/auditors"
+recipients=""
+for auditor in auditor-1 auditor-2; do
+  if [ ! -f "$dev/auditors/$auditor.key" ]; then
+    "$moatctl" audit keygen --out "$dev/auditors/$auditor.key" 2>/dev/null >/dev/null
+  fi
+  recipient="$(sed -n 's/^# public key: //p' "$dev/auditors/$auditor.key")"
+  recipients="$recipients${recipients:+, }\"$recipient\""
+done
+
 echo "==> policies in .moat-dev/policies (the shipped set plus a permit for the demo department)" >&2
 mkdir -p "$dev/policies"
 cp policies/schema.cedarschema policies/policies.cedar policies/moat-policy.toml "$dev/policies/"
@@ -96,6 +109,11 @@ directory = "policies"
 
 [metrics]
 listen = "127.0.0.1:$metrics_port"
+
+[audit]
+state_directory = "state"
+node_id = "moat-dev"
+recipients = [$recipients]
 EOF
 
 echo "==> starting moatd (log: .moat-dev/moatd.log)" >&2
@@ -126,3 +144,4 @@ curl -sS --fail-with-body \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'
 
 echo "moatd is running on https://127.0.0.1:$port (pid $pid); stop it with: kill \$(cat .moat-dev/moatd.pid)" >&2
+echo "then read its audit trail: $moatctl audit export --store .moat-dev/state/audit --out trail.jsonl && $moatctl audit decrypt --identity .moat-dev/auditors/auditor-1.key --format csv trail.jsonl" >&2

@@ -30,6 +30,7 @@ mod decrypt;
 mod export;
 mod keygen;
 mod listing;
+mod live;
 mod staged;
 mod store;
 mod verify;
@@ -54,6 +55,9 @@ pub use store::StoreError;
 
 /// Where moatd keeps its audit store with the default state directory.
 const DEFAULT_STORE: &str = "/var/lib/moat/audit";
+
+/// moatd's admin socket by default.
+const DEFAULT_SOCKET: &str = "/run/moat/admin.sock";
 
 /// `moatctl audit` subcommands.
 #[derive(Debug, Subcommand)]
@@ -83,11 +87,13 @@ pub enum AuditCommand {
     /// verify exit status (the file is kept: it is the evidence).
     #[command(after_help = export::HELP)]
     Export {
-        /// The stopped node's audit store (a sled directory); without a value,
-        /// /var/lib/moat/audit. Without --store, the export would go through the running
-        /// moatd's admin socket, which this moatctl does not support yet.
+        /// Export a stopped node's audit store (a sled directory; without a value,
+        /// /var/lib/moat/audit) instead of asking the running moatd.
         #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = DEFAULT_STORE)]
         store: Option<PathBuf>,
+        /// The running moatd's admin socket (used without --store).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
         /// The export file to write.
         #[arg(long)]
         out: PathBuf,
@@ -107,7 +113,14 @@ pub enum AuditCommand {
     #[command(after_help = verify::HELP)]
     Verify {
         /// The export file.
-        file: PathBuf,
+        #[arg(required_unless_present = "live")]
+        file: Option<PathBuf>,
+        /// Verify the running moatd's whole trail, fetched over its admin socket.
+        #[arg(long, conflicts_with = "file")]
+        live: bool,
+        /// The running moatd's admin socket (with --live).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
         /// The node key you trust for this node (64 hex digits, as `moatctl audit export`
         /// printed it); without it the export's own key is used, which proves only that
         /// the file is consistent.
@@ -146,13 +159,19 @@ pub enum Error {
     /// `--since` is after `--until`.
     #[error("--since {since} is after --until {until}: the time range holds nothing")]
     EmptyTimeRange { since: String, until: String },
-    /// An export without `--store` needs the running moatd.
+    /// The admin socket cannot be reached.
     #[error(
-        "without --store the export goes through the running moatd's admin socket, which this \
-         moatctl cannot use yet; to export a stopped node's store, run \
-         `moatctl audit export --store {DEFAULT_STORE} --out FILE`"
+        "cannot reach moatd's admin socket {}: is moatd running, and are you root or in the \
+         moat-admin group? (for a stopped node: --store {DEFAULT_STORE})", .path.display()
     )]
-    LiveExportUnavailable,
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// moatd refused the request.
+    #[error("moatd on {} refused: {message}", .path.display())]
+    Refused { path: PathBuf, message: String },
     /// The store cannot be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -254,6 +273,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
         }
         AuditCommand::Export {
             store,
+            socket,
             out,
             since,
             until,
@@ -266,10 +286,26 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
                     until: format_time(until),
                 });
             }
-            let store = store.ok_or(Error::LiveExportUnavailable)?;
-            export::run(&store, &out, since, until)
+            match store {
+                Some(store) => export::run(&store, &out, since, until),
+                None => {
+                    let range = moat_core::audit::export::select::TimeRange {
+                        since_unix_ms: since,
+                        until_unix_ms: until,
+                    };
+                    live::export(&socket, &out, range)
+                }
+            }
         }
-        AuditCommand::Verify { file, node_key } => verify::run(&file, node_key),
+        AuditCommand::Verify {
+            file,
+            live,
+            socket,
+            node_key,
+        } => match file {
+            Some(file) if !live => verify::run(&file, node_key),
+            _ => live::verify(&socket, node_key),
+        },
         AuditCommand::Decrypt {
             file,
             identity,

@@ -1,7 +1,8 @@
 //! What the serving plane costs: the demo model answered end to end through moatd's server
-//! (mutual TLS 1.3 listener, actix-web, JSON, server-sent events; `server::serve_models`,
-//! what `moatd serve` runs) against the very same engine called in-process, measured in one
-//! run, in alternating rounds, on this machine:
+//! (mutual TLS 1.3 listener, actix-web, JSON, server-sent events, the policy gate and the
+//! audit trail's durable records; `server::serve_models`, what `moatd serve` runs) against
+//! the very same engine called in-process, measured in one run, in alternating rounds, on
+//! this machine:
 //!
 //! - decode tokens/s of one streamed answer (goal: end to end >= 0.97x in-process);
 //! - the latency of a request with `max_tokens` = 1, p50 over many requests on a kept-alive
@@ -322,10 +323,17 @@ fn start_server(pki: &Pki, engine: Arc<Engine>) -> String {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
+    // The audit trail is in the path, as in production: two auditors, durable records.
+    let auditors = [
+        age::x25519::Identity::generate().to_public(),
+        age::x25519::Identity::generate().to_public(),
+    ];
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\
          [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
-         [metrics]\nenabled = false\n[policy]\ndirectory = \"policies\"\n"
+         [metrics]\nenabled = false\n[policy]\ndirectory = \"policies\"\n\
+         [audit]\nstate_directory = \"state\"\nnode_id = \"bench\"\nrecipients = [\"{}\", \"{}\"]\n",
+        auditors[0], auditors[1]
     );
     write_permissive_policy(&pki.dir.path().join("policies"));
     let config = Config::parse(&text, &pki.dir.path().join("moat.toml")).expect("config");

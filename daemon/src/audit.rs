@@ -10,6 +10,7 @@
 //! store; moatd holds no identity and cannot read what it stored.
 
 pub mod log;
+pub mod reader;
 pub mod signing_key;
 pub mod store;
 

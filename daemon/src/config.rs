@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod admin;
 mod audit;
 mod serve;
 
+pub use admin::AdminConfig;
 pub use audit::{AuditConfig, SIGNING_KEY_CREDENTIAL, valid_node_id};
 pub use serve::{
     CertField, IdentityConfig, LimitsConfig, MetricsConfig, ModelsConfig, PolicyConfig,
@@ -40,6 +42,8 @@ pub struct Config {
     pub policy: Option<PolicyConfig>,
     /// Required by `moatd serve`: no audit, no answer.
     pub audit: Option<AuditConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
@@ -163,6 +167,7 @@ impl Config {
         if let Some(audit) = &mut self.audit {
             serve::resolve(&mut audit.state_directory, base);
         }
+        serve::resolve(&mut self.admin.socket, base);
     }
 
     /// Checks what `moatd serve` needs on top of [`Config::validate`]: the server sections

@@ -6,6 +6,7 @@
 //! [`metrics`] the Prometheus metrics; [`server`] puts them together for `moatd serve`.
 //! It depends on `moat-core` for shared formats; nothing depends on it.
 
+pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod config;

@@ -49,6 +49,8 @@ pub enum ServeError {
     Policy(#[from] PolicyLoadError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -271,6 +273,9 @@ async fn run_servers(
         server,
         config.identity,
     )?;
+    let admin = crate::admin::bind(&config.admin)?;
+    tracing::info!(socket = %admin.path().display(), "admin socket listening");
+    actix_web::rt::spawn(admin.serve(Arc::clone(&audit)));
     let mut handles = vec![api.handle()];
     let mut servers = vec![actix_web::rt::spawn(api)];
     if let Some(listener) = metrics_listener {

@@ -26,22 +26,28 @@ def run_moatctl(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+# Long crash drills make exports of tens of thousands of records.
+SLOW = 600
+
+
 def export(store: Path, out: Path, *options: str) -> Path:
-    moatctl("audit", "export", "--store", store, "--out", out, *options)
+    moatctl("audit", "export", "--store", store, "--out", out, *options, timeout=SLOW)
     return out
 
 
 def verify(export_file: Path) -> str:
     """`moatctl audit verify`'s report of an intact export."""
-    result = moatctl("audit", "verify", export_file)
+    result = moatctl("audit", "verify", export_file, timeout=SLOW)
     return result.stdout + result.stderr
 
 
 def decrypt(export_file: Path, identity: Path) -> list[dict]:
     """The records of an export, as an auditor reads them (JSON lines)."""
-    result = moatctl("audit", "decrypt", "--identity", identity, "--format", "jsonl",
-                     export_file)
-    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    out = export_file.with_suffix(".decrypted.jsonl")
+    out.unlink(missing_ok=True)
+    moatctl("audit", "decrypt", "--identity", identity, "--format", "jsonl", "--out", out,
+            export_file, timeout=SLOW)
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
 
 
 def records_of(config: dict, auditors: Auditors, directory: Path) -> list[dict]:

@@ -41,9 +41,9 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def moatctl(*args: str | Path) -> subprocess.CompletedProcess:
+def moatctl(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
     result = subprocess.run([binary("moatctl"), *map(str, args)], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"moatctl {' '.join(map(str, args))} exited "
                              f"{result.returncode}:\n{result.stderr}")
@@ -195,6 +195,7 @@ def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
         "policy": {"directory": str(policy_dir(root / "permit-all-policy"))},
         "audit": {"state_directory": str(state), "node_id": "test-node",
                   "recipients": list(auditors(root / "auditors").recipients)},
+        "admin": {"socket": str(state / "admin.sock")},
     }
     for section, keys in sections.items():
         config.setdefault(section, {}).update(keys)

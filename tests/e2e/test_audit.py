@@ -9,8 +9,10 @@ import re
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -268,3 +270,57 @@ def test_a_single_auditor_is_warned_about(tmp_path, pki, alice):
     config = server_config(pki, FIXTURE, audit={"recipients": [team.recipients[0]]})
     with running(tmp_path / "moatd", config) as server:
         assert "single auditor key" in server.log
+
+
+def as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def test_the_running_node_exports_and_verifies_over_its_admin_socket(tmp_path, pki, alice):
+    # A directory anyone may enter, so that only the socket's own mode and moatd's check
+    # of the peer stand between a local user and the trail.
+    public = Path(tempfile.mkdtemp(prefix="moat-admin-", dir="/tmp"))
+    public.chmod(0o755)
+    socket = str(public / "admin.sock")
+    config = server_config(pki, FIXTURE, admin={"socket": socket})
+    team = auditors(pki.dir.parent / "auditors")
+    with running(tmp_path / "moatd", config) as server:
+        with server.http(pki.ca_cert, alice) as api:
+            ids = [api.post("/v1/chat/completions", json=chat(f"live {n}"))
+                   .headers["x-request-id"] for n in range(3)]
+        assert stat.S_IMODE(os.stat(socket).st_mode) == 0o660
+        out = tmp_path / "live.jsonl"
+        result = run_moatctl("audit", "export", "--socket", socket, "--out", out)
+        assert result.returncode == 0, result.stderr
+        # Signed up to the export: nothing unsigned although moatd keeps running.
+        assert re.search(r"unsigned tail:\s+0 record", verify(out))
+        final = {r["request_id"] for r in decrypt(out, team.identities[0])
+                 if r["kind"] == "request"}
+        assert set(ids) <= final
+        live = run_moatctl("audit", "verify", "--live", "--socket", socket)
+        assert live.returncode == 0, live.stderr
+        assert "verifies" in live.stdout
+
+        # Someone who is not an admin, on a socket left open by mistake: refused, recorded.
+        os.chmod(socket, 0o666)
+        refused = subprocess.run(
+            [binary("moatctl"), "audit", "export", "--socket", socket, "--out",
+             "/tmp/never-written.jsonl"],
+            capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
+        assert refused.returncode == 1
+        assert "permission denied" in refused.stderr, refused.stderr
+        assert not os.path.exists("/tmp/never-written.jsonl")
+        # With the socket's mode as moatd set it, the kernel refuses the connection.
+        os.chmod(socket, 0o660)
+        locked = subprocess.run(
+            [binary("moatctl"), "audit", "verify", "--live", "--socket", socket],
+            capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
+        assert locked.returncode == 1 and "Permission denied" in locked.stderr
+    assert not os.path.exists(socket), "moatd removes its socket when it stops"
+    records = records_of(config, team, tmp_path)
+    exports = [r for r in records if r["action"] == "audit.export"]
+    assert [r["decision"] for r in exports] == ["allow", "allow", "deny"]
+    assert exports[0]["subject"].startswith("uid=0 ")
+    assert exports[2]["subject"].startswith("uid=65534 ")

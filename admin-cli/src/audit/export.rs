@@ -4,15 +4,11 @@ use std::io::{BufWriter, Write as _};
 use std::path::Path;
 use std::process::ExitCode;
 
+use moat_core::audit::VerifiedChain;
 use moat_core::audit::encoding::hex;
-use moat_core::audit::export::select::{
-    AnchorPoint, ExportItem, ExportSelection, TimeRange, in_export_order, select,
-};
-use moat_core::audit::export::{
-    EXPORT_VERSION, ExportEnd, ExportError, ExportHeader, ExportWriter,
-};
-use moat_core::audit::layout::NodeInfo;
-use moat_core::audit::{Checkpoint, VerifiedChain};
+use moat_core::audit::export::select::TimeRange;
+use moat_core::audit::export::source::{self, ExportProgress, Exported, WriteExportError};
+use moat_core::audit::export::{ExportError, ExportHeader};
 
 use super::staged::StagedFile;
 use super::store::StoppedStore;
@@ -35,17 +31,6 @@ checks the file with `moatctl audit verify FILE --node-key HEX`.
 Export exits 10 if a value in the store cannot be read at all, and with the status of the
 damage if the written export does not verify."
 );
-
-/// What was exported.
-#[derive(Debug)]
-struct Exported {
-    node: NodeInfo,
-    selection: ExportSelection,
-    anchor: Option<Checkpoint>,
-    end: ExportEnd,
-    /// The stored times of the first and last exported record.
-    stored: Option<(i64, i64)>,
-}
 
 /// Exports the store in `dir` to `out`.
 pub fn run(
@@ -83,88 +68,61 @@ pub fn run(
     }
 }
 
-/// Selects what to export of `range` and writes it to `staged`.
+/// Selects what to export of `range` and writes it to `staged`, with progress bars.
 fn write_export(
     store: &StoppedStore,
     range: TimeRange,
     staged: &mut StagedFile,
 ) -> Result<Exported, Error> {
-    let node = store.node()?;
-    let prune = store.prune_marker()?;
     let scanning = progress_bar("scanning", "{msg} {pos} records {spinner}");
-    let times = store.record_times(|| scanning.inc(1))?;
-    scanning.finish_and_clear();
-    let selection = select(
-        range,
-        times.iter().copied(),
-        store.checkpoint_sequences()?,
-        prune.as_ref().map(|marker| marker.sequence),
-    )
-    .ok_or_else(|| Error::NothingToExport {
-        dir: store.dir().to_path_buf(),
-        since: range.since_unix_ms,
-        until: range.until_unix_ms,
-    })?;
-    let anchor = match selection.anchor {
-        AnchorPoint::ChainStart => None,
-        AnchorPoint::Checkpoint(sequence) => Some(store.checkpoint(sequence)?),
-        AnchorPoint::Prune(_) => prune,
-    };
-    let header = ExportHeader {
-        moat_audit_export: EXPORT_VERSION,
-        node_id: node.node_id.clone(),
-        node_key: node.public_key,
-        anchor: anchor.clone(),
-        created_unix_ms: now_unix_ms(),
-        since_unix_ms: range.since_unix_ms,
-        until_unix_ms: range.until_unix_ms,
-    };
-    let sequences = selection.sequences();
-    let bar = progress_bar(
+    let writing = progress_bar(
         "exporting",
         "{msg} [{bar:40}] {pos}/{len} records ({eta} left)",
     );
-    bar.set_length(sequences.end() - sequences.start() + 1);
     let temp_path = staged.temp_path().to_path_buf();
+    let written = source::write_export(
+        store,
+        range,
+        now_unix_ms(),
+        BufWriter::new(staged.file()),
+        &mut |progress| match progress {
+            ExportProgress::Scanned => scanning.inc(1),
+            ExportProgress::Selected(records) => {
+                scanning.finish_and_clear();
+                writing.set_length(records);
+            }
+            ExportProgress::Written => writing.inc(1),
+        },
+    );
     let write_error = |source| Error::Output {
         path: temp_path.clone(),
         source,
     };
-    let mut writer =
-        ExportWriter::new(BufWriter::new(staged.file()), &header).map_err(write_error)?;
-    let mut stored: Option<(i64, i64)> = None;
-    let items = in_export_order(
-        store.records(sequences.clone()),
-        store.checkpoints(sequences),
-    );
-    for item in items {
-        match item? {
-            ExportItem::Record(entry) => {
-                writer.record(&entry).map_err(write_error)?;
-                stored = Some(stored.map_or((entry.unix_ms, entry.unix_ms), |(first, _)| {
-                    (first, entry.unix_ms)
-                }));
-                bar.inc(1);
-            }
-            ExportItem::Checkpoint(checkpoint) => {
-                writer.checkpoint(&checkpoint).map_err(write_error)?
-            }
+    let (exported, mut buffered) = match written {
+        Ok(written) => written,
+        Err(WriteExportError::Source(e)) => return Err(e.into()),
+        Err(WriteExportError::Empty) => {
+            return Err(Error::NothingToExport {
+                dir: store.dir().to_path_buf(),
+                since: range.since_unix_ms,
+                until: range.until_unix_ms,
+            });
         }
-    }
-    let (mut buffered, end) = writer.finish().map_err(write_error)?;
+        Err(WriteExportError::Write(e)) => return Err(write_error(e)),
+    };
     buffered.flush().map_err(write_error)?;
-    bar.finish_and_clear();
-    Ok(Exported {
-        node,
-        selection,
-        anchor,
-        end,
-        stored,
-    })
+    writing.finish_and_clear();
+    Ok(exported)
+}
+
+/// The header of the written export, if it has one.
+pub(super) fn read_written_header(staged: &StagedFile) -> Option<ExportHeader> {
+    let mut input = std::io::BufReader::new(std::fs::File::open(staged.temp_path()).ok()?);
+    moat_core::audit::export::read_header(&mut input).ok()
 }
 
 /// Verifies the written export as an auditor will: damage in the store shows here.
-fn verify_written(staged: &StagedFile) -> Result<VerifiedChain, ExportError> {
+pub(super) fn verify_written(staged: &StagedFile) -> Result<VerifiedChain, ExportError> {
     use moat_core::audit::export::{ExportReader, read_header};
     let mut input = std::io::BufReader::new(std::fs::File::open(staged.temp_path())?);
     let header = read_header(&mut input)?;

@@ -5,6 +5,7 @@ use std::fs::{File, TryLockError};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+use moat_core::audit::export::source::ExportSource;
 use moat_core::audit::layout::{self, NodeInfo};
 use moat_core::audit::{ChainEntry, Checkpoint};
 
@@ -158,9 +159,13 @@ impl StoppedStore {
             what,
         }
     }
+}
+
+impl ExportSource for StoppedStore {
+    type Error = StoreError;
 
     /// The node that wrote the store.
-    pub fn node(&self) -> Result<NodeInfo, StoreError> {
+    fn node(&self) -> Result<NodeInfo, StoreError> {
         let value = self
             .meta
             .get(layout::NODE_KEY)
@@ -172,7 +177,7 @@ impl StoppedStore {
     }
 
     /// The prune marker, if records were pruned.
-    pub fn prune_marker(&self) -> Result<Option<Checkpoint>, StoreError> {
+    fn prune_marker(&self) -> Result<Option<Checkpoint>, StoreError> {
         self.meta
             .get(layout::PRUNE_KEY)
             .map_err(|e| self.read_error(e))?
@@ -186,7 +191,7 @@ impl StoppedStore {
     /// Every stored record's sequence number and stored time, in order, calling `progress`
     /// for each. A record too short to hold a time is left out: it is reported if it falls
     /// in what is exported.
-    pub fn record_times(&self, mut progress: impl FnMut()) -> Result<Vec<(u64, i64)>, StoreError> {
+    fn record_times(&self, progress: &mut dyn FnMut()) -> Result<Vec<(u64, i64)>, StoreError> {
         let mut times = Vec::new();
         for item in self.records.iter() {
             let (key, value) = item.map_err(|e| self.read_error(e))?;
@@ -201,7 +206,7 @@ impl StoppedStore {
     }
 
     /// The sequence numbers of the stored checkpoints, in order.
-    pub fn checkpoint_sequences(&self) -> Result<Vec<u64>, StoreError> {
+    fn checkpoint_sequences(&self) -> Result<Vec<u64>, StoreError> {
         self.checkpoints
             .iter()
             .keys()
@@ -213,7 +218,7 @@ impl StoppedStore {
     }
 
     /// The checkpoint stored at `sequence`.
-    pub fn checkpoint(&self, sequence: u64) -> Result<Checkpoint, StoreError> {
+    fn checkpoint(&self, sequence: u64) -> Result<Checkpoint, StoreError> {
         let unreadable = || self.unreadable(StoredItem::Checkpoint(sequence));
         let value = self
             .checkpoints
@@ -224,10 +229,10 @@ impl StoppedStore {
     }
 
     /// The stored records with sequence numbers in `range`, in order.
-    pub fn records(
+    fn records(
         &self,
         range: RangeInclusive<u64>,
-    ) -> impl Iterator<Item = Result<ChainEntry, StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<ChainEntry, StoreError>> {
         let keys = layout::sequence_key(*range.start())..=layout::sequence_key(*range.end());
         self.records.range(keys).map(|item| {
             let (key, value) = item.map_err(|e| self.read_error(e))?;
@@ -239,10 +244,10 @@ impl StoppedStore {
     }
 
     /// The stored checkpoints with sequence numbers in `range`, in order.
-    pub fn checkpoints(
+    fn checkpoints(
         &self,
         range: RangeInclusive<u64>,
-    ) -> impl Iterator<Item = Result<Checkpoint, StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<Checkpoint, StoreError>> {
         let keys = layout::sequence_key(*range.start())..=layout::sequence_key(*range.end());
         self.checkpoints.range(keys).map(|item| {
             let (key, value) = item.map_err(|e| self.read_error(e))?;

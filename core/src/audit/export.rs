@@ -23,6 +23,7 @@ use super::chain::{ChainEntry, Checkpoint, GENESIS};
 use super::verify::{ChainVerifier, Damage, VerifiedChain, VerifyError};
 
 pub mod select;
+pub mod source;
 
 /// The format version this build writes and reads.
 pub const EXPORT_VERSION: u32 = 1;

@@ -22,6 +22,7 @@ use moat_core::audit::layout::NodeInfo;
 use moat_core::audit::{AuditRecord, Checkpoint, RecordKind};
 use tokio::sync::oneshot;
 
+use super::reader::StoreReader;
 use super::store::{Sealed, Store};
 use super::{AuditError, encrypt, parse_recipients, signing_key};
 use crate::config::AuditConfig;
@@ -37,6 +38,7 @@ type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
 enum Command {
     Append { sealed: Sealed, reply: Reply<u64> },
     Checkpoint { reply: Reply<Option<Checkpoint>> },
+    Reader { reply: Reply<StoreReader> },
     Close { reply: Reply<()> },
 }
 
@@ -221,6 +223,16 @@ impl AuditLog {
         receiver.blocking_recv().map_err(|_| AuditError::Closed)?
     }
 
+    /// Read handles on the store for an export, after a checkpoint over everything stored
+    /// so far (so that the export ends signed).
+    pub async fn reader(&self) -> Result<StoreReader, AuditError> {
+        let (reply, receiver) = oneshot::channel();
+        self.sender
+            .send(Command::Reader { reply })
+            .map_err(|_| AuditError::Closed)?;
+        receiver.await.map_err(|_| AuditError::Closed)?
+    }
+
     /// Writes the final checkpoint and stops the committer; later records fail with
     /// [`AuditError::Closed`].
     pub fn close(&self) -> Result<(), AuditError> {
@@ -304,6 +316,14 @@ impl Committer {
                     Command::Append { .. } => {}
                     Command::Checkpoint { reply } => {
                         let _ = reply.send(self.checkpoint());
+                    }
+                    Command::Reader { reply } => {
+                        // Everything stored so far is signed before it is read.
+                        let reader = self
+                            .checkpoint()
+                            .and_then(|_| self.store())
+                            .map(|store| store.reader());
+                        let _ = reply.send(reader);
                     }
                     Command::Close { reply } => {
                         let _ = reply.send(self.finish());

@@ -160,6 +160,16 @@ impl Store {
         &self.node
     }
 
+    /// Read handles for an export that runs beside the committer.
+    pub fn reader(&self) -> super::reader::StoreReader {
+        super::reader::StoreReader {
+            node: self.node.clone(),
+            records: self.records.clone(),
+            checkpoints: self.checkpoints.clone(),
+            meta: self.meta.clone(),
+        }
+    }
+
     /// Chains `batch` after the head and makes it durable; returns the first sequence
     /// number. On error nothing is acknowledged and the store must be reopened (sled keeps
     /// failing after an I/O error), which finds the head again from what reached the disk.

@@ -1,0 +1,131 @@
+//! The live audit trail, from the running moatd over its admin socket: `moatctl audit
+//! export` without `--store`, and `moatctl audit verify --live`. moatd signs a checkpoint
+//! over everything stored, then streams the export; nothing here needs the node's key or
+//! an auditor's.
+
+use std::io::{BufRead as _, BufReader, BufWriter, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::ExitCode;
+
+use moat_core::audit::encoding::hex;
+use moat_core::audit::export::ExportError;
+use moat_core::audit::export::select::TimeRange;
+
+use super::staged::StagedFile;
+use super::{Error, progress_bar};
+
+/// Asks moatd on `socket` for the export of `range` and writes it to `out`.
+pub fn fetch(socket: &Path, range: TimeRange, out: &mut impl std::io::Write) -> Result<(), Error> {
+    let socket_error = |source| Error::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(socket_error)?;
+    let request = serde_json::json!({
+        "command": "audit.export",
+        "since_unix_ms": range.since_unix_ms,
+        "until_unix_ms": range.until_unix_ms,
+    });
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(socket_error)?;
+    let mut input = BufReader::new(stream);
+    let mut line = String::new();
+    let bar = progress_bar("receiving", "{msg} {bytes} {spinner}");
+    let mut first = true;
+    loop {
+        line.clear();
+        if input.read_line(&mut line).map_err(socket_error)? == 0 {
+            break;
+        }
+        // moatd's answer line, or (first payload line) its word that the range is empty.
+        if let Ok(serde_json::Value::Object(answer)) = serde_json::from_str(&line)
+            && let Some(message) = answer.get("error").and_then(|e| e.as_str())
+        {
+            return Err(Error::Refused {
+                path: socket.to_path_buf(),
+                message: message.to_owned(),
+            });
+        }
+        if first {
+            first = false; // {"ok": true}
+            continue;
+        }
+        out.write_all(line.as_bytes())
+            .map_err(|source| Error::Output {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        bar.inc(line.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// `moatctl audit export --out FILE` through the running moatd.
+pub fn export(socket: &Path, out: &Path, range: TimeRange) -> Result<ExitCode, Error> {
+    let output_error = |source| Error::Output {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut staged = StagedFile::create(out).map_err(output_error)?;
+    {
+        let mut writer = BufWriter::new(staged.file());
+        fetch(socket, range, &mut writer)?;
+        writer.flush().map_err(output_error)?;
+    }
+    let verified = super::export::verify_written(&staged).map_err(|source| match source {
+        ExportError::Damaged { line, source } => Error::StoreDamaged {
+            out: out.to_path_buf(),
+            line,
+            sequence: source.sequence,
+            damage: source.damage,
+        },
+        source => Error::Export {
+            path: out.to_path_buf(),
+            source,
+        },
+    });
+    let header = super::export::read_written_header(&staged);
+    staged.commit().map_err(output_error)?;
+    let verified = verified?;
+    println!(
+        "exported {} record(s) and {} checkpoint(s) from the running moatd to {}",
+        verified.records,
+        verified.checkpoints,
+        out.display()
+    );
+    if let Some(header) = header {
+        println!("  node id:         {}", header.node_id);
+        println!("  node key:        {}", hex(&header.node_key));
+        if let (Some(first), Some(last)) = (verified.first, verified.last) {
+            println!("  records:         sequence {first} to {last}");
+        }
+        println!(
+            "Give the auditor the node key through another channel than the file: \
+             `moatctl audit verify {} --node-key {}`",
+            out.display(),
+            hex(&header.node_key)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `moatctl audit verify --live`: the whole trail, fetched and verified.
+pub fn verify(socket: &Path, trusted: Option<[u8; 32]>) -> Result<ExitCode, Error> {
+    let mut temp = tempfile::NamedTempFile::new().map_err(|source| Error::Output {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let path = temp.path().to_path_buf();
+    {
+        let mut writer = BufWriter::new(temp.as_file_mut());
+        fetch(socket, TimeRange::default(), &mut writer)?;
+        writer
+            .flush()
+            .map_err(|source| Error::Output { path, source })?;
+    }
+    println!("the live audit trail of the moatd on {}:", socket.display());
+    super::verify::run(temp.path(), trusted)
+}

@@ -1,0 +1,270 @@
+//! The admin API: a Unix socket for `moatctl` on this host, never on the network.
+//!
+//! One request per connection: a JSON line such as `{"command": "audit.export",
+//! "since_unix_ms": null, "until_unix_ms": null}`. The first line of the answer is JSON,
+//! `{"ok": true}` or `{"error": "..."}`; an export follows it line by line (or, for a
+//! range without records, one more `{"error": ...}` line). Every
+//! connection's peer is checked ([`peer::AdminAccess`]) and every command, allowed or
+//! refused, is audited with the peer's uid, gid and pid.
+
+pub mod peer;
+
+use std::io::{BufWriter, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_core::audit::export::select::TimeRange;
+use moat_core::audit::export::source::{WriteExportError, write_export};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::audit::AuditLog;
+use crate::audit::log::{admin_record, now_unix_ms};
+use crate::config::AdminConfig;
+use peer::{AdminAccess, Peer};
+
+/// Longest request line.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// A client that sends nothing for this long is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// An export whose reader stops reading for this long is abandoned.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the admin socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("another moatd already answers on the admin socket {0}")]
+    InUse(PathBuf),
+    #[error("cannot open the admin socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A request on the socket.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "command", deny_unknown_fields)]
+pub enum AdminRequest {
+    /// The audit trail (or a time range of it) as an export file.
+    #[serde(rename = "audit.export")]
+    AuditExport {
+        since_unix_ms: Option<i64>,
+        until_unix_ms: Option<i64>,
+    },
+}
+
+impl AdminRequest {
+    fn action(&self) -> &'static str {
+        match self {
+            AdminRequest::AuditExport { .. } => "audit.export",
+        }
+    }
+}
+
+/// The bound socket; removed when dropped.
+#[derive(Debug)]
+pub struct AdminSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    access: AdminAccess,
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the socket (inside the async runtime): 0660, owned by the admin group if it
+/// exists. A socket file left by a moatd that died is replaced; one a live moatd answers on
+/// is not.
+pub fn bind(config: &AdminConfig) -> Result<AdminSocket, AdminError> {
+    let path = config.socket.clone();
+    let bind_error = |source| AdminError::Bind {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_error)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(AdminError::InUse(path));
+        }
+        std::fs::remove_file(&path).map_err(bind_error)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(bind_error)?;
+    let access = AdminAccess::for_host(&config.group).map_err(bind_error)?;
+    let group = access.group.as_ref().map(|g| g.gid);
+    if group.is_none() {
+        tracing::warn!(group = %config.group, "the admin group does not exist on this host; only root and moatd's user may use the admin socket");
+    }
+    std::os::unix::fs::chown(&path, None, group).map_err(bind_error)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(bind_error)?;
+    Ok(AdminSocket {
+        listener,
+        path,
+        access,
+    })
+}
+
+impl AdminSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves connections until the task is dropped.
+    pub async fn serve(self, audit: Arc<AuditLog>) {
+        let socket = Arc::new(self);
+        loop {
+            match socket.listener.accept().await {
+                Ok((stream, _)) => {
+                    let socket = Arc::clone(&socket);
+                    let audit = Arc::clone(&audit);
+                    actix_web::rt::spawn(async move {
+                        if let Err(e) = socket.connection(stream, audit).await {
+                            tracing::warn!(error = %e, "admin connection failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot accept on the admin socket");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(&self, stream: UnixStream, audit: Arc<AuditLog>) -> std::io::Result<()> {
+        let credentials = stream.peer_cred()?;
+        let peer = Peer {
+            uid: credentials.uid(),
+            gid: credentials.gid(),
+            pid: credentials.pid(),
+        };
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            (&mut stream).take(MAX_REQUEST_BYTES).read_line(&mut line),
+        )
+        .await;
+        let mut stream = stream.into_inner();
+        if !matches!(read, Ok(Ok(n)) if n > 0) {
+            return answer(&mut stream, Err("send one JSON request line")).await;
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let request: Result<AdminRequest, _> = serde_json::from_str(&line);
+        let action = request
+            .as_ref()
+            .map_or("admin.unknown", AdminRequest::action);
+        if !self.access.allows(peer, &passwd) {
+            tracing::warn!(%peer, action, "admin socket: refused");
+            let record = admin_record(
+                audit.node(),
+                action,
+                &peer.to_string(),
+                "deny",
+                "not root, moatd's user or a member of the admin group".into(),
+            );
+            // Refused either way; the record says someone tried.
+            let _ = audit.append(record).await;
+            return answer(
+                &mut stream,
+                Err("permission denied: not an admin of this node"),
+            )
+            .await;
+        }
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => {
+                let message = format!("not a request this moatd knows: {e}");
+                return answer(&mut stream, Err(&message)).await;
+            }
+        };
+        match request {
+            AdminRequest::AuditExport {
+                since_unix_ms,
+                until_unix_ms,
+            } => {
+                let range = TimeRange {
+                    since_unix_ms,
+                    until_unix_ms,
+                };
+                export(stream, range, peer, audit).await
+            }
+        }
+    }
+}
+
+/// Writes the answer's first line.
+async fn answer(stream: &mut UnixStream, outcome: Result<(), &str>) -> std::io::Result<()> {
+    let line = match outcome {
+        Ok(()) => serde_json::json!({"ok": true}),
+        Err(message) => serde_json::json!({"error": message}),
+    };
+    stream.write_all(format!("{line}\n").as_bytes()).await?;
+    stream.flush().await
+}
+
+/// Audits the export, then streams it from a blocking thread (it reads the whole range).
+async fn export(
+    mut stream: UnixStream,
+    range: TimeRange,
+    peer: Peer,
+    audit: Arc<AuditLog>,
+) -> std::io::Result<()> {
+    let detail = format!(
+        "export of records stored from {:?} to {:?} (unix ms; None: open)",
+        range.since_unix_ms, range.until_unix_ms
+    );
+    let record = admin_record(
+        audit.node(),
+        "audit.export",
+        &peer.to_string(),
+        "allow",
+        detail,
+    );
+    let prepared = match audit.append(record).await {
+        Ok(_) => audit.reader().await,
+        Err(e) => Err(e),
+    };
+    let reader = match prepared {
+        Ok(reader) => reader,
+        Err(e) => {
+            let message = format!("the audit trail cannot be exported now: {e}");
+            return answer(&mut stream, Err(&message)).await;
+        }
+    };
+    answer(&mut stream, Ok(())).await?;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let written = actix_web::rt::task::spawn_blocking(move || {
+        let out = BufWriter::new(&stream);
+        match write_export(&reader, range, now_unix_ms(), out, &mut |_| {}) {
+            Ok((exported, mut out)) => out.flush().map(|()| Some(exported)),
+            Err(WriteExportError::Empty) => {
+                let line =
+                    serde_json::json!({"error": "the audit trail holds no record in the range"});
+                (&stream)
+                    .write_all(format!("{line}\n").as_bytes())
+                    .map(|()| None)
+            }
+            Err(WriteExportError::Write(e)) => Err(e),
+            Err(WriteExportError::Source(e)) => Err(std::io::Error::other(e.to_string())),
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    match written {
+        Some(exported) => tracing::info!(%peer, records = exported.end.records, "audit exported"),
+        None => tracing::info!(%peer, "audit export: no record in the range"),
+    }
+    Ok(())
+}
