@@ -37,7 +37,6 @@ type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
 
 enum Command {
     Append { sealed: Sealed, reply: Reply<u64> },
-    Checkpoint { reply: Reply<Option<Checkpoint>> },
     Reader { reply: Reply<StoreReader> },
     Close { reply: Reply<()> },
 }
@@ -214,15 +213,6 @@ impl AuditLog {
         Ok(receiver)
     }
 
-    /// Signs a checkpoint over everything stored so far (before an export).
-    pub fn checkpoint_blocking(&self) -> Result<Option<Checkpoint>, AuditError> {
-        let (reply, receiver) = oneshot::channel();
-        self.sender
-            .send(Command::Checkpoint { reply })
-            .map_err(|_| AuditError::Closed)?;
-        receiver.blocking_recv().map_err(|_| AuditError::Closed)?
-    }
-
     /// Read handles on the store for an export, after a checkpoint over everything stored
     /// so far (so that the export ends signed).
     pub async fn reader(&self) -> Result<StoreReader, AuditError> {
@@ -314,9 +304,6 @@ impl Committer {
             for command in others {
                 match command {
                     Command::Append { .. } => {}
-                    Command::Checkpoint { reply } => {
-                        let _ = reply.send(self.checkpoint());
-                    }
                     Command::Reader { reply } => {
                         // Everything stored so far is signed before it is read.
                         let reader = self

@@ -24,8 +24,17 @@ pub enum KeySource {
 /// `$CREDENTIALS_DIRECTORY` holds it, else `audit-signing.key` in the state directory,
 /// created if absent. A key file others can read is refused.
 pub fn load(config: &AuditConfig) -> Result<(SigningKey, KeySource), AuditError> {
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let path = Path::new(&dir).join(SIGNING_KEY_CREDENTIAL);
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    load_from(config, credentials.as_deref())
+}
+
+/// [`load`] with the credentials directory given.
+pub fn load_from(
+    config: &AuditConfig,
+    credentials: Option<&Path>,
+) -> Result<(SigningKey, KeySource), AuditError> {
+    if let Some(dir) = credentials {
+        let path = dir.join(SIGNING_KEY_CREDENTIAL);
         if path.exists() {
             // systemd owns the credential's file and its mode.
             let key = read(&path)?;
@@ -128,6 +137,24 @@ mod tests {
         let (read, source) = load(&config).expect("read");
         assert!(matches!(source, KeySource::File(_)));
         assert_eq!(read.to_bytes(), created.to_bytes());
+    }
+
+    #[test]
+    fn a_systemd_credential_wins_over_the_state_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = config(&dir.path().join("state"));
+        let credentials = dir.path().join("credentials");
+        std::fs::create_dir(&credentials).expect("dir");
+        let seed = [9u8; 32];
+        std::fs::write(credentials.join(SIGNING_KEY_CREDENTIAL), seed).expect("write");
+        let (key, source) = load_from(&config, Some(&credentials)).expect("credential");
+        assert_eq!(key.to_bytes(), seed);
+        assert!(matches!(source, KeySource::Credential(_)));
+        assert!(!config.signing_key_file().exists(), "no key file is made");
+        // A credentials directory without the key falls back to the state directory.
+        std::fs::remove_file(credentials.join(SIGNING_KEY_CREDENTIAL)).expect("rm");
+        let (_, source) = load_from(&config, Some(&credentials)).expect("file");
+        assert!(matches!(source, KeySource::Created(_)));
     }
 
     #[test]
