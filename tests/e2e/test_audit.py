@@ -117,7 +117,8 @@ def test_every_request_is_recorded_encrypted_to_the_auditors_and_verifies(
     assert email_admission["prompt"]["text"] == "mail me at [REDACTED:email]"
     assert by_label["malformed"]["reason"] == "invalid_json"
     assert by_label["unknown model"]["reason"] == "model_not_found"
-    assert by_label["list"]["action"] == "models"
+    assert by_label["list"]["action"] == "list_models"
+    assert by_label["chat"]["action"] == "chat" and by_label["chat"]["model"] == "fixture"
     legal_admission = admissions[next(r for r, (_, l) in seen.items() if l == "legal")]
     assert legal_admission["prompt"] == {
         "kept": "sha256", "sha256": hashlib.sha256(b"legal question").hexdigest()}

@@ -108,6 +108,14 @@ impl AuditNotes {
         notes.prompt = keep(policy, retention, prompt_text, Direction::Prompt);
     }
 
+    /// The served model the request named, unless the policy's decision already named it.
+    pub fn named_model(&self, name: &str) {
+        let mut notes = self.notes.borrow_mut();
+        if notes.model.is_empty() {
+            name.clone_into(&mut notes.model);
+        }
+    }
+
     /// A limit refused what the policy allowed.
     pub fn refused_by_limit(&self, reason: String) {
         let mut notes = self.notes.borrow_mut();

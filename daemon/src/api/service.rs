@@ -116,6 +116,8 @@ pub async fn request_context<B: MessageBody>(
     let result = next.call(req).instrument(span.clone()).await;
     let mut response = result?.map_into_left_body();
     if let Some(audit) = audit.filter(|a| !a.is_streams_to_write()) {
+        // A request refused before the policy saw it still names the served model it asked.
+        audit.named_model(&model.0.borrow());
         let code = response
             .response()
             .error()
@@ -163,6 +165,17 @@ impl Drop for AbandonOnDrop {
             }
             record.count(CLIENT_CLOSED_REQUEST);
         }
+    }
+}
+
+/// The action an endpoint's audit records name: the policy's action names.
+fn audit_action(endpoint: &'static str) -> &'static str {
+    match endpoint {
+        "chat" => PolicyAction::Chat.as_str(),
+        "completions" => PolicyAction::Complete.as_str(),
+        "embeddings" => PolicyAction::Embed.as_str(),
+        "models" => PolicyAction::ListModels.as_str(),
+        other => other,
     }
 }
 
