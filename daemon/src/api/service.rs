@@ -106,7 +106,7 @@ pub async fn request_context<B: MessageBody>(
         started: Instant::now(),
     };
     req.extensions_mut().insert(context);
-    req.extensions_mut().insert(model);
+    req.extensions_mut().insert(model.clone());
     if let Some(audit) = &audit {
         req.extensions_mut().insert(audit.clone());
     }
