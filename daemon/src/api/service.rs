@@ -91,7 +91,7 @@ pub async fn request_context<B: MessageBody>(
                     .peer_addr()
                     .map(|a| a.ip().to_string())
                     .unwrap_or_default(),
-                action: endpoint,
+                action: audit_action(endpoint),
             };
             AuditNotes::new(Arc::clone(&state.audit), origin, context.started)
         });
