@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod guard;
 pub mod openai;
+pub mod response_format;
 mod service;
 pub mod stream;
 

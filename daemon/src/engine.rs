@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod chat_template;
+pub mod constraint;
 pub mod cpu_affinity;
 pub mod embedder;
 pub mod model_dir;
@@ -31,6 +32,7 @@ pub use backend::{
     Backend, BackendError, BackendModel, DeviceKind, LogitsBatch, SequenceId, StepInput,
 };
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
+pub use constraint::{AnswerCheck, Constraint, ConstraintError, ConstraintFailure, ResponseFormat};
 pub use embedder::{EmbedError, Embedder, Embeddings};
 pub use model_dir::{ModelDirError, ModelDirectory};
 pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};
@@ -51,7 +53,7 @@ pub enum Prompt {
 }
 
 /// One generation request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub prompt: Prompt,
     /// New tokens at most; `None` means the engine's default, within the context.
@@ -64,6 +66,8 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past end-of-sequence tokens (benchmarks and tests).
     pub ignore_eos: bool,
+    /// The shape the answer must have ([`Engine::constrain`]).
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerationRequest {
@@ -75,6 +79,7 @@ impl GenerationRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -163,6 +168,8 @@ pub enum EngineError {
     ChatTemplate(String),
     #[error("tokenizer failed: {0}")]
     Tokenize(String),
+    #[error(transparent)]
+    Constraint(#[from] ConstraintFailure),
     #[error("the engine queue is full; retry shortly")]
     Overloaded,
     #[error("the engine has stopped")]
@@ -218,6 +225,8 @@ impl GenerationStream {
 struct EngineShared {
     metadata: ModelMetadata,
     tokenizer: Arc<TextTokenizer>,
+    /// `Err`: why this model cannot constrain its answers.
+    grammar: Result<constraint::GrammarCompiler, ConstraintError>,
     chat_template: Option<ChatTemplate>,
     model: BackendModel,
     settings: EngineSettings,
@@ -280,6 +289,18 @@ impl Engine {
             });
         }
         let chat_template = compile_chat_template(model, &tokenizer)?;
+        let grammar = match metadata.eos_token_ids.first() {
+            Some(&eos) => constraint::GrammarCompiler::new(
+                &metadata.name,
+                &model.tokenizer_path(),
+                Arc::clone(&tokenizer),
+                eos,
+            ),
+            None => Err(ConstraintError::Unsupported(metadata.name.clone())),
+        };
+        if let Err(e) = &grammar {
+            tracing::warn!(error = %e, "response formats will be refused for this model");
+        }
         warm_up(backend.as_mut())?;
         let (admissions, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
         let worker_tokenizer = Arc::clone(&tokenizer);
@@ -301,6 +322,7 @@ impl Engine {
             shared: Arc::new(EngineShared {
                 metadata,
                 tokenizer,
+                grammar,
                 chat_template,
                 model: backend_model,
                 settings,
@@ -484,7 +506,17 @@ impl Engine {
             sampler: sampler::Sampler::new(request.sampling),
             stop_strings: request.stop,
             prefill_chunk: shared.settings.prefill_chunk_tokens,
+            constraint: request.constraint,
         })
+    }
+
+    /// The constraint that enforces `format` on an answer of this model (compiling may
+    /// take milliseconds for a large schema: call it off the async workers).
+    pub fn constrain(&self, format: &ResponseFormat) -> Result<Constraint, ConstraintError> {
+        match &self.shared.grammar {
+            Ok(compiler) => compiler.compile(format),
+            Err(e) => Err(e.clone()),
+        }
     }
 
     /// Stops taking requests, lets running generations finish, and waits for the thread.

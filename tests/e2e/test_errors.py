@@ -68,10 +68,17 @@ BAD_REQUESTS = {
     "tools": ({"model": "smollm2", "messages": HI, "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {}}}]},
         "unsupported_parameter", "tools"),
-    "json_schema response_format": (
+    "invalid json_schema": (
         {"model": "smollm2", "messages": HI, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-        "unsupported_parameter", "response_format"),
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
+        "invalid_response_format", "response_format"),
+    "unknown response_format": (
+        {"model": "smollm2", "messages": HI, "response_format": {"type": "yaml"}},
+        "invalid_response_format", "response_format"),
+    "stop with a response_format": (
+        {"model": "smollm2", "messages": HI, "stop": ["}"],
+         "response_format": {"type": "json_object"}},
+        "unsupported_parameter", "stop"),
     "control token in a message": (
         {"model": "smollm2", "messages": [{"role": "user", "content": "hi<|im_end|>"}]},
         "control_token_in_message", "messages"),

@@ -61,6 +61,9 @@ pub struct ModelRules {
     pub tags: Vec<String>,
     /// Shown to policies as `resource.version` (bundles will supply it).
     pub version: Option<String>,
+    /// A JSON schema every answer of the model must follow (written as a TOML table);
+    /// requests are constrained to it whatever they ask.
+    pub response_schema: Option<serde_json::Value>,
 }
 
 fn default_scale() -> Vec<String> {
@@ -107,6 +110,9 @@ impl PolicyData {
         for rules in self.models.values_mut() {
             if rules.ceiling.is_none() {
                 rules.ceiling.clone_from(&model.ceiling);
+            }
+            if rules.response_schema.is_none() {
+                rules.response_schema.clone_from(&model.response_schema);
             }
         }
     }

@@ -227,6 +227,8 @@ impl ApiError {
                 model: model.to_owned(),
             },
             E::Inference(reason) => ApiError::Internal(reason.clone()),
+            // The constraint reached a state it cannot leave: a fault, never an answer.
+            E::Constraint(failure) => ApiError::Internal(failure.to_string()),
         }
     }
 }

@@ -16,11 +16,11 @@ use super::openai::{
     MessageContent, UsageOut,
 };
 use super::stream::{self, StreamFormat};
-use super::{AppState, Caller, RequestContext, read_json};
+use super::{AppState, Caller, RequestContext, read_json, response_format};
 use crate::config::LimitsConfig;
 use crate::engine::{
-    ChatMessage, Engine, GenerationEvent, GenerationRequest, GenerationStream, Prompt,
-    SamplingParams,
+    AnswerCheck, ChatMessage, Engine, FinishReason, GenerationEvent, GenerationRequest,
+    GenerationStream, Prompt, SamplingParams,
 };
 use crate::metrics::GenerationTimer;
 use moat_core::ModelTask;
@@ -150,6 +150,7 @@ impl Exchange<'_> {
         let policy = self.state.policy.current();
         let (prompt, prompt_text) = policy_prompt(&policy, &engine, prompt, &model)?;
         let mut request = generation_request(prompt, &params, &self.state.limits)?;
+        let check = constrain(&engine, &mut request, &params, &policy, &model).await?;
         let ids = tokenize(&engine, &request.prompt, &model).await?;
         let max_new_tokens = engine
             .max_new_tokens(ids.len(), request.max_tokens)
@@ -174,7 +175,7 @@ impl Exchange<'_> {
         request.prompt = Prompt::TokenIds(ids);
         request.max_tokens = Some(max_new_tokens);
         let meta = response_meta(self.context, model, endpoint, &params);
-        self.answer(engine, request, meta, params.stream, admitted)
+        self.answer(engine, request, meta, params.stream, admitted, check)
             .await
     }
 
@@ -186,6 +187,7 @@ impl Exchange<'_> {
         meta: ResponseMeta,
         streamed: bool,
         admitted: Admitted,
+        check: AnswerCheck,
     ) -> Result<HttpResponse, ApiError> {
         let events = engine
             .submit(request)
@@ -201,9 +203,9 @@ impl Exchange<'_> {
             Ok(HttpResponse::Ok()
                 .content_type("text/event-stream")
                 .insert_header(("cache-control", "no-cache"))
-                .streaming(stream::sse_body(events, format, timer, admitted)))
+                .streaming(stream::sse_body(events, format, timer, admitted, check)))
         } else {
-            whole_answer(events, meta, timer, admitted).await
+            whole_answer(events, meta, timer, admitted, check).await
         }
     }
 }
@@ -269,6 +271,7 @@ async fn whole_answer(
     meta: ResponseMeta,
     mut timer: GenerationTimer,
     admitted: Admitted,
+    check: AnswerCheck,
 ) -> Result<HttpResponse, ApiError> {
     let mut text = String::new();
     while let Some(event) = events.next().await {
@@ -284,6 +287,12 @@ async fn whole_answer(
                     .notes
                     .answered(&policy, &text, usage.completion_tokens as u64);
                 admitted.settle(usage.completion_tokens as u64);
+                if reason == FinishReason::Stop {
+                    // The constraint made it so; this proves it before anyone relies on it.
+                    check
+                        .validate(&text)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?;
+                }
                 let text = guard::check_answer(&policy, &text)?;
                 let usage = UsageOut::from(usage);
                 let finish_reason = reason.as_str();
@@ -329,6 +338,39 @@ async fn whole_answer(
         }
     }
     Err(ApiError::Unavailable { model: meta.model })
+}
+
+/// Compiles the response format the request (or the policy, for this model) asks for into
+/// the request's constraint, off the async worker; returns the check of the finished
+/// answer.
+async fn constrain(
+    engine: &Arc<Engine>,
+    request: &mut GenerationRequest,
+    params: &GenerationParams,
+    policy: &AccessPolicy,
+    model: &str,
+) -> Result<AnswerCheck, ApiError> {
+    let requested = response_format::parse(params.response_format.as_ref())?;
+    let mandated = policy.data().model(model).response_schema.as_ref();
+    let Some(format) = response_format::effective(requested, mandated, model)? else {
+        return Ok(AnswerCheck::default());
+    };
+    if !request.stop.is_empty() {
+        // A stop string could cut the answer short of its shape.
+        return Err(ApiError::invalid(
+            "stop cannot be combined with a response_format: the format decides where the answer ends",
+            Some("stop"),
+            "unsupported_parameter",
+        ));
+    }
+    let compiling = Arc::clone(engine);
+    let constraint = web::block(move || compiling.constrain(&format))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(response_format::refused)?;
+    let check = constraint.answer_check();
+    request.constraint = Some(constraint);
+    Ok(check)
 }
 
 /// The prompt as inference will see it (`redact` rules masked) and its text for the
@@ -463,15 +505,6 @@ fn refuse_unsupported(params: &GenerationParams) -> Result<(), ApiError> {
     }
     if params.frequency_penalty.is_some_and(|p| p != 0.0) {
         return unsupported("frequency_penalty", "frequency_penalty is not supported");
-    }
-    if let Some(format) = &params.response_format
-        && format.get("type").and_then(|t| t.as_str()) != Some("text")
-    {
-        // An answer that ignored a requested schema would look valid and not be.
-        return unsupported(
-            "response_format",
-            "response_format other than {\"type\": \"text\"} is not supported by this server",
-        );
     }
     Ok(())
 }
@@ -615,7 +648,6 @@ mod tests {
             ("tools", r#"[{"type": "function"}]"#),
             ("logit_bias", r#"{"50256": -100}"#),
             ("frequency_penalty", "0.5"),
-            ("response_format", r#"{"type": "json_object"}"#),
         ] {
             let body = format!(
                 r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}], "{field}": {value}}}"#

@@ -20,7 +20,7 @@ use super::generate::{Endpoint, ResponseMeta};
 use super::guard::{self, Admitted};
 use super::openai::UsageOut;
 use super::service::CLIENT_CLOSED_REQUEST;
-use crate::engine::{GenerationEvent, GenerationStream};
+use crate::engine::{AnswerCheck, FinishReason, GenerationEvent, GenerationStream};
 use crate::metrics::GenerationTimer;
 
 /// Writes the chunks of one response.
@@ -164,8 +164,9 @@ struct StreamState {
     filter: AnswerFilter,
     admitted: Option<Admitted>,
     notes: AuditNotes,
-    /// The whole answer as generated, for the audit record.
+    /// The whole answer as generated, for the audit record and the answer check.
     answer: String,
+    check: AnswerCheck,
     /// How the stream ended (status and error code), until its record is stored.
     ending: Option<(u16, String)>,
     opened: bool,
@@ -185,6 +186,7 @@ pub fn sse_body(
     format: StreamFormat,
     timer: GenerationTimer,
     admitted: Admitted,
+    check: AnswerCheck,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
     let state = StreamState {
         events,
@@ -193,6 +195,7 @@ pub fn sse_body(
         filter: AnswerFilter::new(Arc::clone(&admitted.policy)),
         notes: admitted.notes.clone(),
         admitted: Some(admitted),
+        check,
         answer: String::new(),
         ending: None,
         opened: false,
@@ -244,6 +247,12 @@ impl StreamState {
                     .answered(&self.filter.policy, &self.answer, tokens);
                 if let Some(admitted) = self.admitted.take() {
                     admitted.settle(tokens);
+                }
+                if reason == FinishReason::Stop
+                    && let Err(e) = self.check.validate(&self.answer)
+                {
+                    self.fail(ApiError::Internal(e.to_string()), out);
+                    return true;
                 }
                 match self.filter.finish() {
                     Ok(rest) => {

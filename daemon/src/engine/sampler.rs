@@ -93,8 +93,19 @@ impl Sampler {
 
     /// Picks the next token id from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_allowed(logits, |_| true)
+            .unwrap_or_else(|| argmax(logits))
+    }
+
+    /// Picks the next token id among those `allowed` says yes to (a constraint's mask);
+    /// `None` when it allows none.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<u32> {
         if self.params.is_greedy() {
-            return argmax(logits);
+            return argmax_allowed(logits, allowed);
         }
         let inv_t = 1.0 / self.params.temperature;
         self.candidates.clear();
@@ -102,11 +113,11 @@ impl Sampler {
             logits
                 .iter()
                 .enumerate()
-                .filter(|(_, l)| !l.is_nan())
+                .filter(|&(i, l)| !l.is_nan() && allowed(i))
                 .map(|(i, &l)| (i as u32, l * inv_t)),
         );
         if self.candidates.is_empty() {
-            return argmax(logits);
+            return None;
         }
         let top_k = self.params.top_k as usize;
         if top_k > 0 && top_k < self.candidates.len() {
@@ -126,7 +137,11 @@ impl Sampler {
         if !total.is_finite() || total <= 0.0 {
             // Infinite logits leave no usable distribution; the most likely token is the
             // only honest answer.
-            return argmax(logits);
+            return self
+                .candidates
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|c| c.0);
         }
         if self.params.top_p < 1.0 {
             total = self.keep_nucleus(total);
@@ -134,14 +149,12 @@ impl Sampler {
         let mut target = self.rng.random::<f32>() * total;
         for &(id, weight) in &self.candidates {
             if target < weight {
-                return id;
+                return Some(id);
             }
             target -= weight;
         }
         // Rounding can leave `target` a hair above the last weight.
-        self.candidates
-            .last()
-            .map_or_else(|| argmax(logits), |c| c.0)
+        self.candidates.last().map(|c| c.0)
     }
 
     /// Keeps the most likely candidates whose mass reaches `top_p` of `total`; returns the
@@ -179,6 +192,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Index of the largest logit among the allowed ids; NaN never wins; ties go to the lowest
+/// id. `None` when nothing is allowed.
+pub fn argmax_allowed(logits: &[f32], allowed: impl Fn(usize) -> bool) -> Option<u32> {
+    let mut best = None;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if (best.is_none() || v > best_value) && !v.is_nan() && allowed(i) {
+            best = Some(i as u32);
+            best_value = v;
+        }
+    }
+    best
 }
 
 /// Keeps the `k` largest candidates (in any order).

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 
 use super::backend::SequenceId;
+use super::constraint::{Constraint, ConstraintFailure};
 use super::sampler::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer, TokenizeError};
@@ -62,6 +63,16 @@ pub struct Sequence {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
+    constraint: Option<Constraint>,
+}
+
+/// Why a sequence could not advance.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvanceError {
+    #[error(transparent)]
+    Tokenize(#[from] TokenizeError),
+    #[error(transparent)]
+    Constraint(#[from] ConstraintFailure),
 }
 
 /// Everything a sequence needs, checked before it reaches the worker.
@@ -73,6 +84,8 @@ pub struct SequenceSpec {
     pub sampler: Sampler,
     pub stop_strings: Vec<String>,
     pub prefill_chunk: usize,
+    /// The shape the answer must have, enforced token by token.
+    pub constraint: Option<Constraint>,
 }
 
 impl Sequence {
@@ -89,6 +102,7 @@ impl Sequence {
             sampler: spec.sampler,
             decoder,
             stops: StopMatcher::new(spec.stop_strings),
+            constraint: spec.constraint,
         }
     }
 
@@ -131,8 +145,21 @@ impl Sequence {
         &mut self,
         logits: &[f32],
         tokenizer: &TextTokenizer,
-    ) -> Result<Advance, TokenizeError> {
-        let id = self.sampler.sample(logits);
+    ) -> Result<Advance, AdvanceError> {
+        let id = match &mut self.constraint {
+            None => self.sampler.sample(logits),
+            Some(constraint) => {
+                let mask = constraint.mask()?;
+                let id = self
+                    .sampler
+                    .sample_allowed(logits, |i| mask.is_allowed(i as u32))
+                    .ok_or_else(|| {
+                        ConstraintFailure::Matcher("the grammar allows no token".into())
+                    })?;
+                constraint.consume(id)?;
+                id
+            }
+        };
         self.generated.push(id);
         if self.stop_token_ids.contains(&id) {
             let (text, _) = self.flush(tokenizer)?;
@@ -155,13 +182,16 @@ impl Sequence {
                 }
             }
         }
-        if self.generated.len() >= self.max_new_tokens {
+        // A grammar that is complete and allows nothing more ends the answer with this
+        // token, as an end-of-sequence token would.
+        let complete = self.constraint.as_ref().is_some_and(Constraint::is_stopped);
+        if complete || self.generated.len() >= self.max_new_tokens {
             let (tail, stopped) = self.flush(tokenizer)?;
             text.push_str(&tail);
             return Ok(Advance::Finished {
                 id,
                 text,
-                reason: if stopped {
+                reason: if complete || stopped {
                     FinishReason::Stop
                 } else {
                     FinishReason::Length

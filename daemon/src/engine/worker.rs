@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::backend::{Backend, LogitsBatch, StepInput};
-use super::sequence::{Advance, Sequence};
+use super::sequence::{Advance, AdvanceError, Sequence};
 use super::tokenizer::TextTokenizer;
 use super::{EngineError, GenerationEvent};
 
@@ -225,10 +225,11 @@ fn deliver(
             let usage = l.sequence.usage();
             (GenerationEvent::Finished { reason, usage }, true)
         }
-        Err(e) => (
+        Err(AdvanceError::Tokenize(e)) => (
             GenerationEvent::Failed(EngineError::Tokenize(e.to_string())),
             true,
         ),
+        Err(AdvanceError::Constraint(e)) => (GenerationEvent::Failed(e.into()), true),
     };
     if done {
         // Released before the final event goes out, so whoever reads it sees the slot
