@@ -137,11 +137,7 @@ impl Sampler {
         if !total.is_finite() || total <= 0.0 {
             // Infinite logits leave no usable distribution; the most likely token is the
             // only honest answer.
-            return self
-                .candidates
-                .iter()
-                .max_by(|a, b| a.1.total_cmp(&b.1))
-                .map(|c| c.0);
+            return argmax_allowed(logits, &allowed);
         }
         if self.params.top_p < 1.0 {
             total = self.keep_nucleus(total);
