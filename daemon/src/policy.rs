@@ -31,6 +31,12 @@ pub enum PolicyLoadError {
         #[source]
         source: PolicyError,
     },
+    #[error("the policy in {dir} fixes an invalid response_schema for model {model}: {reason}")]
+    ResponseSchema {
+        dir: PathBuf,
+        model: String,
+        reason: String,
+    },
 }
 
 /// The texts of a policy directory, read in a stable order.
@@ -88,10 +94,41 @@ impl PolicyFiles {
 /// Reads and validates a policy directory.
 pub fn load_dir(dir: &Path) -> Result<AccessPolicy, PolicyLoadError> {
     let files = PolicyFiles::read(dir)?;
-    AccessPolicy::load(&files.source()).map_err(|source| PolicyLoadError::Invalid {
-        dir: dir.to_path_buf(),
-        source,
-    })
+    let policy =
+        AccessPolicy::load(&files.source()).map_err(|source| PolicyLoadError::Invalid {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    // A schema the policy fixes must be one answers can follow: refused here, at load,
+    // rather than in every request to the model.
+    let data = policy.data();
+    let fixed = data
+        .models
+        .iter()
+        .filter_map(|(name, rules)| Some((name.as_str(), rules.response_schema.as_ref()?)))
+        .chain(
+            data.default_model
+                .response_schema
+                .as_ref()
+                .map(|schema| ("(default_model)", schema)),
+        );
+    for (model, schema) in fixed {
+        let problem = if schema.is_object() {
+            jsonschema::validator_for(schema)
+                .err()
+                .map(|e| e.to_string())
+        } else {
+            Some("it must be a table (a JSON object)".to_owned())
+        };
+        if let Some(reason) = problem {
+            return Err(PolicyLoadError::ResponseSchema {
+                dir: dir.to_path_buf(),
+                model: model.to_owned(),
+                reason,
+            });
+        }
+    }
+    Ok(policy)
 }
 
 /// The policy in force and the limit state, shared by every request.
@@ -144,5 +181,40 @@ impl PolicyStore {
             Err(poisoned) => *poisoned.into_inner() = policy,
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn directory(data: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        std::fs::copy(shipped.join(SCHEMA_FILE), dir.path().join(SCHEMA_FILE)).expect("schema");
+        std::fs::write(
+            dir.path().join("all.cedar"),
+            "permit (principal, action, resource);\n",
+        )
+        .expect("policy");
+        std::fs::write(dir.path().join(DATA_FILE), data).expect("data");
+        dir
+    }
+
+    #[test]
+    fn a_fixed_response_schema_must_be_a_valid_schema() {
+        let good = "[models.m.response_schema]\ntype = \"object\"\nrequired = [\"a\"]\n";
+        let policy = load_dir(directory(good).path()).expect("valid");
+        let fixed = policy.data().model("m").response_schema.clone();
+        assert_eq!(
+            fixed,
+            Some(serde_json::json!({"type": "object", "required": ["a"]}))
+        );
+        let bad = "[models.m.response_schema]\ntype = 7\n";
+        let error = load_dir(directory(bad).path()).expect_err("invalid schema");
+        assert!(
+            matches!(&error, PolicyLoadError::ResponseSchema { model, .. } if model == "m"),
+            "{error}"
+        );
     }
 }
