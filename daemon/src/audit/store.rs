@@ -14,6 +14,9 @@ use moat_core::audit::{ChainEntry, Checkpoint, CheckpointKind, GENESIS};
 
 use super::AuditError;
 
+/// How long opening waits for a store that is still locked.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where the chain stands: the next sequence number and the hash it continues from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChainHead {
@@ -71,12 +74,18 @@ impl Store {
         };
         create_private_dir(dir).map_err(|e| open_error(e.to_string()))?;
         // sled locks its log while open: only with the lock free is it safe to tidy up.
-        if let Ok(Err(std::fs::TryLockError::WouldBlock)) =
+        // A store this process just closed may stay locked for a moment while sled's
+        // background work on it ends.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        while let Ok(Err(std::fs::TryLockError::WouldBlock)) =
             File::open(dir.join("db")).map(|file| file.try_lock())
         {
-            return Err(open_error(
-                "another process has it open (a second moatd, or moatctl audit export)".into(),
-            ));
+            if std::time::Instant::now() >= deadline {
+                return Err(open_error(
+                    "another process has it open (a second moatd, or moatctl audit export)".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
         let db = sled::Config::new()
