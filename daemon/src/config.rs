@@ -78,6 +78,11 @@ pub struct EngineConfig {
     /// Most prompt tokens run through the graph at once (long prompts run in chunks).
     #[serde(default = "default_prefill_chunk_tokens")]
     pub prefill_chunk_tokens: usize,
+    /// Waiting places one department may hold at most; unset: half of `queue_capacity`.
+    pub department_queue: Option<usize>,
+    /// Turns per round of free engine slots, by department (default 1 each).
+    #[serde(default)]
+    pub department_weights: std::collections::BTreeMap<String, u32>,
 }
 
 fn default_max_tokens() -> usize {
@@ -107,6 +112,8 @@ impl Default for EngineConfig {
             queue_capacity: default_queue_capacity(),
             max_batch: default_max_batch(),
             prefill_chunk_tokens: default_prefill_chunk_tokens(),
+            department_queue: None,
+            department_weights: Default::default(),
         }
     }
 }
@@ -251,11 +258,23 @@ impl Config {
                 e.intra_op_threads.unwrap_or(1),
                 1024,
             ),
+            (
+                "engine.department_queue",
+                e.department_queue.unwrap_or(1),
+                e.queue_capacity.max(1),
+            ),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
             } else if value > max {
                 problems.push(format!("{name} must be at most {max}, got {value}"));
+            }
+        }
+        for (department, &weight) in &e.department_weights {
+            if !(1..=1000).contains(&weight) {
+                problems.push(format!(
+                    "engine.department_weights.{department} must be between 1 and 1000, got {weight}"
+                ));
             }
         }
         problems
@@ -276,6 +295,8 @@ impl Config {
             queue_capacity: self.engine.queue_capacity,
             max_batch: self.engine.max_batch,
             prefill_chunk_tokens: self.engine.prefill_chunk_tokens,
+            department_queue: self.engine.department_queue.unwrap_or(0),
+            department_weights: self.engine.department_weights.clone(),
         }
     }
 }

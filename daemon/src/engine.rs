@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod constraint;
 pub mod cpu_affinity;
 pub mod embedder;
+pub mod fair_queue;
 pub mod model_dir;
 pub mod ort_backend;
 pub mod runtime_library;
@@ -19,10 +20,10 @@ pub mod stop;
 pub mod tokenizer;
 mod worker;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use moat_core::{ModelMetadata, ModelTask};
@@ -34,6 +35,7 @@ pub use backend::{
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use constraint::{AnswerCheck, Constraint, ConstraintError, ConstraintFailure, ResponseFormat};
 pub use embedder::{EmbedError, Embedder, Embeddings};
+use fair_queue::{FairQueue, QueueFull};
 pub use model_dir::{ModelDirError, ModelDirectory};
 pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};
 pub use sampler::{SamplingError, SamplingParams};
@@ -68,6 +70,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// The shape the answer must have ([`Engine::constrain`]).
     pub constraint: Option<Constraint>,
+    /// Whose request it is: the engine serves departments fairly.
+    pub department: String,
 }
 
 impl GenerationRequest {
@@ -80,6 +84,7 @@ impl GenerationRequest {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             constraint: None,
+            department: String::new(),
         }
     }
 }
@@ -101,7 +106,7 @@ pub enum GenerationEvent {
 }
 
 /// Engine-wide settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineSettings {
     /// `max_tokens` when a request names none (still capped by the context).
     pub default_max_tokens: usize,
@@ -112,6 +117,19 @@ pub struct EngineSettings {
     /// Most prompt tokens one sequence feeds per step; longer prompts take several steps,
     /// interleaved with the decode steps of the others.
     pub prefill_chunk_tokens: usize,
+    /// Waiting places one department may hold at most; 0: half of `queue_capacity`.
+    pub department_queue: usize,
+    /// Turns per round of free slots, by department (default 1).
+    pub department_weights: BTreeMap<String, u32>,
+}
+
+impl EngineSettings {
+    fn department_queue(&self) -> usize {
+        match self.department_queue {
+            0 => self.queue_capacity.div_ceil(2),
+            n => n,
+        }
+    }
 }
 
 impl Default for EngineSettings {
@@ -121,6 +139,8 @@ impl Default for EngineSettings {
             queue_capacity: 64,
             max_batch: 16,
             prefill_chunk_tokens: ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS,
+            department_queue: 0,
+            department_weights: BTreeMap::new(),
         }
     }
 }
@@ -172,6 +192,8 @@ pub enum EngineError {
     Constraint(#[from] ConstraintFailure),
     #[error("the engine queue is full; retry shortly")]
     Overloaded,
+    #[error("this department already holds its share of the engine queue; retry shortly")]
+    DepartmentOverloaded,
     #[error("the engine has stopped")]
     ShutDown,
     #[error("inference failed: {0}")]
@@ -236,7 +258,10 @@ struct EngineShared {
 #[derive(Debug)]
 pub struct Engine {
     shared: Arc<EngineShared>,
-    admissions: crossbeam_channel::Sender<worker::Admission>,
+    queue: Arc<Mutex<FairQueue<worker::Admission>>>,
+    /// Wakes the engine thread when it idles; dropped with the engine, which tells the
+    /// thread to finish.
+    wake: crossbeam_channel::Sender<()>,
     next_sequence: AtomicU64,
     worker: Option<JoinHandle<()>>,
     health: Arc<worker::WorkerHealth>,
@@ -302,7 +327,13 @@ impl Engine {
             tracing::warn!(error = %e, "response formats will be refused for this model");
         }
         warm_up(backend.as_mut())?;
-        let (admissions, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
+        let queue = Arc::new(Mutex::new(FairQueue::new(
+            settings.queue_capacity,
+            settings.department_queue(),
+            settings.department_weights.clone(),
+        )));
+        let (wake, woken) = crossbeam_channel::bounded(1);
+        let worker_queue = Arc::clone(&queue);
         let worker_tokenizer = Arc::clone(&tokenizer);
         let max_batch = settings.max_batch.max(1);
         let health = Arc::new(worker::WorkerHealth::default());
@@ -313,7 +344,10 @@ impl Engine {
                 worker::run(
                     backend,
                     worker_tokenizer,
-                    receiver,
+                    worker::Waiting {
+                        queue: worker_queue,
+                        woken,
+                    },
                     max_batch,
                     worker_health,
                 )
@@ -327,7 +361,8 @@ impl Engine {
                 model: backend_model,
                 settings,
             }),
-            admissions,
+            queue,
+            wake,
             next_sequence: AtomicU64::new(0),
             worker: Some(worker),
             health,
@@ -356,7 +391,7 @@ impl Engine {
 
     /// Requests accepted and waiting for the engine thread to take them.
     pub fn queued_requests(&self) -> usize {
-        self.admissions.len()
+        self.lock_queue().len()
     }
 
     /// Renders and tokenizes a prompt.
@@ -448,6 +483,7 @@ impl Engine {
     /// Rendering and tokenizing the prompt happen on the calling thread (milliseconds for
     /// long prompts); async callers should call this from a blocking-capable context.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+        let department = request.department.clone();
         let spec = self.prepare(request)?;
         let prompt_tokens = spec.prompt.len();
         let id = SequenceId(self.next_sequence.fetch_add(1, Ordering::Relaxed));
@@ -456,10 +492,17 @@ impl Engine {
             sequence: Sequence::new(id, spec),
             events,
         };
-        self.admissions.try_send(admission).map_err(|e| match e {
-            crossbeam_channel::TrySendError::Full(_) => EngineError::Overloaded,
-            crossbeam_channel::TrySendError::Disconnected(_) => EngineError::ShutDown,
-        })?;
+        if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+            return Err(EngineError::ShutDown);
+        }
+        self.lock_queue()
+            .push(&department, admission)
+            .map_err(|(full, _)| match full {
+                QueueFull::Engine => EngineError::Overloaded,
+                QueueFull::Department => EngineError::DepartmentOverloaded,
+            })?;
+        // One wake-up token is enough: the thread takes everything waiting when it wakes.
+        let _ = self.wake.try_send(());
         Ok(GenerationStream {
             events: receiver,
             prompt_tokens,
@@ -517,6 +560,11 @@ impl Engine {
             Ok(compiler) => compiler.compile(format),
             Err(e) => Err(e.clone()),
         }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, FairQueue<worker::Admission>> {
+        // The queue holds no invariant a panicking holder could break half-way.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops taking requests, lets running generations finish, and waits for the thread.

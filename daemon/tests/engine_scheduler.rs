@@ -24,6 +24,8 @@ struct ScriptedBackend {
     gate: Arc<Mutex<mpsc::Receiver<()>>>,
     /// Per step, the number of tokens of each input.
     batches: Arc<Mutex<Vec<Vec<usize>>>>,
+    /// Every sequence stepped, in order.
+    stepped: Arc<Mutex<Vec<SequenceId>>>,
 }
 
 impl Backend for ScriptedBackend {
@@ -44,6 +46,10 @@ impl Backend for ScriptedBackend {
             .lock()
             .expect("lock")
             .push(batch.iter().map(|i| i.tokens.len()).collect());
+        self.stepped
+            .lock()
+            .expect("lock")
+            .extend(batch.iter().map(|i| i.sequence));
         match self.mode.load(Ordering::SeqCst) {
             FAIL => {
                 return Err(BackendError::Runtime {
@@ -74,6 +80,7 @@ struct Harness {
     mode: Arc<AtomicU8>,
     open_gate: mpsc::Sender<()>,
     batches: Arc<Mutex<Vec<Vec<usize>>>>,
+    stepped: Arc<Mutex<Vec<SequenceId>>>,
 }
 
 fn start(settings: EngineSettings) -> Harness {
@@ -81,6 +88,7 @@ fn start(settings: EngineSettings) -> Harness {
     let mode = Arc::new(AtomicU8::new(NORMAL));
     let (open_gate, gate) = mpsc::channel();
     let batches = Arc::new(Mutex::new(Vec::new()));
+    let stepped = Arc::new(Mutex::new(Vec::new()));
     let backend = ScriptedBackend {
         model: BackendModel {
             vocab_size: model.metadata.vocab_size,
@@ -90,6 +98,7 @@ fn start(settings: EngineSettings) -> Harness {
         mode: Arc::clone(&mode),
         gate: Arc::new(Mutex::new(gate)),
         batches: Arc::clone(&batches),
+        stepped: Arc::clone(&stepped),
     };
     let engine = Engine::start(Box::new(backend), &model, settings).expect("starts");
     Harness {
@@ -97,6 +106,7 @@ fn start(settings: EngineSettings) -> Harness {
         mode,
         open_gate,
         batches,
+        stepped,
     }
 }
 
@@ -259,4 +269,85 @@ fn a_long_prompt_is_fed_in_chunks_between_other_decodes() {
         .filter(|b| b.len() == 2 && b.contains(&3) && b.contains(&1))
         .count();
     assert!(shared_steps >= 9, "{batches:?}");
+}
+
+fn from(department: &str, max_tokens: usize) -> GenerationRequest {
+    let mut request = request(max_tokens);
+    request.department = department.to_owned();
+    request
+}
+
+#[test]
+fn a_department_flooding_the_queue_does_not_starve_another() {
+    let h = start(EngineSettings {
+        max_batch: 1,
+        queue_capacity: 32,
+        ..EngineSettings::default()
+    });
+    h.mode.store(WAIT, Ordering::SeqCst);
+    // One of a's requests holds the only slot while the rest line up behind it.
+    let running = h.engine.submit(from("a", 1)).expect("accepted");
+    wait_until("the first request to run", || {
+        h.engine.live_sequences() == 1
+    });
+    let mut streams = vec![running];
+    for _ in 0..10 {
+        streams.push(h.engine.submit(from("a", 1)).expect("accepted"));
+    }
+    // Sequence ids follow submission: a's are 0 to 10, b's is 11.
+    streams.push(h.engine.submit(from("b", 1)).expect("accepted"));
+    h.mode.store(NORMAL, Ordering::SeqCst);
+    h.open_gate.send(()).expect("gate");
+    for mut stream in streams {
+        let event = last_event(&mut stream);
+        assert!(
+            matches!(event, GenerationEvent::Finished { .. }),
+            "{event:?}"
+        );
+    }
+    let order: Vec<String> = h
+        .stepped
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|id| id.0 != u64::MAX) // the warm-up step at start
+        .map(|id| format!("{id:?}"))
+        .collect();
+    let b = order
+        .iter()
+        .position(|id| id == "SequenceId(11)")
+        .expect("b stepped");
+    // The running request of a, then one more of a's at most, then b.
+    assert!(b <= 2, "b was served after {b} of a's requests: {order:?}");
+}
+
+#[test]
+fn a_department_may_hold_only_its_share_of_the_queue() {
+    let h = start(EngineSettings {
+        max_batch: 1,
+        queue_capacity: 4,
+        ..EngineSettings::default()
+    });
+    h.mode.store(WAIT, Ordering::SeqCst);
+    let _running = h.engine.submit(from("a", 1)).expect("accepted");
+    wait_until("the first request to run", || {
+        h.engine.live_sequences() == 1
+    });
+    // Half of the four places: two.
+    let _waiting: Vec<_> = (0..2)
+        .map(|_| h.engine.submit(from("a", 1)).expect("its share"))
+        .collect();
+    assert!(matches!(
+        h.engine.submit(from("a", 1)),
+        Err(EngineError::DepartmentOverloaded)
+    ));
+    let _others: Vec<_> = (0..2)
+        .map(|_| h.engine.submit(from("b", 1)).expect("b's own share"))
+        .collect();
+    assert!(matches!(
+        h.engine.submit(from("c", 1)),
+        Err(EngineError::Overloaded)
+    ));
+    h.mode.store(NORMAL, Ordering::SeqCst);
+    h.open_gate.send(()).expect("gate");
 }

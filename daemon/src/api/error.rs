@@ -220,7 +220,8 @@ impl ApiError {
                 invalid(Some("messages"), "control_token_in_message")
             }
             E::Tokenize(_) => invalid(None, "invalid_text"),
-            E::Overloaded => ApiError::Overloaded {
+            // A department over its share of the queue waits like everyone at a full one.
+            E::Overloaded | E::DepartmentOverloaded => ApiError::Overloaded {
                 model: model.to_owned(),
             },
             E::ShutDown => ApiError::Unavailable {

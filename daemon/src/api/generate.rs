@@ -174,6 +174,10 @@ impl Exchange<'_> {
         admitted.notes.admission().await?;
         request.prompt = Prompt::TokenIds(ids);
         request.max_tokens = Some(max_new_tokens);
+        // The engine serves departments in turn.
+        request
+            .department
+            .clone_from(&self.caller.identity.department);
         let meta = response_meta(self.context, model, endpoint, &params);
         self.answer(engine, request, meta, params.stream, admitted, check)
             .await

@@ -1,18 +1,22 @@
 //! The engine thread: owns the backend, admits sequences, steps them together.
 //!
-//! Inference never runs on an async worker: this dedicated OS thread takes admissions from a
-//! bounded channel and answers each generation through its own event channel. Between
-//! steps it admits new sequences and drops the ones whose client went away, so a batch is
-//! always the set of live sequences.
+//! Inference never runs on an async worker: this dedicated OS thread takes admissions from
+//! the engine's fair queue (departments in turn) and answers each generation through its
+//! own event channel. Between steps it admits new sequences into free slots and drops the
+//! ones whose client went away, waiting or running, so a batch is always the set of live
+//! sequences.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use std::sync::Mutex;
+
 use crossbeam_channel::{Receiver, TryRecvError};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::backend::{Backend, LogitsBatch, StepInput};
+use super::fair_queue::FairQueue;
 use super::sequence::{Advance, AdvanceError, Sequence};
 use super::tokenizer::TextTokenizer;
 use super::{EngineError, GenerationEvent};
@@ -29,6 +33,19 @@ struct Live {
     events: UnboundedSender<GenerationEvent>,
 }
 
+/// Where admissions wait: the fair queue, and the channel whose token wakes an idle thread
+/// (and whose disconnection says the engine is gone).
+pub(crate) struct Waiting {
+    pub queue: Arc<Mutex<FairQueue<Admission>>>,
+    pub woken: Receiver<()>,
+}
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FairQueue<Admission>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// What the engine thread reports about itself to the engine's handles.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerHealth {
@@ -42,7 +59,7 @@ pub(crate) struct WorkerHealth {
 struct Worker {
     backend: Box<dyn Backend>,
     tokenizer: Arc<TextTokenizer>,
-    admissions: Receiver<Admission>,
+    waiting: Waiting,
     max_batch: usize,
     health: Arc<WorkerHealth>,
     live: Vec<Live>,
@@ -54,14 +71,14 @@ struct Worker {
 pub(crate) fn run(
     backend: Box<dyn Backend>,
     tokenizer: Arc<TextTokenizer>,
-    admissions: Receiver<Admission>,
+    waiting: Waiting,
     max_batch: usize,
     health: Arc<WorkerHealth>,
 ) {
     let mut worker = Worker {
         backend,
         tokenizer,
-        admissions,
+        waiting,
         max_batch,
         health,
         live: Vec::new(),
@@ -88,24 +105,29 @@ impl Worker {
     /// Admits what fits, drops what was cancelled, steps the rest. False when the thread
     /// should end.
     fn iteration(&mut self) -> bool {
-        if self.live.is_empty() {
+        if self.live.is_empty() && self.waiting.lock().is_empty() {
             if self.disconnected {
                 return false;
             }
-            match self.admissions.recv() {
-                Ok(admission) => admit(self.backend.as_mut(), admission, &mut self.live),
-                Err(_) => return false,
+            if self.waiting.woken.recv().is_err() {
+                // The engine is gone; finish what may still be queued.
+                self.disconnected = true;
+                return !self.waiting.lock().is_empty();
             }
         }
-        while self.live.len() < self.max_batch {
-            match self.admissions.try_recv() {
-                Ok(admission) => admit(self.backend.as_mut(), admission, &mut self.live),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    self.disconnected = true;
-                    break;
-                }
-            }
+        if let Err(TryRecvError::Disconnected) = self.waiting.woken.try_recv() {
+            self.disconnected = true;
+        }
+        // Clients that left while waiting give their places back; free slots are filled
+        // department by department.
+        let admitted: Vec<Admission> = {
+            let mut queue = self.waiting.lock();
+            queue.retain(|a| !a.events.is_closed());
+            let free = self.max_batch.saturating_sub(self.live.len());
+            std::iter::from_fn(|| queue.pop()).take(free).collect()
+        };
+        for admission in admitted {
+            admit(self.backend.as_mut(), admission, &mut self.live);
         }
         // A client that hung up frees its slot before the next step costs anything.
         let backend = &mut self.backend;
@@ -141,7 +163,7 @@ impl Worker {
         for l in self.live.drain(..) {
             let _ = l.events.send(failed());
         }
-        for queued in self.admissions.try_iter() {
+        for queued in self.waiting.lock().drain() {
             let _ = queued.events.send(failed());
         }
     }
