@@ -114,6 +114,9 @@ listen = "127.0.0.1:$metrics_port"
 state_directory = "state"
 node_id = "moat-dev"
 recipients = [$recipients]
+
+[admin]
+socket = "state/admin.sock"
 EOF
 
 echo "==> starting moatd (log: .moat-dev/moatd.log)" >&2
@@ -144,4 +147,4 @@ curl -sS --fail-with-body \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'
 
 echo "moatd is running on https://127.0.0.1:$port (pid $pid); stop it with: kill \$(cat .moat-dev/moatd.pid)" >&2
-echo "then read its audit trail: $moatctl audit export --store .moat-dev/state/audit --out trail.jsonl && $moatctl audit decrypt --identity .moat-dev/auditors/auditor-1.key --format csv trail.jsonl" >&2
+echo "read its audit trail: $moatctl audit export --socket .moat-dev/state/admin.sock --out trail.jsonl && $moatctl audit decrypt --identity .moat-dev/auditors/auditor-1.key --format csv trail.jsonl" >&2
