@@ -83,28 +83,14 @@ impl ServeError {
 
 /// Serves until a stop signal. `config` must have passed [`Config::validate_for_serve`].
 pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
-    let (Some(server), Some(tls_config), Some(_)) = (&config.server, &config.tls, &config.models)
-    else {
-        return Err(ServeError::Incomplete(
-            "[server], [tls] and [models] are required",
-        ));
-    };
-    // TLS and policy first: a bad certificate or policy is reported before minutes of
-    // model loading.
-    let metrics = Arc::new(Metrics::new());
-    let rustls_config = listener_tls(tls_config, &metrics)?;
-    let policy = open_policy(config)?;
-    let audit = open_audit(config)?;
+    if config.models.is_none() {
+        return Err(ServeError::Incomplete("[models] is required"));
+    }
+    // TLS, policy and audit first: a bad certificate, policy or auditor key is reported
+    // before minutes of model loading.
+    let ready = Ready::prepare(config)?;
     let models = load_models(config, runtime)?;
-    run(
-        config,
-        server,
-        rustls_config,
-        metrics,
-        policy,
-        audit,
-        models,
-    )
+    ready.run(config, models)
 }
 
 /// Opens the audit trail: no audit, no answer.
@@ -166,22 +152,45 @@ pub fn serve_models(
     config: &Config,
     models: BTreeMap<String, ServedModel>,
 ) -> Result<(), ServeError> {
-    let (Some(server), Some(tls_config)) = (&config.server, &config.tls) else {
-        return Err(ServeError::Incomplete("[server] and [tls] are required"));
-    };
-    let metrics = Arc::new(Metrics::new());
-    let rustls_config = listener_tls(tls_config, &metrics)?;
-    let policy = open_policy(config)?;
-    let audit = open_audit(config)?;
-    run(
-        config,
-        server,
-        rustls_config,
-        metrics,
-        policy,
-        audit,
-        models,
-    )
+    Ready::prepare(config)?.run(config, models)
+}
+
+/// Everything the listeners need besides the models.
+struct Ready<'c> {
+    server: &'c ServerConfig,
+    rustls_config: rustls::ServerConfig,
+    metrics: Arc<Metrics>,
+    policy: Arc<PolicyStore>,
+    audit: Arc<AuditLog>,
+}
+
+impl<'c> Ready<'c> {
+    fn prepare(config: &'c Config) -> Result<Self, ServeError> {
+        let (Some(server), Some(tls_config)) = (&config.server, &config.tls) else {
+            return Err(ServeError::Incomplete("[server] and [tls] are required"));
+        };
+        let metrics = Arc::new(Metrics::new());
+        let rustls_config = listener_tls(tls_config, &metrics)?;
+        Ok(Self {
+            server,
+            rustls_config,
+            metrics,
+            policy: open_policy(config)?,
+            audit: open_audit(config)?,
+        })
+    }
+
+    fn run(self, config: &Config, models: BTreeMap<String, ServedModel>) -> Result<(), ServeError> {
+        run(
+            config,
+            self.server,
+            self.rustls_config,
+            self.metrics,
+            self.policy,
+            self.audit,
+            models,
+        )
+    }
 }
 
 fn listener_tls(

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
+use moat_core::audit::export::source::ExportSource;
 use moat_core::audit::layout::{self, NodeInfo};
 use moat_core::audit::{ChainEntry, Checkpoint, CheckpointKind, GENESIS};
 
@@ -249,13 +250,7 @@ impl Store {
     }
 
     pub fn prune_marker(&self) -> Result<Option<Checkpoint>, AuditError> {
-        self.meta
-            .get(layout::PRUNE_KEY)
-            .map_err(write_error)?
-            .map(|value| {
-                layout::decode_checkpoint(&value).ok_or(AuditError::Damaged { sequence: 0 })
-            })
-            .transpose()
+        ExportSource::prune_marker(&self.reader())
     }
 
     /// Removes the records made before `cutoff_ms` that a checkpoint covers: everything up
@@ -318,40 +313,6 @@ impl Store {
             through: marker.sequence,
             records: removed,
         }))
-    }
-
-    /// Entries with sequence numbers in `range`, in order.
-    pub fn entries(
-        &self,
-        range: std::ops::RangeInclusive<u64>,
-    ) -> impl Iterator<Item = Result<ChainEntry, AuditError>> + '_ {
-        let range = layout::sequence_key(*range.start())..=layout::sequence_key(*range.end());
-        self.records.range(range).map(|item| {
-            let (key, value) = item.map_err(write_error)?;
-            layout::decode_entry(&key, &value).ok_or(AuditError::Damaged {
-                sequence: layout::decode_sequence(&key).unwrap_or(u64::MAX),
-            })
-        })
-    }
-
-    /// Every stored checkpoint, in order.
-    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
-        self.checkpoints
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(write_error)?;
-                decode_checkpoint(&key, &value)
-            })
-            .collect()
-    }
-
-    /// The first stored sequence number, if any record is stored.
-    pub fn first_sequence(&self) -> Result<Option<u64>, AuditError> {
-        Ok(self
-            .records
-            .first()
-            .map_err(write_error)?
-            .and_then(|(key, _)| layout::decode_sequence(&key)))
     }
 
     /// sled's flush, then fsync of its log file. sled appends to the one file it created

@@ -1,4 +1,5 @@
 use super::*;
+use moat_core::audit::export::source::ExportSource;
 use moat_core::audit::layout;
 use moat_core::audit::{GENESIS, RetainedText, Retention, verify_chain};
 use std::io::Read as _;
@@ -60,11 +61,15 @@ fn verified(dir: &Path, key: &SigningKey) -> (Vec<moat_core::audit::ChainEntry>,
         Some(marker) => (marker.sequence + 1, marker.head),
         None => (0, GENESIS),
     };
-    let entries: Vec<_> = store
-        .entries(0..=u64::MAX)
+    let reader = store.reader();
+    let entries: Vec<_> = reader
+        .records(0..=u64::MAX)
         .collect::<Result<_, _>>()
         .expect("entries");
-    let checkpoints = store.checkpoints().expect("checkpoints");
+    let checkpoints: Vec<_> = reader
+        .checkpoints(0..=u64::MAX)
+        .collect::<Result<_, _>>()
+        .expect("checkpoints");
     let chain = verify_chain(
         "node-a",
         &key.verifying_key(),
@@ -170,7 +175,14 @@ fn checkpoints_come_every_n_records_and_the_chain_goes_on_after_reopening() {
     assert_eq!(entries.len(), 50);
     assert!(unsigned < 10, "{unsigned} unsigned");
     let store = Store::open(&dir.path().join("audit"), &every_ten.node).expect("opens");
-    assert!(store.checkpoints().expect("checkpoints").len() >= 4);
+    assert!(
+        store
+            .reader()
+            .checkpoint_sequences()
+            .expect("checkpoints")
+            .len()
+            >= 4
+    );
 }
 
 #[test]
@@ -234,7 +246,7 @@ fn pruning_keeps_what_no_checkpoint_covers_and_leaves_a_verifiable_rest() {
     let marker = store.prune_marker().expect("read").expect("a prune marker");
     assert_eq!(marker.sequence, 19);
     assert!(marker.is_signed_by(&key.verifying_key()));
-    assert_eq!(store.entries(0..=19).count(), 0);
+    assert_eq!(store.reader().records(0..=19).count(), 0);
     drop(store);
     // The meta tree names the node.
     let db = sled::open(dir.path().join("audit")).expect("sled");
