@@ -219,9 +219,11 @@ async fn export(
     peer: Peer,
     audit: Arc<AuditLog>,
 ) -> std::io::Result<()> {
+    let bound = |end: Option<i64>, open: &str| end.map_or(open.to_owned(), |ms| format!("{ms} ms"));
     let detail = format!(
-        "export of records stored from {:?} to {:?} (unix ms; None: open)",
-        range.since_unix_ms, range.until_unix_ms
+        "export of the records stored from {} to {} (Unix time)",
+        bound(range.since_unix_ms, "the first"),
+        bound(range.until_unix_ms, "the last")
     );
     let record = admin_record(
         audit.node(),
