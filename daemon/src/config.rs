@@ -78,6 +78,10 @@ pub struct EngineConfig {
     /// Most prompt tokens run through the graph at once (long prompts run in chunks).
     #[serde(default = "default_prefill_chunk_tokens")]
     pub prefill_chunk_tokens: usize,
+    /// Tokens fed in one engine step at most; 0 (the default): no limit. Decodes go
+    /// first, prompt chunks fill the rest.
+    #[serde(default)]
+    pub max_batched_tokens: usize,
     /// Waiting places one department may hold at most; unset: half of `queue_capacity`.
     pub department_queue: Option<usize>,
     /// Turns per round of free engine slots, by department (default 1 each).
@@ -112,6 +116,7 @@ impl Default for EngineConfig {
             queue_capacity: default_queue_capacity(),
             max_batch: default_max_batch(),
             prefill_chunk_tokens: default_prefill_chunk_tokens(),
+            max_batched_tokens: 0,
             department_queue: None,
             department_weights: Default::default(),
         }
@@ -259,6 +264,11 @@ impl Config {
                 1024,
             ),
             (
+                "engine.max_batched_tokens",
+                e.max_batched_tokens.max(1),
+                1 << 20,
+            ),
+            (
                 "engine.department_queue",
                 e.department_queue.unwrap_or(1),
                 e.queue_capacity.max(1),
@@ -269,6 +279,14 @@ impl Config {
             } else if value > max {
                 problems.push(format!("{name} must be at most {max}, got {value}"));
             }
+        }
+        if e.max_batched_tokens != 0 && e.max_batched_tokens < e.prefill_chunk_tokens + e.max_batch
+        {
+            problems.push(format!(
+                "engine.max_batched_tokens ({}) must be 0 or at least prefill_chunk_tokens + max_batch ({}), so that a prompt chunk always fits beside the decodes",
+                e.max_batched_tokens,
+                e.prefill_chunk_tokens + e.max_batch
+            ));
         }
         for (department, &weight) in &e.department_weights {
             if !(1..=1000).contains(&weight) {
@@ -295,6 +313,7 @@ impl Config {
             queue_capacity: self.engine.queue_capacity,
             max_batch: self.engine.max_batch,
             prefill_chunk_tokens: self.engine.prefill_chunk_tokens,
+            max_batched_tokens: self.engine.max_batched_tokens,
             department_queue: self.engine.department_queue.unwrap_or(0),
             department_weights: self.engine.department_weights.clone(),
         }

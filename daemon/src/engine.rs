@@ -117,6 +117,9 @@ pub struct EngineSettings {
     /// Most prompt tokens one sequence feeds per step; longer prompts take several steps,
     /// interleaved with the decode steps of the others.
     pub prefill_chunk_tokens: usize,
+    /// Tokens fed in one step at most (0: no limit): bounds the step time that prompt
+    /// chunks of new requests add to the running answers.
+    pub max_batched_tokens: usize,
     /// Waiting places one department may hold at most; 0: half of `queue_capacity`.
     pub department_queue: usize,
     /// Turns per round of free slots, by department (default 1).
@@ -139,6 +142,7 @@ impl Default for EngineSettings {
             queue_capacity: 64,
             max_batch: 16,
             prefill_chunk_tokens: ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS,
+            max_batched_tokens: 0,
             department_queue: 0,
             department_weights: BTreeMap::new(),
         }
@@ -336,6 +340,15 @@ impl Engine {
         let worker_queue = Arc::clone(&queue);
         let worker_tokenizer = Arc::clone(&tokenizer);
         let max_batch = settings.max_batch.max(1);
+        let limits = worker::StepLimits {
+            max_batch,
+            // Room for every other sequence's decode and one whole prompt chunk, so a new
+            // request's prompt always advances.
+            max_batched_tokens: match settings.max_batched_tokens {
+                0 => 0,
+                n => n.max(settings.prefill_chunk_tokens + max_batch),
+            },
+        };
         let health = Arc::new(worker::WorkerHealth::default());
         let worker_health = Arc::clone(&health);
         let worker = std::thread::Builder::new()
@@ -348,7 +361,7 @@ impl Engine {
                         queue: worker_queue,
                         woken,
                     },
-                    max_batch,
+                    limits,
                     worker_health,
                 )
             })?;

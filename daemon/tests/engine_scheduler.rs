@@ -351,3 +351,42 @@ fn a_department_may_hold_only_its_share_of_the_queue() {
     h.mode.store(NORMAL, Ordering::SeqCst);
     h.open_gate.send(()).expect("gate");
 }
+
+#[test]
+fn prompt_chunks_wait_for_room_while_running_answers_keep_their_pace() {
+    let h = start(EngineSettings {
+        max_batch: 4,
+        prefill_chunk_tokens: 4,
+        // The least allowed: one chunk beside three decodes.
+        max_batched_tokens: 8,
+        ..EngineSettings::default()
+    });
+    h.mode.store(WAIT, Ordering::SeqCst);
+    let long_prompt = |max_tokens| {
+        let mut request = request(max_tokens);
+        request.prompt = Prompt::Text("Hello ".repeat(12));
+        request
+    };
+    let mut streams: Vec<_> = (0..4)
+        .map(|_| h.engine.submit(long_prompt(6)).expect("accepted"))
+        .collect();
+    h.mode.store(NORMAL, Ordering::SeqCst);
+    h.open_gate.send(()).expect("gate");
+    for stream in &mut streams {
+        assert!(matches!(
+            last_event(stream),
+            GenerationEvent::Finished { .. }
+        ));
+    }
+    let batches = h.batches.lock().expect("lock").clone();
+    for batch in &batches {
+        let tokens: usize = batch.iter().sum();
+        assert!(tokens <= 8, "a step fed {tokens} tokens: {batch:?}");
+    }
+    // Prompts were fed in chunks across steps, never all four at once.
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.iter().filter(|&&n| n > 1).count() <= 2)
+    );
+}

@@ -46,6 +46,16 @@ impl Waiting {
     }
 }
 
+/// How much one step may take on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepLimits {
+    /// Sequences held at once.
+    pub max_batch: usize,
+    /// Tokens fed in one step at most (0: no limit); decode tokens go first, prompt chunks
+    /// fill what is left, and a step always feeds at least one sequence.
+    pub max_batched_tokens: usize,
+}
+
 /// What the engine thread reports about itself to the engine's handles.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerHealth {
@@ -60,7 +70,7 @@ struct Worker {
     backend: Box<dyn Backend>,
     tokenizer: Arc<TextTokenizer>,
     waiting: Waiting,
-    max_batch: usize,
+    limits: StepLimits,
     health: Arc<WorkerHealth>,
     live: Vec<Live>,
     logits: LogitsBatch,
@@ -72,14 +82,14 @@ pub(crate) fn run(
     backend: Box<dyn Backend>,
     tokenizer: Arc<TextTokenizer>,
     waiting: Waiting,
-    max_batch: usize,
+    limits: StepLimits,
     health: Arc<WorkerHealth>,
 ) {
     let mut worker = Worker {
         backend,
         tokenizer,
         waiting,
-        max_batch,
+        limits,
         health,
         live: Vec::new(),
         logits: LogitsBatch::default(),
@@ -123,7 +133,7 @@ impl Worker {
         let admitted: Vec<Admission> = {
             let mut queue = self.waiting.lock();
             queue.retain(|a| !a.events.is_closed());
-            let free = self.max_batch.saturating_sub(self.live.len());
+            let free = self.limits.max_batch.saturating_sub(self.live.len());
             std::iter::from_fn(|| queue.pop()).take(free).collect()
         };
         for admission in admitted {
@@ -146,6 +156,7 @@ impl Worker {
                 &mut self.live,
                 &mut self.logits,
                 &self.health,
+                self.limits.max_batched_tokens,
             );
             self.health.live.store(self.live.len(), Ordering::Relaxed);
         }
@@ -185,18 +196,41 @@ fn admit(backend: &mut dyn Backend, admission: Admission, live: &mut Vec<Live>) 
     }
 }
 
-/// One step for every live sequence. Health is updated before any event goes out, so a
-/// client that reads an event sees the health that goes with it.
+/// Which live sequences the next step feeds, within `max_batched_tokens`: every decode
+/// (one token each) first, so running answers keep their pace, then prompt chunks in
+/// arrival order while they fit; never none.
+fn choose(live: &[Live], max_batched_tokens: usize) -> Vec<bool> {
+    if max_batched_tokens == 0 {
+        return vec![true; live.len()];
+    }
+    let sizes: Vec<usize> = live.iter().map(|l| l.sequence.next_input().len()).collect();
+    let mut chosen: Vec<bool> = sizes.iter().map(|&n| n <= 1).collect();
+    let mut budget = max_batched_tokens.saturating_sub(chosen.iter().filter(|&&c| c).count());
+    for (i, &n) in sizes.iter().enumerate() {
+        if !chosen[i] && (n <= budget || !chosen.contains(&true)) {
+            chosen[i] = true;
+            budget = budget.saturating_sub(n);
+        }
+    }
+    chosen
+}
+
+/// One step for the live sequences [`choose`] picks. Health is updated before any event
+/// goes out, so a client that reads an event sees the health that goes with it.
 fn step(
     backend: &mut dyn Backend,
     tokenizer: &TextTokenizer,
     live: &mut Vec<Live>,
     logits: &mut LogitsBatch,
     health: &WorkerHealth,
+    max_batched_tokens: usize,
 ) {
+    let chosen = choose(live, max_batched_tokens);
     let batch: Vec<StepInput<'_>> = live
         .iter()
-        .map(|l| StepInput {
+        .zip(&chosen)
+        .filter(|(_, chosen)| **chosen)
+        .map(|(l, _)| StepInput {
             sequence: l.sequence.id,
             tokens: l.sequence.next_input(),
         })
@@ -218,11 +252,15 @@ fn step(
         return;
     }
     health.failing.store(false, Ordering::Relaxed);
-    let mut index = 0;
+    let mut row = 0;
+    let mut chosen = chosen.into_iter();
     live.retain_mut(|l| {
-        let row = logits.row(index);
-        index += 1;
-        deliver(l, row, tokenizer, backend, health)
+        if !chosen.next().unwrap_or(false) {
+            return true; // waits for a later step
+        }
+        let logits = logits.row(row);
+        row += 1;
+        deliver(l, logits, tokenizer, backend, health)
     });
 }
 
