@@ -238,11 +238,15 @@ def test_a_schema_fixed_by_policy_constrains_every_request_and_cannot_be_overrid
             server.http(pki.ca_cert, alice) as api:
         chat = {"model": "fixture", "max_tokens": 40, "temperature": 0.9, "seed": 3,
                 "messages": [{"role": "user", "content": "anything"}]}
+        finished = 0
         for seed in range(5):
             response = api.post("/v1/chat/completions", json={**chat, "seed": seed})
             choice = response.json()["choices"][0]
             if choice["finish_reason"] == "stop":
                 assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
+                finished += 1
+        # The fixed schema ends within a few tokens: every answer must have finished.
+        assert finished == 5
         refused = api.post("/v1/chat/completions", json={
             **chat, "response_format": {"type": "json_object"}})
         assert refused.status_code == 400

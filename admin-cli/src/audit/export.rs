@@ -50,22 +50,10 @@ pub fn run(
     };
     let mut staged = StagedFile::create(out).map_err(output_error)?;
     let exported = write_export(&store, range, &mut staged)?;
-    let verdict = verify_written(&staged);
+    let verdict = verify_written(&staged, out);
     staged.commit().map_err(output_error)?;
     print_summary(out, &exported, range);
-    match verdict {
-        Ok(_) => Ok(ExitCode::SUCCESS),
-        Err(ExportError::Damaged { line, source }) => Err(Error::StoreDamaged {
-            out: out.to_path_buf(),
-            line,
-            sequence: source.sequence,
-            damage: source.damage,
-        }),
-        Err(source) => Err(Error::Export {
-            path: out.to_path_buf(),
-            source,
-        }),
-    }
+    verdict.map(|_| ExitCode::SUCCESS)
 }
 
 /// Selects what to export of `range` and writes it to `staged`, with progress bars.
@@ -115,19 +103,32 @@ fn write_export(
     Ok(exported)
 }
 
-/// The header of the written export, if it has one.
-pub(super) fn read_written_header(staged: &StagedFile) -> Option<ExportHeader> {
-    let mut input = std::io::BufReader::new(std::fs::File::open(staged.temp_path()).ok()?);
-    moat_core::audit::export::read_header(&mut input).ok()
-}
-
-/// Verifies the written export as an auditor will: damage in the store shows here.
-pub(super) fn verify_written(staged: &StagedFile) -> Result<VerifiedChain, ExportError> {
+/// Verifies the written export (for `out`) as an auditor will: damage in the store shows
+/// here, reported with the verify exit status. Returns the header and the verdict.
+pub(super) fn verify_written(
+    staged: &StagedFile,
+    out: &Path,
+) -> Result<(ExportHeader, VerifiedChain), Error> {
     use moat_core::audit::export::{ExportReader, read_header};
-    let mut input = std::io::BufReader::new(std::fs::File::open(staged.temp_path())?);
-    let header = read_header(&mut input)?;
-    let key = header.verifying_key()?;
-    ExportReader::new(input, header, &key)?.finish()
+    let verified = (|| {
+        let mut input = std::io::BufReader::new(std::fs::File::open(staged.temp_path())?);
+        let header = read_header(&mut input)?;
+        let key = header.verifying_key()?;
+        let verified = ExportReader::new(input, header.clone(), &key)?.finish()?;
+        Ok((header, verified))
+    })();
+    verified.map_err(|source| match source {
+        ExportError::Damaged { line, source } => Error::StoreDamaged {
+            out: out.to_path_buf(),
+            line,
+            sequence: source.sequence,
+            damage: source.damage,
+        },
+        source => Error::Export {
+            path: out.to_path_buf(),
+            source,
+        },
+    })
 }
 
 fn print_summary(out: &Path, exported: &Exported, range: TimeRange) {

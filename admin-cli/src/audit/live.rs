@@ -9,7 +9,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use moat_core::audit::encoding::hex;
-use moat_core::audit::export::ExportError;
 use moat_core::audit::export::select::TimeRange;
 
 use super::staged::StagedFile;
@@ -75,40 +74,26 @@ pub fn export(socket: &Path, out: &Path, range: TimeRange) -> Result<ExitCode, E
         fetch(socket, range, &mut writer)?;
         writer.flush().map_err(output_error)?;
     }
-    let verified = super::export::verify_written(&staged).map_err(|source| match source {
-        ExportError::Damaged { line, source } => Error::StoreDamaged {
-            out: out.to_path_buf(),
-            line,
-            sequence: source.sequence,
-            damage: source.damage,
-        },
-        source => Error::Export {
-            path: out.to_path_buf(),
-            source,
-        },
-    });
-    let header = super::export::read_written_header(&staged);
+    let verdict = super::export::verify_written(&staged, out);
     staged.commit().map_err(output_error)?;
-    let verified = verified?;
+    let (header, verified) = verdict?;
     println!(
         "exported {} record(s) and {} checkpoint(s) from the running moatd to {}",
         verified.records,
         verified.checkpoints,
         out.display()
     );
-    if let Some(header) = header {
-        println!("  node id:         {}", header.node_id);
-        println!("  node key:        {}", hex(&header.node_key));
-        if let (Some(first), Some(last)) = (verified.first, verified.last) {
-            println!("  records:         sequence {first} to {last}");
-        }
-        println!(
-            "Give the auditor the node key through another channel than the file: \
-             `moatctl audit verify {} --node-key {}`",
-            out.display(),
-            hex(&header.node_key)
-        );
+    println!("  node id:         {}", header.node_id);
+    println!("  node key:        {}", hex(&header.node_key));
+    if let (Some(first), Some(last)) = (verified.first, verified.last) {
+        println!("  records:         sequence {first} to {last}");
     }
+    println!(
+        "Give the auditor the node key through another channel than the file: \
+         `moatctl audit verify {} --node-key {}`",
+        out.display(),
+        hex(&header.node_key)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
