@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 use moat_daemon::api::ServedModel;
 use moat_daemon::config::Config;
 use moat_daemon::engine::{
-    ChatMessage, DevicePreference, Engine, EngineSettings, GenerationEvent, GenerationRequest,
-    OrtRuntime, Prompt, SamplingParams, SessionOptions, runtime_library,
+    ChatMessage, Engine, EngineSettings, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
 };
 use moat_daemon::server;
+
+mod common;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -48,25 +49,11 @@ struct Pki {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf();
-    let model = std::env::var("MOAT_BENCH_MODEL")
-        .unwrap_or_else(|_| "smollm2-135m-instruct-fast".to_owned());
-    let model_dir = root.join("local/models").join(&model);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-
-    let located = runtime_library::locate(Some(&root.join("local/onnxruntime")), None)
-        .expect("run scripts/setup.sh first");
-    let runtime = OrtRuntime::load(located).expect("ONNX Runtime");
-    let options = SessionOptions {
-        device: DevicePreference::Cpu,
-        intra_op_threads: Some(threads),
-        ..SessionOptions::default()
-    };
+    let bench = common::CpuBench::load();
+    let (model, model_dir) = bench.model();
+    let (runtime, options, threads) = (&bench.runtime, &bench.options, bench.threads);
     let engine = Arc::new(
-        Engine::load_ort(&runtime, &model_dir, &options, EngineSettings::default())
+        Engine::load_ort(runtime, &model_dir, options, EngineSettings::default())
             .expect("model loads"),
     );
     let pki = make_pki();

@@ -9,13 +9,14 @@
 //!
 //! `cargo bench -p moat-daemon --bench structured` (after `bash scripts/setup.sh`).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use moat_daemon::engine::{
-    ChatMessage, DevicePreference, Engine, EngineSettings, GenerationEvent, GenerationRequest,
-    OrtRuntime, Prompt, ResponseFormat, SamplingParams, SessionOptions, runtime_library,
+    ChatMessage, Engine, EngineSettings, GenerationEvent, GenerationRequest, Prompt,
+    ResponseFormat, SamplingParams,
 };
+
+mod common;
 
 const ROUNDS: usize = 5;
 const COMPILES: usize = 50;
@@ -93,25 +94,13 @@ fn median(mut values: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf();
-    let model = std::env::var("MOAT_BENCH_MODEL")
-        .unwrap_or_else(|_| "smollm2-135m-instruct-fast".to_owned());
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let located = runtime_library::locate(Some(&root.join("local/onnxruntime")), None)
-        .expect("run scripts/setup.sh first");
-    let runtime = OrtRuntime::load(located).expect("ONNX Runtime");
-    let options = SessionOptions {
-        device: DevicePreference::Cpu,
-        intra_op_threads: Some(threads),
-        ..SessionOptions::default()
-    };
+    let bench = common::CpuBench::load();
+    let (model, model_dir) = bench.model();
+    let threads = bench.threads;
     let engine = Engine::load_ort(
-        &runtime,
-        &root.join("local/models").join(&model),
-        &options,
+        &bench.runtime,
+        &model_dir,
+        &bench.options,
         EngineSettings::default(),
     )
     .expect("model loads");

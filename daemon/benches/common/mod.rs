@@ -1,0 +1,47 @@
+//! What the benchmarks share: the provisioned ONNX Runtime and models, on CPU with one
+//! intra-op thread per processor.
+
+use std::path::PathBuf;
+
+use moat_daemon::engine::{DevicePreference, OrtRuntime, SessionOptions, runtime_library};
+
+/// The workspace's provisioned runtime and the CPU session options every bench uses.
+pub struct CpuBench {
+    pub root: PathBuf,
+    pub threads: usize,
+    pub runtime: std::sync::Arc<OrtRuntime>,
+    pub options: SessionOptions,
+}
+
+impl CpuBench {
+    pub fn load() -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let located = runtime_library::locate(Some(&root.join("local/onnxruntime")), None)
+            .expect("run scripts/setup.sh first");
+        let runtime = OrtRuntime::load(located).expect("ONNX Runtime");
+        let options = SessionOptions {
+            device: DevicePreference::Cpu,
+            intra_op_threads: Some(threads),
+            ..SessionOptions::default()
+        };
+        Self {
+            root,
+            threads,
+            runtime,
+            options,
+        }
+    }
+
+    /// The model named by `MOAT_BENCH_MODEL` (default: the demo model's fast graph) and
+    /// its directory under local/models.
+    pub fn model(&self) -> (String, PathBuf) {
+        let model = std::env::var("MOAT_BENCH_MODEL")
+            .unwrap_or_else(|_| "smollm2-135m-instruct-fast".to_owned());
+        let dir = self.root.join("local/models").join(&model);
+        (model, dir)
+    }
+}
