@@ -7,6 +7,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+# A one-shot run gains nothing from incremental compilation, whose caches would add
+# gigabytes to the build tree; set CARGO_INCREMENTAL=1 to keep them between runs.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 bash scripts/setup.sh
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
