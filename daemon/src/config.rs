@@ -87,6 +87,9 @@ pub struct EngineConfig {
     /// Turns per round of free engine slots, by department (default 1 each).
     #[serde(default)]
     pub department_weights: std::collections::BTreeMap<String, u32>,
+    /// Engine threads per text model, each with its own session and batch.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
 }
 
 fn default_max_tokens() -> usize {
@@ -97,6 +100,9 @@ fn default_queue_capacity() -> usize {
 }
 fn default_max_batch() -> usize {
     EngineSettings::default().max_batch
+}
+fn default_workers() -> usize {
+    EngineSettings::default().workers
 }
 fn default_pin_threads() -> bool {
     false
@@ -119,6 +125,7 @@ impl Default for EngineConfig {
             max_batched_tokens: 0,
             department_queue: None,
             department_weights: Default::default(),
+            workers: default_workers(),
         }
     }
 }
@@ -253,6 +260,7 @@ impl Config {
             ("engine.default_max_tokens", e.default_max_tokens, 1 << 21),
             ("engine.queue_capacity", e.queue_capacity, 1 << 16),
             ("engine.max_batch", e.max_batch, 1024),
+            ("engine.workers", e.workers, 64),
             (
                 "engine.prefill_chunk_tokens",
                 e.prefill_chunk_tokens,
@@ -304,6 +312,7 @@ impl Config {
             intra_op_threads: self.engine.intra_op_threads,
             pin_threads: self.engine.pin_threads,
             prefill_chunk_tokens: self.engine.prefill_chunk_tokens,
+            max_batch: self.engine.max_batch,
         }
     }
 
@@ -316,6 +325,7 @@ impl Config {
             max_batched_tokens: self.engine.max_batched_tokens,
             department_queue: self.engine.department_queue.unwrap_or(0),
             department_weights: self.engine.department_weights.clone(),
+            workers: self.engine.workers,
         }
     }
 }

@@ -124,6 +124,10 @@ pub struct EngineSettings {
     pub department_queue: usize,
     /// Turns per round of free slots, by department (default 1).
     pub department_weights: BTreeMap<String, u32>,
+    /// Engine threads, each with its own session and batch, taking from one queue. One
+    /// session's operators scale poorly past a few cores for a small model: a large
+    /// machine serves more with several workers of `intra_op_threads` cores each.
+    pub workers: usize,
 }
 
 impl EngineSettings {
@@ -140,11 +144,12 @@ impl Default for EngineSettings {
         Self {
             default_max_tokens: 512,
             queue_capacity: 64,
-            max_batch: 16,
+            max_batch: ort_backend::DEFAULT_MAX_BATCH,
             prefill_chunk_tokens: ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS,
             max_batched_tokens: 0,
             department_queue: 0,
             department_weights: BTreeMap::new(),
+            workers: 1,
         }
     }
 }
@@ -224,6 +229,10 @@ pub enum StartError {
     WarmUp(#[from] BackendError),
     #[error("could not start the engine thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("an engine needs at least one backend")]
+    NoWorkers,
+    #[error("the engine's backends loaded different models: {first} and {other}")]
+    WorkersDiffer { first: String, other: String },
 }
 
 /// Receives one generation's events; dropping it cancels the generation.
@@ -267,8 +276,7 @@ pub struct Engine {
     /// thread to finish.
     wake: crossbeam_channel::Sender<()>,
     next_sequence: AtomicU64,
-    worker: Option<JoinHandle<()>>,
-    health: Arc<worker::WorkerHealth>,
+    workers: Vec<(JoinHandle<()>, Arc<worker::WorkerHealth>)>,
 }
 
 impl Engine {
@@ -294,22 +302,42 @@ impl Engine {
         options: &SessionOptions,
         settings: EngineSettings,
     ) -> Result<Self, StartError> {
-        let backend = OrtBackend::load(runtime, model, options)?;
-        Self::start(Box::new(backend), model, settings)
+        let backends = (0..settings.workers.max(1))
+            .map(|_| Ok(Box::new(OrtBackend::load(runtime, model, options)?) as Box<dyn Backend>))
+            .collect::<Result<Vec<_>, StartError>>()?;
+        Self::start_workers(backends, model, settings)
     }
 
     /// Starts the engine thread over a loaded backend, after checking that tokenizer and
     /// model agree and that one warm-up step runs.
     pub fn start(
-        mut backend: Box<dyn Backend>,
+        backend: Box<dyn Backend>,
         model: &ModelDirectory,
         settings: EngineSettings,
     ) -> Result<Self, StartError> {
+        Self::start_workers(vec![backend], model, settings)
+    }
+
+    /// [`Engine::start`] with one engine thread per backend, all taking from one queue.
+    pub fn start_workers(
+        mut backends: Vec<Box<dyn Backend>>,
+        model: &ModelDirectory,
+        settings: EngineSettings,
+    ) -> Result<Self, StartError> {
+        let Some(backend) = backends.first() else {
+            return Err(StartError::NoWorkers);
+        };
         model.require_task(ModelTask::TextGeneration)?;
         let metadata = model.metadata.clone();
         let bos = metadata.bos_token_id.filter(|_| metadata.add_bos_token);
         let tokenizer = Arc::new(TextTokenizer::load(&model.tokenizer_path(), bos)?);
         let backend_model = backend.model().clone();
+        if let Some(other) = backends.iter().find(|b| *b.model() != backend_model) {
+            return Err(StartError::WorkersDiffer {
+                first: format!("{backend_model:?}"),
+                other: format!("{:?}", other.model()),
+            });
+        }
         if tokenizer.vocab_size() != backend_model.vocab_size {
             return Err(StartError::VocabMismatch {
                 tokenizer: model.tokenizer_path().display().to_string(),
@@ -330,15 +358,17 @@ impl Engine {
         if let Err(e) = &grammar {
             tracing::warn!(error = %e, "response formats will be refused for this model");
         }
-        warm_up(backend.as_mut())?;
+        for backend in &mut backends {
+            warm_up(backend.as_mut())?;
+        }
         let queue = Arc::new(Mutex::new(FairQueue::new(
             settings.queue_capacity,
             settings.department_queue(),
             settings.department_weights.clone(),
         )));
-        let (wake, woken) = crossbeam_channel::bounded(1);
-        let worker_queue = Arc::clone(&queue);
-        let worker_tokenizer = Arc::clone(&tokenizer);
+        // One wake-up token per worker: a burst of submissions wakes every idle worker,
+        // and each takes what its free slots hold.
+        let (wake, woken) = crossbeam_channel::bounded(backends.len());
         let max_batch = settings.max_batch.max(1);
         let limits = worker::StepLimits {
             max_batch,
@@ -349,22 +379,19 @@ impl Engine {
                 n => n.max(settings.prefill_chunk_tokens + max_batch),
             },
         };
-        let health = Arc::new(worker::WorkerHealth::default());
-        let worker_health = Arc::clone(&health);
-        let worker = std::thread::Builder::new()
-            .name("moat-engine".into())
-            .spawn(move || {
-                worker::run(
-                    backend,
-                    worker_tokenizer,
-                    worker::Waiting {
-                        queue: worker_queue,
-                        woken,
-                    },
-                    limits,
-                    worker_health,
-                )
-            })?;
+        let mut workers = Vec::with_capacity(backends.len());
+        for (index, backend) in backends.into_iter().enumerate() {
+            let health = Arc::new(worker::WorkerHealth::default());
+            let waiting = worker::Waiting {
+                queue: Arc::clone(&queue),
+                woken: woken.clone(),
+            };
+            let (tokenizer, thread_health) = (Arc::clone(&tokenizer), Arc::clone(&health));
+            let thread = std::thread::Builder::new()
+                .name(format!("moat-engine-{index}"))
+                .spawn(move || worker::run(backend, tokenizer, waiting, limits, thread_health))?;
+            workers.push((thread, health));
+        }
         Ok(Self {
             shared: Arc::new(EngineShared {
                 metadata,
@@ -377,8 +404,7 @@ impl Engine {
             queue,
             wake,
             next_sequence: AtomicU64::new(0),
-            worker: Some(worker),
-            health,
+            workers,
         })
     }
 
@@ -390,16 +416,20 @@ impl Engine {
         &self.shared.model
     }
 
-    /// Whether the engine thread is running and its last step succeeded (after a failed
+    /// Whether an engine thread is running and its last step succeeded (after a failed
     /// step, false until a step succeeds again).
     pub fn is_healthy(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.is_finished())
-            && !self.health.failing.load(Ordering::Relaxed)
+        self.workers.iter().any(|(thread, health)| {
+            !thread.is_finished() && !health.failing.load(Ordering::Relaxed)
+        })
     }
 
     /// Generations the engine thread holds right now (admitted and not yet finished).
     pub fn live_sequences(&self) -> usize {
-        self.health.live.load(Ordering::Relaxed)
+        self.workers
+            .iter()
+            .map(|(_, health)| health.live.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Requests accepted and waiting for the engine thread to take them.
@@ -505,7 +535,7 @@ impl Engine {
             sequence: Sequence::new(id, spec),
             events,
         };
-        if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+        if self.workers.iter().all(|(thread, _)| thread.is_finished()) {
             return Err(EngineError::ShutDown);
         }
         self.lock_queue()
@@ -514,7 +544,7 @@ impl Engine {
                 QueueFull::Engine => EngineError::Overloaded,
                 QueueFull::Department => EngineError::DepartmentOverloaded,
             })?;
-        // One wake-up token is enough: the thread takes everything waiting when it wakes.
+        // A full channel means every worker already has a token to wake with.
         let _ = self.wake.try_send(());
         Ok(GenerationStream {
             events: receiver,
@@ -582,10 +612,10 @@ impl Engine {
 
     /// Stops taking requests, lets running generations finish, and waits for the thread.
     pub fn shutdown(mut self) {
-        let worker = self.worker.take();
+        let workers = std::mem::take(&mut self.workers);
         drop(self);
-        if let Some(worker) = worker {
-            let _ = worker.join();
+        for (thread, _) in workers {
+            let _ = thread.join();
         }
     }
 }

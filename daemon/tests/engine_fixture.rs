@@ -192,6 +192,40 @@ fn concurrent_generations_match_solo_runs() {
 }
 
 #[test]
+fn several_workers_share_one_queue_and_answer_as_one_does() {
+    let engine = Engine::load_ort(
+        &runtime(),
+        &model_dir("fixture-fused"),
+        &common::cpu_options(),
+        EngineSettings {
+            workers: 2,
+            max_batch: 2,
+            ..EngineSettings::default()
+        },
+    )
+    .expect("loads");
+    let solo: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| run(&engine, greedy(Prompt::Text((*p).into()), 20)).ids)
+        .collect();
+    // More at once than one worker's batch holds: the second worker takes the rest.
+    let mut streams: Vec<_> = PROMPTS
+        .iter()
+        .chain(&PROMPTS)
+        .map(|p| {
+            engine
+                .submit(greedy(Prompt::Text((*p).into()), 20))
+                .expect("accepted")
+        })
+        .collect();
+    let together: Vec<_> = streams.iter_mut().map(|s| common::collect(s).ids).collect();
+    assert_eq!(together[..PROMPTS.len()], solo[..]);
+    assert_eq!(together[PROMPTS.len()..], solo[..]);
+    assert!(engine.is_healthy());
+    engine.shutdown();
+}
+
+#[test]
 fn a_dropped_stream_is_cancelled_and_the_engine_goes_on() {
     let engine = load("fixture-fused");
     let mut stream = engine

@@ -2,13 +2,16 @@
 //! only code that names `ort`.
 //!
 //! One [`OrtBackend`] owns one session and the KV caches of its sequences. Graphs with the
-//! fused contract (GroupQueryAttention) keep each sequence's cache in one buffer allocated
-//! at start for the sequence's whole capacity and bound as both the past input and the
-//! present output, so a decode step writes one new position in place and nothing is
-//! reallocated or copied per token. Graphs with the optimum contract concatenate inside the
-//! graph; their present outputs are moved, not copied, into the next step's inputs.
+//! fused contract (GroupQueryAttention) on the CPU keep every sequence's cache in a slot of
+//! one [`KvPool`]: a step's decode tokens, one per sequence, go through the graph as one
+//! batch over the pool's rows, each row attending to its own length, and GroupQueryAttention
+//! writes the new positions in place. Nothing is reallocated or copied per token. Elsewhere
+//! (CUDA, or more sequences than slots) a fused sequence gets a buffer of its own, bound as
+//! both past and present and run alone. Graphs with the optimum contract concatenate inside
+//! the graph; their present outputs are moved, not copied, into the next step's inputs.
 
 pub(super) mod encoder;
+mod kv_pool;
 mod session;
 
 use std::collections::HashMap;
@@ -22,13 +25,17 @@ use super::backend::{
     Backend, BackendError, BackendModel, DeviceKind, LogitsBatch, SequenceId, StepInput,
 };
 use super::model_dir::ModelDirectory;
+use kv_pool::KvPool;
 pub use session::{
-    DEFAULT_PREFILL_CHUNK_TOKENS, DevicePreference, LoadError, OrtRuntime, SessionOptions,
+    DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK_TOKENS, DevicePreference, LoadError, OrtRuntime,
+    SessionOptions,
 };
 use session::{check_io, create_session, kv_names};
 
 /// How a sequence's KV cache lives between steps.
 enum KvCache {
+    /// Fused contract on the CPU: one row of the backend's [`KvPool`].
+    Pooled { slot: usize },
     /// Fused contract: one buffer per past/present pair, bound as both input and output.
     Shared {
         binding: Box<IoBinding>,
@@ -51,6 +58,7 @@ struct SequenceState {
 
 /// A model loaded into an ONNX Runtime session.
 pub struct OrtBackend {
+    pool: Option<KvPool>,
     session: Session,
     metadata: ModelMetadata,
     model: BackendModel,
@@ -66,6 +74,8 @@ pub struct OrtBackend {
     decode_logits: Tensor<f32>,
     cpu_memory: MemoryInfo<'static>,
     prefill_chunk_tokens: usize,
+    /// (index in the step's batch, slot) of the step's pooled decodes; reused.
+    decode_plan: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -106,7 +116,21 @@ impl OrtBackend {
             context_length: metadata.context_length,
             device,
         };
+        // The pool is host memory read in place by the CPU kernels; on CUDA each run would
+        // copy every bound row to the device, so sequences there keep buffers of their own.
+        let pool_slots = match (metadata.io_contract, device) {
+            (IoContract::Fused, DeviceKind::Cpu) => options.max_batch,
+            _ => 0,
+        };
+        let pool = match pool_slots {
+            0 => None,
+            slots => Some(
+                KvPool::new(&session, &metadata, &past_names, &present_names, slots)
+                    .map_err(LoadError::Session)?,
+            ),
+        };
         Ok(Self {
+            pool,
             session,
             metadata,
             model,
@@ -117,7 +141,45 @@ impl OrtBackend {
             decode_logits,
             cpu_memory: MemoryInfo::default(),
             prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
+            decode_plan: Vec::with_capacity(pool_slots),
         })
+    }
+
+    /// The pool slot of a sequence whose cache lives in the pool.
+    fn pooled_slot(&self, sequence: SequenceId) -> Option<usize> {
+        match self.sequences.get(&sequence)?.cache {
+            KvCache::Pooled { slot } => Some(slot),
+            _ => None,
+        }
+    }
+
+    /// One batched run for every pooled decode in `self.decode_plan`.
+    fn decode_pooled(
+        &mut self,
+        batch: &[StepInput<'_>],
+        logits: &mut LogitsBatch,
+    ) -> Result<(), BackendError> {
+        if self.decode_plan.is_empty() {
+            return Ok(());
+        }
+        let pool = self.pool.as_mut().ok_or_else(no_pool)?;
+        let sequences = &self.sequences;
+        let decoded = pool.decode(
+            &mut self.session,
+            self.decode_plan
+                .iter()
+                .map(|&(index, slot)| (slot, batch[index].tokens[0])),
+            |sequence| sequences.get(&sequence).map_or(0, |state| state.len),
+        )?;
+        for &(index, slot) in &self.decode_plan {
+            logits.row_mut(index).copy_from_slice(decoded.row(slot));
+        }
+        for &(index, _) in &self.decode_plan {
+            if let Some(state) = self.sequences.get_mut(&batch[index].sequence) {
+                state.len += 1;
+            }
+        }
+        Ok(())
     }
 
     fn new_shared_cache(&mut self, capacity: usize) -> Result<KvCache, ort::Error> {
@@ -214,21 +276,24 @@ impl OrtBackend {
         row: &mut [f32],
     ) -> Result<(), BackendError> {
         let total = state.len + tokens.len();
-        let ids = Tensor::from_array((
-            [1usize, tokens.len()],
-            tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(),
-        ))
-        .map_err(runtime_error("building input_ids"))?;
-        let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))
-            .map_err(runtime_error("building attention_mask"))?;
         match &mut state.cache {
+            KvCache::Pooled { slot } => {
+                let pool = self.pool.as_mut().ok_or_else(no_pool)?;
+                row.copy_from_slice(pool.prefill(&mut self.session, *slot, state.len, tokens)?);
+            }
             KvCache::Shared {
                 binding,
                 buffers,
                 verified,
-            } => self.run_shared(binding, buffers, verified, ids, mask, row),
-            KvCache::Moved { past } => self.run_moved(past, ids, mask, state.len..total, row),
-        }?;
+            } => {
+                let (ids, mask) = single_row_inputs(tokens, total)?;
+                self.run_shared(binding, buffers, verified, ids, mask, row)?
+            }
+            KvCache::Moved { past } => {
+                let (ids, mask) = single_row_inputs(tokens, total)?;
+                self.run_moved(past, ids, mask, state.len..total, row)?
+            }
+        };
         state.len = total;
         Ok(())
     }
@@ -325,6 +390,28 @@ impl OrtBackend {
     }
 }
 
+/// `input_ids` and an all-ones `attention_mask` for one sequence's run.
+fn single_row_inputs(
+    tokens: &[u32],
+    total: usize,
+) -> Result<(Tensor<i64>, Tensor<i64>), BackendError> {
+    let ids = Tensor::from_array((
+        [1usize, tokens.len()],
+        tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(),
+    ))
+    .map_err(runtime_error("building input_ids"))?;
+    let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))
+        .map_err(runtime_error("building attention_mask"))?;
+    Ok((ids, mask))
+}
+
+fn no_pool() -> BackendError {
+    BackendError::Runtime {
+        during: "a pooled run",
+        message: "the backend has no KV pool".to_owned(),
+    }
+}
+
 fn output<'a>(
     outputs: &'a ort::session::SessionOutputs<'_>,
     name: &str,
@@ -367,11 +454,18 @@ impl Backend for OrtBackend {
         if self.sequences.contains_key(&sequence) {
             return Err(BackendError::DuplicateSequence { sequence });
         }
-        let cache = match self.metadata.io_contract {
-            IoContract::Fused => self.new_shared_cache(capacity),
-            IoContract::Optimum => self.new_moved_cache(),
+        let slot = match (self.metadata.io_contract, self.pool.as_mut()) {
+            (IoContract::Fused, Some(pool)) if capacity <= pool.capacity() => {
+                pool.acquire(sequence)
+            }
+            _ => None,
+        };
+        let cache = match (self.metadata.io_contract, slot) {
+            (_, Some(slot)) => Ok(KvCache::Pooled { slot }),
+            (IoContract::Fused, None) => self.new_shared_cache(capacity),
+            (IoContract::Optimum, None) => self.new_moved_cache(),
             // `load` refuses encoder graphs; they have no cache to allocate.
-            IoContract::Encoder => {
+            (IoContract::Encoder, None) => {
                 return Err(BackendError::Runtime {
                     during: "allocating the KV cache",
                     message: "an encoder graph has no KV cache".to_owned(),
@@ -399,18 +493,49 @@ impl Backend for OrtBackend {
         logits: &mut LogitsBatch,
     ) -> Result<(), BackendError> {
         logits.reset(batch.len(), self.model.vocab_size);
-        // One session run per sequence for now; the batch shape of the API lets a batched
-        // run replace this loop without touching callers.
         for input in batch {
             self.check_input(input)?;
         }
-        for (i, input) in batch.iter().enumerate() {
-            self.step_one(*input, logits.row_mut(i))?;
+        // Pooled decodes wait for one batched run; everything else (prompt chunks, and
+        // sequences with caches of their own) runs alone, first.
+        let mut plan = std::mem::take(&mut self.decode_plan);
+        plan.clear();
+        let mut result = Ok(());
+        for (index, input) in batch.iter().enumerate() {
+            let slot = match input.tokens.len() {
+                1 => self.pooled_slot(input.sequence),
+                _ => None,
+            };
+            if let Some(slot) = slot {
+                if plan.iter().any(|&(_, s)| s == slot) {
+                    result = Err(BackendError::Runtime {
+                        during: "planning a batched step",
+                        message: format!("{} appears twice in one step", input.sequence),
+                    });
+                    break;
+                }
+                plan.push((index, slot));
+            } else if let Err(e) = self.step_one(*input, logits.row_mut(index)) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        self.decode_plan = plan;
+        result?;
+        self.decode_pooled(batch, logits)
     }
 
     fn finish_sequence(&mut self, sequence: SequenceId) {
-        self.sequences.remove(&sequence);
+        let removed = self.sequences.remove(&sequence);
+        if let (
+            Some(SequenceState {
+                cache: KvCache::Pooled { slot },
+                ..
+            }),
+            Some(pool),
+        ) = (removed, self.pool.as_mut())
+        {
+            pool.release(slot);
+        }
     }
 }

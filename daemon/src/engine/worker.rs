@@ -1,8 +1,8 @@
-//! The engine thread: owns the backend, admits sequences, steps them together.
+//! An engine thread: owns a backend, admits sequences, steps them together.
 //!
-//! Inference never runs on an async worker: this dedicated OS thread takes admissions from
-//! the engine's fair queue (departments in turn) and answers each generation through its
-//! own event channel. Between steps it admits new sequences into free slots and drops the
+//! Inference never runs on an async worker: dedicated OS threads (`engine.workers`, one
+//! backend each) take admissions from the engine's one fair queue (departments in turn) and
+//! answer each generation through its own event channel. Between steps it admits new sequences into free slots and drops the
 //! ones whose client went away, waiting or running, so a batch is always the set of live
 //! sequences.
 
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use std::sync::Mutex;
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::Receiver;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::backend::{Backend, LogitsBatch, StepInput};
@@ -125,9 +125,7 @@ impl Worker {
                 return !self.waiting.lock().is_empty();
             }
         }
-        if let Err(TryRecvError::Disconnected) = self.waiting.woken.try_recv() {
-            self.disconnected = true;
-        }
+        // A busy thread leaves the wake-up tokens alone: they are for idle siblings.
         // Clients that left while waiting give their places back; free slots are filled
         // department by department.
         let admitted: Vec<Admission> = {

@@ -30,6 +30,9 @@ pub enum DevicePreference {
 /// Default for [`SessionOptions::prefill_chunk_tokens`].
 pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 256;
 
+/// Default for [`SessionOptions::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 16;
+
 /// Session settings.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -42,6 +45,9 @@ pub struct SessionOptions {
     /// Most prompt tokens fed to the graph in one run; bounds the logits a run returns to
     /// this many rows.
     pub prefill_chunk_tokens: usize,
+    /// Sequences one decode run batches on the CPU: the slots of the KV pool. The engine
+    /// runs at most this many sequences at once (`engine.max_batch`).
+    pub max_batch: usize,
 }
 
 impl Default for SessionOptions {
@@ -51,6 +57,7 @@ impl Default for SessionOptions {
             intra_op_threads: None,
             pin_threads: false,
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }

@@ -1,0 +1,307 @@
+//! The KV cache pool that lets one graph run decode many sequences.
+//!
+//! Every past/present pair of the fused graph gets one host buffer shaped
+//! `[slots, kv_heads, capacity, head_dim]`, allocated once when the model loads. A sequence
+//! holds one slot (one row of every buffer) from start to finish. A run binds a contiguous
+//! range of rows as both the past input and the present output, so GroupQueryAttention
+//! appends each row's new positions in place: decoding a batch reads and writes the cache
+//! where it lies, with no copy and no allocation per token.
+//!
+//! The buffers are allocated zeroed and untouched, so the kernel maps pages only as
+//! sequences write positions: resident memory follows the tokens actually cached, not
+//! `slots x capacity`. A reused slot still holds its previous sequence's rows beyond the new
+//! sequence's length; attention reads only the positions below each row's length (taken
+//! from its attention mask), so those rows are never seen.
+//!
+//! This is the one module with `unsafe` code. Binding a slice of the pool needs a tensor
+//! over memory moat owns (`TensorRefMut::from_raw`) and a binding that does not copy it:
+//! `IoBinding::bind_input` copies every borrowed tensor, and a copied cache is no longer
+//! updated in place. The pool owns the binding together with every buffer it points into,
+//! rebinds before every run and drops the binding first, so no run can see a stale pointer.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::ops::Range;
+
+use moat_core::ModelMetadata;
+use ort::AsPointer;
+use ort::memory::MemoryInfo;
+use ort::session::{IoBinding, Session};
+use ort::value::{DynTensorValueType, PrimitiveTensorElementType, Shape, TensorRefMut, Value};
+
+use super::super::backend::{BackendError, SequenceId};
+use super::{copy_last_row, output, runtime_error};
+
+/// Fixed-size slots of KV cache in host memory, and the binding that runs them.
+pub(super) struct KvPool {
+    /// Declared first so that it drops first: it points into the buffers below.
+    binding: IoBinding,
+    /// One buffer per past/present pair, in the graph's pair order.
+    buffers: Vec<Vec<f32>>,
+    past_names: Vec<CString>,
+    present_names: Vec<String>,
+    input_ids: CString,
+    attention_mask: CString,
+    /// A run's `input_ids` and `attention_mask`, rebuilt in place for every run.
+    ids: Vec<i64>,
+    mask: Vec<i64>,
+    /// A run's last-position logits, one row of `vocab` per pool row it covered.
+    logits: Vec<f32>,
+    /// Who holds each slot.
+    occupants: Vec<Option<SequenceId>>,
+    kv_heads: usize,
+    capacity: usize,
+    head_dim: usize,
+    vocab: usize,
+}
+
+/// The logits of a batched decode, by slot.
+pub(super) struct DecodeLogits<'a> {
+    first: usize,
+    vocab: usize,
+    data: &'a [f32],
+}
+
+impl DecodeLogits<'_> {
+    pub fn row(&self, slot: usize) -> &[f32] {
+        let start = (slot - self.first) * self.vocab;
+        &self.data[start..start + self.vocab]
+    }
+}
+
+impl KvPool {
+    /// Reserves (but does not touch) `slots` rows of the model's whole context for every
+    /// past/present pair.
+    pub fn new(
+        session: &Session,
+        metadata: &ModelMetadata,
+        past_names: &[String],
+        present_names: &[String],
+        slots: usize,
+    ) -> Result<Self, String> {
+        let c_name = |name: &str| CString::new(name).map_err(|e| e.to_string());
+        let len = slots * metadata.num_kv_heads * metadata.context_length * metadata.head_dim;
+        Ok(Self {
+            binding: session.create_binding().map_err(|e| e.to_string())?,
+            // `vec![0.0; n]` asks the allocator for zeroed memory, which for buffers this
+            // large is fresh anonymous mappings: nothing is resident until written.
+            buffers: past_names.iter().map(|_| vec![0.0f32; len]).collect(),
+            past_names: past_names
+                .iter()
+                .map(|n| c_name(n))
+                .collect::<Result<_, _>>()?,
+            present_names: present_names.to_vec(),
+            input_ids: c_name("input_ids")?,
+            attention_mask: c_name("attention_mask")?,
+            ids: Vec::new(),
+            mask: Vec::new(),
+            logits: vec![0.0; slots * metadata.vocab_size],
+            occupants: vec![None; slots],
+            kv_heads: metadata.num_kv_heads,
+            capacity: metadata.context_length,
+            head_dim: metadata.head_dim,
+            vocab: metadata.vocab_size,
+        })
+    }
+
+    /// Positions one slot can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The lowest free slot, now held by `sequence`; lowest first keeps running batches
+    /// dense at the front, so batched runs cover few idle rows.
+    pub fn acquire(&mut self, sequence: SequenceId) -> Option<usize> {
+        let slot = self.occupants.iter().position(Option::is_none)?;
+        self.occupants[slot] = Some(sequence);
+        Some(slot)
+    }
+
+    pub fn release(&mut self, slot: usize) {
+        if let Some(occupant) = self.occupants.get_mut(slot) {
+            *occupant = None;
+        }
+    }
+
+    /// Feeds `tokens` to the sequence in `slot`, which has `cached` positions, alone, and
+    /// returns the last position's logits.
+    pub fn prefill(
+        &mut self,
+        session: &mut Session,
+        slot: usize,
+        cached: usize,
+        tokens: &[u32],
+    ) -> Result<&[f32], BackendError> {
+        self.ids.clear();
+        self.ids.extend(tokens.iter().map(|&t| i64::from(t)));
+        self.mask.clear();
+        self.mask.resize(cached + tokens.len(), 1);
+        self.run(session, slot..slot + 1, tokens.len(), cached + tokens.len())?;
+        Ok(&self.logits[..self.vocab])
+    }
+
+    /// One run that decodes one token for each `(slot, token)`, over the rows from the
+    /// lowest to the highest of those slots. `cached(sequence)` is the number of positions
+    /// a sequence in the pool holds.
+    ///
+    /// A row in that range without a token (a free slot, or a sequence still in its
+    /// prompt) is fed token 0 at its own next position, which that sequence's next real
+    /// step overwrites before anything reads it, so it changes nothing.
+    pub fn decode(
+        &mut self,
+        session: &mut Session,
+        decodes: impl Iterator<Item = (usize, u32)> + Clone,
+        cached: impl Fn(SequenceId) -> usize,
+    ) -> Result<DecodeLogits<'_>, BackendError> {
+        let (Some(first), Some(last)) = (
+            decodes.clone().map(|(slot, _)| slot).min(),
+            decodes.clone().map(|(slot, _)| slot).max(),
+        ) else {
+            return Ok(DecodeLogits {
+                first: 0,
+                vocab: self.vocab,
+                data: &[],
+            });
+        };
+        let rows = first..last + 1;
+        // Kept below the slot size so a row never writes outside its slot (a full
+        // sequence cannot step again, so its last position is dead).
+        let capacity = self.capacity;
+        let occupants = &self.occupants;
+        let cached = |slot: usize| {
+            occupants[slot]
+                .map_or(0, &cached)
+                .min(capacity.saturating_sub(1))
+        };
+        let width = rows.clone().map(cached).max().unwrap_or(0) + 1;
+        self.ids.clear();
+        self.ids.resize(rows.len(), 0);
+        self.mask.clear();
+        self.mask.resize(rows.len() * width, 0);
+        for (slot, mask_row) in rows.clone().zip(self.mask.chunks_mut(width)) {
+            mask_row[..=cached(slot)].fill(1);
+        }
+        for (slot, token) in decodes {
+            self.ids[slot - first] = i64::from(token);
+        }
+        let batch = rows.len();
+        self.run(session, rows, 1, width)?;
+        Ok(DecodeLogits {
+            first,
+            vocab: self.vocab,
+            data: &self.logits[..batch * self.vocab],
+        })
+    }
+
+    /// Runs `rows` with `self.ids` (`[rows, new_tokens]`) and `self.mask`
+    /// (`[rows, mask_width]`); leaves each row's last-position logits in `self.logits`.
+    fn run(
+        &mut self,
+        session: &mut Session,
+        rows: Range<usize>,
+        new_tokens: usize,
+        mask_width: usize,
+    ) -> Result<(), BackendError> {
+        let batch = rows.len();
+        if rows.end > self.occupants.len() || (new_tokens > 1 && batch != 1) {
+            return Err(BackendError::Runtime {
+                during: "binding a pooled run",
+                message: format!(
+                    "rows {rows:?} with {new_tokens} new tokens each do not fit the pool's {} \
+                     slots",
+                    self.occupants.len()
+                ),
+            });
+        }
+        let bind = runtime_error("binding a pooled run");
+        let ids = host_view(&mut self.ids, &[batch, new_tokens]).map_err(&bind)?;
+        let mask = host_view(&mut self.mask, &[batch, mask_width]).map_err(&bind)?;
+        bind_input_in_place(&mut self.binding, &self.input_ids, &ids).map_err(&bind)?;
+        bind_input_in_place(&mut self.binding, &self.attention_mask, &mask).map_err(&bind)?;
+        let row_len = self.kv_heads * self.capacity * self.head_dim;
+        let kv_shape = [batch, self.kv_heads, self.capacity, self.head_dim];
+        let pairs = self.buffers.iter_mut().zip(&self.past_names);
+        for ((buffer, past), present) in pairs.zip(&self.present_names) {
+            let region = &mut buffer[rows.start * row_len..rows.end * row_len];
+            let view = host_view(region, &kv_shape).map_err(&bind)?;
+            bind_input_in_place(&mut self.binding, past, &view).map_err(&bind)?;
+            self.binding
+                .bind_output(present.as_str(), view)
+                .map_err(&bind)?;
+        }
+        if new_tokens == 1 {
+            let logits = host_view(&mut self.logits, &[batch, 1, self.vocab]).map_err(&bind)?;
+            self.binding.bind_output("logits", logits)
+        } else {
+            // A prompt chunk's logits cover every position; ONNX Runtime allocates them.
+            self.binding
+                .bind_output_to_device("logits", &MemoryInfo::default())
+        }
+        .map_err(&bind)?;
+        let outputs = session
+            .run_binding(&self.binding)
+            .map_err(runtime_error("the forward pass"))?;
+        for (name, buffer) in self.present_names.iter().zip(&self.buffers) {
+            let expected = buffer[rows.start * row_len..]
+                .as_ptr()
+                .cast::<std::ffi::c_void>();
+            let written = outputs
+                .get(name.as_str())
+                .and_then(|value| value.view().downcast::<DynTensorValueType>().ok())
+                .map(|tensor| tensor.data_ptr());
+            if written != Some(expected) {
+                return Err(BackendError::Runtime {
+                    during: "updating the KV cache in place",
+                    message: format!(
+                        "{name} was written to a new buffer; the graph does not share past \
+                         and present (declare it with the optimum contract)"
+                    ),
+                });
+            }
+        }
+        if new_tokens > 1 {
+            copy_last_row(output(&outputs, "logits")?, &mut self.logits[..self.vocab])?;
+        }
+        Ok(())
+    }
+}
+
+/// A tensor over the first elements of a host buffer, in `shape`.
+///
+/// A binding that receives the tensor keeps pointing at `data` after the borrow ends; only
+/// [`KvPool`], which owns both and rebinds before every run, calls this.
+fn host_view<'a, T: PrimitiveTensorElementType + std::fmt::Debug>(
+    data: &'a mut [T],
+    shape: &[usize],
+) -> Result<TensorRefMut<'a, T>, ort::Error> {
+    let elements: usize = shape.iter().product();
+    if elements > data.len() {
+        return Err(ort::Error::new(format!(
+            "a {shape:?} tensor needs {elements} elements, the buffer has {}",
+            data.len()
+        )));
+    }
+    // SAFETY: `data` holds at least `shape`'s elements of `T` in host memory, and the
+    // view borrows it for its whole lifetime.
+    unsafe {
+        TensorRefMut::from_raw(
+            MemoryInfo::default(),
+            data.as_mut_ptr().cast(),
+            Shape::new(shape.iter().map(|&d| d as i64)),
+        )
+    }
+}
+
+/// Binds a tensor over pool memory as a run input, without `IoBinding::bind_input`'s copy.
+fn bind_input_in_place<T: ort::value::ValueTypeMarker + ?Sized>(
+    binding: &mut IoBinding,
+    name: &CString,
+    value: &Value<T>,
+) -> Result<(), ort::Error> {
+    // SAFETY: both pointers are live ONNX Runtime objects and `name` is NUL-terminated.
+    // ONNX Runtime keeps its own handle to the OrtValue, which refers to (does not own) the
+    // pool's memory; the pool keeps that memory in place while the binding lives.
+    let status = unsafe { (ort::api().BindInput)(binding.ptr_mut(), name.as_ptr(), value.ptr()) };
+    // SAFETY: `status` was just returned by the ONNX Runtime API.
+    unsafe { ort::Error::result_from_status(status) }
+}

@@ -1,0 +1,202 @@
+//! Batched decoding over the KV pool gives every sequence exactly the logits it gets when
+//! it runs alone with a cache of its own, whatever else shares the run: sequences of
+//! different lengths, idle rows between them, a slot reused after its sequence finished,
+//! and prompt chunks in the same step.
+
+mod common;
+
+use common::{cpu_options, model_dir, runtime};
+use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
+use moat_daemon::engine::{ModelDirectory, OrtBackend, SessionOptions};
+
+fn backend(max_batch: usize) -> OrtBackend {
+    let dir = ModelDirectory::open(&model_dir("fixture-fused")).expect("fixture model");
+    OrtBackend::load(
+        &runtime(),
+        &dir,
+        &SessionOptions {
+            max_batch,
+            ..cpu_options()
+        },
+    )
+    .expect("loads")
+}
+
+/// Runs one step and returns each input's logits row.
+fn step(backend: &mut OrtBackend, inputs: &[(u64, &[u32])]) -> Vec<Vec<f32>> {
+    let batch: Vec<StepInput<'_>> = inputs
+        .iter()
+        .map(|&(id, tokens)| StepInput {
+            sequence: SequenceId(id),
+            tokens,
+        })
+        .collect();
+    let mut logits = LogitsBatch::default();
+    backend.step(&batch, &mut logits).expect("step runs");
+    (0..logits.rows()).map(|i| logits.row(i).to_vec()).collect()
+}
+
+fn assert_close(batched: &[f32], solo: &[f32], what: &str) {
+    assert_eq!(batched.len(), solo.len());
+    assert_eq!(
+        argmax(batched),
+        argmax(solo),
+        "{what}: a different greedy token"
+    );
+    let worst = batched
+        .iter()
+        .zip(solo)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    // Kernels sum in a different order for one row than for several, so the logits agree
+    // to float rounding (about 1e-5 of their scale here), not bit for bit; a row that read
+    // another row's cache or a wrong position would be off by whole units.
+    let scale = solo.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    assert!(
+        worst <= 1e-4 * scale,
+        "{what}: batched logits differ from solo by {worst} (scale {scale})"
+    );
+}
+
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
+}
+
+/// The solo reference: a backend without a pool, one sequence at a time.
+struct Solo {
+    backend: OrtBackend,
+}
+
+impl Solo {
+    fn new() -> Self {
+        Self {
+            backend: backend(0),
+        }
+    }
+
+    /// Logits after feeding `steps` in order to a fresh sequence.
+    fn logits(&mut self, id: u64, steps: &[&[u32]]) -> Vec<Vec<f32>> {
+        let sequence = SequenceId(id);
+        self.backend.start_sequence(sequence, 64).expect("starts");
+        let rows = steps
+            .iter()
+            .map(|&tokens| step(&mut self.backend, &[(id, tokens)]).remove(0))
+            .collect();
+        self.backend.finish_sequence(sequence);
+        rows
+    }
+}
+
+#[test]
+fn sequences_of_different_lengths_decode_together_as_they_do_alone() {
+    let prompts: [&[u32]; 3] = [&[5, 6, 7], &[9, 3, 4, 8, 1, 2, 11], &[40; 12]];
+    // One token per sequence per step.
+    let decodes: [[u32; 3]; 4] = [[12, 21, 31], [13, 22, 32], [14, 23, 33], [15, 24, 34]];
+    let mut pooled = backend(4);
+    for id in 0..3 {
+        pooled.start_sequence(SequenceId(id), 64).expect("starts");
+    }
+    let prefill: Vec<(u64, &[u32])> = (0..3).map(|i| (i as u64, prompts[i])).collect();
+    let mut batched = vec![step(&mut pooled, &prefill)];
+    for tokens in &decodes {
+        let inputs: Vec<(u64, &[u32])> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| (i as u64, std::slice::from_ref(token)))
+            .collect();
+        batched.push(step(&mut pooled, &inputs));
+    }
+
+    let mut solo = Solo::new();
+    for i in 0..3 {
+        let mut steps: Vec<&[u32]> = vec![prompts[i]];
+        steps.extend(
+            decodes
+                .iter()
+                .map(|tokens| std::slice::from_ref(&tokens[i])),
+        );
+        let alone = solo.logits(100 + i as u64, &steps);
+        for (t, row) in alone.iter().enumerate() {
+            assert_close(&batched[t][i], row, &format!("sequence {i}, step {t}"));
+        }
+    }
+}
+
+#[test]
+fn idle_rows_reused_slots_and_prompt_chunks_leave_every_sequence_unchanged() {
+    let mut pooled = backend(4);
+    let mut solo = Solo::new();
+    let (a, b, c, d) = (1u64, 2u64, 3u64, 4u64);
+    for id in [a, b, c] {
+        pooled.start_sequence(SequenceId(id), 64).expect("starts");
+    }
+    // Slots 0, 1, 2 hold a, b, c.
+    step(&mut pooled, &[(a, &[5, 6]), (b, &[7, 8, 9]), (c, &[10])]);
+    // b sits out: its row is idle between a and c.
+    let ac = step(&mut pooled, &[(a, &[11]), (c, &[12])]);
+    let b1 = step(&mut pooled, &[(b, &[13])]);
+    // b finishes; d takes its slot and starts its prompt in the same step as a and c
+    // decode, so row 1 is a prompt in flight while rows 0 and 2 decode.
+    pooled.finish_sequence(SequenceId(b));
+    pooled.start_sequence(SequenceId(d), 64).expect("starts");
+    let mixed = step(
+        &mut pooled,
+        &[(a, &[14]), (d, &[15, 16, 17, 18]), (c, &[19])],
+    );
+    let d1 = step(&mut pooled, &[(c, &[20]), (d, &[21])]);
+
+    let a_solo = solo.logits(10, &[&[5, 6], &[11], &[14]]);
+    let b_solo = solo.logits(11, &[&[7, 8, 9], &[13]]);
+    let c_solo = solo.logits(12, &[&[10], &[12], &[19], &[20]]);
+    let d_solo = solo.logits(13, &[&[15, 16, 17, 18], &[21]]);
+    assert_close(&ac[0], &a_solo[1], "a beside an idle row");
+    assert_close(&ac[1], &c_solo[1], "c beside an idle row");
+    assert_close(&b1[0], &b_solo[1], "b after sitting out");
+    assert_close(&mixed[0], &a_solo[2], "a beside a prompt chunk");
+    assert_close(&mixed[1], &d_solo[0], "d's prompt in a reused slot");
+    assert_close(&mixed[2], &c_solo[2], "c beside a prompt chunk");
+    assert_close(&d1[0], &c_solo[3], "c after the chunk");
+    assert_close(&d1[1], &d_solo[1], "d decoding in a reused slot");
+}
+
+#[test]
+fn more_sequences_than_slots_fall_back_to_caches_of_their_own() {
+    let mut pooled = backend(2);
+    let mut solo = Solo::new();
+    for id in 0..4u64 {
+        pooled.start_sequence(SequenceId(id), 64).expect("starts");
+    }
+    let prompts: [&[u32]; 4] = [&[1, 2], &[3, 4, 5], &[6], &[7, 8, 9, 10]];
+    let prefill: Vec<(u64, &[u32])> = (0..4).map(|i| (i as u64, prompts[i])).collect();
+    step(&mut pooled, &prefill);
+    let next: [u32; 4] = [11, 12, 13, 14];
+    let inputs: Vec<(u64, &[u32])> = (0..4)
+        .map(|i| (i as u64, std::slice::from_ref(&next[i])))
+        .collect();
+    let decoded = step(&mut pooled, &inputs);
+    for i in 0..4 {
+        let alone = solo.logits(50 + i as u64, &[prompts[i], &[next[i]]]);
+        assert_close(&decoded[i], &alone[1], &format!("sequence {i}"));
+    }
+}
+
+#[test]
+fn a_sequence_twice_in_one_step_is_refused() {
+    let mut pooled = backend(2);
+    pooled.start_sequence(SequenceId(1), 16).expect("starts");
+    step(&mut pooled, &[(1, &[1, 2])]);
+    let batch = [
+        StepInput {
+            sequence: SequenceId(1),
+            tokens: &[3],
+        },
+        StepInput {
+            sequence: SequenceId(1),
+            tokens: &[4],
+        },
+    ];
+    let error = pooled
+        .step(&batch, &mut LogitsBatch::default())
+        .expect_err("refused");
+    assert!(error.to_string().contains("twice"), "{error}");
+}
