@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,9 +29,7 @@ use moat_daemon::engine::{
 use moat_daemon::server;
 
 mod common;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
+use common::tls::{Pki, client, make_pki, write_permissive_policy};
 
 const NEW_TOKENS: usize = 128;
 const DECODE_ROUNDS: usize = 5;
@@ -40,13 +37,6 @@ const SHORT_REQUESTS: usize = 60;
 const IDLE_BETWEEN_REQUESTS: Duration = Duration::from_millis(20);
 const STORY: &str = "Write a short story about a lighthouse keeper.";
 const SHORT: &str = "What is the capital of France?";
-
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_pem: String,
-    client_pem: String,
-    client_key_pem: String,
-}
 
 fn main() {
     let bench = common::CpuBench::load();
@@ -226,81 +216,6 @@ fn http_one_token(agent: &ureq::Agent, url: &str) -> f64 {
     let elapsed = start.elapsed().as_secs_f64();
     assert!(text.contains("\"completion_tokens\":1"), "{text}");
     elapsed
-}
-
-fn client(pki: &Pki) -> ureq::Agent {
-    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
-    let ca = Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA PEM");
-    let cert = Certificate::from_pem(pki.client_pem.as_bytes()).expect("client PEM");
-    let key = PrivateKey::from_pem(pki.client_key_pem.as_bytes()).expect("key PEM");
-    let tls = TlsConfig::builder()
-        .root_certs(RootCerts::Specific(Arc::new(vec![ca])))
-        .client_cert(Some(ClientCert::new_with_certs(&[cert], key)))
-        .build();
-    ureq::Agent::config_builder()
-        .tls_config(tls)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
-
-fn make_pki() -> Pki {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name.push(DnType::CommonName, "bench CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).expect("CA");
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf = |names: Vec<String>, usage, ou: Option<&str>| {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(names).expect("names");
-        params.extended_key_usages = vec![usage];
-        if let Some(ou) = ou {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationalUnitName, ou);
-            params.distinguished_name.push(DnType::CommonName, "bench");
-        }
-        let cert = params.signed_by(&key, &issuer).expect("leaf");
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_pem, server_key) = leaf(
-        vec!["127.0.0.1".into()],
-        ExtendedKeyUsagePurpose::ServerAuth,
-        None,
-    );
-    let (client_pem, client_key_pem) = leaf(
-        Vec::new(),
-        ExtendedKeyUsagePurpose::ClientAuth,
-        Some("bench"),
-    );
-    let write =
-        |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
-    write("ca.crt", &ca_cert.pem());
-    write("server.crt", &server_pem);
-    write("server.key", &server_key);
-    Pki {
-        ca_pem: ca_cert.pem(),
-        client_pem,
-        client_key_pem,
-        dir,
-    }
-}
-
-/// The shipped schema and data rules with one policy permitting everything: the bench
-/// measures the serving plane with its policy gate, not a refusal.
-fn write_permissive_policy(dir: &Path) {
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    std::fs::create_dir_all(dir).expect("policy dir");
-    for file in ["schema.cedarschema", "moat-policy.toml"] {
-        std::fs::copy(shipped.join(file), dir.join(file)).expect("copy policy file");
-    }
-    std::fs::write(
-        dir.join("bench.cedar"),
-        "permit (principal, action, resource);\n",
-    )
-    .expect("write policy");
 }
 
 /// Starts moatd's server around `engine` on a free loopback port and waits until it

@@ -1,5 +1,10 @@
 //! What the benchmarks share: the provisioned ONNX Runtime and models, on CPU with one
-//! intra-op thread per processor.
+//! intra-op thread per processor, and what talking to moatd over mutual TLS takes.
+
+// Each bench compiles this module on its own and uses a part of it.
+#![allow(dead_code)]
+
+pub mod tls;
 
 use std::path::PathBuf;
 

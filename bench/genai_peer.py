@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Greedy generation with onnxruntime-genai on a moat model directory: a benchmark peer.
+
+    python bench/genai_peer.py --model DIR --prompt-ids 1,2,3 --max-new-tokens N \\
+        [--threads T]
+
+Runs in the `peers` environment of bench/install-peers.sh. onnxruntime-genai reads its own
+`genai_config.json`; this writes one for the moat graph (same model.onnx, linked, in a
+temporary directory) from moat-model.json: the fused graph's I/O is the one genai's model
+builder produces (input_ids, attention_mask, past_key_values.N.key/value -> logits,
+present.N.key/value), with the past and present buffers shared as genai does. Feeds the
+prompt ids, decodes greedily past end-of-sequence, and prints one JSON line:
+{"generated_ids", "ttft_ms", "decode_tokens_per_s", "prompt_tokens"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime_genai as og
+
+
+def genai_config(meta: dict, threads: int, max_length: int) -> dict:
+    return {
+        "model": {
+            "type": "llama",
+            "bos_token_id": meta.get("bos_token_id") or 1,
+            "eos_token_id": meta["eos_token_ids"],
+            "pad_token_id": meta["eos_token_ids"][0],
+            "vocab_size": meta["vocab_size"],
+            "context_length": meta["context_length"],
+            "decoder": {
+                "filename": "model.onnx",
+                "head_size": meta["head_dim"],
+                "hidden_size": meta["hidden_size"],
+                "num_attention_heads": meta["num_attention_heads"],
+                "num_key_value_heads": meta["num_kv_heads"],
+                "num_hidden_layers": meta["num_layers"],
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "intra_op_num_threads": threads,
+                    "provider_options": [],
+                },
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": max_length,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompt-ids", required=True)
+    ap.add_argument("--max-new-tokens", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    with open(os.path.join(args.model, "moat-model.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+
+    with tempfile.TemporaryDirectory() as work:
+        os.symlink(os.path.abspath(os.path.join(args.model, "model.onnx")),
+                   os.path.join(work, "model.onnx"))
+        os.symlink(os.path.abspath(os.path.join(args.model, "tokenizer.json")),
+                   os.path.join(work, "tokenizer.json"))
+        max_length = len(prompt) + args.max_new_tokens
+        with open(os.path.join(work, "genai_config.json"), "w", encoding="utf-8") as f:
+            json.dump(genai_config(meta, args.threads, max_length), f)
+        model = og.Model(work)
+        params = og.GeneratorParams(model)
+        # min_length keeps end-of-sequence from ending the run: every engine generates the
+        # same count.
+        params.set_search_options(max_length=max_length, min_length=max_length,
+                                  do_sample=False, top_k=1)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(np.array([prompt], dtype=np.int32))
+        generated = [int(generator.get_next_tokens()[0])]
+        first = time.perf_counter()
+        # End-of-sequence is not a reason to stop: every engine generates the same count.
+        while len(generated) < args.max_new_tokens:
+            generator.generate_next_token()
+            generated.append(int(generator.get_next_tokens()[0]))
+        end = time.perf_counter()
+
+    print(json.dumps({
+        "generated_ids": generated,
+        "ttft_ms": (first - start) * 1e3,
+        "decode_tokens_per_s": (len(generated) - 1) / (end - first),
+        "prompt_tokens": len(prompt),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,758 @@
+//! moat against the engines its users could pick instead, on the same machine, model and
+//! prompt, in one run:
+//!
+//! - single-stream decode tokens/s: moatd end to end over mutual TLS (the real binary, with
+//!   its policy gate and durable audit records) against the bare ONNX Runtime greedy loop in
+//!   Rust (`OrtBackend`, no engine), the Python onnxruntime loop (`tools/model/ort_loop.py`),
+//!   onnxruntime-genai running the same graph under its own loop, and llama.cpp's
+//!   `llama-server` on the same SmolLM2 GGUF;
+//! - aggregate tokens/s of moatd and llama-server at 1, 4, 16 and 32 concurrent streams;
+//! - time to first token, p50 and p99, idle and under that load;
+//! - resident memory over the model's weights.
+//!
+//! `bash bench/install-peers.sh` (once, slow) then `cargo bench -p moat-daemon --bench
+//! peers`. A peer that is not installed is left out with a message. Prints a table and the
+//! ratios the goals are stated in, writes `target/bench/peers.json`, and draws
+//! `target/bench/peers.png` with `bench/plot_peers.py`.
+//!
+//! `MOAT_BENCH_MODEL` picks the model directory under `local/models` (default
+//! `smollm2-135m-instruct-fast`); `MOAT_BENCH_DEVICE=cuda` serves it on the GPU (see
+//! `bench/gpu.sh`); `MOAT_BENCH_CACHE` is where install-peers.sh put the peers.
+
+use std::io::{BufRead as _, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
+use moat_daemon::engine::{
+    ChatMessage, DevicePreference, Engine, EngineSettings, ModelDirectory, OrtBackend, Prompt,
+    SessionOptions,
+};
+use serde_json::{Value, json};
+
+mod common;
+use common::tls::{Pki, client, make_pki, write_permissive_policy};
+
+const NEW_TOKENS: usize = 128;
+const ROUNDS: usize = 3;
+const STREAM_COUNTS: [usize; 4] = [1, 4, 16, 32];
+/// Tokens per answer and answers per stream in the concurrency runs.
+const CONCURRENT_TOKENS: usize = 64;
+const ANSWERS_PER_STREAM: usize = 2;
+const IDLE_TTFT_SAMPLES: usize = 15;
+const STORY: &str = "Write a short story about a lighthouse keeper.";
+const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const LLAMA_CPP_VERSION: &str = "0.3.36";
+
+/// One single-stream measurement.
+#[derive(Debug, Clone, Copy)]
+struct Single {
+    ttft_ms: f64,
+    decode_tokens_per_s: f64,
+}
+
+/// One concurrency level of one server.
+#[derive(Debug, Clone)]
+struct Load {
+    streams: usize,
+    tokens_per_s: f64,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+}
+
+/// An answer streamed by a server, as the client saw it.
+struct Streamed {
+    ttft: Duration,
+    first_to_last: Duration,
+    tokens: usize,
+}
+
+/// A server process, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn rss_kib(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+fn main() {
+    let bench = common::CpuBench::load();
+    let (model, model_dir) = bench.model();
+    let device = std::env::var("MOAT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".to_owned());
+    let threads = bench.threads;
+    let cache = peers_cache();
+    let out_dir = bench.root.join("target/bench");
+    std::fs::create_dir_all(&out_dir).expect("target/bench");
+
+    let prompt_ids = {
+        let engine = Engine::load_ort(
+            &bench.runtime,
+            &model_dir,
+            &bench.options,
+            EngineSettings::default(),
+        )
+        .expect("model loads");
+        let ids = engine
+            .tokenize_prompt(&Prompt::Chat(vec![ChatMessage::new("user", STORY)]))
+            .expect("tokenizes");
+        engine.shutdown();
+        ids
+    };
+    let ids_arg = prompt_ids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+
+    let pki = make_pki();
+    let moatd = start_moatd(&pki, &bench.root, &model, &device, threads);
+    let agent = client(&pki);
+    let moatd_request = |max_tokens: usize| {
+        (
+            format!("{}/v1/chat/completions", moatd.url),
+            json!({
+                "model": "bench",
+                "messages": [{"role": "user", "content": STORY}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            })
+            .to_string(),
+        )
+    };
+    let llama = start_llama_server(&cache, &bench.root, threads);
+    let plain = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .new_agent();
+    let llama_request = |url: &str, max_tokens: usize| {
+        (
+            format!("{url}/completion"),
+            json!({
+                "prompt": prompt_ids,
+                "n_predict": max_tokens,
+                "temperature": 0,
+                "top_k": 1,
+                "ignore_eos": true,
+                "cache_prompt": false,
+                "stream": true,
+            })
+            .to_string(),
+        )
+    };
+    let genai_python = cache.join("peers/bin/python");
+    let genai = genai_python.exists().then_some(genai_python);
+    if genai.is_none() {
+        eprintln!("onnxruntime-genai left out: run `bash bench/install-peers.sh`");
+    }
+    let mut bare = BareLoop::load(&bench, &model_dir, &device);
+
+    // Every engine runs once per round: drift in the machine's speed touches all alike.
+    let mut names: Vec<&str> = vec![
+        "moatd, end to end over mTLS",
+        "bare ONNX Runtime loop (Rust)",
+        "Python onnxruntime loop",
+    ];
+    if genai.is_some() {
+        names.push("onnxruntime-genai");
+    }
+    if llama.is_some() {
+        names.push("llama.cpp llama-server, Q4_1 GGUF");
+    }
+    let mut samples: Vec<Vec<Single>> = vec![Vec::new(); names.len()];
+    for round in 0..=ROUNDS {
+        let mut row = Vec::new();
+        let (url, body) = moatd_request(NEW_TOKENS);
+        row.push(single(&stream(&agent, &url, &body)));
+        row.push(bare.run(&prompt_ids, NEW_TOKENS));
+        row.push(python_peer(
+            &bench.root.join("local/venv/bin/python"),
+            &[
+                bench.root.join("tools/model/ort_loop.py").as_os_str(),
+                "--ignore-eos".as_ref(),
+                "--json".as_ref(),
+            ],
+            &model_dir,
+            &ids_arg,
+            threads,
+        ));
+        if let Some(python) = &genai {
+            row.push(python_peer(
+                python,
+                &[bench.root.join("bench/genai_peer.py").as_os_str()],
+                &model_dir,
+                &ids_arg,
+                threads,
+            ));
+        }
+        if let Some(server) = &llama {
+            let (url, body) = llama_request(&server.url, NEW_TOKENS);
+            row.push(single(&stream(&plain, &url, &body)));
+        }
+        // Round 0 warms caches and is not counted.
+        if round > 0 {
+            for (all, sample) in samples.iter_mut().zip(row) {
+                all.push(sample);
+            }
+        }
+    }
+    let singles: Vec<(&str, Single)> = names
+        .iter()
+        .copied()
+        .zip(samples.iter().map(|s| median_single(s)))
+        .collect();
+    drop(bare);
+
+    let idle_ttft = {
+        let mut ttfts = Vec::new();
+        for _ in 0..IDLE_TTFT_SAMPLES {
+            std::thread::sleep(Duration::from_millis(50));
+            let (url, body) = moatd_request(4);
+            ttfts.push(stream(&agent, &url, &body).ttft.as_secs_f64() * 1e3);
+        }
+        percentile(&mut ttfts, 0.5)
+    };
+    let moatd_rss_idle = moatd.rss_kib("VmRSS:");
+    let moatd_load: Vec<Load> = STREAM_COUNTS
+        .iter()
+        .map(|&n| {
+            load(n, || {
+                let (url, body) = moatd_request(CONCURRENT_TOKENS);
+                stream(&agent, &url, &body)
+            })
+        })
+        .collect();
+    let moatd_rss_peak = moatd.rss_kib("VmHWM:");
+    let llama_load: Vec<Load> = match &llama {
+        Some(server) => STREAM_COUNTS
+            .iter()
+            .map(|&n| {
+                load(n, || {
+                    let (url, body) = llama_request(&server.url, CONCURRENT_TOKENS);
+                    stream(&plain, &url, &body)
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let llama_rss_peak = llama.as_ref().and_then(|s| s.rss_kib("VmHWM:"));
+
+    let weights = weights_bytes(&model_dir);
+    let gguf_bytes =
+        std::fs::metadata(bench.root.join("local/models").join(GGUF)).map_or(0, |m| m.len());
+    let report = json!({
+        "machine": machine(),
+        "device": device,
+        "threads": threads,
+        "model": model,
+        "prompt_tokens": prompt_ids.len(),
+        "new_tokens": NEW_TOKENS,
+        "single_stream": singles.iter().map(|(name, s)| json!({
+            "engine": name, "ttft_ms": s.ttft_ms, "decode_tokens_per_s": s.decode_tokens_per_s,
+        })).collect::<Vec<_>>(),
+        "concurrency": {
+            "tokens_per_answer": CONCURRENT_TOKENS,
+            "moatd": loads_json(&moatd_load),
+            "llama-server": loads_json(&llama_load),
+        },
+        "ttft_idle_ms": idle_ttft,
+        "memory": {
+            "weights_bytes": weights,
+            "moatd_rss_idle_kib": moatd_rss_idle,
+            "moatd_rss_peak_kib": moatd_rss_peak,
+            "gguf_bytes": gguf_bytes,
+            "llama_server_rss_peak_kib": llama_rss_peak,
+        },
+    });
+    print_report(&report, &singles, &moatd_load, &llama_load, idle_ttft);
+    let json_path = out_dir.join("peers.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&report).expect("JSON"),
+    )
+    .expect("write peers.json");
+    println!("\nresults: {}", json_path.display());
+    match &genai {
+        Some(python) => {
+            let png = out_dir.join("peers.png");
+            let plotted = Command::new(python)
+                .arg(bench.root.join("bench/plot_peers.py"))
+                .arg(&json_path)
+                .arg(&png)
+                .status();
+            match plotted {
+                Ok(s) if s.success() => println!("chart: {}", png.display()),
+                other => eprintln!("the chart was not drawn: {other:?}"),
+            }
+        }
+        None => eprintln!("no chart: matplotlib comes with `bash bench/install-peers.sh`"),
+    }
+}
+
+fn loads_json(loads: &[Load]) -> Value {
+    loads
+        .iter()
+        .map(|l| {
+            json!({
+                "streams": l.streams, "tokens_per_s": l.tokens_per_s,
+                "ttft_p50_ms": l.ttft_p50_ms, "ttft_p99_ms": l.ttft_p99_ms,
+            })
+        })
+        .collect()
+}
+
+fn print_report(
+    report: &Value,
+    singles: &[(&str, Single)],
+    moatd: &[Load],
+    llama: &[Load],
+    idle_ttft: f64,
+) {
+    println!(
+        "\n{} on {}, {}, {} threads; prompt {} tokens; single stream: {NEW_TOKENS} new tokens, median of {ROUNDS} interleaved rounds\n",
+        report["model"].as_str().unwrap_or("?"),
+        report["machine"].as_str().unwrap_or("?"),
+        report["device"].as_str().unwrap_or("?"),
+        report["threads"],
+        report["prompt_tokens"],
+    );
+    println!("| engine | TTFT ms | decode tok/s |");
+    println!("|---|---:|---:|");
+    for (name, s) in singles {
+        println!(
+            "| {name} | {:.1} | {:.1} |",
+            s.ttft_ms, s.decode_tokens_per_s
+        );
+    }
+    println!(
+        "\nConcurrent streams, {CONCURRENT_TOKENS} tokens per answer, {ANSWERS_PER_STREAM} answers per stream\n"
+    );
+    println!(
+        "| streams | moatd tok/s | moatd TTFT p50 / p99 ms | llama-server tok/s | llama-server TTFT p50 / p99 ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for (i, m) in moatd.iter().enumerate() {
+        let peer = llama.get(i).map_or("- | -".to_owned(), |l| {
+            format!(
+                "{:.1} | {:.0} / {:.0}",
+                l.tokens_per_s, l.ttft_p50_ms, l.ttft_p99_ms
+            )
+        });
+        println!(
+            "| {} | {:.1} | {:.0} / {:.0} | {peer} |",
+            m.streams, m.tokens_per_s, m.ttft_p50_ms, m.ttft_p99_ms
+        );
+    }
+    let memory = &report["memory"];
+    let weights_mib = memory["weights_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+    let over = |kib: &Value| kib.as_f64().map(|k| k / 1024.0 - weights_mib);
+    println!();
+    let rate = |name: &str| {
+        singles
+            .iter()
+            .find(|(n, _)| n.starts_with(name))
+            .map(|(_, s)| s.decode_tokens_per_s)
+    };
+    if let Some(moat) = rate("moatd") {
+        for (peer, goal) in [
+            ("bare ONNX Runtime loop", "0.97"),
+            ("onnxruntime-genai", "1.0"),
+            ("llama.cpp", "1.2"),
+            ("Python onnxruntime", "-"),
+        ] {
+            if let Some(other) = rate(peer) {
+                println!(
+                    "single stream, moatd / {peer}: {:.2}x (goal >= {goal}x)",
+                    moat / other
+                );
+            }
+        }
+    }
+    let at = |loads: &[Load], n: usize| {
+        loads
+            .iter()
+            .find(|l| l.streams == n)
+            .map(|l| l.tokens_per_s)
+    };
+    if let (Some(one), Some(sixteen)) = (at(moatd, 1), at(moatd, 16)) {
+        println!(
+            "moatd aggregate, 16 streams / 1: {:.2}x (goal >= 4x)",
+            sixteen / one
+        );
+    }
+    if let (Some(ours), Some(theirs)) = (at(moatd, 16), at(llama, 16)) {
+        println!(
+            "aggregate at 16 streams, moatd / llama-server: {:.2}x",
+            ours / theirs
+        );
+    }
+    if let Some(loaded) = moatd.iter().find(|l| l.streams == 16) {
+        println!(
+            "moatd TTFT p50 under 16 streams / idle ({idle_ttft:.0} ms): {:.2}x (goal <= 3x)",
+            loaded.ttft_p50_ms / idle_ttft
+        );
+    }
+    if let (Some(idle), Some(peak)) = (
+        over(&memory["moatd_rss_idle_kib"]),
+        over(&memory["moatd_rss_peak_kib"]),
+    ) {
+        println!(
+            "moatd RSS over the weights ({weights_mib:.0} MiB): {idle:.0} MiB idle, {peak:.0} MiB peak under load (goal < 150 MB)"
+        );
+    }
+    if let Some(kib) = memory["llama_server_rss_peak_kib"].as_f64() {
+        let gguf_mib = memory["gguf_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+        println!(
+            "llama-server RSS over its GGUF ({gguf_mib:.0} MiB): {:.0} MiB peak",
+            kib / 1024.0 - gguf_mib
+        );
+    }
+}
+
+/// Runs `streams` clients at once, each asking `ANSWERS_PER_STREAM` answers in turn.
+fn load(streams: usize, ask: impl Fn() -> Streamed + Sync) -> Load {
+    let start = Instant::now();
+    let answers: Vec<Streamed> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..streams)
+            .map(|_| scope.spawn(|| (0..ANSWERS_PER_STREAM).map(|_| ask()).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("client thread"))
+            .collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let tokens: usize = answers.iter().map(|a| a.tokens).sum();
+    let mut ttfts: Vec<f64> = answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect();
+    Load {
+        streams,
+        tokens_per_s: tokens as f64 / elapsed,
+        ttft_p50_ms: percentile(&mut ttfts, 0.5),
+        ttft_p99_ms: percentile(&mut ttfts, 0.99),
+    }
+}
+
+fn single(answer: &Streamed) -> Single {
+    Single {
+        ttft_ms: answer.ttft.as_secs_f64() * 1e3,
+        decode_tokens_per_s: answer.tokens.saturating_sub(1) as f64
+            / answer.first_to_last.as_secs_f64(),
+    }
+}
+
+/// Posts `body` and reads the server-sent events: the first and last events that carry
+/// text, and the token count (the usage event's, or one per text event when there is none,
+/// as llama-server sends one token per event).
+fn stream(agent: &ureq::Agent, url: &str, body: &str) -> Streamed {
+    let start = Instant::now();
+    let response = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let mut reader = BufReader::with_capacity(64 * 1024, response.into_body().into_reader());
+    let (mut first, mut last, mut events, mut usage) = (None, start, 0usize, None);
+    let mut line = String::with_capacity(1024);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).expect("stream reads") == 0 {
+            break;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        if data.contains("\"usage\":{") {
+            let event: Value = serde_json::from_str(data).expect("JSON event");
+            usage = event["usage"]["completion_tokens"]
+                .as_u64()
+                .map(|n| n as usize);
+        }
+        if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            events += 1;
+        }
+    }
+    let first = first.expect("the answer has text");
+    Streamed {
+        ttft: first - start,
+        first_to_last: last - first,
+        tokens: usage.unwrap_or(events),
+    }
+}
+
+/// ONNX Runtime and nothing else: prefill, then one greedy step per token.
+struct BareLoop {
+    backend: OrtBackend,
+    logits: LogitsBatch,
+}
+
+impl BareLoop {
+    fn load(bench: &common::CpuBench, model_dir: &Path, device: &str) -> Self {
+        let dir = ModelDirectory::open(model_dir).expect("model directory");
+        let options = SessionOptions {
+            device: match device {
+                "cuda" => DevicePreference::Cuda,
+                _ => DevicePreference::Cpu,
+            },
+            max_batch: 1,
+            ..bench.options.clone()
+        };
+        Self {
+            backend: OrtBackend::load(&bench.runtime, &dir, &options).expect("model loads"),
+            logits: LogitsBatch::default(),
+        }
+    }
+
+    fn run(&mut self, prompt: &[u32], new_tokens: usize) -> Single {
+        let sequence = SequenceId(1);
+        self.backend
+            .start_sequence(sequence, prompt.len() + new_tokens)
+            .expect("sequence starts");
+        let start = Instant::now();
+        let mut token = [0u32];
+        let feed = |backend: &mut OrtBackend, logits: &mut LogitsBatch, tokens: &[u32]| {
+            backend
+                .step(&[StepInput { sequence, tokens }], logits)
+                .expect("step runs");
+            let row = logits.row(0);
+            (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32
+        };
+        token[0] = feed(&mut self.backend, &mut self.logits, prompt);
+        let first = Instant::now();
+        for _ in 1..new_tokens {
+            token[0] = feed(&mut self.backend, &mut self.logits, &token);
+        }
+        let end = Instant::now();
+        self.backend.finish_sequence(sequence);
+        Single {
+            ttft_ms: (first - start).as_secs_f64() * 1e3,
+            decode_tokens_per_s: (new_tokens - 1) as f64 / (end - first).as_secs_f64(),
+        }
+    }
+}
+
+/// A Python peer that prints one JSON line with `ttft_ms` and `decode_tokens_per_s`.
+fn python_peer(
+    python: &Path,
+    script: &[&std::ffi::OsStr],
+    model_dir: &Path,
+    ids: &str,
+    threads: usize,
+) -> Single {
+    let output = Command::new(python)
+        .args(script)
+        .arg("--model")
+        .arg(model_dir)
+        .args(["--prompt-ids", ids])
+        .args(["--max-new-tokens", &NEW_TOKENS.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("the Python peer runs");
+    assert!(output.status.success(), "{script:?} failed");
+    let result: Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
+    Single {
+        ttft_ms: result["ttft_ms"].as_f64().expect("ttft_ms"),
+        decode_tokens_per_s: result["decode_tokens_per_s"]
+            .as_f64()
+            .expect("decode_tokens_per_s"),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited during start: {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The real moatd binary, serving the model as `bench` with its defaults: the policy gate
+/// and the audit trail (two auditors, durable records) in the path, as in production.
+fn start_moatd(pki: &Pki, root: &Path, model: &str, device: &str, threads: usize) -> Server {
+    let port = free_port();
+    let auditors = [
+        age::x25519::Identity::generate().to_public(),
+        age::x25519::Identity::generate().to_public(),
+    ];
+    let config = format!(
+        "[engine]\nonnxruntime_library = \"{lib}\"\ndevice = \"{device}\"\nintra_op_threads = {threads}\n\
+         [server]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
+         [models]\ndirectory = \"{models}\"\n[models.serve]\nbench = \"{model}\"\n\
+         [metrics]\nenabled = false\n[policy]\ndirectory = \"policies\"\n\
+         [audit]\nstate_directory = \"state\"\nnode_id = \"bench\"\nrecipients = [\"{}\", \"{}\"]\n",
+        auditors[0],
+        auditors[1],
+        lib = root.join("local/onnxruntime").display(),
+        models = root.join("local/models").display(),
+    );
+    write_permissive_policy(&pki.dir.path().join("policies"));
+    let config_path = pki.dir.path().join("moat.toml");
+    std::fs::write(&config_path, config).expect("write moat.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moatd"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("moatd starts");
+    wait_for_port(port, &mut child, "moatd");
+    Server {
+        child,
+        url: format!("https://127.0.0.1:{port}"),
+        _dir: None,
+    }
+}
+
+/// llama.cpp's own server with one slot per stream of the largest load and continuous
+/// batching, on the same threads; None when bench/install-peers.sh has not built it.
+fn start_llama_server(cache: &Path, root: &Path, threads: usize) -> Option<Server> {
+    let binary = cache.join(format!("llama-server-{LLAMA_CPP_VERSION}/bin/llama-server"));
+    if !binary.exists() {
+        eprintln!("llama.cpp left out: run `bash bench/install-peers.sh` to build llama-server");
+        return None;
+    }
+    let slots = STREAM_COUNTS.iter().max().copied().unwrap_or(1);
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = std::fs::File::create(dir.path().join("llama-server.log")).expect("log file");
+    let mut child = Command::new(binary)
+        .arg("--model")
+        .arg(root.join("local/models").join(GGUF))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--threads-batch", &threads.to_string()])
+        .args(["--parallel", &slots.to_string()])
+        // Room in every slot for the prompt and the longest answer.
+        .args(["--ctx-size", &(slots * 512).to_string()])
+        .arg("--cont-batching")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("llama-server starts");
+    wait_for_port(port, &mut child, "llama-server");
+    let url = format!("http://127.0.0.1:{port}");
+    // The port opens before the model has loaded; /health says when it has.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = ureq::get(&format!("{url}/health"))
+            .call()
+            .map(|mut r| {
+                let mut text = String::new();
+                let _ = r.body_mut().as_reader().read_to_string(&mut text);
+                text.contains("ok")
+            })
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llama-server did not load the model"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Some(Server {
+        child,
+        url,
+        _dir: Some(dir),
+    })
+}
+
+fn peers_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MOAT_BENCH_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("moat-bench")
+}
+
+/// The graph and any external weight files of a model directory.
+fn weights_bytes(model_dir: &Path) -> u64 {
+    std::fs::read_dir(model_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.ends_with(".onnx")
+                        || name.ends_with(".onnx.data")
+                        || name.ends_with(".data")
+                })
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+fn median_single(samples: &[Single]) -> Single {
+    let mid = |mut v: Vec<f64>| percentile(&mut v, 0.5);
+    Single {
+        ttft_ms: mid(samples.iter().map(|s| s.ttft_ms).collect()),
+        decode_tokens_per_s: mid(samples.iter().map(|s| s.decode_tokens_per_s).collect()),
+    }
+}
+
+/// The nearest-rank percentile; sorts `values`.
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
