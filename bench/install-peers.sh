@@ -3,12 +3,13 @@
 # cache outside the clone, all from PyPI, pinned by version and hash:
 #
 #   peers/                   onnxruntime-genai and matplotlib (bench/requirements.txt)
-#   llama-cpp-<v>/           llama-cpp-python built from its sdist for this CPU
-#   llama-server-<v>/        llama.cpp's own llama-server, built from the sources that sdist
-#                            vendors: the server with parallel slots that llama.cpp users run
+#   llama-server-<v>/        llama.cpp's own server (parallel slots, continuous batching),
+#                            built for this CPU from the llama.cpp sources that the
+#                            llama-cpp-python <v> sdist on PyPI vendors
 #
-# Slow the first time (~25 min on 2 cores: llama.cpp is built twice), which is why the test
-# command never runs it. Idempotent: finished parts are reused. Prints the cache directory.
+# Slow the first time (~15 min on 2 cores, most of it building llama.cpp), which is why the
+# test command never runs it. Idempotent: finished parts are reused. Prints the cache
+# directory.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,18 +34,9 @@ if [ ! -f "$sdist" ]; then
     -r "$root/bench/llama-cpp-requirements.txt" -d "$sdist_dir" >&2
 fi
 
-llama="$cache/llama-cpp-$LLAMA_CPP_PYTHON_VERSION"
-if ! "$llama/bin/python" -c 'import llama_cpp' 2>/dev/null; then
-  echo "==> llama-cpp-python (built from the sdist, ~13 min)" >&2
-  rm -rf "$llama"
-  python3 -m venv "$llama"
-  # Built for this CPU (GGML_NATIVE) as llama.cpp's own build would be.
-  CMAKE_ARGS="-DGGML_NATIVE=ON" "$llama/bin/pip" install --quiet "$sdist" >&2
-fi
-
 server="$cache/llama-server-$LLAMA_CPP_PYTHON_VERSION"
 if [ ! -x "$server/bin/llama-server" ]; then
-  echo "==> llama-server (built from the same sdist's llama.cpp, ~12 min)" >&2
+  echo "==> llama-server (built from the sdist's llama.cpp, ~12 min)" >&2
   tools="$cache/build-tools"
   if [ ! -x "$tools/bin/cmake" ]; then
     python3 -m venv "$tools"

@@ -22,6 +22,7 @@
 use std::io::{BufRead as _, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
@@ -38,9 +39,13 @@ const NEW_TOKENS: usize = 128;
 const ROUNDS: usize = 3;
 const STREAM_COUNTS: [usize; 4] = [1, 4, 16, 32];
 /// Tokens per answer and answers per stream in the concurrency runs.
-const CONCURRENT_TOKENS: usize = 64;
+const CONCURRENT_TOKENS: usize = NEW_TOKENS;
 const ANSWERS_PER_STREAM: usize = 2;
 const IDLE_TTFT_SAMPLES: usize = 15;
+/// Pause between the probe's requests during a load.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Tokens the probe and the idle TTFT requests ask for.
+const SHORT_ANSWER: usize = 4;
 const STORY: &str = "Write a short story about a lighthouse keeper.";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const LLAMA_CPP_VERSION: &str = "0.3.36";
@@ -57,8 +62,11 @@ struct Single {
 struct Load {
     streams: usize,
     tokens_per_s: f64,
+    /// Time to first token of a request arriving while the streams run.
     ttft_p50_ms: f64,
     ttft_p99_ms: f64,
+    /// The streams' own time to first token (their answers queue behind each other).
+    stream_ttft_p50_ms: f64,
 }
 
 /// An answer streamed by a server, as the client saw it.
@@ -139,8 +147,11 @@ fn main() {
         )
     };
     let llama = start_llama_server(&cache, &bench.root, threads);
+    // A fresh connection per request: llama-server closes kept-alive connections that a
+    // pool would then hand out again.
     let plain = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(300)))
+        .max_idle_connections(0)
         .build()
         .new_agent();
     let llama_request = |url: &str, max_tokens: usize| {
@@ -179,6 +190,7 @@ fn main() {
     }
     let mut samples: Vec<Vec<Single>> = vec![Vec::new(); names.len()];
     for round in 0..=ROUNDS {
+        eprintln!("single stream, round {round} of {ROUNDS} (0 warms up)");
         let mut row = Vec::new();
         let (url, body) = moatd_request(NEW_TOKENS);
         row.push(single(&stream(&agent, &url, &body)));
@@ -220,12 +232,13 @@ fn main() {
         .zip(samples.iter().map(|s| median_single(s)))
         .collect();
     drop(bare);
+    let steps = batched_steps(&bench, &model_dir, &device, &prompt_ids);
 
     let idle_ttft = {
         let mut ttfts = Vec::new();
         for _ in 0..IDLE_TTFT_SAMPLES {
             std::thread::sleep(Duration::from_millis(50));
-            let (url, body) = moatd_request(4);
+            let (url, body) = moatd_request(SHORT_ANSWER);
             ttfts.push(stream(&agent, &url, &body).ttft.as_secs_f64() * 1e3);
         }
         percentile(&mut ttfts, 0.5)
@@ -234,10 +247,17 @@ fn main() {
     let moatd_load: Vec<Load> = STREAM_COUNTS
         .iter()
         .map(|&n| {
-            load(n, || {
-                let (url, body) = moatd_request(CONCURRENT_TOKENS);
-                stream(&agent, &url, &body)
-            })
+            load(
+                n,
+                || {
+                    let (url, body) = moatd_request(CONCURRENT_TOKENS);
+                    stream(&agent, &url, &body)
+                },
+                || {
+                    let (url, body) = moatd_request(SHORT_ANSWER);
+                    stream(&agent, &url, &body)
+                },
+            )
         })
         .collect();
     let moatd_rss_peak = moatd.rss_kib("VmHWM:");
@@ -245,10 +265,17 @@ fn main() {
         Some(server) => STREAM_COUNTS
             .iter()
             .map(|&n| {
-                load(n, || {
-                    let (url, body) = llama_request(&server.url, CONCURRENT_TOKENS);
-                    stream(&plain, &url, &body)
-                })
+                load(
+                    n,
+                    || {
+                        let (url, body) = llama_request(&server.url, CONCURRENT_TOKENS);
+                        stream(&plain, &url, &body)
+                    },
+                    || {
+                        let (url, body) = llama_request(&server.url, SHORT_ANSWER);
+                        stream(&plain, &url, &body)
+                    },
+                )
             })
             .collect(),
         None => Vec::new(),
@@ -274,6 +301,9 @@ fn main() {
             "llama-server": loads_json(&llama_load),
         },
         "ttft_idle_ms": idle_ttft,
+        "batched_decode_step": steps.iter().map(|&(batch, ms)| json!({
+            "batch": batch, "step_ms": ms, "tokens_per_s": batch as f64 * 1e3 / ms,
+        })).collect::<Vec<_>>(),
         "memory": {
             "weights_bytes": weights,
             "moatd_rss_idle_kib": moatd_rss_idle,
@@ -283,6 +313,18 @@ fn main() {
         },
     });
     print_report(&report, &singles, &moatd_load, &llama_load, idle_ttft);
+    println!("\nOne batched decode step in process (the backend alone), by batch size\n");
+    println!("| batch | step ms | tokens/s | x batch 1 |");
+    println!("|---:|---:|---:|---:|");
+    let one = steps.first().map_or(f64::NAN, |&(b, ms)| b as f64 / ms);
+    for &(batch, ms) in &steps {
+        let rate = batch as f64 / ms;
+        println!(
+            "| {batch} | {ms:.1} | {:.0} | {:.2}x |",
+            rate * 1e3,
+            rate / one
+        );
+    }
     let json_path = out_dir.join("peers.json");
     std::fs::write(
         &json_path,
@@ -314,6 +356,7 @@ fn loads_json(loads: &[Load]) -> Value {
             json!({
                 "streams": l.streams, "tokens_per_s": l.tokens_per_s,
                 "ttft_p50_ms": l.ttft_p50_ms, "ttft_p99_ms": l.ttft_p99_ms,
+                "stream_ttft_p50_ms": l.stream_ttft_p50_ms,
             })
         })
         .collect()
@@ -346,19 +389,35 @@ fn print_report(
         "\nConcurrent streams, {CONCURRENT_TOKENS} tokens per answer, {ANSWERS_PER_STREAM} answers per stream\n"
     );
     println!(
-        "| streams | moatd tok/s | moatd TTFT p50 / p99 ms | llama-server tok/s | llama-server TTFT p50 / p99 ms |"
+        "TTFT ms: of a new request arriving while the streams run, p50 / p99 (in brackets the \
+         streams' own p50: their answers start together and queue for the prompt runs)\n"
     );
+    println!("| streams | moatd tok/s | moatd TTFT | llama-server tok/s | llama-server TTFT |");
     println!("|---:|---:|---:|---:|---:|");
+    let ms = |v: f64| {
+        if v.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{v:.0}")
+        }
+    };
+    let ttft = |l: &Load| {
+        format!(
+            "{} / {} ({})",
+            ms(l.ttft_p50_ms),
+            ms(l.ttft_p99_ms),
+            ms(l.stream_ttft_p50_ms)
+        )
+    };
     for (i, m) in moatd.iter().enumerate() {
         let peer = llama.get(i).map_or("- | -".to_owned(), |l| {
-            format!(
-                "{:.1} | {:.0} / {:.0}",
-                l.tokens_per_s, l.ttft_p50_ms, l.ttft_p99_ms
-            )
+            format!("{:.1} | {}", l.tokens_per_s, ttft(l))
         });
         println!(
-            "| {} | {:.1} | {:.0} / {:.0} | {peer} |",
-            m.streams, m.tokens_per_s, m.ttft_p50_ms, m.ttft_p99_ms
+            "| {} | {:.1} | {} | {peer} |",
+            m.streams,
+            m.tokens_per_s,
+            ttft(m)
         );
     }
     let memory = &report["memory"];
@@ -427,27 +486,67 @@ fn print_report(
     }
 }
 
-/// Runs `streams` clients at once, each asking `ANSWERS_PER_STREAM` answers in turn.
-fn load(streams: usize, ask: impl Fn() -> Streamed + Sync) -> Load {
+/// Runs `streams` clients at once, each asking `ANSWERS_PER_STREAM` answers in turn, for
+/// the aggregate rate; then the same load again with a probe that asks a short answer now
+/// and then: the time to first token of a request that arrives while the load runs, as an
+/// analyst's does while a batch job runs. (The probe's own work would lower the rate of the
+/// first pass, so it runs only in the second.)
+fn load(
+    streams: usize,
+    ask: impl Fn() -> Streamed + Sync,
+    probe: impl Fn() -> Streamed + Sync,
+) -> Load {
+    eprintln!("{streams} concurrent streams");
     let start = Instant::now();
-    let answers: Vec<Streamed> = std::thread::scope(|scope| {
+    let answers = run_streams(streams, ANSWERS_PER_STREAM, &ask, || ());
+    let elapsed = start.elapsed().as_secs_f64();
+    let tokens: usize = answers.iter().map(|a| a.tokens).sum();
+    let mut ttfts: Vec<f64> = answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect();
+
+    let done = AtomicBool::new(false);
+    let mut probe_ttfts = Vec::new();
+    std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let mut ttfts = Vec::new();
+            // Let the streams' own prompts go in first: the probe measures the steady load.
+            std::thread::sleep(PROBE_INTERVAL);
+            while !done.load(Ordering::Relaxed) {
+                ttfts.push(probe().ttft.as_secs_f64() * 1e3);
+                std::thread::sleep(PROBE_INTERVAL);
+            }
+            ttfts
+        });
+        run_streams(streams, 1, &ask, || done.store(true, Ordering::Relaxed));
+        probe_ttfts = prober.join().expect("probe thread");
+    });
+    Load {
+        streams,
+        tokens_per_s: tokens as f64 / elapsed,
+        ttft_p50_ms: percentile(&mut probe_ttfts, 0.5),
+        ttft_p99_ms: percentile(&mut probe_ttfts, 0.99),
+        stream_ttft_p50_ms: percentile(&mut ttfts, 0.5),
+    }
+}
+
+/// `streams` client threads asking `answers` answers each; `finished` runs when the
+/// last one is done.
+fn run_streams(
+    streams: usize,
+    answers: usize,
+    ask: &(impl Fn() -> Streamed + Sync),
+    finished: impl FnOnce(),
+) -> Vec<Streamed> {
+    let all = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..streams)
-            .map(|_| scope.spawn(|| (0..ANSWERS_PER_STREAM).map(|_| ask()).collect::<Vec<_>>()))
+            .map(|_| scope.spawn(|| (0..answers).map(|_| ask()).collect::<Vec<_>>()))
             .collect();
         workers
             .into_iter()
             .flat_map(|w| w.join().expect("client thread"))
             .collect()
     });
-    let elapsed = start.elapsed().as_secs_f64();
-    let tokens: usize = answers.iter().map(|a| a.tokens).sum();
-    let mut ttfts: Vec<f64> = answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect();
-    Load {
-        streams,
-        tokens_per_s: tokens as f64 / elapsed,
-        ttft_p50_ms: percentile(&mut ttfts, 0.5),
-        ttft_p99_ms: percentile(&mut ttfts, 0.99),
-    }
+    finished();
+    all
 }
 
 fn single(answer: &Streamed) -> Single {
@@ -511,13 +610,22 @@ struct BareLoop {
 
 impl BareLoop {
     fn load(bench: &common::CpuBench, model_dir: &Path, device: &str) -> Self {
+        Self::load_with(bench, model_dir, device, 1)
+    }
+
+    fn load_with(
+        bench: &common::CpuBench,
+        model_dir: &Path,
+        device: &str,
+        max_batch: usize,
+    ) -> Self {
         let dir = ModelDirectory::open(model_dir).expect("model directory");
         let options = SessionOptions {
             device: match device {
                 "cuda" => DevicePreference::Cuda,
                 _ => DevicePreference::Cpu,
             },
-            max_batch: 1,
+            max_batch,
             ..bench.options.clone()
         };
         Self {
@@ -552,6 +660,62 @@ impl BareLoop {
             decode_tokens_per_s: (new_tokens - 1) as f64 / (end - first).as_secs_f64(),
         }
     }
+}
+
+/// The time of one decode step over the KV pool with `batch` sequences (after their
+/// prompts), for batch sizes 1 to 32: how the graph's kernels scale with the batch, apart
+/// from serving.
+fn batched_steps(
+    bench: &common::CpuBench,
+    model_dir: &Path,
+    device: &str,
+    prompt: &[u32],
+) -> Vec<(usize, f64)> {
+    const STEPS: usize = 24;
+    let mut pooled = BareLoop::load_with(bench, model_dir, device, 32);
+    let mut logits = LogitsBatch::default();
+    [1usize, 2, 4, 8, 16, 32]
+        .iter()
+        .map(|&batch| {
+            let ids: Vec<SequenceId> = (0..batch as u64).map(SequenceId).collect();
+            for &id in &ids {
+                pooled
+                    .backend
+                    .start_sequence(id, prompt.len() + STEPS + 1)
+                    .expect("sequence starts");
+                pooled
+                    .backend
+                    .step(
+                        &[StepInput {
+                            sequence: id,
+                            tokens: prompt,
+                        }],
+                        &mut logits,
+                    )
+                    .expect("prompt runs");
+            }
+            let token = [42u32];
+            let inputs: Vec<StepInput<'_>> = ids
+                .iter()
+                .map(|&sequence| StepInput {
+                    sequence,
+                    tokens: &token,
+                })
+                .collect();
+            let start = Instant::now();
+            for _ in 0..STEPS {
+                pooled
+                    .backend
+                    .step(&inputs, &mut logits)
+                    .expect("step runs");
+            }
+            let ms = start.elapsed().as_secs_f64() * 1e3 / STEPS as f64;
+            for &id in &ids {
+                pooled.backend.finish_sequence(id);
+            }
+            (batch, ms)
+        })
+        .collect()
 }
 
 /// A Python peer that prints one JSON line with `ttft_ms` and `decode_tokens_per_s`.
@@ -614,22 +778,33 @@ fn start_moatd(pki: &Pki, root: &Path, model: &str, device: &str, threads: usize
          [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
          [models]\ndirectory = \"{models}\"\n[models.serve]\nbench = \"{model}\"\n\
          [metrics]\nenabled = false\n[policy]\ndirectory = \"policies\"\n\
-         [audit]\nstate_directory = \"state\"\nnode_id = \"bench\"\nrecipients = [\"{}\", \"{}\"]\n",
+         [audit]\nstate_directory = \"state\"\nnode_id = \"bench\"\nrecipients = [\"{}\", \"{}\"]\n\
+         [admin]\nsocket = \"state/admin.sock\"\n",
         auditors[0],
         auditors[1],
         lib = root.join("local/onnxruntime").display(),
         models = root.join("local/models").display(),
     );
-    write_permissive_policy(&pki.dir.path().join("policies"));
+    let policies = pki.dir.path().join("policies");
+    write_permissive_policy(&policies);
+    // The shipped limits hold a department to 16 requests at once; the bench's 32 streams
+    // come from one department.
+    let mut data = std::fs::read_to_string(policies.join("moat-policy.toml")).expect("policy");
+    data.push_str(
+        "\n[departments.bench]\nclassification = \"internal\"\nceiling = \"internal\"\n\
+         retention = \"sha256\"\n[departments.bench.limits]\nrequests_per_minute = 1000000\n\
+         tokens_per_minute = 1000000000\nconcurrent_requests = 256\n",
+    );
+    std::fs::write(policies.join("moat-policy.toml"), data).expect("policy");
+    let log = std::fs::File::create(pki.dir.path().join("moatd.log")).expect("log file");
     let config_path = pki.dir.path().join("moat.toml");
     std::fs::write(&config_path, config).expect("write moat.toml");
     let mut child = Command::new(env!("CARGO_BIN_EXE_moatd"))
         .arg("serve")
         .arg("--config")
         .arg(&config_path)
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("moatd starts");
     wait_for_port(port, &mut child, "moatd");
@@ -659,6 +834,8 @@ fn start_llama_server(cache: &Path, root: &Path, threads: usize) -> Option<Serve
         .args(["--threads", &threads.to_string()])
         .args(["--threads-batch", &threads.to_string()])
         .args(["--parallel", &slots.to_string()])
+        // An HTTP thread per stream (its default is one per core, which drops the rest).
+        .args(["--threads-http", &(slots + 4).to_string()])
         // Room in every slot for the prompt and the longest answer.
         .args(["--ctx-size", &(slots * 512).to_string()])
         .arg("--cont-batching")

@@ -31,7 +31,7 @@ pub enum DevicePreference {
 pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 256;
 
 /// Default for [`SessionOptions::max_batch`].
-pub const DEFAULT_MAX_BATCH: usize = 16;
+pub const DEFAULT_MAX_BATCH: usize = 32;
 
 /// Session settings.
 #[derive(Debug, Clone)]
