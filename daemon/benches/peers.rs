@@ -19,7 +19,7 @@
 //! `smollm2-135m-instruct-fast`); `MOAT_BENCH_DEVICE=cuda` serves it on the GPU (see
 //! `bench/gpu.sh`); `MOAT_BENCH_CACHE` is where install-peers.sh put the peers.
 
-use std::io::{BufRead as _, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
 use moat_daemon::engine::{
-    ChatMessage, DevicePreference, Engine, EngineSettings, ModelDirectory, OrtBackend, Prompt,
-    SessionOptions,
+    ChatMessage, DevicePreference, ModelDirectory, OrtBackend, Prompt, SessionOptions,
 };
 use serde_json::{Value, json};
 
 mod common;
+use common::sse::{Streamed, stream};
 use common::tls::{Pki, client, make_pki, write_permissive_policy};
 
 const NEW_TOKENS: usize = 128;
@@ -69,13 +69,6 @@ struct Load {
     stream_ttft_p50_ms: f64,
 }
 
-/// An answer streamed by a server, as the client saw it.
-struct Streamed {
-    ttft: Duration,
-    first_to_last: Duration,
-    tokens: usize,
-}
-
 /// A server process, killed when dropped.
 struct Server {
     child: Child,
@@ -110,13 +103,7 @@ fn main() {
     std::fs::create_dir_all(&out_dir).expect("target/bench");
 
     let prompt_ids = {
-        let engine = Engine::load_ort(
-            &bench.runtime,
-            &model_dir,
-            &bench.options,
-            EngineSettings::default(),
-        )
-        .expect("model loads");
+        let engine = bench.engine(&model_dir);
         let ids = engine
             .tokenize_prompt(&Prompt::Chat(vec![ChatMessage::new("user", STORY)]))
             .expect("tokenizes");
@@ -554,51 +541,6 @@ fn single(answer: &Streamed) -> Single {
         ttft_ms: answer.ttft.as_secs_f64() * 1e3,
         decode_tokens_per_s: answer.tokens.saturating_sub(1) as f64
             / answer.first_to_last.as_secs_f64(),
-    }
-}
-
-/// Posts `body` and reads the server-sent events: the first and last events that carry
-/// text, and the token count (the usage event's, or one per text event when there is none,
-/// as llama-server sends one token per event).
-fn stream(agent: &ureq::Agent, url: &str, body: &str) -> Streamed {
-    let start = Instant::now();
-    let response = agent
-        .post(url)
-        .header("content-type", "application/json")
-        .send(body)
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-    let mut reader = BufReader::with_capacity(64 * 1024, response.into_body().into_reader());
-    let (mut first, mut last, mut events, mut usage) = (None, start, 0usize, None);
-    let mut line = String::with_capacity(1024);
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).expect("stream reads") == 0 {
-            break;
-        }
-        let Some(data) = line.trim_end().strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        if data.contains("\"usage\":{") {
-            let event: Value = serde_json::from_str(data).expect("JSON event");
-            usage = event["usage"]["completion_tokens"]
-                .as_u64()
-                .map(|n| n as usize);
-        }
-        if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-            events += 1;
-        }
-    }
-    let first = first.expect("the answer has text");
-    Streamed {
-        ttft: first - start,
-        first_to_last: last - first,
-        tokens: usage.unwrap_or(events),
     }
 }
 

@@ -17,18 +17,18 @@
 //! (default `smollm2-135m-instruct-fast`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moat_daemon::api::ServedModel;
 use moat_daemon::config::Config;
 use moat_daemon::engine::{
-    ChatMessage, Engine, EngineSettings, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
+    ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
 };
 use moat_daemon::server;
 
 mod common;
+use common::sse::stream;
 use common::tls::{Pki, client, make_pki, write_permissive_policy};
 
 const NEW_TOKENS: usize = 128;
@@ -41,11 +41,8 @@ const SHORT: &str = "What is the capital of France?";
 fn main() {
     let bench = common::CpuBench::load();
     let (model, model_dir) = bench.model();
-    let (runtime, options, threads) = (&bench.runtime, &bench.options, bench.threads);
-    let engine = Arc::new(
-        Engine::load_ort(runtime, &model_dir, options, EngineSettings::default())
-            .expect("model loads"),
-    );
+    let threads = bench.threads;
+    let engine = Arc::new(bench.engine(&model_dir));
     let pki = make_pki();
     let url = start_server(&pki, Arc::clone(&engine));
     let agent = client(&pki);
@@ -170,39 +167,15 @@ fn body(content: &str, max_tokens: usize, stream: bool) -> String {
     .to_string()
 }
 
-/// Decode tokens/s of one streamed answer, from the first content event to the last,
-/// with the token count from the usage event. The client shares this machine's cores with
-/// moatd, so it does as little as it can per event: a substring test, and JSON parsing
-/// only for the final usage event.
+/// Decode tokens/s of one streamed answer, from the first content event to the last, with
+/// the token count from the usage event.
 fn http_decode(agent: &ureq::Agent, url: &str, max_tokens: usize) -> f64 {
-    let response = agent
-        .post(&format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .send(body(STORY, max_tokens, true))
-        .expect("stream starts");
-    let mut reader = BufReader::with_capacity(64 * 1024, response.into_body().into_reader());
-    let (mut first, mut last, mut tokens) = (None, Instant::now(), 0usize);
-    let mut line = String::with_capacity(1024);
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).expect("stream reads") == 0 {
-            break;
-        }
-        let Some(data) = line.trim_end().strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        if data.contains("\"usage\"") {
-            let event: serde_json::Value = serde_json::from_str(data).expect("JSON event");
-            tokens = event["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
-        } else if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
-            first.get_or_insert_with(Instant::now);
-            last = Instant::now();
-        }
-    }
-    rate(tokens, first, last)
+    let answer = stream(
+        agent,
+        &format!("{url}/v1/chat/completions"),
+        &body(STORY, max_tokens, true),
+    );
+    answer.tokens.saturating_sub(1) as f64 / answer.first_to_last.as_secs_f64()
 }
 
 fn http_one_token(agent: &ureq::Agent, url: &str) -> f64 {

@@ -12,8 +12,7 @@
 use std::time::{Duration, Instant};
 
 use moat_daemon::engine::{
-    ChatMessage, Engine, EngineSettings, GenerationEvent, GenerationRequest, Prompt,
-    ResponseFormat, SamplingParams,
+    ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, ResponseFormat, SamplingParams,
 };
 
 mod common;
@@ -97,13 +96,7 @@ fn main() {
     let bench = common::CpuBench::load();
     let (model, model_dir) = bench.model();
     let threads = bench.threads;
-    let engine = Engine::load_ort(
-        &bench.runtime,
-        &model_dir,
-        &bench.options,
-        EngineSettings::default(),
-    )
-    .expect("model loads");
+    let engine = bench.engine(&model_dir);
 
     let compile = median(
         (0..COMPILES)

@@ -336,12 +336,17 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_reported_at_once() {
-        let text = "[engine]\nintra_op_threads = 0\nqueue_capacity = 0\nmax_batch = 0\n";
+        let text =
+            "[engine]\nintra_op_threads = 0\nqueue_capacity = 0\nmax_batch = 0\nworkers = 0\n";
         let err = Config::parse(text, Path::new("moat.toml")).expect_err("invalid");
         let ConfigError::Invalid { problems, .. } = &err else {
             panic!("wrong error: {err}");
         };
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("engine.workers")),
+            "{problems:?}"
+        );
     }
 
     #[test]

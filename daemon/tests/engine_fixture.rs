@@ -172,22 +172,28 @@ fn stop_token_ids_and_max_tokens_end_the_answer() {
     assert_eq!(stopped.reason, FinishReason::Stop);
 }
 
-#[test]
-fn concurrent_generations_match_solo_runs() {
-    let engine = load("fixture-fused");
-    let solo: Vec<_> = PROMPTS
+/// Each prompt's greedy ids when it runs alone, then `copies` rounds of all prompts
+/// submitted at once.
+fn solo_then_together(engine: &Engine, copies: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let solo = PROMPTS
         .iter()
-        .map(|p| run(&engine, greedy(Prompt::Text((*p).into()), 20)).ids)
+        .map(|p| run(engine, greedy(Prompt::Text((*p).into()), 20)).ids)
         .collect();
-    let mut streams: Vec<_> = PROMPTS
-        .iter()
+    let mut streams: Vec<_> = (0..copies)
+        .flat_map(|_| PROMPTS.iter())
         .map(|p| {
             engine
                 .submit(greedy(Prompt::Text((*p).into()), 20))
                 .expect("accepted")
         })
         .collect();
-    let together: Vec<_> = streams.iter_mut().map(|s| common::collect(s).ids).collect();
+    let together = streams.iter_mut().map(|s| common::collect(s).ids).collect();
+    (solo, together)
+}
+
+#[test]
+fn concurrent_generations_match_solo_runs() {
+    let (solo, together) = solo_then_together(&load("fixture-fused"), 1);
     assert_eq!(solo, together);
 }
 
@@ -204,21 +210,8 @@ fn several_workers_share_one_queue_and_answer_as_one_does() {
         },
     )
     .expect("loads");
-    let solo: Vec<_> = PROMPTS
-        .iter()
-        .map(|p| run(&engine, greedy(Prompt::Text((*p).into()), 20)).ids)
-        .collect();
     // More at once than one worker's batch holds: the second worker takes the rest.
-    let mut streams: Vec<_> = PROMPTS
-        .iter()
-        .chain(&PROMPTS)
-        .map(|p| {
-            engine
-                .submit(greedy(Prompt::Text((*p).into()), 20))
-                .expect("accepted")
-        })
-        .collect();
-    let together: Vec<_> = streams.iter_mut().map(|s| common::collect(s).ids).collect();
+    let (solo, together) = solo_then_together(&engine, 2);
     assert_eq!(together[..PROMPTS.len()], solo[..]);
     assert_eq!(together[PROMPTS.len()..], solo[..]);
     assert!(engine.is_healthy());

@@ -4,11 +4,14 @@
 // Each bench compiles this module on its own and uses a part of it.
 #![allow(dead_code)]
 
+pub mod sse;
 pub mod tls;
 
 use std::path::PathBuf;
 
-use moat_daemon::engine::{DevicePreference, OrtRuntime, SessionOptions, runtime_library};
+use moat_daemon::engine::{
+    DevicePreference, Engine, EngineSettings, OrtRuntime, SessionOptions, runtime_library,
+};
 
 /// The workspace's provisioned runtime and the CPU session options every bench uses.
 pub struct CpuBench {
@@ -39,6 +42,17 @@ impl CpuBench {
             runtime,
             options,
         }
+    }
+
+    /// An engine with default settings over a model directory.
+    pub fn engine(&self, model_dir: &std::path::Path) -> Engine {
+        Engine::load_ort(
+            &self.runtime,
+            model_dir,
+            &self.options,
+            EngineSettings::default(),
+        )
+        .expect("model loads")
     }
 
     /// The model named by `MOAT_BENCH_MODEL` (default: the demo model's fast graph) and
