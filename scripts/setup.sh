@@ -80,6 +80,8 @@ if [ -f tools/model/convert_gguf.py ]; then
   "$py" tools/model/make_fixture.py --out "$models/fixture.gguf"
   convert "$models/fixture.gguf" "$models/fixture-fused" --graph fused --variant exact --name fixture-fused
   convert "$models/fixture.gguf" "$models/fixture-optimum" --graph optimum --variant exact --name fixture-optimum
+  convert "$models/fixture.gguf" "$models/fixture-fused-float16" --graph fused --variant exact --float16 \
+    --name fixture-fused-float16
 
   step "Demo model ONNX graphs (exact and fast)"
   echo "$SMOLLM2_GGUF_SHA256" > "$models/$SMOLLM2_GGUF.sha256"

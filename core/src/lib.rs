@@ -11,5 +11,5 @@ pub mod model_metadata;
 pub mod policy;
 
 pub use model_metadata::{
-    EmbeddingSpec, IoContract, MetadataError, ModelMetadata, ModelTask, Pooling,
+    EmbeddingSpec, IoContract, KvDtype, MetadataError, ModelMetadata, ModelTask, Pooling,
 };

@@ -95,6 +95,33 @@ pub struct EmbeddingSpec {
     pub normalize: bool,
 }
 
+/// The element type of a decoder's KV cache (and of its activations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    Float32,
+    /// The fused graph in float16, for GPUs; its logits are still float32.
+    Float16,
+}
+
+impl KvDtype {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "float32" => Some(Self::Float32),
+            "float16" => Some(Self::Float16),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Float32 => "float32",
+            Self::Float16 => "float16",
+        })
+    }
+}
+
 /// The parsed and validated contents of `moat-model.json`.
 ///
 /// The decoder fields (`num_kv_heads` through `kv_dtype`) describe text-generation models;
@@ -120,7 +147,7 @@ pub struct ModelMetadata {
     pub add_bos_token: bool,
     pub chat_template: Option<String>,
     pub default_system_prompt: Option<String>,
-    pub kv_dtype: String,
+    pub kv_dtype: KvDtype,
     pub embedding: Option<EmbeddingSpec>,
 }
 
@@ -192,7 +219,7 @@ pub enum MetadataError {
         value: usize,
         max: usize,
     },
-    #[error("KV-cache dtype `{0}` is not supported (only float32)")]
+    #[error("KV-cache dtype `{0}` is not supported (float32, or float16 with the fused contract)")]
     UnsupportedKvDtype(String),
 }
 
@@ -206,8 +233,6 @@ const LIMITS: [(&str, usize); 6] = [
     ("context_length", 1 << 21),
     ("embedding_dim", 1 << 16),
 ];
-
-const DEFAULT_KV_DTYPE: &str = "float32";
 
 /// Checks that a shape field is positive and within [`LIMITS`].
 fn check_size(field: &'static str, value: usize) -> Result<(), MetadataError> {
@@ -299,7 +324,7 @@ impl MetadataFile {
             add_bos_token: false,
             chat_template: None,
             default_system_prompt: None,
-            kv_dtype: DEFAULT_KV_DTYPE.to_owned(),
+            kv_dtype: KvDtype::Float32,
             embedding: None,
         };
         match task {
@@ -311,8 +336,12 @@ impl MetadataFile {
                 metadata.add_bos_token = self.add_bos_token.unwrap_or(false);
                 metadata.chat_template = self.chat_template;
                 metadata.default_system_prompt = self.default_system_prompt;
-                if let Some(kv_dtype) = self.kv_dtype {
-                    metadata.kv_dtype = kv_dtype;
+                if let Some(text) = self.kv_dtype {
+                    metadata.kv_dtype = KvDtype::parse(&text)
+                        .filter(|&d| {
+                            d == KvDtype::Float32 || metadata.io_contract == IoContract::Fused
+                        })
+                        .ok_or(MetadataError::UnsupportedKvDtype(text))?;
                 }
                 metadata.validate_decoder()?;
             }
@@ -363,9 +392,6 @@ impl ModelMetadata {
                 vocab_size: self.vocab_size,
             });
         }
-        if self.kv_dtype != DEFAULT_KV_DTYPE {
-            return Err(MetadataError::UnsupportedKvDtype(self.kv_dtype.clone()));
-        }
         Ok(())
     }
 
@@ -398,10 +424,29 @@ mod tests {
     }
 
     #[test]
+    fn float16_caches_are_for_the_fused_contract_only() {
+        let mut v = sample();
+        v["kv_dtype"] = "float16".into();
+        let m = ModelMetadata::from_json(&v.to_string()).expect("valid");
+        assert_eq!(m.kv_dtype, KvDtype::Float16);
+        v["io_contract"] = "optimum".into();
+        assert!(matches!(
+            ModelMetadata::from_json(&v.to_string()),
+            Err(MetadataError::UnsupportedKvDtype(d)) if d == "float16"
+        ));
+        let mut v = sample();
+        v["kv_dtype"] = "bfloat16".into();
+        assert!(matches!(
+            ModelMetadata::from_json(&v.to_string()),
+            Err(MetadataError::UnsupportedKvDtype(d)) if d == "bfloat16"
+        ));
+    }
+
+    #[test]
     fn parses_and_ignores_unknown_fields() {
         let m = ModelMetadata::from_json(&sample().to_string()).expect("valid");
         assert_eq!(m.io_contract, IoContract::Fused);
-        assert_eq!(m.kv_dtype, "float32");
+        assert_eq!(m.kv_dtype, KvDtype::Float32);
         assert_eq!(
             m.past_names().nth(1),
             Some((

@@ -38,6 +38,20 @@ fn matches_reference(model: &str) {
 }
 
 #[test]
+fn float16_graph_generates_what_onnx_runtime_in_python_generates() {
+    let engine = load("fixture-fused-float16");
+    assert_eq!(engine.metadata().kv_dtype, moat_core::KvDtype::Float16);
+    for text in PROMPTS {
+        let prompt = engine
+            .tokenize_prompt(&Prompt::Text(text.into()))
+            .expect("tokenizes");
+        let ours = run(&engine, greedy(Prompt::TokenIds(prompt.clone()), 16));
+        let python = common::python_ort_greedy("fixture-fused-float16", &prompt, 16);
+        assert_eq!(ours.ids, python, "prompt {text:?}");
+    }
+}
+
+#[test]
 fn fused_graph_matches_the_reference() {
     matches_reference("fixture-fused");
 }

@@ -9,8 +9,14 @@ use common::{cpu_options, model_dir, runtime};
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
 use moat_daemon::engine::{ModelDirectory, OrtBackend, SessionOptions};
 
+const FIXTURE: &str = "fixture-fused";
+
 fn backend(max_batch: usize) -> OrtBackend {
-    let dir = ModelDirectory::open(&model_dir("fixture-fused")).expect("fixture model");
+    backend_of(FIXTURE, max_batch)
+}
+
+fn backend_of(model: &str, max_batch: usize) -> OrtBackend {
+    let dir = ModelDirectory::open(&model_dir(model)).expect("fixture model");
     OrtBackend::load(
         &runtime(),
         &dir,
@@ -37,6 +43,12 @@ fn step(backend: &mut OrtBackend, inputs: &[(u64, &[u32])]) -> Vec<Vec<f32>> {
 }
 
 fn assert_close(batched: &[f32], solo: &[f32], what: &str) {
+    assert_close_to(batched, solo, 1e-4, what);
+}
+
+/// `tolerance` is relative to the logits' scale: float32 rounding leaves about 1e-5 of it
+/// between one row and several, float16 about 2e-3 after a few steps.
+fn assert_close_to(batched: &[f32], solo: &[f32], tolerance: f32, what: &str) {
     assert_eq!(batched.len(), solo.len());
     assert_eq!(
         argmax(batched),
@@ -49,11 +61,11 @@ fn assert_close(batched: &[f32], solo: &[f32], what: &str) {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     // Kernels sum in a different order for one row than for several, so the logits agree
-    // to float rounding (about 1e-5 of their scale here), not bit for bit; a row that read
-    // another row's cache or a wrong position would be off by whole units.
+    // to float rounding, not bit for bit; a row that read another row's cache or a wrong
+    // position would be off by whole units.
     let scale = solo.iter().fold(1.0f32, |m, x| m.max(x.abs()));
     assert!(
-        worst <= 1e-4 * scale,
+        worst <= tolerance * scale,
         "{what}: batched logits differ from solo by {worst} (scale {scale})"
     );
 }
@@ -69,8 +81,12 @@ struct Solo {
 
 impl Solo {
     fn new() -> Self {
+        Self::of(FIXTURE)
+    }
+
+    fn of(model: &str) -> Self {
         Self {
-            backend: backend(0),
+            backend: backend_of(model, 0),
         }
     }
 
@@ -89,10 +105,19 @@ impl Solo {
 
 #[test]
 fn sequences_of_different_lengths_decode_together_as_they_do_alone() {
+    different_lengths_together_and_alone(FIXTURE, 1e-4);
+}
+
+#[test]
+fn float16_caches_decode_together_as_they_do_alone() {
+    different_lengths_together_and_alone("fixture-fused-float16", 1e-2);
+}
+
+fn different_lengths_together_and_alone(model: &str, tolerance: f32) {
     let prompts: [&[u32]; 3] = [&[5, 6, 7], &[9, 3, 4, 8, 1, 2, 11], &[40; 12]];
     // One token per sequence per step.
     let decodes: [[u32; 3]; 4] = [[12, 21, 31], [13, 22, 32], [14, 23, 33], [15, 24, 34]];
-    let mut pooled = backend(4);
+    let mut pooled = backend_of(model, 4);
     for id in 0..3 {
         pooled.start_sequence(SequenceId(id), 64).expect("starts");
     }
@@ -107,7 +132,7 @@ fn sequences_of_different_lengths_decode_together_as_they_do_alone() {
         batched.push(step(&mut pooled, &inputs));
     }
 
-    let mut solo = Solo::new();
+    let mut solo = Solo::of(model);
     for i in 0..3 {
         let mut steps: Vec<&[u32]> = vec![prompts[i]];
         steps.extend(
@@ -117,7 +142,8 @@ fn sequences_of_different_lengths_decode_together_as_they_do_alone() {
         );
         let alone = solo.logits(100 + i as u64, &steps);
         for (t, row) in alone.iter().enumerate() {
-            assert_close(&batched[t][i], row, &format!("sequence {i}, step {t}"));
+            let what = format!("{model}, sequence {i}, step {t}");
+            assert_close_to(&batched[t][i], row, tolerance, &what);
         }
     }
 }

@@ -2,7 +2,7 @@
 """Converts a llama GGUF into a moat model directory (model.onnx, tokenizer.json, moat-model.json).
 
     python tools/model/convert_gguf.py --gguf MODEL.gguf --out DIR \\
-        --graph fused|optimum --variant exact|fast --name NAME
+        --graph fused|optimum --variant exact|fast [--float16] --name NAME
 
 --graph fused    ONNX Runtime contrib ops (MatMulNBits, GroupQueryAttention, ...), the GGUF's
                  quantised blocks kept exactly; the graph moat serves.
@@ -10,6 +10,8 @@
 --variant exact  float32 activations everywhere.
 --variant fast   MatMulNBits with int8 activations (accuracy_level 4), as llama.cpp computes.
                  Only the fused graph has quantised matmuls, so optimum takes exact only.
+--float16        the fused graph in float16 (activations and KV cache; logits stay float32),
+                 for GPUs (onnx_fp16).
 
 Needs numpy, gguf, onnx and tokenizers; no ONNX Runtime. See docs/model-directory.md.
 """
@@ -28,6 +30,7 @@ import onnx  # noqa: E402
 
 import convert_source  # noqa: E402
 import convert_tokenizer  # noqa: E402
+import onnx_fp16  # noqa: E402
 import onnx_fused  # noqa: E402
 import onnx_graph  # noqa: E402
 import onnx_optimum  # noqa: E402
@@ -44,7 +47,7 @@ def metadata(model: convert_source.Model, args, tokenizer, inputs: list[str], ou
     return {
         "format": FORMAT_VERSION,
         "name": args.name,
-        "variant": args.variant,
+        "variant": args.variant + ("-float16" if args.float16 else ""),
         "architecture": h.architecture,
         "io_contract": args.graph,
         "num_layers": h.num_layers,
@@ -59,7 +62,7 @@ def metadata(model: convert_source.Model, args, tokenizer, inputs: list[str], ou
         "add_bos_token": tok.add_bos_token,
         "chat_template": tok.chat_template,
         "default_system_prompt": None,
-        "kv_dtype": "float32",
+        "kv_dtype": "float16" if args.float16 else "float32",
         "inputs": inputs,
         "outputs": outputs,
         "source": {"file": os.path.basename(args.gguf), "sha256": convert_source.sha256_of(args.gguf)},
@@ -94,10 +97,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="model directory to write (created)")
     ap.add_argument("--graph", choices=("fused", "optimum"), required=True)
     ap.add_argument("--variant", choices=("exact", "fast"), default="exact")
+    ap.add_argument("--float16", action="store_true", help="fused graph in float16, for GPUs")
     ap.add_argument("--name", required=True, help="model name recorded in moat-model.json")
     args = ap.parse_args(argv)
     if args.graph == "optimum" and args.variant != "exact":
         ap.error("the optimum graph has float32 weights and activations only: use --variant exact")
+    if args.graph == "optimum" and args.float16:
+        ap.error("--float16 is for the fused graph")
 
     t0 = time.perf_counter()
     try:
@@ -111,6 +117,9 @@ def main(argv=None) -> int:
         print(f"error: {args.gguf}: {e}", file=sys.stderr)
         return 1
     check(graph)
+    if args.float16:
+        graph = onnx_fp16.to_float16(graph)
+        check(graph)
 
     os.makedirs(args.out, exist_ok=True)
     size = onnx_graph.save(graph, os.path.join(args.out, "model.onnx"))
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "moat-model.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    print(f"{args.out}: {args.graph}/{args.variant} graph, {len(model.layers)} layers, "
+    print(f"{args.out}: {args.graph}/{meta['variant']} graph, {len(model.layers)} layers, "
           f"model.onnx {size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
             # Exports may leave these dims symbolic; the directory's metadata has them.
             heads = heads if isinstance(heads, int) else meta["num_kv_heads"]
             head_dim = head_dim if isinstance(head_dim, int) else meta["head_dim"]
-            past[i.name] = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
+            dtype = np.float16 if i.type == "tensor(float16)" else np.float32
+            past[i.name] = np.zeros((1, heads, 0, head_dim), dtype=dtype)
 
     generated: list[int] = []
     ids = prompt

@@ -16,10 +16,10 @@ mod session;
 
 use std::collections::HashMap;
 
-use moat_core::{IoContract, ModelMetadata, ModelTask};
+use moat_core::{IoContract, KvDtype, ModelMetadata, ModelTask};
 use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session, SessionInputValue};
-use ort::value::{DynTensorValueType, DynValue, Tensor};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
 
 use super::backend::{
     Backend, BackendError, BackendModel, DeviceKind, LogitsBatch, SequenceId, StepInput,
@@ -40,7 +40,7 @@ enum KvCache {
     Shared {
         binding: Box<IoBinding>,
         /// One host buffer per past/present pair, in `past_names` order.
-        buffers: Vec<Tensor<f32>>,
+        buffers: Vec<DynTensor>,
         /// Whether a run has shown that the graph writes its outputs into `buffers`; a
         /// graph that wrote elsewhere would leave the next step reading a stale cache.
         verified: bool,
@@ -74,6 +74,8 @@ pub struct OrtBackend {
     decode_logits: Tensor<f32>,
     cpu_memory: MemoryInfo<'static>,
     prefill_chunk_tokens: usize,
+    /// The KV cache's element type (the graph's past/present type).
+    kv_element: TensorElementType,
     /// (index in the step's batch, slot) of the step's pooled decodes; reused.
     decode_plan: Vec<(usize, usize)>,
 }
@@ -122,6 +124,10 @@ impl OrtBackend {
             (IoContract::Fused, DeviceKind::Cpu) => options.max_batch,
             _ => 0,
         };
+        let kv_element = match metadata.kv_dtype {
+            KvDtype::Float32 => TensorElementType::Float32,
+            KvDtype::Float16 => TensorElementType::Float16,
+        };
         let pool = match pool_slots {
             0 => None,
             slots => Some(
@@ -141,6 +147,7 @@ impl OrtBackend {
             decode_logits,
             cpu_memory: MemoryInfo::default(),
             prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
+            kv_element,
             decode_plan: Vec::with_capacity(pool_slots),
         })
     }
@@ -190,7 +197,7 @@ impl OrtBackend {
         for (past, present) in self.past_names.iter().zip(&self.present_names) {
             // Host memory, zeroed by ort, so a buffer never exposes another sequence's
             // leftovers.
-            let mut buffer = Tensor::<f32>::new(self.session.allocator(), shape)?;
+            let mut buffer = DynTensor::new(self.session.allocator(), self.kv_element, shape)?;
             binding.bind_input(past.as_str(), &buffer)?;
             binding.bind_output(present.as_str(), &mut buffer)?;
             buffers.push(buffer);
@@ -301,7 +308,7 @@ impl OrtBackend {
     fn run_shared(
         &mut self,
         binding: &mut IoBinding,
-        buffers: &[Tensor<f32>],
+        buffers: &[DynTensor],
         verified: &mut bool,
         ids: Tensor<i64>,
         mask: Tensor<i64>,

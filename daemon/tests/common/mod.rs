@@ -104,6 +104,39 @@ pub fn collect(stream: &mut moat_daemon::engine::GenerationStream) -> Outcome {
 
 /// Greedy ids from the numpy reference (`tools/model/reference.py`), which reads the GGUF
 /// directly and shares no code with the ONNX graph.
+/// Greedy ids from the plain Python onnxruntime loop (`tools/model/ort_loop.py`) over a
+/// model directory's own graph, past end-of-sequence.
+pub fn python_ort_greedy(model: &str, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
+    let root = repo_root();
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let output = Command::new(provisioned(root.join("local/venv/bin/python")))
+        .arg(root.join("tools/model/ort_loop.py"))
+        .arg("--model")
+        .arg(model_dir(model))
+        .args(["--prompt-ids", &ids.join(",")])
+        .args(["--max-new-tokens", &new_tokens.to_string()])
+        .args(["--threads", "1", "--ignore-eos", "--json"])
+        .output()
+        .expect("ort_loop runs");
+    generated_ids(&output, "ort_loop")
+}
+
+fn generated_ids(output: &std::process::Output, what: &str) -> Vec<u32> {
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8_lossy(&output.stdout);
+    let value: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    value["generated_ids"]
+        .as_array()
+        .expect("generated_ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}
+
 pub fn reference_greedy(gguf: &str, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
     let root = repo_root();
     let python = provisioned(root.join("local/venv/bin/python"));
@@ -118,19 +151,7 @@ pub fn reference_greedy(gguf: &str, prompt: &[u32], new_tokens: usize) -> Vec<u3
         .arg(new_tokens.to_string())
         .output()
         .expect("reference runs");
-    assert!(
-        output.status.success(),
-        "reference failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line = String::from_utf8(output.stdout).expect("utf-8");
-    let value: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
-    value["generated_ids"]
-        .as_array()
-        .expect("generated_ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect()
+    generated_ids(&output, "reference")
 }
 
 pub fn load_embedder(model: &str) -> Embedder {

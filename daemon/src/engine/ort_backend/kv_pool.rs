@@ -23,7 +23,9 @@
 use std::ffi::CString;
 use std::ops::Range;
 
-use moat_core::ModelMetadata;
+use half::f16;
+use half::slice::HalfBitsSliceExt as _;
+use moat_core::{KvDtype, ModelMetadata};
 use ort::AsPointer;
 use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session};
@@ -37,7 +39,7 @@ pub(super) struct KvPool {
     /// Declared first so that it drops first: it points into the buffers below.
     binding: IoBinding,
     /// One buffer per past/present pair, in the graph's pair order.
-    buffers: Vec<Vec<f32>>,
+    buffers: KvBuffers,
     past_names: Vec<CString>,
     present_names: Vec<String>,
     input_ids: CString,
@@ -53,6 +55,51 @@ pub(super) struct KvPool {
     capacity: usize,
     head_dim: usize,
     vocab: usize,
+}
+
+/// The pool's memory in the model's KV element type. float16 is kept as its bits (`u16`),
+/// whose zero is allocated untouched like float32's (a `Vec<f16>` of zeros would be written
+/// element by element, making the whole pool resident at once).
+enum KvBuffers {
+    Float32(Vec<Vec<f32>>),
+    Float16(Vec<Vec<u16>>),
+}
+
+impl KvBuffers {
+    fn zeroed(dtype: KvDtype, pairs: usize, len: usize) -> Self {
+        // `vec![0; n]` asks the allocator for zeroed memory, which for buffers this large is
+        // fresh anonymous mappings: nothing is resident until written.
+        match dtype {
+            KvDtype::Float32 => Self::Float32((0..pairs).map(|_| vec![0.0f32; len]).collect()),
+            KvDtype::Float16 => Self::Float16((0..pairs).map(|_| vec![0u16; len]).collect()),
+        }
+    }
+
+    /// Where element `offset` of pair `pair` lies.
+    fn address(&self, pair: usize, offset: usize) -> Option<*const std::ffi::c_void> {
+        match self {
+            Self::Float32(b) => b.get(pair).map(|v| v[offset..].as_ptr().cast()),
+            Self::Float16(b) => b.get(pair).map(|v| v[offset..].as_ptr().cast()),
+        }
+    }
+}
+
+/// Binds `rows` of each buffer (`row_len` elements a row) as that pair's past and present.
+fn bind_rows<'a, T: PrimitiveTensorElementType + std::fmt::Debug + 'a>(
+    binding: &mut IoBinding,
+    buffers: impl Iterator<Item = &'a mut [T]>,
+    names: impl Iterator<Item = (&'a CString, &'a String)>,
+    rows: &Range<usize>,
+    row_len: usize,
+    shape: &[usize],
+) -> Result<(), ort::Error> {
+    for (buffer, (past, present)) in buffers.zip(names) {
+        let region = &mut buffer[rows.start * row_len..rows.end * row_len];
+        let view = host_view(region, shape)?;
+        bind_input_in_place(binding, past, &view)?;
+        binding.bind_output(present.as_str(), view)?;
+    }
+    Ok(())
 }
 
 /// The logits of a batched decode, by slot.
@@ -83,9 +130,7 @@ impl KvPool {
         let len = slots * metadata.num_kv_heads * metadata.context_length * metadata.head_dim;
         Ok(Self {
             binding: session.create_binding().map_err(|e| e.to_string())?,
-            // `vec![0.0; n]` asks the allocator for zeroed memory, which for buffers this
-            // large is fresh anonymous mappings: nothing is resident until written.
-            buffers: past_names.iter().map(|_| vec![0.0f32; len]).collect(),
+            buffers: KvBuffers::zeroed(metadata.kv_dtype, past_names.len(), len),
             past_names: past_names
                 .iter()
                 .map(|n| c_name(n))
@@ -220,15 +265,26 @@ impl KvPool {
         bind_input_in_place(&mut self.binding, &self.attention_mask, &mask).map_err(&bind)?;
         let row_len = self.kv_heads * self.capacity * self.head_dim;
         let kv_shape = [batch, self.kv_heads, self.capacity, self.head_dim];
-        let pairs = self.buffers.iter_mut().zip(&self.past_names);
-        for ((buffer, past), present) in pairs.zip(&self.present_names) {
-            let region = &mut buffer[rows.start * row_len..rows.end * row_len];
-            let view = host_view(region, &kv_shape).map_err(&bind)?;
-            bind_input_in_place(&mut self.binding, past, &view).map_err(&bind)?;
-            self.binding
-                .bind_output(present.as_str(), view)
-                .map_err(&bind)?;
+        let names = self.past_names.iter().zip(&self.present_names);
+        match &mut self.buffers {
+            KvBuffers::Float32(buffers) => bind_rows(
+                &mut self.binding,
+                buffers.iter_mut().map(Vec::as_mut_slice),
+                names,
+                &rows,
+                row_len,
+                &kv_shape,
+            ),
+            KvBuffers::Float16(buffers) => bind_rows(
+                &mut self.binding,
+                buffers.iter_mut().map(|b| b.reinterpret_cast_mut::<f16>()),
+                names,
+                &rows,
+                row_len,
+                &kv_shape,
+            ),
         }
+        .map_err(&bind)?;
         if new_tokens == 1 {
             let logits = host_view(&mut self.logits, &[batch, 1, self.vocab]).map_err(&bind)?;
             self.binding.bind_output("logits", logits)
@@ -241,15 +297,13 @@ impl KvPool {
         let outputs = session
             .run_binding(&self.binding)
             .map_err(runtime_error("the forward pass"))?;
-        for (name, buffer) in self.present_names.iter().zip(&self.buffers) {
-            let expected = buffer[rows.start * row_len..]
-                .as_ptr()
-                .cast::<std::ffi::c_void>();
+        for (pair, name) in self.present_names.iter().enumerate() {
+            let expected = self.buffers.address(pair, rows.start * row_len);
             let written = outputs
                 .get(name.as_str())
                 .and_then(|value| value.view().downcast::<DynTensorValueType>().ok())
                 .map(|tensor| tensor.data_ptr());
-            if written != Some(expected) {
+            if written.is_none() || written != expected {
                 return Err(BackendError::Runtime {
                     during: "updating the KV cache in place",
                     message: format!(
