@@ -26,9 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
-use moat_daemon::engine::{
-    ChatMessage, DevicePreference, ModelDirectory, OrtBackend, Prompt, SessionOptions,
-};
+use moat_daemon::engine::{ChatMessage, ModelDirectory, OrtBackend, Prompt, SessionOptions};
 use serde_json::{Value, json};
 
 mod common;
@@ -117,7 +115,7 @@ fn main() {
         .join(",");
 
     let pki = make_pki();
-    let moatd = start_moatd(&pki, &bench.root, &model, &device, threads);
+    let moatd = start_moatd(&pki, &bench, &model, &device);
     let agent = client(&pki);
     let moatd_request = |max_tokens: usize| {
         (
@@ -133,7 +131,11 @@ fn main() {
             .to_string(),
         )
     };
-    let llama = start_llama_server(&cache, &bench.root, threads);
+    // The peers run on the CPU only: on the GPU, moatd is measured against the bare loop.
+    let on_cpu = device != "cuda";
+    let llama = on_cpu
+        .then(|| start_llama_server(&cache, &bench.root, threads))
+        .flatten();
     // A fresh connection per request: llama-server closes kept-alive connections that a
     // pool would then hand out again.
     let plain = ureq::Agent::config_builder()
@@ -157,18 +159,20 @@ fn main() {
         )
     };
     let genai_python = cache.join("peers/bin/python");
-    let genai = genai_python.exists().then_some(genai_python);
+    let genai = (on_cpu && genai_python.exists()).then_some(genai_python);
     if genai.is_none() {
         eprintln!("onnxruntime-genai left out: run `bash bench/install-peers.sh`");
     }
-    let mut bare = BareLoop::load(&bench, &model_dir, &device);
+    let mut bare = BareLoop::load(&bench, &model_dir);
 
     // Every engine runs once per round: drift in the machine's speed touches all alike.
     let mut names: Vec<&str> = vec![
         "moatd, end to end over mTLS",
         "bare ONNX Runtime loop (Rust)",
-        "Python onnxruntime loop",
     ];
+    if on_cpu {
+        names.push("Python onnxruntime loop");
+    }
     if genai.is_some() {
         names.push("onnxruntime-genai");
     }
@@ -182,17 +186,19 @@ fn main() {
         let (url, body) = moatd_request(NEW_TOKENS);
         row.push(single(&stream(&agent, &url, &body)));
         row.push(bare.run(&prompt_ids, NEW_TOKENS));
-        row.push(python_peer(
-            &bench.root.join("local/venv/bin/python"),
-            &[
-                bench.root.join("tools/model/ort_loop.py").as_os_str(),
-                "--ignore-eos".as_ref(),
-                "--json".as_ref(),
-            ],
-            &model_dir,
-            &ids_arg,
-            threads,
-        ));
+        if on_cpu {
+            row.push(python_peer(
+                &bench.root.join("local/venv/bin/python"),
+                &[
+                    bench.root.join("tools/model/ort_loop.py").as_os_str(),
+                    "--ignore-eos".as_ref(),
+                    "--json".as_ref(),
+                ],
+                &model_dir,
+                &ids_arg,
+                threads,
+            ));
+        }
         if let Some(python) = &genai {
             row.push(python_peer(
                 python,
@@ -219,7 +225,7 @@ fn main() {
         .zip(samples.iter().map(|s| median_single(s)))
         .collect();
     drop(bare);
-    let steps = batched_steps(&bench, &model_dir, &device, &prompt_ids);
+    let steps = batched_steps(&bench, &model_dir, &prompt_ids);
 
     let idle_ttft = {
         let mut ttfts = Vec::new();
@@ -551,22 +557,13 @@ struct BareLoop {
 }
 
 impl BareLoop {
-    fn load(bench: &common::CpuBench, model_dir: &Path, device: &str) -> Self {
-        Self::load_with(bench, model_dir, device, 1)
+    fn load(bench: &common::CpuBench, model_dir: &Path) -> Self {
+        Self::load_with(bench, model_dir, 1)
     }
 
-    fn load_with(
-        bench: &common::CpuBench,
-        model_dir: &Path,
-        device: &str,
-        max_batch: usize,
-    ) -> Self {
+    fn load_with(bench: &common::CpuBench, model_dir: &Path, max_batch: usize) -> Self {
         let dir = ModelDirectory::open(model_dir).expect("model directory");
         let options = SessionOptions {
-            device: match device {
-                "cuda" => DevicePreference::Cuda,
-                _ => DevicePreference::Cpu,
-            },
             max_batch,
             ..bench.options.clone()
         };
@@ -607,14 +604,9 @@ impl BareLoop {
 /// The time of one decode step over the KV pool with `batch` sequences (after their
 /// prompts), for batch sizes 1 to 32: how the graph's kernels scale with the batch, apart
 /// from serving.
-fn batched_steps(
-    bench: &common::CpuBench,
-    model_dir: &Path,
-    device: &str,
-    prompt: &[u32],
-) -> Vec<(usize, f64)> {
+fn batched_steps(bench: &common::CpuBench, model_dir: &Path, prompt: &[u32]) -> Vec<(usize, f64)> {
     const STEPS: usize = 24;
-    let mut pooled = BareLoop::load_with(bench, model_dir, device, 32);
+    let mut pooled = BareLoop::load_with(bench, model_dir, 32);
     let mut logits = LogitsBatch::default();
     [1usize, 2, 4, 8, 16, 32]
         .iter()
@@ -708,7 +700,8 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str) {
 
 /// The real moatd binary, serving the model as `bench` with its defaults: the policy gate
 /// and the audit trail (two auditors, durable records) in the path, as in production.
-fn start_moatd(pki: &Pki, root: &Path, model: &str, device: &str, threads: usize) -> Server {
+fn start_moatd(pki: &Pki, bench: &common::CpuBench, model: &str, device: &str) -> Server {
+    let (root, threads) = (&bench.root, bench.threads);
     let port = free_port();
     let auditors = [
         age::x25519::Identity::generate().to_public(),
@@ -724,7 +717,7 @@ fn start_moatd(pki: &Pki, root: &Path, model: &str, device: &str, threads: usize
          [admin]\nsocket = \"state/admin.sock\"\n",
         auditors[0],
         auditors[1],
-        lib = root.join("local/onnxruntime").display(),
+        lib = bench.library.display(),
         models = root.join("local/models").display(),
     );
     let policies = pki.dir.path().join("policies");

@@ -13,10 +13,13 @@ use moat_daemon::engine::{
     DevicePreference, Engine, EngineSettings, OrtRuntime, SessionOptions, runtime_library,
 };
 
-/// The workspace's provisioned runtime and the CPU session options every bench uses.
+/// The workspace's provisioned runtime and the session options every bench uses (CPU, one
+/// intra-op thread per processor, unless the environment asks for the GPU).
 pub struct CpuBench {
     pub root: PathBuf,
     pub threads: usize,
+    /// The ONNX Runtime library the benches and their moatd load.
+    pub library: PathBuf,
     pub runtime: std::sync::Arc<OrtRuntime>,
     pub options: SessionOptions,
 }
@@ -28,16 +31,26 @@ impl CpuBench {
             .expect("workspace root")
             .to_path_buf();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let located = runtime_library::locate(Some(&root.join("local/onnxruntime")), None)
-            .expect("run scripts/setup.sh first");
+        // `MOAT_ONNXRUNTIME_LIB` picks another library (bench/gpu.sh: the onnxruntime-gpu
+        // build); `MOAT_BENCH_DEVICE=cuda` runs on the GPU.
+        let library = std::env::var_os("MOAT_ONNXRUNTIME_LIB")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("local/onnxruntime"));
+        let located =
+            runtime_library::locate(Some(&library), None).expect("run scripts/setup.sh first");
         let runtime = OrtRuntime::load(located).expect("ONNX Runtime");
+        let device = match std::env::var("MOAT_BENCH_DEVICE").as_deref() {
+            Ok("cuda") => DevicePreference::Cuda,
+            _ => DevicePreference::Cpu,
+        };
         let options = SessionOptions {
-            device: DevicePreference::Cpu,
+            device,
             intra_op_threads: Some(threads),
             ..SessionOptions::default()
         };
         Self {
             root,
+            library,
             threads,
             runtime,
             options,
