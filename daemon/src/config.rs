@@ -296,6 +296,20 @@ impl Config {
                 e.prefill_chunk_tokens + e.max_batch
             ));
         }
+        if e.workers > 1 && e.intra_op_threads.is_none() {
+            problems.push(format!(
+                "engine.workers = {} needs engine.intra_op_threads: each worker's session would \
+                 otherwise start a thread per core, {} times over",
+                e.workers, e.workers
+            ));
+        }
+        if e.workers > 1 && e.pin_threads {
+            problems.push(
+                "engine.pin_threads with engine.workers > 1 would pin every worker to the same \
+                 processors; leave pinning off with several workers"
+                    .to_owned(),
+            );
+        }
         for (department, &weight) in &e.department_weights {
             if !(1..=1000).contains(&weight) {
                 problems.push(format!(
@@ -347,6 +361,22 @@ mod tests {
             problems.iter().any(|p| p.contains("engine.workers")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn several_workers_need_their_own_thread_counts_and_no_pinning() {
+        for (text, expected) in [
+            ("[engine]\nworkers = 2\n", "needs engine.intra_op_threads"),
+            (
+                "[engine]\nworkers = 2\nintra_op_threads = 2\npin_threads = true\n",
+                "engine.pin_threads",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("moat.toml")).expect_err("invalid");
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        let text = "[engine]\nworkers = 2\nintra_op_threads = 2\n";
+        Config::parse(text, Path::new("moat.toml")).expect("two workers of two threads");
     }
 
     #[test]

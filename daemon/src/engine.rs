@@ -22,7 +22,7 @@ mod worker;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -380,11 +380,13 @@ impl Engine {
             },
         };
         let mut workers = Vec::with_capacity(backends.len());
+        let serving = Arc::new(AtomicUsize::new(backends.len()));
         for (index, backend) in backends.into_iter().enumerate() {
             let health = Arc::new(worker::WorkerHealth::default());
             let waiting = worker::Waiting {
                 queue: Arc::clone(&queue),
                 woken: woken.clone(),
+                serving: Arc::clone(&serving),
             };
             let (tokenizer, thread_health) = (Arc::clone(&tokenizer), Arc::clone(&health));
             let thread = std::thread::Builder::new()

@@ -237,6 +237,64 @@ fn a_panicking_backend_fails_generations_instead_of_hanging_them() {
 }
 
 #[test]
+fn a_panicking_worker_leaves_the_queue_to_its_siblings() {
+    let model = ModelDirectory::open(&common::model_dir("fixture-fused")).expect("fixture");
+    let scripted = || {
+        let mode = Arc::new(AtomicU8::new(NORMAL));
+        let (open_gate, gate) = mpsc::channel();
+        let backend = ScriptedBackend {
+            model: BackendModel {
+                vocab_size: model.metadata.vocab_size,
+                context_length: model.metadata.context_length,
+                device: DeviceKind::Cpu,
+            },
+            mode: Arc::clone(&mode),
+            gate: Arc::new(Mutex::new(gate)),
+            batches: Arc::new(Mutex::new(Vec::new())),
+            stepped: Arc::new(Mutex::new(Vec::new())),
+        };
+        (mode, open_gate, backend)
+    };
+    let (doomed_mode, doomed_gate, doomed) = scripted();
+    let (healthy_mode, healthy_gate, healthy) = scripted();
+    let engine = Engine::start_workers(
+        vec![Box::new(doomed), Box::new(healthy)],
+        &model,
+        EngineSettings {
+            max_batch: 1,
+            ..EngineSettings::default()
+        },
+    )
+    .expect("starts");
+    // Both workers hold one request each, stopped mid-step; the rest wait in the queue.
+    doomed_mode.store(WAIT, Ordering::SeqCst);
+    healthy_mode.store(WAIT, Ordering::SeqCst);
+    let mut streams: Vec<_> = (0..12)
+        .map(|_| engine.submit(request(3)).expect("accepted"))
+        .collect();
+    wait_until("both workers to hold a request", || {
+        engine.live_sequences() == 2
+    });
+    // One worker panics at its next step, while ten requests wait.
+    doomed_mode.store(PANIC, Ordering::SeqCst);
+    doomed_gate.send(()).expect("gate");
+    wait_until("the doomed worker to fail", || engine.live_sequences() == 1);
+    healthy_mode.store(NORMAL, Ordering::SeqCst);
+    healthy_gate.send(()).expect("gate");
+    let (mut finished, mut failed) = (0, 0);
+    for stream in &mut streams {
+        match last_event(stream) {
+            GenerationEvent::Finished { .. } => finished += 1,
+            GenerationEvent::Failed(EngineError::Inference(_)) => failed += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Only what the doomed worker held fails; the healthy one serves everything queued.
+    assert_eq!((finished, failed), (11, 1));
+    assert!(engine.is_healthy());
+}
+
+#[test]
 fn a_long_prompt_is_fed_in_chunks_between_other_decodes() {
     let h = start(EngineSettings {
         prefill_chunk_tokens: 3,

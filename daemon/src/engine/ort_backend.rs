@@ -500,8 +500,16 @@ impl Backend for OrtBackend {
         logits: &mut LogitsBatch,
     ) -> Result<(), BackendError> {
         logits.reset(batch.len(), self.model.vocab_size);
-        for input in batch {
+        for (index, input) in batch.iter().enumerate() {
             self.check_input(input)?;
+            // Each input is checked against its sequence's length before the step; a second
+            // input for the same sequence would be checked against a stale one.
+            if batch[..index].iter().any(|b| b.sequence == input.sequence) {
+                return Err(BackendError::Runtime {
+                    during: "planning a step",
+                    message: format!("{} appears twice in one step", input.sequence),
+                });
+            }
         }
         // Pooled decodes wait for one batched run; everything else (prompt chunks, and
         // sequences with caches of their own) runs alone, first.
@@ -514,13 +522,6 @@ impl Backend for OrtBackend {
                 _ => None,
             };
             if let Some(slot) = slot {
-                if plan.iter().any(|&(_, s)| s == slot) {
-                    result = Err(BackendError::Runtime {
-                        during: "planning a batched step",
-                        message: format!("{} appears twice in one step", input.sequence),
-                    });
-                    break;
-                }
                 plan.push((index, slot));
             } else if let Err(e) = self.step_one(*input, logits.row_mut(index)) {
                 result = Err(e);

@@ -2,9 +2,9 @@
 //!
 //! Inference never runs on an async worker: dedicated OS threads (`engine.workers`, one
 //! backend each) take admissions from the engine's one fair queue (departments in turn) and
-//! answer each generation through its own event channel. Between steps it admits new sequences into free slots and drops the
-//! ones whose client went away, waiting or running, so a batch is always the set of live
-//! sequences.
+//! answer each generation through its own event channel. Between steps a thread admits new
+//! sequences into its free slots and drops the ones whose client went away, waiting or
+//! running, so its batch is always the set of its live sequences.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -38,6 +38,8 @@ struct Live {
 pub(crate) struct Waiting {
     pub queue: Arc<Mutex<FairQueue<Admission>>>,
     pub woken: Receiver<()>,
+    /// Engine threads still serving this queue.
+    pub serving: Arc<AtomicUsize>,
 }
 
 impl Waiting {
@@ -103,7 +105,7 @@ pub(crate) fn run(
             Ok(true) => {}
             Ok(false) => return,
             Err(_) => {
-                tracing::error!("the engine thread panicked; failing its generations");
+                tracing::error!("an engine thread panicked; failing its generations");
                 worker.fail_everything();
                 return;
             }
@@ -172,8 +174,11 @@ impl Worker {
         for l in self.live.drain(..) {
             let _ = l.events.send(failed());
         }
-        for queued in self.waiting.lock().drain() {
-            let _ = queued.events.send(failed());
+        // Waiting requests are the other threads' to serve, unless this was the last one.
+        if self.waiting.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
+            for queued in self.waiting.lock().drain() {
+                let _ = queued.events.send(failed());
+            }
         }
     }
 }

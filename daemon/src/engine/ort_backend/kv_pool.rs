@@ -66,13 +66,21 @@ enum KvBuffers {
 }
 
 impl KvBuffers {
-    fn zeroed(dtype: KvDtype, pairs: usize, len: usize) -> Self {
-        // `vec![0; n]` asks the allocator for zeroed memory, which for buffers this large is
-        // fresh anonymous mappings: nothing is resident until written.
-        match dtype {
-            KvDtype::Float32 => Self::Float32((0..pairs).map(|_| vec![0.0f32; len]).collect()),
-            KvDtype::Float16 => Self::Float16((0..pairs).map(|_| vec![0u16; len]).collect()),
-        }
+    /// `pairs` buffers of `len` zeroes, or an error where the address space is refused (a
+    /// huge context times many slots, or a host with strict overcommit).
+    fn zeroed(dtype: KvDtype, pairs: usize, len: usize) -> Result<Self, String> {
+        Ok(match dtype {
+            KvDtype::Float32 => Self::Float32(
+                (0..pairs)
+                    .map(|_| zeroed_vec(len))
+                    .collect::<Result<_, _>>()?,
+            ),
+            KvDtype::Float16 => Self::Float16(
+                (0..pairs)
+                    .map(|_| zeroed_vec(len))
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
     }
 
     /// Where element `offset` of pair `pair` lies.
@@ -82,6 +90,36 @@ impl KvBuffers {
             Self::Float16(b) => b.get(pair).map(|v| v[offset..].as_ptr().cast()),
         }
     }
+}
+
+/// Numbers whose all-zero bit pattern is the value zero.
+trait ZeroBits: Copy {}
+impl ZeroBits for f32 {}
+impl ZeroBits for u16 {}
+
+/// `len` zeroes from the allocator's zeroed memory: for buffers this large, fresh anonymous
+/// mappings, so nothing is resident until written. Unlike `vec![0; len]`, a refused
+/// allocation is an error, not an abort.
+fn zeroed_vec<T: ZeroBits>(len: usize) -> Result<Vec<T>, String> {
+    let refused = || {
+        format!(
+            "the KV pool needs {} MiB of address space per buffer, which this host refuses; \
+             lower engine.max_batch",
+            len.saturating_mul(std::mem::size_of::<T>()) >> 20
+        )
+    };
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| refused())?;
+    // SAFETY: `layout` has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(refused());
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with `layout` (`len` elements of
+    // `T`), and all of them are initialised: zero bits are zero for every `ZeroBits` type.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
 /// Binds `rows` of each buffer (`row_len` elements a row) as that pair's past and present.
@@ -127,10 +165,17 @@ impl KvPool {
         slots: usize,
     ) -> Result<Self, String> {
         let c_name = |name: &str| CString::new(name).map_err(|e| e.to_string());
-        let len = slots * metadata.num_kv_heads * metadata.context_length * metadata.head_dim;
+        let len = [
+            metadata.num_kv_heads,
+            metadata.context_length,
+            metadata.head_dim,
+        ]
+        .iter()
+        .try_fold(slots, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| "the KV pool's size overflows; lower engine.max_batch".to_owned())?;
         Ok(Self {
             binding: session.create_binding().map_err(|e| e.to_string())?,
-            buffers: KvBuffers::zeroed(metadata.kv_dtype, past_names.len(), len),
+            buffers: KvBuffers::zeroed(metadata.kv_dtype, past_names.len(), len)?,
             past_names: past_names
                 .iter()
                 .map(|n| c_name(n))
@@ -248,13 +293,17 @@ impl KvPool {
         mask_width: usize,
     ) -> Result<(), BackendError> {
         let batch = rows.len();
-        if rows.end > self.occupants.len() || (new_tokens > 1 && batch != 1) {
+        if rows.end > self.occupants.len()
+            || (new_tokens > 1 && batch != 1)
+            || mask_width > self.capacity
+        {
             return Err(BackendError::Runtime {
                 during: "binding a pooled run",
                 message: format!(
-                    "rows {rows:?} with {new_tokens} new tokens each do not fit the pool's {} \
-                     slots",
-                    self.occupants.len()
+                    "rows {rows:?} with {new_tokens} new tokens each and {mask_width} positions \
+                     do not fit the pool's {} slots of {} positions",
+                    self.occupants.len(),
+                    self.capacity
                 ),
             });
         }
