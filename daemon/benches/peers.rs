@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
+use moat_daemon::engine::sampler;
 use moat_daemon::engine::{ChatMessage, ModelDirectory, OrtBackend, Prompt, SessionOptions};
 use serde_json::{Value, json};
 
@@ -584,8 +585,7 @@ impl BareLoop {
             backend
                 .step(&[StepInput { sequence, tokens }], logits)
                 .expect("step runs");
-            let row = logits.row(0);
-            (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32
+            sampler::argmax(logits.row(0))
         };
         token[0] = feed(&mut self.backend, &mut self.logits, prompt);
         let first = Instant::now();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use moat_daemon::engine::backend::{LogitsBatch, StepInput};
 use moat_daemon::engine::{
     Backend, BackendError, BackendModel, DeviceKind, Engine, EngineError, EngineSettings,
-    GenerationEvent, GenerationRequest, ModelDirectory, Prompt, SequenceId,
+    GenerationEvent, GenerationRequest, GenerationStream, ModelDirectory, Prompt, SequenceId,
 };
 
 const NORMAL: u8 = 0;
@@ -83,12 +83,14 @@ struct Harness {
     stepped: Arc<Mutex<Vec<SequenceId>>>,
 }
 
-fn start(settings: EngineSettings) -> Harness {
-    let model = ModelDirectory::open(&common::model_dir("fixture-fused")).expect("fixture");
+fn fixture() -> ModelDirectory {
+    ModelDirectory::open(&common::model_dir("fixture-fused")).expect("fixture")
+}
+
+/// A scripted backend for the fixture's shape, with the handles that drive it.
+fn scripted(model: &ModelDirectory) -> (ScriptedBackend, Arc<AtomicU8>, mpsc::Sender<()>) {
     let mode = Arc::new(AtomicU8::new(NORMAL));
     let (open_gate, gate) = mpsc::channel();
-    let batches = Arc::new(Mutex::new(Vec::new()));
-    let stepped = Arc::new(Mutex::new(Vec::new()));
     let backend = ScriptedBackend {
         model: BackendModel {
             vocab_size: model.metadata.vocab_size,
@@ -97,9 +99,16 @@ fn start(settings: EngineSettings) -> Harness {
         },
         mode: Arc::clone(&mode),
         gate: Arc::new(Mutex::new(gate)),
-        batches: Arc::clone(&batches),
-        stepped: Arc::clone(&stepped),
+        batches: Arc::new(Mutex::new(Vec::new())),
+        stepped: Arc::new(Mutex::new(Vec::new())),
     };
+    (backend, mode, open_gate)
+}
+
+fn start(settings: EngineSettings) -> Harness {
+    let model = fixture();
+    let (backend, mode, open_gate) = scripted(&model);
+    let (batches, stepped) = (Arc::clone(&backend.batches), Arc::clone(&backend.stepped));
     let engine = Engine::start(Box::new(backend), &model, settings).expect("starts");
     Harness {
         engine,
@@ -238,25 +247,9 @@ fn a_panicking_backend_fails_generations_instead_of_hanging_them() {
 
 #[test]
 fn a_panicking_worker_leaves_the_queue_to_its_siblings() {
-    let model = ModelDirectory::open(&common::model_dir("fixture-fused")).expect("fixture");
-    let scripted = || {
-        let mode = Arc::new(AtomicU8::new(NORMAL));
-        let (open_gate, gate) = mpsc::channel();
-        let backend = ScriptedBackend {
-            model: BackendModel {
-                vocab_size: model.metadata.vocab_size,
-                context_length: model.metadata.context_length,
-                device: DeviceKind::Cpu,
-            },
-            mode: Arc::clone(&mode),
-            gate: Arc::new(Mutex::new(gate)),
-            batches: Arc::new(Mutex::new(Vec::new())),
-            stepped: Arc::new(Mutex::new(Vec::new())),
-        };
-        (mode, open_gate, backend)
-    };
-    let (doomed_mode, doomed_gate, doomed) = scripted();
-    let (healthy_mode, healthy_gate, healthy) = scripted();
+    let model = fixture();
+    let (doomed, doomed_mode, doomed_gate) = scripted(&model);
+    let (healthy, healthy_mode, healthy_gate) = scripted(&model);
     let engine = Engine::start_workers(
         vec![Box::new(doomed), Box::new(healthy)],
         &model,
@@ -335,19 +328,26 @@ fn from(department: &str, max_tokens: usize) -> GenerationRequest {
     request
 }
 
-#[test]
-fn a_department_flooding_the_queue_does_not_starve_another() {
+/// An engine of one slot whose steps wait for the gate, with one of department a's
+/// requests already holding that slot.
+fn one_slot_held(queue_capacity: usize) -> (Harness, GenerationStream) {
     let h = start(EngineSettings {
         max_batch: 1,
-        queue_capacity: 32,
+        queue_capacity,
         ..EngineSettings::default()
     });
     h.mode.store(WAIT, Ordering::SeqCst);
-    // One of a's requests holds the only slot while the rest line up behind it.
     let running = h.engine.submit(from("a", 1)).expect("accepted");
     wait_until("the first request to run", || {
         h.engine.live_sequences() == 1
     });
+    (h, running)
+}
+
+#[test]
+fn a_department_flooding_the_queue_does_not_starve_another() {
+    // One of a's requests holds the only slot while the rest line up behind it.
+    let (h, running) = one_slot_held(32);
     let mut streams = vec![running];
     for _ in 0..10 {
         streams.push(h.engine.submit(from("a", 1)).expect("accepted"));
@@ -381,16 +381,7 @@ fn a_department_flooding_the_queue_does_not_starve_another() {
 
 #[test]
 fn a_department_may_hold_only_its_share_of_the_queue() {
-    let h = start(EngineSettings {
-        max_batch: 1,
-        queue_capacity: 4,
-        ..EngineSettings::default()
-    });
-    h.mode.store(WAIT, Ordering::SeqCst);
-    let _running = h.engine.submit(from("a", 1)).expect("accepted");
-    wait_until("the first request to run", || {
-        h.engine.live_sequences() == 1
-    });
+    let (h, _running) = one_slot_held(4);
     // Half of the four places: two.
     let _waiting: Vec<_> = (0..2)
         .map(|_| h.engine.submit(from("a", 1)).expect("its share"))

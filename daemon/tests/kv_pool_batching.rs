@@ -7,6 +7,7 @@ mod common;
 
 use common::{cpu_options, model_dir, runtime};
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
+use moat_daemon::engine::sampler::argmax;
 use moat_daemon::engine::{ModelDirectory, OrtBackend, SessionOptions};
 
 const FIXTURE: &str = "fixture-fused";
@@ -68,10 +69,6 @@ fn assert_close_to(batched: &[f32], solo: &[f32], tolerance: f32, what: &str) {
         worst <= tolerance * scale,
         "{what}: batched logits differ from solo by {worst} (scale {scale})"
     );
-}
-
-fn argmax(row: &[f32]) -> usize {
-    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
 }
 
 /// The solo reference: a backend without a pool, one sequence at a time.

@@ -182,7 +182,9 @@ impl GrammarCompiler {
         }
         Ok(Constraint {
             matcher,
-            validator: validator.map(Arc::new),
+            check: AnswerCheck {
+                validator: validator.map(Arc::new),
+            },
         })
     }
 }
@@ -244,13 +246,13 @@ fn json_grammar(mut schema: Value) -> Result<TopLevelGrammar, ConstraintError> {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
-    validator: Option<Arc<jsonschema::Validator>>,
+    check: AnswerCheck,
 }
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Constraint")
-            .field("json", &self.validator.is_some())
+            .field("check", &self.check)
             .finish_non_exhaustive()
     }
 }
@@ -277,9 +279,7 @@ impl Constraint {
 
     /// The check of the finished answer, kept by whoever presents it.
     pub fn answer_check(&self) -> AnswerCheck {
-        AnswerCheck {
-            validator: self.validator.clone(),
-        }
+        self.check.clone()
     }
 }
 

@@ -339,19 +339,7 @@ impl OrtBackend {
             .map_err(runtime_error("the forward pass"))?;
         if !*verified {
             for (name, buffer) in self.present_names.iter().zip(buffers) {
-                let written = outputs
-                    .get(name.as_str())
-                    .and_then(|value| value.view().downcast::<DynTensorValueType>().ok())
-                    .map(|tensor| tensor.data_ptr());
-                if written != Some(buffer.data_ptr()) {
-                    return Err(BackendError::Runtime {
-                        during: "updating the KV cache in place",
-                        message: format!(
-                            "{name} was written to a new buffer; the graph does not share past \
-                             and present (declare it with the optimum contract)"
-                        ),
-                    });
-                }
+                written_in_place(&outputs, name, buffer.data_ptr())?;
             }
             *verified = true;
         }
@@ -417,6 +405,30 @@ fn no_pool() -> BackendError {
         during: "a pooled run",
         message: "the backend has no KV pool".to_owned(),
     }
+}
+
+/// Fails unless the graph wrote the present output `name` at `expected`, the past buffer it
+/// was bound with: a graph that wrote elsewhere would leave the next step reading a stale
+/// cache.
+fn written_in_place(
+    outputs: &ort::session::SessionOutputs<'_>,
+    name: &str,
+    expected: *const std::ffi::c_void,
+) -> Result<(), BackendError> {
+    let written = outputs
+        .get(name)
+        .and_then(|value| value.view().downcast::<DynTensorValueType>().ok())
+        .map(|tensor| tensor.data_ptr());
+    if written == Some(expected) {
+        return Ok(());
+    }
+    Err(BackendError::Runtime {
+        during: "updating the KV cache in place",
+        message: format!(
+            "{name} was written to a new buffer; the graph does not share past and present \
+             (declare it with the optimum contract)"
+        ),
+    })
 }
 
 fn output<'a>(

@@ -29,10 +29,10 @@ use moat_core::{KvDtype, ModelMetadata};
 use ort::AsPointer;
 use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session};
-use ort::value::{DynTensorValueType, PrimitiveTensorElementType, Shape, TensorRefMut, Value};
+use ort::value::{PrimitiveTensorElementType, Shape, TensorRefMut, Value};
 
 use super::super::backend::{BackendError, SequenceId};
-use super::{copy_last_row, output, runtime_error};
+use super::{copy_last_row, output, runtime_error, written_in_place};
 
 /// Fixed-size slots of KV cache in host memory, and the binding that runs them.
 pub(super) struct KvPool {
@@ -348,19 +348,7 @@ impl KvPool {
             .map_err(runtime_error("the forward pass"))?;
         for (pair, name) in self.present_names.iter().enumerate() {
             let expected = self.buffers.address(pair, rows.start * row_len);
-            let written = outputs
-                .get(name.as_str())
-                .and_then(|value| value.view().downcast::<DynTensorValueType>().ok())
-                .map(|tensor| tensor.data_ptr());
-            if written.is_none() || written != expected {
-                return Err(BackendError::Runtime {
-                    during: "updating the KV cache in place",
-                    message: format!(
-                        "{name} was written to a new buffer; the graph does not share past \
-                         and present (declare it with the optimum contract)"
-                    ),
-                });
-            }
+            written_in_place(&outputs, name, expected.unwrap_or(std::ptr::null()))?;
         }
         if new_tokens > 1 {
             copy_last_row(output(&outputs, "logits")?, &mut self.logits[..self.vocab])?;
