@@ -1,12 +1,13 @@
 //! moat-core: the logic that `moatd` and `moatctl` share and that needs no I/O.
 //!
 //! It owns plain data formats and the rules over them: today the model metadata that a
-//! model directory carries (`moat-model.json`); later the bundle manifest, policy
-//! evaluation and the audit chain. It must not depend on tokio, actix, ONNX Runtime, sled or
+//! model directory carries (`moat-model.json`), the bundle manifest and its signature,
+//! policy evaluation and the audit chain. It must not depend on tokio, actix, ONNX Runtime, sled or
 //! anything else that touches the network, the disk or hardware: callers read the bytes and
 //! hand them in.
 
 pub mod audit;
+pub mod bundle;
 pub mod model_metadata;
 pub mod policy;
 

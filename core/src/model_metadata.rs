@@ -184,7 +184,7 @@ struct MetadataFile {
 /// Why a `moat-model.json` was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum MetadataError {
-    #[error("not valid JSON for moat-model.json: {0}")]
+    #[error("not valid model metadata: {0}")]
     Syntax(String),
     #[error("metadata format {found} is not supported (this build reads format {METADATA_FORMAT})")]
     UnsupportedFormat { found: u32 },
@@ -364,6 +364,14 @@ impl ModelMetadata {
     pub fn from_json(text: &str) -> Result<Self, MetadataError> {
         let file: MetadataFile =
             serde_json::from_str(text).map_err(|e| MetadataError::Syntax(e.to_string()))?;
+        file.into_metadata()
+    }
+
+    /// Parses and validates the `[model]` table of a bundle manifest: the fields of
+    /// `moat-model.json`, written as TOML.
+    pub fn from_toml(table: toml::Table) -> Result<Self, MetadataError> {
+        let file = MetadataFile::deserialize(toml::Value::Table(table))
+            .map_err(|e| MetadataError::Syntax(e.to_string()))?;
         file.into_metadata()
     }
 

@@ -1,0 +1,133 @@
+//! Model bundles: what the ML team ships and the appliance verifies before serving.
+//!
+//! A bundle is a tar (or a directory) of `manifest.toml`, `manifest.sig` and the files the
+//! manifest lists. Verification runs in a fixed order, and nothing is registered unless all
+//! of it passes: the signature over the manifest bytes by a trusted key, then the manifest
+//! itself, then every file's size and SHA-256 against the manifest (no file missing, none
+//! unlisted). Anti-rollback (the version must rise) is the registry's check, after these.
+
+pub mod archive;
+pub mod manifest;
+pub mod signature;
+
+use std::collections::BTreeMap;
+
+use crate::audit::encoding::hex;
+pub use archive::{ArchiveError, ReceivedFile, Unpacked};
+pub use manifest::{BundleManifest, BundleTask, GoldenExpectation, ManifestError};
+pub use signature::{BundleSignature, SignatureError, TrustedKey};
+
+pub const MANIFEST_FILE: &str = "manifest.toml";
+pub const SIGNATURE_FILE: &str = "manifest.sig";
+
+/// Why a bundle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(
+        "the bundle is not signed: it holds no {SIGNATURE_FILE} (sign it with `moatctl bundle sign`)"
+    )]
+    Unsigned,
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error("manifest.toml: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("{path} is listed in the manifest but missing from the bundle")]
+    MissingFile { path: String },
+    #[error("{path} is in the bundle but not listed in the manifest")]
+    UnlistedFile { path: String },
+    #[error(
+        "{path} is {found} bytes, but the manifest says {listed}: the file was altered or truncated"
+    )]
+    SizeMismatch {
+        path: String,
+        listed: u64,
+        found: u64,
+    },
+    #[error("{path} has SHA-256 {found}, but the manifest says {listed}: the file was altered")]
+    HashMismatch {
+        path: String,
+        listed: String,
+        found: String,
+    },
+}
+
+impl BundleError {
+    /// A short stable code for audit records and scripts.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BundleError::Archive(_) => "bad_archive",
+            BundleError::Unsigned => "unsigned",
+            BundleError::Signature(SignatureError::UnknownKey { .. }) => "untrusted_key",
+            BundleError::Signature(_) => "bad_signature",
+            BundleError::Manifest(_) => "bad_manifest",
+            BundleError::MissingFile { .. } => "missing_file",
+            BundleError::UnlistedFile { .. } => "unlisted_file",
+            BundleError::SizeMismatch { .. } | BundleError::HashMismatch { .. } => "hash_mismatch",
+        }
+    }
+}
+
+/// A bundle whose signature, manifest and files all checked out.
+#[derive(Debug, Clone)]
+pub struct VerifiedBundle {
+    pub manifest: BundleManifest,
+    /// The trusted key that signed it: its file name and id.
+    pub signer: String,
+    pub signer_id: String,
+}
+
+/// Verifies what a tar (or a directory) held: signature first, then the manifest, then the
+/// files.
+pub fn verify(unpacked: &Unpacked, trusted: &[TrustedKey]) -> Result<VerifiedBundle, BundleError> {
+    let signature = unpacked.signature.as_deref().ok_or(BundleError::Unsigned)?;
+    let signer = BundleSignature::parse(signature)?.verify(&unpacked.manifest, trusted)?;
+    let manifest = BundleManifest::parse(&unpacked.manifest)?;
+    check_files(&manifest, &unpacked.files)?;
+    Ok(VerifiedBundle {
+        manifest,
+        signer: signer.name.clone(),
+        signer_id: signer.id(),
+    })
+}
+
+/// Every listed file is there with its size and hash, and nothing else is.
+pub fn check_files(
+    manifest: &BundleManifest,
+    files: &BTreeMap<String, ReceivedFile>,
+) -> Result<(), BundleError> {
+    for listed in &manifest.files {
+        let Some(found) = files.get(&listed.path) else {
+            return Err(BundleError::MissingFile {
+                path: listed.path.clone(),
+            });
+        };
+        if found.size != listed.size {
+            return Err(BundleError::SizeMismatch {
+                path: listed.path.clone(),
+                listed: listed.size,
+                found: found.size,
+            });
+        }
+        if found.sha256 != listed.sha256 {
+            return Err(BundleError::HashMismatch {
+                path: listed.path.clone(),
+                listed: hex(&listed.sha256),
+                found: hex(&found.sha256),
+            });
+        }
+    }
+    if let Some(extra) = files
+        .keys()
+        .find(|name| !manifest.files.iter().any(|f| &f.path == *name))
+    {
+        return Err(BundleError::UnlistedFile {
+            path: extra.clone(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
