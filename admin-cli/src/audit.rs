@@ -387,7 +387,7 @@ fn open_export(
 }
 
 /// A progress bar on standard error (hidden when it is not a terminal).
-fn progress_bar(message: &'static str, template: &str) -> ProgressBar {
+pub(crate) fn progress_bar(message: &'static str, template: &str) -> ProgressBar {
     let bar = ProgressBar::new(0).with_message(message);
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
@@ -396,7 +396,7 @@ fn progress_bar(message: &'static str, template: &str) -> ProgressBar {
 }
 
 /// A progress bar over the bytes of a file.
-fn bytes_bar(message: &'static str) -> ProgressBar {
+pub(crate) fn bytes_bar(message: &'static str) -> ProgressBar {
     progress_bar(
         message,
         "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta} left)",

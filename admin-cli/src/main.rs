@@ -2,8 +2,10 @@
 //! shared formats come from `moat-core`.
 
 mod audit;
+mod bundle;
 mod pki;
 mod policy;
+mod rollout;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +21,11 @@ use moat_core::ModelMetadata;
     about = "Administer a moat appliance",
     after_help = "Examples:\n  \
         moatctl model inspect local/models/smollm2-135m-instruct-exact\n  \
+        moatctl keys generate --out ml-team\n  \
+        moatctl bundle pack local/models/smollm2-135m-instruct-fast --out smollm2.tar\n  \
+        moatctl bundle sign smollm2.tar --key ml-team.key\n  \
+        moatctl model import smollm2.tar && moatctl model activate smollm2-135m-instruct@1.0.0\n  \
+        moatctl status\n  \
         moatctl pki init --dir pki\n  \
         moatctl pki issue-client --dir pki --department finance --name alice\n  \
         moatctl policy validate /etc/moat/policies\n  \
@@ -32,9 +39,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Work with model directories.
+    /// Model directories, and the running moatd's model versions (import, activate,
+    /// canary, promote, rollback, remove).
     #[command(subcommand)]
     Model(ModelCommand),
+    /// What the running moatd serves: versions, canaries, memory.
+    #[command(after_help = "Example:\n  moatctl status")]
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/run/moat/admin.sock")]
+        socket: PathBuf,
+    },
     /// Run a development PKI: CA, client and server certificates, revocation and CRLs.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -44,6 +60,12 @@ enum Command {
     /// Export the audit trail, verify an export, decrypt it for an auditor.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Bundle signing keys for the ML team.
+    #[command(subcommand)]
+    Keys(bundle::KeysCommand),
+    /// Pack, sign and inspect model bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +81,8 @@ enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Rollout(rollout::RolloutCommand),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +105,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             inspect(&dir, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Model(ModelCommand::Rollout(command)) => {
+            rollout::run(command)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, socket } => {
+            rollout::status(&socket, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pki(command) => {
             for path in pki::run(command)? {
                 println!("{}", path.display());
@@ -89,6 +121,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy(command) => Ok(policy::run(command)?),
         Command::Audit(command) => Ok(audit::run(command)?),
+        Command::Keys(command) => {
+            bundle::keys(command)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle(command) => bundle::run(command),
     }
 }
 

@@ -185,6 +185,8 @@ fn request<'a>(scan: &'a ContentScan) -> PolicyRequest<'a> {
         model: Some(ModelFacts {
             name: "finance-model",
             task: "text-generation",
+            version: "",
+            ceiling: None,
         }),
         classification: Some("confidential"),
         source_ip: IpAddr::V4(Ipv4Addr::new(10, 20, 30, 40)),

@@ -179,7 +179,12 @@ impl Ask {
             department: &self.department,
             subject: &self.subject,
             action: self.action,
-            model: self.model().map(|name| ModelFacts { name, task }),
+            model: self.model().map(|name| ModelFacts {
+                name,
+                task,
+                version: "",
+                ceiling: None,
+            }),
             classification: self.classification.as_deref(),
             source_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
             unix_time: MONDAY + self.hour * 3_600,

@@ -2,14 +2,16 @@
 //!
 //! One request per connection: a JSON line such as `{"command": "audit.export",
 //! "since_unix_ms": null, "until_unix_ms": null}`. The first line of the answer is JSON,
-//! `{"ok": true}` or `{"error": "..."}`; an export follows it line by line (or, for a
-//! range without records, one more `{"error": ...}` line). Every
+//! `{"ok": true}` (with a `result` for model commands and status) or `{"error": "..."}`;
+//! an export follows it line by line (or, for a range without records, one more
+//! `{"error": ...}` line). `model.import` sends `size` bytes of bundle tar right after its
+//! line. Every
 //! connection's peer is checked ([`peer::AdminAccess`]) and every command, allowed or
 //! refused, is audited with the peer's uid, gid and pid.
 
 pub mod peer;
 
-use std::io::{BufWriter, Write as _};
+use std::io::{BufWriter, Read, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::audit::AuditLog;
 use crate::audit::log::{admin_record, now_unix_ms};
 use crate::config::AdminConfig;
+use crate::models::{Command, Models};
 use peer::{AdminAccess, Peer};
 
 /// Longest request line.
@@ -32,6 +35,8 @@ const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// An export whose reader stops reading for this long is abandoned.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An import whose sender stops sending for this long is abandoned.
+const BUNDLE_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the admin socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +61,59 @@ pub enum AdminRequest {
         since_unix_ms: Option<i64>,
         until_unix_ms: Option<i64>,
     },
+    /// A bundle tar of `size` bytes follows the request line.
+    #[serde(rename = "model.import")]
+    ModelImport {
+        size: u64,
+        #[serde(default)]
+        allow_downgrade: bool,
+    },
+    #[serde(rename = "model.list")]
+    ModelList {},
+    #[serde(rename = "model.activate")]
+    ModelActivate { model: String },
+    #[serde(rename = "model.canary")]
+    ModelCanary { model: String, percent: u8 },
+    #[serde(rename = "model.promote")]
+    ModelPromote { name: String },
+    #[serde(rename = "model.rollback")]
+    ModelRollback { name: String },
+    #[serde(rename = "model.remove")]
+    ModelRemove { model: String },
+    #[serde(rename = "status")]
+    Status {},
 }
 
 impl AdminRequest {
     fn action(&self) -> &'static str {
         match self {
             AdminRequest::AuditExport { .. } => "audit.export",
+            AdminRequest::ModelImport { .. } => "model.import",
+            AdminRequest::ModelList {} => "model.list",
+            AdminRequest::ModelActivate { .. } => "model.activate",
+            AdminRequest::ModelCanary { .. } => "model.canary",
+            AdminRequest::ModelPromote { .. } => "model.promote",
+            AdminRequest::ModelRollback { .. } => "model.rollback",
+            AdminRequest::ModelRemove { .. } => "model.remove",
+            AdminRequest::Status {} => "status",
         }
     }
+}
+
+/// A bundle read from the socket (what the request line's reader had buffered, then the
+/// rest of the stream, `size` bytes in all), and the socket to answer on.
+fn bundle_reader(
+    buffered: Vec<u8>,
+    stream: UnixStream,
+    size: u64,
+) -> std::io::Result<(Box<dyn Read + Send>, std::os::unix::net::UnixStream)> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(BUNDLE_READ_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let answer = stream.try_clone()?;
+    let bundle = Read::take(Read::chain(std::io::Cursor::new(buffered), stream), size);
+    Ok((Box::new(bundle), answer))
 }
 
 /// The bound socket; removed when dropped.
@@ -119,15 +169,18 @@ impl AdminSocket {
     }
 
     /// Serves connections until the task is dropped.
-    pub async fn serve(self, audit: Arc<AuditLog>) {
+    /// Serves connections until the task is dropped. Without `models` (a server given
+    /// its models directly), model commands are refused.
+    pub async fn serve(self, audit: Arc<AuditLog>, models: Option<Arc<Models>>) {
         let socket = Arc::new(self);
         loop {
             match socket.listener.accept().await {
                 Ok((stream, _)) => {
                     let socket = Arc::clone(&socket);
                     let audit = Arc::clone(&audit);
+                    let models = models.clone();
                     actix_web::rt::spawn(async move {
-                        if let Err(e) = socket.connection(stream, audit).await {
+                        if let Err(e) = socket.connection(stream, audit, models).await {
                             tracing::warn!(error = %e, "admin connection failed");
                         }
                     });
@@ -140,7 +193,12 @@ impl AdminSocket {
         }
     }
 
-    async fn connection(&self, stream: UnixStream, audit: Arc<AuditLog>) -> std::io::Result<()> {
+    async fn connection(
+        &self,
+        stream: UnixStream,
+        audit: Arc<AuditLog>,
+        models: Option<Arc<Models>>,
+    ) -> std::io::Result<()> {
         let credentials = stream.peer_cred()?;
         let peer = Peer {
             uid: credentials.uid(),
@@ -154,6 +212,8 @@ impl AdminSocket {
             (&mut stream).take(MAX_REQUEST_BYTES).read_line(&mut line),
         )
         .await;
+        // What the reader holds past the line is the start of an imported bundle.
+        let buffered = stream.buffer().to_vec();
         let mut stream = stream.into_inner();
         if !matches!(read, Ok(Ok(n)) if n > 0) {
             return answer(&mut stream, Err("send one JSON request line")).await;
@@ -187,7 +247,8 @@ impl AdminSocket {
                 return answer(&mut stream, Err(&message)).await;
             }
         };
-        match request {
+        let peer_text = peer.to_string();
+        let command = match request {
             AdminRequest::AuditExport {
                 since_unix_ms,
                 until_unix_ms,
@@ -196,9 +257,78 @@ impl AdminSocket {
                     since_unix_ms,
                     until_unix_ms,
                 };
-                export(stream, range, peer, audit).await
+                return export(stream, range, peer, audit).await;
             }
-        }
+            request => request,
+        };
+        let Some(models) = models else {
+            return answer(
+                &mut stream,
+                Err("this moatd serves fixed models; model commands are not available"),
+            )
+            .await;
+        };
+        let outcome = match command {
+            AdminRequest::Status {} => Ok(models.status()),
+            AdminRequest::ModelList {} => models.list(),
+            AdminRequest::ModelImport {
+                size,
+                allow_downgrade,
+            } => {
+                let (bundle, mut answer_stream) = bundle_reader(buffered, stream, size)?;
+                let outcome = models
+                    .command(
+                        &peer_text,
+                        Command::Import {
+                            bundle,
+                            allow_downgrade,
+                        },
+                    )
+                    .await;
+                // One short line on a socket the client is waiting to read.
+                return answer_stream.write_all(format!("{}\n", result_line(outcome)).as_bytes());
+            }
+            AdminRequest::ModelActivate { model } => {
+                models
+                    .command(&peer_text, Command::Activate { label: model })
+                    .await
+            }
+            AdminRequest::ModelCanary { model, percent } => {
+                models
+                    .command(
+                        &peer_text,
+                        Command::Canary {
+                            label: model,
+                            percent,
+                        },
+                    )
+                    .await
+            }
+            AdminRequest::ModelPromote { name } => {
+                models.command(&peer_text, Command::Promote { name }).await
+            }
+            AdminRequest::ModelRollback { name } => {
+                models.command(&peer_text, Command::Rollback { name }).await
+            }
+            AdminRequest::ModelRemove { model } => {
+                models
+                    .command(&peer_text, Command::Remove { label: model })
+                    .await
+            }
+            AdminRequest::AuditExport { .. } => return Ok(()),
+        };
+        let line = result_line(outcome);
+        stream.write_all(format!("{line}\n").as_bytes()).await?;
+        stream.flush().await
+    }
+}
+
+fn result_line(
+    outcome: Result<serde_json::Value, crate::models::RolloutError>,
+) -> serde_json::Value {
+    match outcome {
+        Ok(result) => serde_json::json!({"ok": true, "result": result}),
+        Err(e) => serde_json::json!({"error": e.to_string(), "code": e.code()}),
     }
 }
 

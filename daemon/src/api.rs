@@ -15,7 +15,6 @@ mod service;
 pub mod stream;
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +31,7 @@ pub use service::{ConnectionIdentity, metrics_routes, request_context, routes};
 use crate::config::LimitsConfig;
 use crate::engine::{Embedder, Engine};
 use crate::metrics::Metrics;
+use crate::models::serving::{LoadedModel, ServingTable};
 use crate::tls::{Identity, IdentityError};
 
 /// A model moatd serves, by what it does.
@@ -87,7 +87,8 @@ impl ServedModel {
 /// What every handler shares.
 #[derive(Debug)]
 pub struct AppState {
-    pub models: BTreeMap<String, ServedModel>,
+    /// What serves each model name now; a request resolves its version once.
+    pub models: Arc<ServingTable>,
     pub limits: LimitsConfig,
     pub metrics: Arc<Metrics>,
     pub policy: Arc<crate::policy::PolicyStore>,
@@ -101,8 +102,9 @@ pub struct AppState {
 pub struct ServedModelName(pub Rc<RefCell<String>>);
 
 impl AppState {
-    fn find(&self, name: &str, http: &HttpRequest) -> Result<&ServedModel, ApiError> {
-        let model = self.models.get(name).ok_or_else(|| ApiError::NotFound {
+    /// The version that answers this request (the canary's share goes to the canary).
+    fn find(&self, name: &str, http: &HttpRequest) -> Result<Arc<LoadedModel>, ApiError> {
+        let model = self.models.pick(name).ok_or_else(|| ApiError::NotFound {
             message: format!(
                 "the model {name:?} does not exist; GET /v1/models lists the models served"
             ),
@@ -114,15 +116,19 @@ impl AppState {
         Ok(model)
     }
 
-    /// The engine of a text-generation model.
+    /// The engine of a text-generation model, with the version it belongs to.
     pub fn generator(
         &self,
         name: &str,
         http: &HttpRequest,
         _caller: &Caller,
-    ) -> Result<Arc<Engine>, ApiError> {
-        match self.find(name, http)? {
-            ServedModel::Generator(engine) => Ok(Arc::clone(engine)),
+    ) -> Result<(Arc<LoadedModel>, Arc<Engine>), ApiError> {
+        let model = self.find(name, http)?;
+        match &model.served {
+            ServedModel::Generator(engine) => {
+                let engine = Arc::clone(engine);
+                Ok((model, engine))
+            }
             ServedModel::Embedder(_) => Err(ApiError::unsupported(
                 format!("the model {name} is an embedding model; use /v1/embeddings"),
                 Some("model"),
@@ -131,15 +137,19 @@ impl AppState {
         }
     }
 
-    /// The embedder of an embedding model.
+    /// The embedder of an embedding model, with the version it belongs to.
     pub fn embedder(
         &self,
         name: &str,
         http: &HttpRequest,
         _caller: &Caller,
-    ) -> Result<Arc<EmbeddingService>, ApiError> {
-        match self.find(name, http)? {
-            ServedModel::Embedder(embedder) => Ok(Arc::clone(embedder)),
+    ) -> Result<(Arc<LoadedModel>, Arc<EmbeddingService>), ApiError> {
+        let model = self.find(name, http)?;
+        match &model.served {
+            ServedModel::Embedder(service) => {
+                let service = Arc::clone(service);
+                Ok((model, service))
+            }
             ServedModel::Generator(_) => Err(ApiError::unsupported(
                 format!(
                     "the model {name} generates text; use /v1/chat/completions or /v1/completions"
@@ -148,6 +158,17 @@ impl AppState {
                 "wrong_model_task",
             )),
         }
+    }
+}
+
+/// Names the version that answered (`x-moat-model-version: name@version`), so a client
+/// or a canary check can tell versions apart.
+fn name_version(response: &mut actix_web::HttpResponse, model: &LoadedModel) {
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&model.label()) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-moat-model-version"),
+            value,
+        );
     }
 }
 

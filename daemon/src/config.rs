@@ -36,8 +36,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub identity: IdentityConfig,
-    /// Required by `moatd serve`.
-    pub models: Option<ModelsConfig>,
+    #[serde(default)]
+    pub models: ModelsConfig,
     /// Required by `moatd serve`: no policy, no answer.
     pub policy: Option<PolicyConfig>,
     /// Required by `moatd serve`: no audit, no answer.
@@ -177,9 +177,7 @@ impl Config {
         if let Some(tls) = &mut self.tls {
             tls.resolve(base);
         }
-        if let Some(models) = &mut self.models {
-            serve::resolve(&mut models.directory, base);
-        }
+        self.models.resolve(base);
         if let Some(policy) = &mut self.policy {
             serve::resolve(&mut policy.directory, base);
         }
@@ -202,10 +200,7 @@ impl Config {
             None => problems
                 .push("[tls] is required: certificate, private_key and client_ca (files)".into()),
         }
-        match &self.models {
-            Some(models) => models.problems(&mut problems),
-            None => problems.push("[models] is required: directory = \"DIR\"".into()),
-        }
+        self.models.problems(&mut problems);
         match &self.policy {
             Some(policy) => policy.problems(&mut problems),
             None => problems.push(
@@ -395,7 +390,6 @@ mod tests {
             "tls.certificate: /nonexistent/nope.crt",
             "tls.private_key",
             "tls.client_ca",
-            "[models] is required",
             "[audit] is required",
             "metrics.listen",
             "engine.default_max_tokens (900) must not exceed limits.max_tokens (800)",

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod models;
 pub mod policy;
 pub mod server;
 pub mod tls;

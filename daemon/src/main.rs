@@ -155,7 +155,7 @@ fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match moat_daemon::server::serve(config, &runtime) {
+    match moat_daemon::server::serve(config, runtime) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let status = if e.is_config_error() {

@@ -6,21 +6,22 @@ mod listener;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use actix_web::{App, HttpServer, web};
 
-use crate::api::{self, AppState, EmbeddingService, ServedModel};
+use crate::api::{self, AppState, ServedModel};
 use crate::audit::log::admin_record;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::valid_node_id;
 use crate::config::{Config, ServerConfig, TlsConfig};
-use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
+use crate::engine::{ModelDirectory, OrtRuntime, StartError};
 use crate::metrics::Metrics;
+use crate::models::serving::{LoadedModel, Route, ServingTable};
+use crate::models::{Models, RolloutError, loader};
 use crate::policy::{PolicyLoadError, PolicyStore};
 use crate::tls::{self, TlsError};
-use moat_core::ModelTask;
 use moat_core::audit::encoding::hex;
 
 /// Why `moatd serve` could not start or stopped with an error.
@@ -38,6 +39,8 @@ pub enum ServeError {
     },
     #[error("no model to serve: {dir} holds no model directory (each has a moat-model.json)")]
     NoModels { dir: PathBuf },
+    #[error("the model store cannot be opened: {0}")]
+    Models(#[from] RolloutError),
     #[error("cannot load the model {name} from {dir}: {source}")]
     Model {
         name: String,
@@ -82,15 +85,21 @@ impl ServeError {
 }
 
 /// Serves until a stop signal. `config` must have passed [`Config::validate_for_serve`].
-pub fn serve(config: &Config, runtime: &OrtRuntime) -> Result<(), ServeError> {
-    if config.models.is_none() {
-        return Err(ServeError::Incomplete("[models] is required"));
-    }
+pub fn serve(config: &Config, runtime: Arc<OrtRuntime>) -> Result<(), ServeError> {
     // TLS, policy and audit first: a bad certificate, policy or auditor key is reported
     // before minutes of model loading.
     let ready = Ready::prepare(config)?;
-    let models = load_models(config, runtime)?;
-    ready.run(config, models)
+    let table = Arc::new(ServingTable::default());
+    let unsigned = load_directories(config, &runtime)?;
+    table.update(|routes| routes.extend(unsigned));
+    let models = Models::open(
+        config,
+        runtime,
+        Arc::clone(&ready.audit),
+        Arc::clone(&ready.policy),
+        Arc::clone(&table),
+    )?;
+    ready.run(config, table, Some(Arc::new(models)))
 }
 
 /// Opens the audit trail: no audit, no answer.
@@ -147,12 +156,33 @@ fn open_policy(config: &Config) -> Result<Arc<PolicyStore>, ServeError> {
 }
 
 /// Serves models loaded by the caller (who may also use them directly, as the serving
-/// benchmark does) until a stop signal.
+/// benchmark does) until a stop signal. They serve as unsigned directories: no bundle
+/// commands.
 pub fn serve_models(
     config: &Config,
     models: BTreeMap<String, ServedModel>,
 ) -> Result<(), ServeError> {
-    Ready::prepare(config)?.run(config, models)
+    let table = Arc::new(ServingTable::default());
+    table.update(|routes| {
+        routes.extend(
+            models
+                .into_iter()
+                .map(|(name, served)| (name.clone(), unsigned_route(name, served))),
+        );
+    });
+    Ready::prepare(config)?.run(config, table, None)
+}
+
+fn unsigned_route(name: String, served: ServedModel) -> Route {
+    Route::new(Arc::new(LoadedModel {
+        name,
+        version: None,
+        served,
+        classification_ceiling: None,
+        response_schema: None,
+        sampling: Default::default(),
+        memory_bytes: 0,
+    }))
 }
 
 /// Everything the listeners need besides the models.
@@ -180,16 +210,20 @@ impl<'c> Ready<'c> {
         })
     }
 
-    fn run(self, config: &Config, models: BTreeMap<String, ServedModel>) -> Result<(), ServeError> {
-        run(
-            config,
-            self.server,
-            self.rustls_config,
-            self.metrics,
-            self.policy,
-            self.audit,
-            models,
-        )
+    fn run(
+        self,
+        config: &Config,
+        table: Arc<ServingTable>,
+        models: Option<Arc<Models>>,
+    ) -> Result<(), ServeError> {
+        let state = web::Data::new(AppState {
+            models: table,
+            limits: config.limits,
+            metrics: self.metrics,
+            policy: self.policy,
+            audit: Arc::clone(&self.audit),
+        });
+        run(config, self.server, self.rustls_config, state, models)
     }
 }
 
@@ -208,18 +242,10 @@ fn run(
     config: &Config,
     server: &ServerConfig,
     rustls_config: rustls::ServerConfig,
-    metrics: Arc<Metrics>,
-    policy: Arc<PolicyStore>,
-    audit: Arc<AuditLog>,
-    models: BTreeMap<String, ServedModel>,
+    state: web::Data<AppState>,
+    models: Option<Arc<Models>>,
 ) -> Result<(), ServeError> {
-    let state = web::Data::new(AppState {
-        models,
-        limits: config.limits,
-        metrics,
-        policy,
-        audit: Arc::clone(&audit),
-    });
+    let audit = Arc::clone(&state.audit);
     let listeners = server
         .listen
         .iter()
@@ -240,6 +266,7 @@ fn run(
     let system = actix_web::rt::System::new();
     let served = system.block_on(run_servers(
         state,
+        models,
         listeners,
         metrics_listener,
         rustls_config,
@@ -265,6 +292,7 @@ fn run(
 
 async fn run_servers(
     state: web::Data<AppState>,
+    models: Option<Arc<Models>>,
     listeners: Vec<TcpListener>,
     metrics_listener: Option<TcpListener>,
     rustls_config: rustls::ServerConfig,
@@ -275,6 +303,13 @@ async fn run_servers(
     };
     let policy = Arc::clone(&state.policy);
     let audit = Arc::clone(&state.audit);
+    if let Some(models) = &models {
+        // What was active before the restart serves again before the listeners open.
+        models.restore().await;
+    }
+    if state.models.snapshot().is_empty() {
+        tracing::warn!("no model is active: import and activate a bundle with moatctl");
+    }
     let api = listener::api_server(
         state.clone(),
         listeners,
@@ -284,7 +319,7 @@ async fn run_servers(
     )?;
     let admin = crate::admin::bind(&config.admin)?;
     tracing::info!(socket = %admin.path().display(), "admin socket listening");
-    actix_web::rt::spawn(admin.serve(Arc::clone(&audit)));
+    actix_web::rt::spawn(admin.serve(Arc::clone(&audit), models));
     let mut handles = vec![api.handle()];
     let mut servers = vec![actix_web::rt::spawn(api)];
     if let Some(listener) = metrics_listener {
@@ -404,63 +439,37 @@ impl StopSignals {
     }
 }
 
-/// Loads and warms every configured model; any failure stops the start.
-fn load_models(
+/// Loads and warms every unsigned model directory the configuration names; any failure
+/// stops the start.
+fn load_directories(
     config: &Config,
     runtime: &OrtRuntime,
-) -> Result<BTreeMap<String, ServedModel>, ServeError> {
-    let Some(models) = &config.models else {
-        return Err(ServeError::Incomplete("[models] is required"));
+) -> Result<Vec<(String, Route)>, ServeError> {
+    let models = &config.models;
+    let Some(directory) = &models.directory else {
+        return Ok(Vec::new());
     };
     let selected = models.selected().map_err(|source| ServeError::ListModels {
-        dir: models.directory.clone(),
+        dir: directory.clone(),
         source,
     })?;
     if selected.is_empty() {
         return Err(ServeError::NoModels {
-            dir: models.directory.clone(),
+            dir: directory.clone(),
         });
     }
-    let mut served = BTreeMap::new();
+    let mut routes = Vec::new();
     for (name, dir) in selected {
-        let model = load_model(config, runtime, &dir).map_err(|source| ServeError::Model {
-            name: name.clone(),
-            dir: dir.clone(),
-            source,
-        })?;
-        served.insert(name, model);
+        tracing::warn!(model = %name, dir = %dir.display(), "serving an unsigned model directory (models.directory)");
+        let loaded = ModelDirectory::open(&dir)
+            .map_err(StartError::from)
+            .and_then(|directory| loader::load(config, runtime, directory))
+            .map_err(|source| ServeError::Model {
+                name: name.clone(),
+                dir: dir.clone(),
+                source,
+            })?;
+        routes.push((name.clone(), unsigned_route(name, loaded)));
     }
-    Ok(served)
-}
-
-/// Loads one model directory as what its metadata says it is, and warms it up.
-fn load_model(
-    config: &Config,
-    runtime: &OrtRuntime,
-    dir: &Path,
-) -> Result<ServedModel, StartError> {
-    // Opened once: its metadata says what to load, and the loader uses it as it is.
-    let directory = ModelDirectory::open(dir)?;
-    let task = directory.metadata.task;
-    let options = config.session_options();
-    let (model, device) = match task {
-        ModelTask::TextGeneration => {
-            let engine = Engine::load_ort_directory(
-                runtime,
-                &directory,
-                &options,
-                config.engine_settings(),
-            )?;
-            let device = engine.model().device;
-            (ServedModel::Generator(Arc::new(engine)), device)
-        }
-        ModelTask::Embedding => {
-            let embedder = Embedder::load_ort_directory(runtime, directory, &options)?;
-            let device = embedder.device();
-            let service = EmbeddingService::new(embedder, config.engine.queue_capacity);
-            (ServedModel::Embedder(Arc::new(service)), device)
-        }
-    };
-    tracing::info!(dir = %dir.display(), %task, %device, "model loaded and warmed");
-    Ok(model)
+    Ok(routes)
 }

@@ -286,6 +286,8 @@ impl TestCase {
             model: self.model.as_ref().map(|m| ModelFacts {
                 name: &m.name,
                 task: &m.task,
+                version: "",
+                ceiling: None,
             }),
             classification: self.classification.as_deref(),
             source_ip: self.source_ip,

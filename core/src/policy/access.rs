@@ -69,6 +69,12 @@ pub struct ModelFacts<'a> {
     pub name: &'a str,
     /// `text-generation` or `embedding`.
     pub task: &'a str,
+    /// The served version (from its bundle); empty for an unversioned model, which
+    /// policies then see with the version `moat-policy.toml` gives it, if any.
+    pub version: &'a str,
+    /// The bundle's classification ceiling, enforced on top of the policy's: a request
+    /// above either is refused.
+    pub ceiling: Option<&'a str>,
 }
 
 /// The facts of one request that the policy decides on.
@@ -267,9 +273,10 @@ impl AccessPolicy {
             let ceiling = ceiling.as_deref().unwrap_or(self.data.lowest());
             self.data.rank(ceiling).is_none_or(|max| rank > max)
         };
-        let model_over = request
-            .model
-            .is_some_and(|m| over(&self.data.model(m.name).ceiling));
+        let model_over = request.model.is_some_and(|m| {
+            over(&self.data.model(m.name).ceiling)
+                || m.ceiling.is_some_and(|c| over(&Some(c.to_owned())))
+        });
         if over(&department.ceiling) || model_over {
             return decision(ReasonCode::Classification, policies);
         }
@@ -369,10 +376,11 @@ impl AccessPolicy {
         let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
         attrs.insert("name".into(), string(model.name));
         attrs.insert("task".into(), string(model.task));
-        attrs.insert(
-            "version".into(),
-            string(rules.version.as_deref().unwrap_or_default()),
-        );
+        let version = match model.version {
+            "" => rules.version.as_deref().unwrap_or_default(),
+            served => served,
+        };
+        attrs.insert("version".into(), string(version));
         attrs.insert(
             "tags".into(),
             RestrictedExpression::new_set(rules.tags.iter().map(|t| string(t))),
@@ -420,6 +428,8 @@ impl AccessPolicy {
                 model: (action != PolicyAction::ListModels).then_some(ModelFacts {
                     name: "probe-model",
                     task: "text-generation",
+                    version: "",
+                    ceiling: None,
                 }),
                 classification: None,
                 source_ip: IpAddr::from([127, 0, 0, 1]),

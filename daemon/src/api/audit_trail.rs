@@ -77,6 +77,7 @@ impl AuditNotes {
         &self,
         policy: &AccessPolicy,
         model: &str,
+        version: &str,
         decision: &PolicyDecision,
         prompt_scan: &ContentScan,
         prompt_text: &str,
@@ -84,14 +85,19 @@ impl AuditNotes {
     ) {
         let mut notes = self.notes.borrow_mut();
         let retention = policy.data().retention(&notes.origin.department);
-        notes.model = match policy
-            .data()
-            .models
-            .get(model)
-            .and_then(|m| m.version.as_ref())
-        {
-            Some(version) => format!("{model}@{version}"),
-            None => model.to_owned(),
+        // The served bundle's version; else the one the policy gives the model, if any.
+        let version = match version {
+            "" => policy
+                .data()
+                .models
+                .get(model)
+                .and_then(|m| m.version.as_deref())
+                .unwrap_or_default(),
+            served => served,
+        };
+        notes.model = match version {
+            "" => model.to_owned(),
+            version => format!("{model}@{version}"),
         };
         notes.decision = if decision.reason.is_allow() {
             "allow"

@@ -24,7 +24,8 @@ pub async fn embeddings(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request: EmbeddingRequest = read_json(payload, &state.limits).await?;
-    let service = state.embedder(&request.model, &http, &caller)?;
+    let (loaded, service) = state.embedder(&request.model, &http, &caller)?;
+    let version = loaded.version_text();
     let embedder = &service.embedder;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -77,6 +78,8 @@ pub async fn embeddings(
         model: Some(ModelFacts {
             name: &request.model,
             task: ModelTask::Embedding.as_str(),
+            version: &version,
+            ceiling: loaded.classification_ceiling.as_deref(),
         }),
         prompt_text: &inputs.join("\n"),
         prompt_tokens: prompt_tokens as u64,
@@ -115,7 +118,7 @@ pub async fn embeddings(
             },
         })
         .collect();
-    Ok(HttpResponse::Ok().json(EmbeddingResponse {
+    let mut response = HttpResponse::Ok().json(EmbeddingResponse {
         object: "list",
         data,
         model: &request.model,
@@ -123,7 +126,9 @@ pub async fn embeddings(
             prompt_tokens: embedded.prompt_tokens,
             total_tokens: embedded.prompt_tokens,
         },
-    }))
+    });
+    super::name_version(&mut response, &loaded);
+    Ok(response)
 }
 
 /// OpenAI's base64 form: the vector's float32 values, little-endian, base64-encoded.

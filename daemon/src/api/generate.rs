@@ -24,7 +24,10 @@ use crate::engine::{
 };
 use crate::metrics::GenerationTimer;
 use moat_core::ModelTask;
+use moat_core::bundle::manifest::SamplingDefaults;
 use moat_core::policy::{AccessPolicy, ModelFacts, PolicyAction};
+
+use crate::models::serving::LoadedModel;
 
 /// Prompts up to this much text are tokenized on the HTTP worker itself.
 const INLINE_PROMPT_BYTES: usize = 2048;
@@ -66,7 +69,7 @@ pub async fn chat_completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request: ChatCompletionRequest = read_json(payload, &state.limits).await?;
-    let engine = state.generator(&request.model, &http, &caller)?;
+    let (loaded, engine) = state.generator(&request.model, &http, &caller)?;
     let prompt = Prompt::Chat(chat_messages(request.messages, &state.limits)?);
     let exchange = Exchange {
         state: &state,
@@ -76,6 +79,7 @@ pub async fn chat_completions(
     };
     exchange
         .generate(
+            &loaded,
             engine,
             prompt,
             request.model,
@@ -93,7 +97,7 @@ pub async fn completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request: CompletionRequest = read_json(payload, &state.limits).await?;
-    let engine = state.generator(&request.model, &http, &caller)?;
+    let (loaded, engine) = state.generator(&request.model, &http, &caller)?;
     let unsupported = |message: &str, param| {
         Err(ApiError::invalid(
             message,
@@ -119,6 +123,7 @@ pub async fn completions(
     };
     exchange
         .generate(
+            &loaded,
             engine,
             prompt,
             request.model,
@@ -141,6 +146,7 @@ impl Exchange<'_> {
     /// submits the prompt and answers whole or streamed.
     async fn generate(
         &self,
+        loaded: &LoadedModel,
         engine: Arc<Engine>,
         prompt: Prompt,
         model: String,
@@ -149,12 +155,14 @@ impl Exchange<'_> {
     ) -> Result<HttpResponse, ApiError> {
         let policy = self.state.policy.current();
         let (prompt, prompt_text) = policy_prompt(&policy, &engine, prompt, &model)?;
-        let mut request = generation_request(prompt, &params, &self.state.limits)?;
-        let check = constrain(&engine, &mut request, &params, &policy, &model).await?;
+        let mut request =
+            generation_request(prompt, &params, &loaded.sampling, &self.state.limits)?;
+        let check = constrain(&engine, &mut request, &params, &policy, loaded).await?;
         let ids = tokenize(&engine, &request.prompt, &model).await?;
         let max_new_tokens = engine
             .max_new_tokens(ids.len(), request.max_tokens)
             .map_err(|e| ApiError::from_engine(e, &model))?;
+        let version = loaded.version_text();
         let action = match endpoint {
             Endpoint::Chat => PolicyAction::Chat,
             Endpoint::Completion => PolicyAction::Complete,
@@ -164,6 +172,8 @@ impl Exchange<'_> {
             model: Some(ModelFacts {
                 name: &model,
                 task: ModelTask::TextGeneration.as_str(),
+                version: &version,
+                ceiling: loaded.classification_ceiling.as_deref(),
             }),
             prompt_text: &prompt_text,
             prompt_tokens: ids.len() as u64,
@@ -179,8 +189,11 @@ impl Exchange<'_> {
             .department
             .clone_from(&self.caller.identity.department);
         let meta = response_meta(self.context, model, endpoint, &params);
-        self.answer(engine, request, meta, params.stream, admitted, check)
-            .await
+        let mut response = self
+            .answer(engine, request, meta, params.stream, admitted, check)
+            .await?;
+        super::name_version(&mut response, loaded);
+        Ok(response)
     }
 
     /// Submits the tokenized request and answers whole or streamed.
@@ -344,18 +357,25 @@ async fn whole_answer(
     Err(ApiError::Unavailable { model: meta.model })
 }
 
-/// Compiles the response format the request (or the policy, for this model) asks for into
-/// the request's constraint, off the async worker; returns the check of the finished
-/// answer.
+/// Compiles the response format the request (or the policy or the model's bundle) asks
+/// for into the request's constraint, off the async worker; returns the check of the
+/// finished answer. The policy's schema for the model, if it fixes one, comes before the
+/// bundle's.
 async fn constrain(
     engine: &Arc<Engine>,
     request: &mut GenerationRequest,
     params: &GenerationParams,
     policy: &AccessPolicy,
-    model: &str,
+    loaded: &LoadedModel,
 ) -> Result<AnswerCheck, ApiError> {
+    let model = loaded.name.as_str();
     let requested = response_format::parse(params.response_format.as_ref())?;
-    let mandated = policy.data().model(model).response_schema.as_ref();
+    let mandated = policy
+        .data()
+        .model(model)
+        .response_schema
+        .as_ref()
+        .or(loaded.response_schema.as_ref());
     let Some(format) = response_format::effective(requested, mandated, model)? else {
         return Ok(AnswerCheck::default());
     };
@@ -443,6 +463,7 @@ async fn tokenize(
 pub fn generation_request(
     prompt: Prompt,
     params: &GenerationParams,
+    defaults: &SamplingDefaults,
     limits: &LimitsConfig,
 ) -> Result<GenerationRequest, ApiError> {
     refuse_unsupported(params)?;
@@ -464,12 +485,16 @@ pub fn generation_request(
         ));
     }
     let mut request = GenerationRequest::new(prompt);
-    request.max_tokens = max_tokens.map(|(n, _)| n as usize);
+    request.max_tokens = max_tokens
+        .map(|(n, _)| n as usize)
+        .or(defaults.max_tokens.map(|n| n.min(limits.max_tokens)));
     request.sampling = SamplingParams {
-        // OpenAI's defaults: temperature 1, top_p 1.
-        temperature: params.temperature.unwrap_or(1.0),
-        top_p: params.top_p.unwrap_or(1.0),
-        top_k: 0,
+        // The bundle's defaults, else OpenAI's: temperature 1, top_p 1.
+        temperature: params
+            .temperature
+            .unwrap_or(defaults.temperature.unwrap_or(1.0)),
+        top_p: params.top_p.unwrap_or(defaults.top_p.unwrap_or(1.0)),
+        top_k: defaults.top_k.unwrap_or(0),
         seed: params.seed.map(|s| s as u64),
     };
     request.stop = params
@@ -621,7 +646,12 @@ mod tests {
         let request: ChatCompletionRequest = parse_json(body)?;
         let limits = LimitsConfig::default();
         let messages = chat_messages(request.messages, &limits)?;
-        generation_request(Prompt::Chat(messages), &request.params, &limits)
+        generation_request(
+            Prompt::Chat(messages),
+            &request.params,
+            &SamplingDefaults::default(),
+            &limits,
+        )
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub fn admit(
         max_tokens: request.max_tokens,
         prompt_scan: &prompt_scan,
     });
-    let model = request.model.map_or("", |m| m.name);
+    let (model, version) = request.model.map_or(("", ""), |m| (m.name, m.version));
     // No notes, no record: refuse rather than answer unaudited.
     let notes = http
         .extensions()
@@ -103,6 +103,7 @@ pub fn admit(
     notes.decided(
         &policy,
         model,
+        version,
         &decision,
         &prompt_scan,
         request.prompt_text,

@@ -235,7 +235,8 @@ async fn list_models(
     http: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     admit_listing(&state, &caller, &http)?;
-    let data = state.models.keys().map(|name| model_card(name)).collect();
+    let routes = state.models.snapshot();
+    let data = routes.keys().map(|name| model_card(name)).collect();
     Ok(HttpResponse::Ok().json(ModelList {
         object: "list",
         data,
@@ -249,7 +250,8 @@ async fn get_model(
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     admit_listing(&state, &caller, &http)?;
-    match state.models.get_key_value(name.as_str()) {
+    let routes = state.models.snapshot();
+    match routes.get_key_value(name.as_str()) {
         Some((name, _)) => Ok(HttpResponse::Ok().json(model_card(name))),
         None => Err(ApiError::NotFound {
             message: format!("the model {:?} does not exist", name.as_str()),
@@ -275,11 +277,11 @@ async fn healthz() -> HttpResponse {
 /// Ready: every model is loaded, warmed (done before the listener opens) and its engine
 /// is healthy.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let models: serde_json::Map<_, _> = state
-        .models
+    let routes = state.models.snapshot();
+    let models: serde_json::Map<_, _> = routes
         .iter()
-        .map(|(name, model)| {
-            let status = if model.is_healthy() {
+        .map(|(name, route)| {
+            let status = if route.loaded().all(|m| m.served.is_healthy()) {
                 "ready"
             } else {
                 "failing"
@@ -287,7 +289,11 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             (name.clone(), json!(status))
         })
         .collect();
-    let ready = state.models.values().all(|m| m.is_healthy());
+    // Without a model there is nothing to answer with: not ready.
+    let ready = !routes.is_empty()
+        && routes
+            .values()
+            .all(|route| route.loaded().all(|m| m.served.is_healthy()));
     let body = json!({"status": if ready { "ready" } else { "not_ready" }, "models": models});
     if ready {
         HttpResponse::Ok().json(body)
@@ -297,8 +303,8 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    for (name, model) in &state.models {
-        match model {
+    for (name, route) in state.models.snapshot().iter() {
+        match &route.active.served {
             super::ServedModel::Generator(engine) => {
                 state
                     .metrics

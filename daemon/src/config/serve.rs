@@ -125,16 +125,47 @@ impl Default for IdentityConfig {
     }
 }
 
-/// `[models]`: which model directories are served, under which names.
+/// `[models]`: where bundles are kept and checked, and unsigned model directories to serve
+/// (development only).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelsConfig {
-    /// Directory of model directories.
-    pub directory: PathBuf,
+    /// The bundle store: imported bundles and the model registry (sled).
+    #[serde(default = "default_store")]
+    pub store: PathBuf,
+    /// Directory of the public keys (`*.pub`) trusted to sign bundles.
+    #[serde(default = "default_trusted_keys")]
+    pub trusted_keys: PathBuf,
+    /// Memory (MiB) the loaded model versions may take together, by their estimates;
+    /// unset: a version loads only if the host has that much available.
+    pub memory_budget_mib: Option<u64>,
+    /// Unsigned model directories, served as they are (development and tests): a directory
+    /// of model directories. Unset in production: models come from signed bundles only.
+    pub directory: Option<PathBuf>,
     /// Served name -> subdirectory of `directory`. Empty: every subdirectory holding a
     /// `moat-model.json`, under its directory name.
     #[serde(default)]
     pub serve: BTreeMap<String, PathBuf>,
+}
+
+fn default_store() -> PathBuf {
+    PathBuf::from("/var/lib/moat/models")
+}
+
+fn default_trusted_keys() -> PathBuf {
+    PathBuf::from("/etc/moat/trusted-keys")
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            store: default_store(),
+            trusted_keys: default_trusted_keys(),
+            memory_budget_mib: None,
+            directory: None,
+            serve: BTreeMap::new(),
+        }
+    }
 }
 
 /// `[policy]`: the policy directory (Cedar schema and policies, `moat-policy.toml`).
@@ -285,10 +316,19 @@ impl TlsConfig {
 
 impl ModelsConfig {
     pub(super) fn problems(&self, problems: &mut Vec<String>) {
-        if !self.directory.is_dir() {
+        if self.memory_budget_mib == Some(0) {
+            problems.push("models.memory_budget_mib must be above 0".to_owned());
+        }
+        let Some(directory) = &self.directory else {
+            if !self.serve.is_empty() {
+                problems.push("models.serve needs models.directory".to_owned());
+            }
+            return;
+        };
+        if !directory.is_dir() {
             problems.push(format!(
                 "models.directory: {} is not a directory",
-                self.directory.display()
+                directory.display()
             ));
             return;
         }
@@ -298,7 +338,7 @@ impl ModelsConfig {
                     "models.serve: name {name:?} must be 1-64 characters of letters, digits, '.', '_', '-'"
                 ));
             }
-            let path = self.directory.join(dir);
+            let path = directory.join(dir);
             if !path.join(crate::engine::model_dir::METADATA_FILE).is_file() {
                 problems.push(format!(
                     "models.serve.{name}: {} holds no {}",
@@ -309,17 +349,28 @@ impl ModelsConfig {
         }
     }
 
-    /// Served name and directory of every model to load.
+    pub(super) fn resolve(&mut self, base: &Path) {
+        resolve(&mut self.store, base);
+        resolve(&mut self.trusted_keys, base);
+        if let Some(directory) = &mut self.directory {
+            resolve(directory, base);
+        }
+    }
+
+    /// Served name and directory of every unsigned model directory to load.
     pub fn selected(&self) -> std::io::Result<Vec<(String, PathBuf)>> {
+        let Some(directory) = &self.directory else {
+            return Ok(Vec::new());
+        };
         if !self.serve.is_empty() {
             return Ok(self
                 .serve
                 .iter()
-                .map(|(name, dir)| (name.clone(), self.directory.join(dir)))
+                .map(|(name, dir)| (name.clone(), directory.join(dir)))
                 .collect());
         }
         let mut found = Vec::new();
-        for entry in std::fs::read_dir(&self.directory)? {
+        for entry in std::fs::read_dir(directory)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
             if let Some(name) = name
@@ -334,13 +385,7 @@ impl ModelsConfig {
     }
 }
 
-/// Model names appear in URLs, metrics labels and logs: keep them plain.
-pub fn valid_model_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use moat_core::bundle::manifest::valid_model_name;
 
 impl MetricsConfig {
     pub(super) fn problems(&self, problems: &mut Vec<String>) {

@@ -1,0 +1,690 @@
+//! Models: the registry of imported bundles, their verification, and load / warm-up /
+//! golden prompts / swap / rollback.
+//!
+//! Rollout commands run one at a time. A version loads beside the one serving, answers
+//! its golden prompts, and only then takes traffic, in one atomic swap of the serving
+//! table; if anything fails the serving version stays as it was. Every command's outcome
+//! is an audit record naming the model as `name@version`.
+
+pub mod golden;
+pub mod loader;
+pub mod registry;
+pub mod serving;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use moat_core::bundle::VerifiedBundle;
+use serde_json::{Value, json};
+
+use crate::audit::AuditLog;
+use crate::audit::log::{admin_record, now_unix_ms};
+use crate::config::Config;
+use crate::engine::{ModelDirectory, OrtRuntime, StartError};
+use crate::policy::PolicyStore;
+use registry::{CanaryEntry, ModelEntry, Registry, RegistryError, VersionEntry};
+use serving::{Canary, LoadedModel, Route, ServingTable, Share};
+use store::{BundleStore, StoreError};
+
+/// Why a rollout command was refused. The serving state is unchanged whenever one is
+/// returned.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(
+        "{label} is not newer than {highest}, the highest version of {name} ever imported; \
+         pass --allow-downgrade to import it anyway"
+    )]
+    Downgrade {
+        name: String,
+        label: String,
+        highest: String,
+    },
+    #[error("{0:?} is not NAME@VERSION with a semantic version")]
+    BadLabel(String),
+    #[error("no model {0} is imported (moatctl model list shows what is)")]
+    UnknownModel(String),
+    #[error("{label} is not imported (moatctl model list shows the versions of {name})")]
+    UnknownVersion { name: String, label: String },
+    #[error(
+        "{0} is served from an unsigned model directory (models.directory); bundles cannot replace it under the same name"
+    )]
+    Unsigned(String),
+    #[error("{label} did not load: {source}")]
+    Load {
+        label: String,
+        #[source]
+        source: StartError,
+    },
+    #[error("{label} is refused: {source}")]
+    Golden {
+        label: String,
+        #[source]
+        source: golden::GoldenFailure,
+    },
+    #[error(
+        "{label} needs about {needed} MiB, but {loaded} MiB of the {budget} MiB memory budget \
+         are already loaded; remove or roll back a version, or raise models.memory_budget_mib"
+    )]
+    MemoryBudget {
+        label: String,
+        needed: u64,
+        loaded: u64,
+        budget: u64,
+    },
+    #[error(
+        "{label} sets classification ceiling {ceiling:?}, which is not a label of the policy in force"
+    )]
+    Ceiling { label: String, ceiling: String },
+    #[error("{0} is active; activate another version before removing it")]
+    RemoveActive(String),
+    #[error("{0} is the canary; roll the canary back before removing it")]
+    RemoveCanary(String),
+    #[error("{0} has no active version; activate one first")]
+    NothingActive(String),
+    #[error("{0} has no canary to promote")]
+    NoCanary(String),
+    #[error("{0} has no previous version to roll back to")]
+    NoPrevious(String),
+    #[error("the canary share must be between 1 and 99 percent, got {0}")]
+    BadPercent(u8),
+    #[error("the command stopped unexpectedly: {0}")]
+    Interrupted(String),
+}
+
+impl RolloutError {
+    /// A short stable code for audit records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RolloutError::Store(e) => e.code(),
+            RolloutError::Registry(_) => "registry_error",
+            RolloutError::Downgrade { .. } => "downgrade",
+            RolloutError::BadLabel(_) => "bad_request",
+            RolloutError::UnknownModel(_) | RolloutError::UnknownVersion { .. } => "not_imported",
+            RolloutError::Unsigned(_) => "unsigned_model",
+            RolloutError::Load { .. } => "load_failed",
+            RolloutError::Golden { .. } => "golden_failed",
+            RolloutError::MemoryBudget { .. } => "memory_budget",
+            RolloutError::Ceiling { .. } => "bad_ceiling",
+            RolloutError::RemoveActive(_) | RolloutError::RemoveCanary(_) => "in_use",
+            RolloutError::NothingActive(_)
+            | RolloutError::NoCanary(_)
+            | RolloutError::NoPrevious(_) => "nothing_to_do",
+            RolloutError::BadPercent(_) => "bad_request",
+            RolloutError::Interrupted(_) => "interrupted",
+        }
+    }
+}
+
+/// `name@version`, parsed.
+pub fn parse_label(text: &str) -> Result<(String, semver::Version), RolloutError> {
+    let bad = || RolloutError::BadLabel(text.to_owned());
+    let (name, version) = text.split_once('@').ok_or_else(bad)?;
+    let version = semver::Version::parse(version).map_err(|_| bad())?;
+    if !moat_core::bundle::manifest::valid_model_name(name) {
+        return Err(bad());
+    }
+    Ok((name.to_owned(), version))
+}
+
+/// The models of one moatd and the commands that change them.
+#[derive(Debug)]
+pub struct Models {
+    pub table: Arc<ServingTable>,
+    registry: Registry,
+    store: Arc<BundleStore>,
+    trusted_keys: PathBuf,
+    memory_budget: Option<u64>,
+    config: Config,
+    runtime: Arc<OrtRuntime>,
+    audit: Arc<AuditLog>,
+    policy: Arc<PolicyStore>,
+    /// One rollout command at a time.
+    commands: tokio::sync::Mutex<()>,
+    started: Instant,
+}
+
+impl Models {
+    /// Opens the bundle store and registry. Nothing is loaded yet: see [`Models::restore`].
+    pub fn open(
+        config: &Config,
+        runtime: Arc<OrtRuntime>,
+        audit: Arc<AuditLog>,
+        policy: Arc<PolicyStore>,
+        table: Arc<ServingTable>,
+    ) -> Result<Self, RolloutError> {
+        let models = &config.models;
+        let store = BundleStore::open(&models.store)?;
+        let registry = Registry::open(&models.store.join("registry"))?;
+        Ok(Self {
+            table,
+            registry,
+            store: Arc::new(store),
+            trusted_keys: models.trusted_keys.clone(),
+            memory_budget: models.memory_budget_mib.map(|m| m << 20),
+            config: config.clone(),
+            runtime,
+            audit,
+            policy,
+            commands: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+        })
+    }
+
+    /// Loads what the registry says is active (and any canary), as before the restart.
+    /// A version that no longer verifies or loads is left out, logged and audited; the
+    /// others serve.
+    pub async fn restore(&self) {
+        let all = match self.registry.all() {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::error!(error = %e, "the model registry cannot be read; no bundle is served");
+                return;
+            }
+        };
+        for (name, entry) in all {
+            let Some(active) = &entry.active else {
+                continue;
+            };
+            let label = format!("{name}@{active}");
+            let model = match self.prepare(&name, active).await {
+                Ok(model) => model,
+                Err(e) => {
+                    self.record("model.restore", &label, Err(&e)).await;
+                    continue;
+                }
+            };
+            let mut route = Route::new(model);
+            if let Some(canary) = &entry.canary {
+                let label = format!("{name}@{}", canary.version);
+                match self.prepare(&name, &canary.version).await {
+                    Ok(model) => {
+                        route.canary = Some(Canary {
+                            model,
+                            share: Share::new(canary.percent),
+                        });
+                        self.record("model.restore", &label, Ok(())).await;
+                    }
+                    Err(e) => self.record("model.restore", &label, Err(&e)).await,
+                }
+            }
+            self.table
+                .update(|routes| routes.insert(name.clone(), route));
+            self.record("model.restore", &label, Ok(())).await;
+        }
+    }
+
+    /// Audits a command's outcome.
+    async fn record(&self, action: &str, model: &str, outcome: Result<(), &RolloutError>) {
+        let (decision, detail) = match outcome {
+            Ok(()) => ("allow", format!("{action} {model}")),
+            Err(e) => {
+                tracing::error!(action, model, error = %e, "model command refused");
+                ("deny", format!("{}: {e}", e.code()))
+            }
+        };
+        let mut record = admin_record(self.audit.node(), action, "moatd", decision, detail);
+        record.model = model.to_owned();
+        if let Err(e) = self.audit.append(record).await {
+            tracing::error!(error = %e, action, "a model command could not be audited");
+        }
+    }
+
+    /// Runs a command, one at a time, and audits it with the admin's identity.
+    pub async fn command(&self, peer: &str, command: Command) -> Result<Value, RolloutError> {
+        let _one_at_a_time = self.commands.lock().await;
+        let action = command.action();
+        let (outcome, model) = match command {
+            Command::Import {
+                bundle,
+                allow_downgrade,
+            } => match self.import(bundle, allow_downgrade).await {
+                Ok(verified) => {
+                    let label = verified.manifest.label();
+                    (Ok(import_summary(&verified)), label)
+                }
+                Err(e) => (Err(e), String::new()),
+            },
+            Command::Activate { label } => (self.activate(&label).await, label),
+            Command::Canary { label, percent } => (self.canary(&label, percent).await, label),
+            Command::Promote { name } => (self.promote(&name), name),
+            Command::Rollback { name } => (self.rollback(&name).await, name),
+            Command::Remove { label } => (self.remove(&label), label),
+        };
+        let (decision, detail) = match &outcome {
+            Ok(_) => ("allow", format!("{action} {model}")),
+            Err(e) => ("deny", format!("{}: {e}", e.code())),
+        };
+        let mut record = admin_record(self.audit.node(), action, peer, decision, detail);
+        record.model = model;
+        if let Err(e) = self.audit.append(record).await {
+            // The change is made; the admin must know its record is missing.
+            return Err(RolloutError::Interrupted(format!(
+                "done, but the audit record failed: {e}"
+            )));
+        }
+        outcome
+    }
+
+    async fn import(
+        &self,
+        bundle: Box<dyn Read + Send>,
+        allow_downgrade: bool,
+    ) -> Result<VerifiedBundle, RolloutError> {
+        let trusted = store::trusted_keys(&self.trusted_keys)?;
+        // Unpacking and hashing read the whole bundle: off the async workers.
+        let store = Arc::clone(&self.store);
+        let staged = actix_web::rt::task::spawn_blocking(move || store.receive(bundle, &trusted))
+            .await
+            .map_err(|e| RolloutError::Interrupted(e.to_string()))??;
+        let manifest = &staged.verified.manifest;
+        if let Some(highest) = self.registry.highest(&manifest.name)?
+            && manifest.version <= highest
+            && !allow_downgrade
+        {
+            return Err(RolloutError::Downgrade {
+                name: manifest.name.clone(),
+                label: manifest.label(),
+                highest: highest.to_string(),
+            });
+        }
+        if self.is_unsigned(&manifest.name) {
+            return Err(RolloutError::Unsigned(manifest.name.clone()));
+        }
+        let verified = self.store.install(staged)?;
+        let manifest = &verified.manifest;
+        self.registry.record_import(
+            &manifest.name,
+            &manifest.version,
+            VersionEntry {
+                imported_unix_ms: now_unix_ms(),
+                signer: verified.signer.clone(),
+                signer_id: verified.signer_id.clone(),
+                bytes: manifest.total_bytes(),
+                task: manifest.task.to_string(),
+            },
+        )?;
+        tracing::info!(bundle = %manifest.label(), signer = %verified.signer, "bundle imported");
+        Ok(verified)
+    }
+
+    fn is_unsigned(&self, name: &str) -> bool {
+        self.table
+            .snapshot()
+            .get(name)
+            .is_some_and(|route| route.active.version.is_none())
+    }
+
+    fn entry(&self, name: &str) -> Result<ModelEntry, RolloutError> {
+        self.registry
+            .get(name)?
+            .ok_or_else(|| RolloutError::UnknownModel(name.to_owned()))
+    }
+
+    /// A loaded version: one already loaded for this name if there is one, else verified
+    /// from disk, loaded beside what serves, warmed, and put through its golden prompts.
+    async fn prepare(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, RolloutError> {
+        let label = format!("{name}@{version}");
+        let version =
+            semver::Version::parse(version).map_err(|_| RolloutError::BadLabel(label.clone()))?;
+        if let Some(route) = self.table.snapshot().get(name)
+            && let Some(loaded) = route
+                .loaded()
+                .find(|m| m.version.as_ref() == Some(&version))
+        {
+            return Ok(Arc::clone(loaded));
+        }
+        if !self
+            .entry(name)?
+            .versions
+            .contains_key(&version.to_string())
+        {
+            return Err(RolloutError::UnknownVersion {
+                name: name.to_owned(),
+                label,
+            });
+        }
+        let trusted = store::trusted_keys(&self.trusted_keys)?;
+        // Every file is hashed again: off the async workers.
+        let (verified, dir) = {
+            let store = Arc::clone(&self.store);
+            let (name, version) = (name.to_owned(), version.clone());
+            actix_web::rt::task::spawn_blocking(move || {
+                store.open_version(&name, &version, &trusted)
+            })
+            .await
+            .map_err(|e| RolloutError::Interrupted(e.to_string()))??
+        };
+        let manifest = verified.manifest;
+        if let Some(ceiling) = &manifest.classification_ceiling
+            && self.policy.current().data().rank(ceiling).is_none()
+        {
+            return Err(RolloutError::Ceiling {
+                label,
+                ceiling: ceiling.clone(),
+            });
+        }
+        let needed = loader::memory_estimate(&manifest.model, manifest.total_bytes());
+        self.check_budget(&label, needed)?;
+        let directory = ModelDirectory {
+            root: dir,
+            metadata: manifest.model.clone(),
+        };
+        let config = self.config.clone();
+        let runtime = Arc::clone(&self.runtime);
+        let served =
+            actix_web::rt::task::spawn_blocking(move || loader::load(&config, &runtime, directory))
+                .await
+                .map_err(|e| RolloutError::Interrupted(e.to_string()))?
+                .map_err(|source| RolloutError::Load {
+                    label: label.clone(),
+                    source,
+                })?;
+        let passed =
+            golden::check(&manifest, &served)
+                .await
+                .map_err(|source| RolloutError::Golden {
+                    label: label.clone(),
+                    source,
+                })?;
+        tracing::info!(model = %label, golden = passed, "version loaded and passed its golden prompts");
+        Ok(Arc::new(LoadedModel {
+            name: name.to_owned(),
+            version: Some(version),
+            served,
+            classification_ceiling: manifest.classification_ceiling,
+            response_schema: manifest.response_schema,
+            sampling: manifest.sampling,
+            memory_bytes: needed,
+        }))
+    }
+
+    fn check_budget(&self, label: &str, needed: u64) -> Result<(), RolloutError> {
+        let loaded = self.table.memory_bytes();
+        let (budget, in_use) = match self.memory_budget {
+            Some(budget) => (budget, loaded),
+            // No budget set: what the host has free now must hold it.
+            None => match loader::host_available_bytes() {
+                Some(available) => (available, 0),
+                None => return Ok(()),
+            },
+        };
+        if in_use.saturating_add(needed) > budget {
+            return Err(RolloutError::MemoryBudget {
+                label: label.to_owned(),
+                needed: needed >> 20,
+                loaded: in_use >> 20,
+                budget: budget >> 20,
+            });
+        }
+        Ok(())
+    }
+
+    async fn activate(&self, label: &str) -> Result<Value, RolloutError> {
+        let (name, version) = parse_label(label)?;
+        if self.is_unsigned(&name) {
+            return Err(RolloutError::Unsigned(name));
+        }
+        let mut entry = self.entry(&name)?;
+        let version = version.to_string();
+        if entry.active.as_deref() == Some(version.as_str())
+            && self.table.snapshot().contains_key(&name)
+        {
+            return Ok(json!({"model": label, "note": "already active"}));
+        }
+        let model = self.prepare(&name, &version).await?;
+        self.table.update(|routes| {
+            let old = routes.remove(&name);
+            let mut route = Route::new(model);
+            route.standby = old.map(|old| old.active);
+            routes.insert(name.clone(), route);
+        });
+        if entry.active.as_deref() != Some(version.as_str()) {
+            entry.previous = entry.active.take();
+        }
+        entry.active = Some(version);
+        entry.canary = None;
+        self.registry.put(&name, &entry)?;
+        Ok(json!({"model": label, "previous": entry.previous}))
+    }
+
+    async fn canary(&self, label: &str, percent: u8) -> Result<Value, RolloutError> {
+        if !(1..=99).contains(&percent) {
+            return Err(RolloutError::BadPercent(percent));
+        }
+        let (name, version) = parse_label(label)?;
+        let mut entry = self.entry(&name)?;
+        if entry.active.is_none() || !self.table.snapshot().contains_key(&name) {
+            return Err(RolloutError::NothingActive(name));
+        }
+        let model = self.prepare(&name, &version.to_string()).await?;
+        self.table.update(|routes| {
+            if let Some(route) = routes.get_mut(&name) {
+                route.canary = Some(Canary {
+                    model,
+                    share: Share::new(percent),
+                });
+            }
+        });
+        entry.canary = Some(CanaryEntry {
+            version: version.to_string(),
+            percent,
+        });
+        self.registry.put(&name, &entry)?;
+        Ok(json!({"model": label, "percent": percent}))
+    }
+
+    fn promote(&self, name: &str) -> Result<Value, RolloutError> {
+        let mut entry = self.entry(name)?;
+        let Some(canary) = entry.canary.take() else {
+            return Err(RolloutError::NoCanary(name.to_owned()));
+        };
+        let promoted = self.table.update(|routes| {
+            let route = routes.get_mut(name)?;
+            let canary = route.canary.take()?;
+            let old = std::mem::replace(&mut route.active, canary.model);
+            route.standby = Some(old);
+            Some(())
+        });
+        if promoted.is_none() {
+            return Err(RolloutError::NoCanary(name.to_owned()));
+        }
+        entry.previous = entry.active.replace(canary.version.clone());
+        self.registry.put(name, &entry)?;
+        Ok(json!({"model": format!("{name}@{}", canary.version), "previous": entry.previous}))
+    }
+
+    /// Ends a canary, or else returns to the previous version: at once when it is still
+    /// loaded (it is, unless moatd restarted since), else after loading and checking it.
+    async fn rollback(&self, name: &str) -> Result<Value, RolloutError> {
+        let mut entry = self.entry(name)?;
+        if let Some(canary) = entry.canary.take() {
+            self.table.update(|routes| {
+                if let Some(route) = routes.get_mut(name) {
+                    route.canary = None;
+                }
+            });
+            self.registry.put(name, &entry)?;
+            return Ok(json!({"ended_canary": format!("{name}@{}", canary.version)}));
+        }
+        let Some(previous) = entry.previous.clone() else {
+            return Err(RolloutError::NoPrevious(name.to_owned()));
+        };
+        let model = self.prepare(name, &previous).await?;
+        self.table.update(|routes| {
+            let standby = routes.remove(name).map(|old| old.active);
+            let mut route = Route::new(model);
+            route.standby = standby;
+            routes.insert(name.to_owned(), route);
+        });
+        entry.previous = entry.active.replace(previous.clone());
+        self.registry.put(name, &entry)?;
+        Ok(json!({"model": format!("{name}@{previous}"), "previous": entry.previous}))
+    }
+
+    fn remove(&self, label: &str) -> Result<Value, RolloutError> {
+        let (name, version) = parse_label(label)?;
+        let mut entry = self.entry(&name)?;
+        let text = version.to_string();
+        if !entry.versions.contains_key(&text) {
+            return Err(RolloutError::UnknownVersion {
+                name,
+                label: label.to_owned(),
+            });
+        }
+        if entry.active.as_deref() == Some(text.as_str()) {
+            return Err(RolloutError::RemoveActive(label.to_owned()));
+        }
+        if entry.canary.as_ref().is_some_and(|c| c.version == text) {
+            return Err(RolloutError::RemoveCanary(label.to_owned()));
+        }
+        self.table.update(|routes| {
+            if let Some(route) = routes.get_mut(&name)
+                && route
+                    .standby
+                    .as_ref()
+                    .is_some_and(|m| m.version.as_ref() == Some(&version))
+            {
+                route.standby = None;
+            }
+        });
+        entry.versions.remove(&text);
+        if entry.previous.as_deref() == Some(text.as_str()) {
+            entry.previous = None;
+        }
+        self.registry.put(&name, &entry)?;
+        self.store.remove(&name, &version)?;
+        Ok(json!({"removed": label}))
+    }
+
+    /// Every imported version and what serves, for `moatctl model list`.
+    pub fn list(&self) -> Result<Value, RolloutError> {
+        let routes = self.table.snapshot();
+        let mut models = Vec::new();
+        for (name, entry) in self.registry.all()? {
+            let route = routes.get(&name);
+            let versions: Vec<Value> = entry
+                .versions
+                .iter()
+                .map(|(version, info)| {
+                    let loaded = route.is_some_and(|r| {
+                        r.loaded().any(|m| m.version_text() == *version)
+                    });
+                    json!({
+                        "version": version,
+                        "task": info.task,
+                        "bytes": info.bytes,
+                        "signer": info.signer,
+                        "signer_id": info.signer_id,
+                        "imported_unix_ms": info.imported_unix_ms,
+                        "active": entry.active.as_deref() == Some(version.as_str()),
+                        "canary_percent": entry.canary.as_ref().filter(|c| c.version == *version).map(|c| c.percent),
+                        "previous": entry.previous.as_deref() == Some(version.as_str()),
+                        "loaded": loaded,
+                    })
+                })
+                .collect();
+            models.push(json!({
+                "name": name,
+                "highest": self.registry.highest(&name)?.map(|v| v.to_string()),
+                "versions": versions,
+            }));
+        }
+        for (name, route) in routes.iter() {
+            if route.active.version.is_none() {
+                models.push(json!({"name": name, "unsigned_directory": true, "versions": []}));
+            }
+        }
+        Ok(json!({"models": models}))
+    }
+
+    /// What this moatd serves, for `moatctl status`.
+    pub fn status(&self) -> Value {
+        let routes = self.table.snapshot();
+        let served: BTreeMap<&String, Value> = routes
+            .iter()
+            .map(|(name, route)| {
+                (
+                    name,
+                    json!({
+                        "active": route.active.version_text(),
+                        "healthy": route.active.served.is_healthy(),
+                        "canary": route.canary.as_ref().map(|c| json!({"version": c.model.version_text(), "percent": c.share.percent})),
+                        "standby": route.standby.as_ref().map(|m| m.version_text()),
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "moatd": env!("CARGO_PKG_VERSION"),
+            "node_id": self.audit.node().node_id,
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "models": served,
+            "memory_estimate_mib": self.table.memory_bytes() >> 20,
+            "memory_budget_mib": self.memory_budget.map(|b| b >> 20),
+        })
+    }
+}
+
+/// A rollout command from the admin socket.
+pub enum Command {
+    Import {
+        bundle: Box<dyn Read + Send>,
+        allow_downgrade: bool,
+    },
+    Activate {
+        label: String,
+    },
+    Canary {
+        label: String,
+        percent: u8,
+    },
+    Promote {
+        name: String,
+    },
+    Rollback {
+        name: String,
+    },
+    Remove {
+        label: String,
+    },
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.action())
+    }
+}
+
+impl Command {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Command::Import { .. } => "model.import",
+            Command::Activate { .. } => "model.activate",
+            Command::Canary { .. } => "model.canary",
+            Command::Promote { .. } => "model.promote",
+            Command::Rollback { .. } => "model.rollback",
+            Command::Remove { .. } => "model.remove",
+        }
+    }
+}
+
+fn import_summary(verified: &VerifiedBundle) -> Value {
+    let manifest = &verified.manifest;
+    json!({
+        "model": manifest.label(),
+        "task": manifest.task.as_str(),
+        "files": manifest.files.len(),
+        "bytes": manifest.total_bytes(),
+        "signer": verified.signer,
+        "signer_id": verified.signer_id,
+        "golden_prompts": manifest.golden.len(),
+    })
+}

@@ -1,0 +1,261 @@
+//! Bundles on disk: `<store>/bundles/<name>/<version>/` holds what an import verified
+//! (`manifest.toml`, `manifest.sig` and the files). An import unpacks into
+//! `<store>/staging/` first and moves into place only once everything checked out; a
+//! version directory is verified again, file by file, every time it is loaded.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read};
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+
+use moat_core::bundle::archive::{hash_reader, unpack};
+use moat_core::bundle::signature::parse_public_key;
+use moat_core::bundle::{
+    BundleError, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked, VerifiedBundle, verify,
+};
+
+/// Why a bundle could not be stored or read back.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bundle refused: {0}")]
+    Bundle(#[from] BundleError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no trusted bundle key in {dir}: add the ML team's public key (NAME.pub) there")]
+    NoTrustedKeys { dir: PathBuf },
+    #[error("trusted key {path} is not usable: {reason}")]
+    BadTrustedKey { path: PathBuf, reason: String },
+    #[error("{label} is already imported")]
+    AlreadyImported { label: String },
+    #[error("{label} is not imported (moatctl model list shows what is)")]
+    NotImported { label: String },
+}
+
+impl StoreError {
+    /// A short stable code for audit records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Bundle(e) => e.code(),
+            StoreError::Io { .. } => "io_error",
+            StoreError::NoTrustedKeys { .. } | StoreError::BadTrustedKey { .. } => "trusted_keys",
+            StoreError::AlreadyImported { .. } => "already_imported",
+            StoreError::NotImported { .. } => "not_imported",
+        }
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The public keys (`*.pub`) of the trusted keys directory, read afresh for every check so
+/// that removing a key file withdraws its trust.
+pub fn trusted_keys(dir: &Path) -> Result<Vec<TrustedKey>, StoreError> {
+    let mut keys = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StoreError::NoTrustedKeys {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(io_error(dir)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io_error(dir))?.path();
+        if path.extension().is_none_or(|e| e != "pub") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).map_err(io_error(&path))?;
+        let key = parse_public_key(&text).map_err(|e| StoreError::BadTrustedKey {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        keys.push(TrustedKey { name, key });
+    }
+    if keys.is_empty() {
+        return Err(StoreError::NoTrustedKeys {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(keys)
+}
+
+#[derive(Debug)]
+pub struct BundleStore {
+    bundles: PathBuf,
+    staging: PathBuf,
+}
+
+/// A verified bundle unpacked in staging; removed unless installed.
+#[derive(Debug)]
+pub struct Staged {
+    pub verified: VerifiedBundle,
+    dir: Option<tempfile::TempDir>,
+}
+
+fn private_dir(path: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(path)
+        .map_err(io_error(path))
+}
+
+impl BundleStore {
+    /// Opens (creating) the store under `root`; leftovers of an interrupted import go.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let store = Self {
+            bundles: root.join("bundles"),
+            staging: root.join("staging"),
+        };
+        private_dir(&store.bundles)?;
+        if store.staging.exists() {
+            fs::remove_dir_all(&store.staging).map_err(io_error(&store.staging))?;
+        }
+        private_dir(&store.staging)?;
+        Ok(store)
+    }
+
+    pub fn version_dir(&self, name: &str, version: &semver::Version) -> PathBuf {
+        self.bundles.join(name).join(version.to_string())
+    }
+
+    /// Unpacks a bundle tar into staging and verifies it: signature, manifest, files.
+    pub fn receive(
+        &self,
+        mut reader: impl Read,
+        trusted: &[TrustedKey],
+    ) -> Result<Staged, StoreError> {
+        let received = self.receive_from(&mut reader, trusted);
+        // The sender is told why only once it has sent everything: read what is left.
+        let _ = io::copy(&mut reader, &mut io::sink());
+        received
+    }
+
+    fn receive_from(
+        &self,
+        reader: impl Read,
+        trusted: &[TrustedKey],
+    ) -> Result<Staged, StoreError> {
+        let dir = tempfile::Builder::new()
+            .prefix("import-")
+            .tempdir_in(&self.staging)
+            .map_err(io_error(&self.staging))?;
+        let root = dir.path().to_path_buf();
+        let unpacked = unpack(reader, |name| {
+            // Names were checked by `unpack`: plain, top-level, not seen before.
+            File::create_new(root.join(name)).map(BufWriter::new)
+        })
+        .map_err(BundleError::from)?;
+        let verified = verify(&unpacked, trusted)?;
+        let write = |name: &str, bytes: &[u8]| {
+            let path = root.join(name);
+            fs::write(&path, bytes).map_err(io_error(&path))
+        };
+        write(MANIFEST_FILE, &unpacked.manifest)?;
+        write(
+            SIGNATURE_FILE,
+            unpacked.signature.as_deref().unwrap_or_default(),
+        )?;
+        Ok(Staged {
+            verified,
+            dir: Some(dir),
+        })
+    }
+
+    /// Moves a staged bundle to its version directory.
+    pub fn install(&self, mut staged: Staged) -> Result<VerifiedBundle, StoreError> {
+        let manifest = &staged.verified.manifest;
+        let target = self.version_dir(&manifest.name, &manifest.version);
+        if target.exists() {
+            return Err(StoreError::AlreadyImported {
+                label: manifest.label(),
+            });
+        }
+        if let Some(parent) = target.parent() {
+            private_dir(parent)?;
+        }
+        let Some(dir) = staged.dir.take() else {
+            return Err(StoreError::NotImported {
+                label: manifest.label(),
+            });
+        };
+        let path = dir.keep();
+        fs::rename(&path, &target).map_err(io_error(&target))?;
+        if let Ok(parent) = File::open(target.parent().unwrap_or(&target)) {
+            let _ = parent.sync_all();
+        }
+        Ok(staged.verified)
+    }
+
+    /// Verifies an installed version again, every file hashed from disk, and returns it
+    /// with its directory.
+    pub fn open_version(
+        &self,
+        name: &str,
+        version: &semver::Version,
+        trusted: &[TrustedKey],
+    ) -> Result<(VerifiedBundle, PathBuf), StoreError> {
+        let dir = self.version_dir(name, version);
+        if !dir.is_dir() {
+            return Err(StoreError::NotImported {
+                label: format!("{name}@{version}"),
+            });
+        }
+        let read = |file: &str| {
+            let path = dir.join(file);
+            fs::read(&path).map_err(io_error(&path))
+        };
+        let manifest = read(MANIFEST_FILE)?;
+        let signature = read(SIGNATURE_FILE)?;
+        let mut files = BTreeMap::new();
+        for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
+            let entry = entry.map_err(io_error(&dir))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if file_name == MANIFEST_FILE || file_name == SIGNATURE_FILE {
+                continue;
+            }
+            let path = entry.path();
+            let hashed = File::open(&path)
+                .and_then(|f| hash_reader(BufReader::new(f)))
+                .map_err(io_error(&path))?;
+            files.insert(file_name, hashed);
+        }
+        let unpacked = Unpacked {
+            manifest,
+            signature: Some(signature),
+            files,
+        };
+        let verified = verify(&unpacked, trusted)?;
+        if verified.manifest.name != name || verified.manifest.version != *version {
+            return Err(StoreError::Bundle(BundleError::Manifest(
+                moat_core::bundle::ManifestError::BadName(format!(
+                    "{} stored as {name}@{version}",
+                    verified.manifest.label()
+                )),
+            )));
+        }
+        Ok((verified, dir))
+    }
+
+    pub fn remove(&self, name: &str, version: &semver::Version) -> Result<(), StoreError> {
+        let dir = self.version_dir(name, version);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error(&dir)(e)),
+            _ => Ok(()),
+        }
+    }
+}

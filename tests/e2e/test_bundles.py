@@ -1,0 +1,265 @@
+"""Signed model bundles, end to end: packed and signed with moatctl, imported into the
+running moatd over its admin socket, activated after their golden prompts, swapped under
+load without a failed request, canaried at an exact share, rolled back at once, and every
+forged, altered, unsigned, older or hostile bundle refused with the serving model untouched."""
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from audit_trail import records_of, run_moatctl
+from harness import (MODELS, ONNXRUNTIME, auditors, binary, moatctl, running,
+                     server_config)
+
+SOURCE = MODELS / "fixture-fused"
+PROMPT = "Hello"
+
+
+@pytest.fixture(scope="module")
+def golden_answer() -> str:
+    """The fixture model's greedy answer to PROMPT, as `moatd generate` gives it."""
+    result = subprocess.run(
+        [binary("moatd"), "generate", "--model", SOURCE, "--chat", PROMPT,
+         "--max-tokens", "8", "--onnxruntime-library", ONNXRUNTIME],
+        capture_output=True, text=True, timeout=120, check=True)
+    return result.stdout.removesuffix("\n")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("keys")
+    moatctl("keys", "generate", "--out", directory / "ml-team", "--comment", "ML team")
+    moatctl("keys", "generate", "--out", directory / "rogue")
+    trusted = directory / "trusted"
+    trusted.mkdir()
+    shutil.copy(directory / "ml-team.pub", trusted)
+    return {"ml": directory / "ml-team.key", "rogue": directory / "rogue.key",
+            "trusted": trusted}
+
+
+def bundle(directory: Path, version: str, expect: str, key: Path | None) -> Path:
+    """The fixture model packed as fixture@VERSION (signed with `key` unless None)."""
+    source = directory / f"src-{version}"
+    source.mkdir(parents=True, exist_ok=True)
+    for name in ("model.onnx", "tokenizer.json", "moat-model.json"):
+        shutil.copy(SOURCE / name, source)
+    (source / "bundle.toml").write_text(
+        f'name = "fixture"\nversion = "{version}"\ntask = "chat"\n'
+        f'classification_ceiling = "internal"\n\n[sampling]\ntemperature = 0.0\n\n'
+        f'[[golden]]\nprompt = {json.dumps(PROMPT)}\nexpect = {json.dumps(expect)}\n'
+        f'max_tokens = 8\n')
+    out = directory / f"fixture-{version}.tar"
+    moatctl("bundle", "pack", source, "--out", out)
+    if key is not None:
+        moatctl("bundle", "sign", out, "--key", key)
+    return out
+
+
+def rewrite(original: Path, out: Path, change) -> Path:
+    """A copy of a bundle tar with `change(name, bytes) -> [(TarInfo, bytes|None)]`
+    applied to each member."""
+    with tarfile.open(original) as source, tarfile.open(out, "w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            for info, body in change(member.name, data):
+                target.addfile(info, io.BytesIO(body) if body is not None else None)
+    return out
+
+
+def regular(name: str, body: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(body)
+    return info, body
+
+
+def config_for(pki, keys, tmp_path: Path) -> dict:
+    config = server_config(pki, {})
+    config["models"] = {"store": str(tmp_path / "store"), "trusted_keys": str(keys["trusted"])}
+    return config
+
+
+def admin(server_config: dict, *args, check=True) -> subprocess.CompletedProcess:
+    socket = server_config["admin"]["socket"]
+    command = [*args, "--socket", socket]
+    return moatctl(*command, timeout=300) if check else run_moatctl(*command)
+
+
+def ask(client, **extra):
+    return client.post("/v1/chat/completions", json={
+        "model": "fixture", "max_tokens": 2,
+        "messages": [{"role": "user", "content": PROMPT}], **extra})
+
+
+def version_of(response) -> str:
+    assert response.status_code == 200, response.text
+    return response.headers["x-moat-model-version"]
+
+
+def test_bundles_are_verified_before_anything_is_registered(pki, alice, keys, tmp_path,
+                                                            golden_answer):
+    good = bundle(tmp_path, "1.0.0", golden_answer, keys["ml"])
+    config = config_for(pki, keys, tmp_path)
+    with running(tmp_path / "node", config) as server:
+        # No model yet: not ready, and the name is unknown.
+        with server.http(pki.ca_cert, alice) as client:
+            assert client.get("/readyz").status_code == 503
+            assert ask(client).status_code == 404
+        imported = admin(config, "model", "import", good)
+        assert "imported fixture@1.0.0" in imported.stdout
+        admin(config, "model", "activate", "fixture@1.0.0")
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@1.0.0"
+            assert client.get("/readyz").status_code == 200
+
+        newer = bundle(tmp_path, "1.1.0", golden_answer, keys["ml"])
+        refused = {
+            "tampered file": (rewrite(newer, tmp_path / "tampered.tar", lambda name, data: [
+                regular(name, data[:-1] + bytes([data[-1] ^ 1]) if name == "model.onnx"
+                        else data)]), "was altered"),
+            "wrong key": (bundle(tmp_path / "rogue", "1.1.0", golden_answer, keys["rogue"]),
+                          "not among the 1 trusted key"),
+            "missing signature": (bundle(tmp_path / "unsigned", "1.1.0", golden_answer, None),
+                                  "not signed"),
+            "lower version": (bundle(tmp_path / "old", "0.9.0", golden_answer, keys["ml"]),
+                              "not newer than 1.0.0"),
+            "missing file": (rewrite(newer, tmp_path / "missing.tar", lambda name, data: (
+                [] if name == "tokenizer.json" else [regular(name, data)])),
+                "missing from the bundle"),
+            "path traversal": (rewrite(newer, tmp_path / "traversal.tar", lambda name, data: (
+                [regular(name, data)] + ([regular("../../escape", b"x")]
+                                         if name == "manifest.sig" else []))),
+                "plain file names"),
+            "symlink": (rewrite(newer, tmp_path / "symlink.tar", lambda name, data: (
+                [regular(name, data)] if name != "tokenizer.json" else
+                [(lambda i: (setattr(i, "type", tarfile.SYMTYPE),
+                             setattr(i, "linkname", "/etc/shadow"), (i, None))[-1])(
+                    tarfile.TarInfo("tokenizer.json"))])), "symbolic link"),
+        }
+        for case, (path, message) in refused.items():
+            result = admin(config, "model", "import", path, check=False)
+            assert result.returncode != 0, f"{case}: imported"
+            assert message in result.stderr, f"{case}: {result.stderr}"
+        assert not (tmp_path / "escape").exists()
+        listed = json.loads(admin(config, "model", "list", "--json").stdout)
+        [model] = listed["models"]
+        assert [v["version"] for v in model["versions"]] == ["1.0.0"]
+
+        # A version whose golden prompt fails is imported but never serves.
+        wrong = bundle(tmp_path / "wrong", "1.2.0", "not what the model says", keys["ml"])
+        admin(config, "model", "import", wrong)
+        result = admin(config, "model", "activate", "fixture@1.2.0", check=False)
+        assert result.returncode != 0 and "golden prompt 0" in result.stderr, result.stderr
+        result = admin(config, "model", "remove", "fixture@1.0.0", check=False)
+        assert "is active" in result.stderr
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@1.0.0"
+        status = json.loads(admin(config, "status", "--json").stdout)
+        assert status["models"]["fixture"]["active"] == "1.0.0"
+
+    records = records_of(config, auditors(pki.dir.parent / "auditors"), tmp_path)
+    admin_records = [(r["action"], r["decision"], r["model"]) for r in records
+                     if r["kind"] == "admin" and r["action"].startswith("model.")]
+    assert ("model.import", "allow", "fixture@1.0.0") in admin_records
+    assert ("model.activate", "allow", "fixture@1.0.0") in admin_records
+    assert ("model.activate", "deny", "fixture@1.2.0") in admin_records
+    assert sum(1 for a, d, _ in admin_records if a == "model.import" and d == "deny") == 7
+    served = [r for r in records if r["kind"] == "request" and r["status"] == 200]
+    assert served and all(r["model"] == "fixture@1.0.0" for r in served)
+
+
+def test_swap_under_load_canary_rollback_and_restart(pki, alice, keys, tmp_path,
+                                                      golden_answer):
+    v1 = bundle(tmp_path, "1.0.0", golden_answer, keys["ml"])
+    v2 = bundle(tmp_path, "2.0.0", golden_answer, keys["ml"])
+    config = config_for(pki, keys, tmp_path)
+    with running(tmp_path / "node", config) as server:
+        admin(config, "model", "import", v1)
+        admin(config, "model", "import", v2)
+        admin(config, "model", "activate", "fixture@1.0.0")
+
+        # Eight clients stream answers without pause while 2.0.0 takes over.
+        stop = threading.Event()
+        failures: list[str] = []
+        seen: set[str] = set()
+        answered = [0]
+
+        def stream_forever():
+            with server.http(pki.ca_cert, alice) as client:
+                while not stop.is_set():
+                    with client.stream("POST", "/v1/chat/completions", json={
+                            "model": "fixture", "max_tokens": 12, "stream": True,
+                            "messages": [{"role": "user", "content": PROMPT}]}) as response:
+                        body = response.read().decode()
+                        if response.status_code != 200 or "data: [DONE]" not in body:
+                            failures.append(f"{response.status_code}: {body[:200]}")
+                        else:
+                            seen.add(response.headers["x-moat-model-version"])
+                            answered[0] += 1
+
+        threads = [threading.Thread(target=stream_forever) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(1.0)
+            admin(config, "model", "activate", "fixture@2.0.0")
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert not failures, failures[:3]
+        assert seen == {"fixture@1.0.0", "fixture@2.0.0"}, seen
+        assert answered[0] >= 16
+
+        # Rollback: the previous version is still loaded, so it is back at once.
+        started = time.monotonic()
+        admin(config, "model", "rollback", "fixture")
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, f"rollback took {elapsed:.2f} s"
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@1.0.0"
+
+        # A canary takes its share of 1,000 requests, within ±5 points.
+        admin(config, "model", "canary", "fixture@2.0.0", "--percent", "20")
+        counts = {"fixture@1.0.0": 0, "fixture@2.0.0": 0}
+        lock = threading.Lock()
+
+        def send(n):
+            with server.http(pki.ca_cert, alice) as client:
+                for _ in range(n):
+                    version = version_of(ask(client, max_tokens=1))
+                    with lock:
+                        counts[version] += 1
+
+        senders = [threading.Thread(target=send, args=(125,)) for _ in range(8)]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join(timeout=600)
+        assert sum(counts.values()) == 1000
+        share = counts["fixture@2.0.0"] / 10
+        assert 15 <= share <= 25, counts
+        admin(config, "model", "promote", "fixture")
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@2.0.0"
+
+    # The registry survives a restart: 2.0.0 is active again, 1.0.0 its previous.
+    with running(tmp_path / "node", config) as server:
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@2.0.0"
+        listed = json.loads(admin(config, "model", "list", "--json").stdout)
+        versions = {v["version"]: v for v in listed["models"][0]["versions"]}
+        assert versions["2.0.0"]["active"] and versions["1.0.0"]["previous"]
+        admin(config, "model", "rollback", "fixture")
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@1.0.0"
+        admin(config, "model", "remove", "fixture@2.0.0")
+        result = admin(config, "model", "import", v2, check=False)
+        assert "not newer than 2.0.0" in result.stderr, result.stderr
