@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use moat_core::audit::{AuditRecord, Finding, RecordKind, RetainedText, Retention};
 use moat_core::policy::content::{ContentScan, Direction, Purpose};
-use moat_core::policy::{AccessPolicy, PolicyDecision};
+use moat_core::policy::{AccessPolicy, ModelFacts, PolicyDecision};
 
 use super::error::ApiError;
 use crate::audit::AuditLog;
@@ -76,8 +76,7 @@ impl AuditNotes {
     pub fn decided(
         &self,
         policy: &AccessPolicy,
-        model: &str,
-        version: &str,
+        model: Option<ModelFacts<'_>>,
         decision: &PolicyDecision,
         prompt_scan: &ContentScan,
         prompt_text: &str,
@@ -85,6 +84,7 @@ impl AuditNotes {
     ) {
         let mut notes = self.notes.borrow_mut();
         let retention = policy.data().retention(&notes.origin.department);
+        let (model, version) = model.map_or(("", ""), |m| (m.name, m.version));
         // The served bundle's version; else the one the policy gives the model, if any.
         let version = match version {
             "" => policy

@@ -93,7 +93,7 @@ pub fn admit(
         max_tokens: request.max_tokens,
         prompt_scan: &prompt_scan,
     });
-    let (model, version) = request.model.map_or(("", ""), |m| (m.name, m.version));
+    let model = request.model.map_or("", |m| m.name);
     // No notes, no record: refuse rather than answer unaudited.
     let notes = http
         .extensions()
@@ -102,8 +102,7 @@ pub fn admit(
         .ok_or_else(|| ApiError::AuditUnavailable("the request has no audit notes".into()))?;
     notes.decided(
         &policy,
-        model,
-        version,
+        request.model,
         &decision,
         &prompt_scan,
         request.prompt_text,
