@@ -6,9 +6,13 @@
 #      .moat-dev/auditors (on a real appliance they stay on the auditors' machines),
 #      .moat-dev/policies (the shipped policy set plus a permit for "demo") and
 #      .moat-dev/moat.toml (audit trail in .moat-dev/state);
-#   3. starts moatd in the background serving the demo model on 127.0.0.1 (pid in
-#      .moat-dev/moatd.pid, log in .moat-dev/moatd.log), replacing one started earlier;
-#   4. asks it "What is the capital of France?" with curl and a client certificate.
+#   3. makes a bundle signing key (.moat-dev/signing; its public key in
+#      .moat-dev/trusted-keys), packs and signs the demo models as bundles
+#      (.moat-dev/bundles, from packaging/bundles/*.toml);
+#   4. starts moatd in the background on 127.0.0.1 (pid in .moat-dev/moatd.pid, log in
+#      .moat-dev/moatd.log), replacing one started earlier, and imports and activates the
+#      bundles through its admin socket (they stay active across restarts);
+#   5. asks it "What is the capital of France?" with curl and a client certificate.
 # moatd keeps running afterwards; the last line printed says how to stop it.
 #
 # Ports: MOAT_DEV_PORT (API, default 8443) and MOAT_DEV_METRICS_PORT (default 9464).
@@ -78,10 +82,24 @@ permit (
 );
 EOF_POLICY
 
-embedding_line=""
-if [ -f local/models/all-minilm-l6-v2/moat-model.json ]; then
-  embedding_line="\"all-minilm-l6-v2\" = \"all-minilm-l6-v2\""
+echo "==> signed bundles of the demo models in .moat-dev/bundles" >&2
+mkdir -p "$dev/signing" "$dev/trusted-keys" "$dev/bundles"
+if [ ! -f "$dev/signing/dev-ml.key" ]; then
+  rm -f "$dev/bundles"/*.tar
+  "$moatctl" keys generate --out "$dev/signing/dev-ml" --comment "moat development" >/dev/null
 fi
+cp "$dev/signing/dev-ml.pub" "$dev/trusted-keys/"
+bundles=()
+for pair in smollm2-135m-instruct:smollm2-135m-instruct-exact all-minilm-l6-v2:all-minilm-l6-v2; do
+  name="${pair%%:*}"
+  version="$(sed -n 's/^version = "\(.*\)"/\1/p' "packaging/bundles/$name.toml")"
+  tar="$dev/bundles/$name-$version.tar"
+  if [ ! -f "$tar" ]; then
+    "$moatctl" bundle pack "local/models/${pair#*:}" --info "packaging/bundles/$name.toml" --out "$tar" >/dev/null
+    "$moatctl" bundle sign "$tar" --key "$dev/signing/dev-ml.key" >/dev/null
+  fi
+  bundles+=("$name@$version:$tar")
+done
 cat > "$dev/moat.toml" <<EOF
 # Development configuration written by scripts/quickstart.sh (rewritten on each run).
 # Start by hand with: target/release/moatd serve --config .moat-dev/moat.toml
@@ -98,11 +116,8 @@ client_ca = ["pki/ca.crt"]
 crl = ["pki/crl.pem"]
 
 [models]
-directory = "$root/local/models"
-
-[models.serve]
-"smollm2-135m-instruct" = "smollm2-135m-instruct-exact"
-$embedding_line
+store = "state/models"
+trusted_keys = "trusted-keys"
 
 [policy]
 directory = "policies"
@@ -126,7 +141,7 @@ echo $! > "$dev/moatd.pid"
 pid="$(cat "$dev/moatd.pid")"
 
 for _ in $(seq 1 600); do
-  if curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; then break; fi
+  if curl -fsS "http://127.0.0.1:$metrics_port/healthz" >/dev/null 2>&1; then break; fi
   if ! kill -0 "$pid" 2>/dev/null; then
     echo "error: moatd exited during start; its log:" >&2
     cat "$dev/moatd.log" >&2
@@ -134,6 +149,29 @@ for _ in $(seq 1 600); do
     exit 1
   fi
   sleep 0.2
+done
+curl -fsS "http://127.0.0.1:$metrics_port/healthz" >/dev/null
+
+socket="$dev/state/admin.sock"
+for entry in "${bundles[@]}"; do
+  label="${entry%%:*}"
+  if ! "$moatctl" model list --json --socket "$socket" | python3 -c '
+import json, sys
+name, version = sys.argv[1].split("@")
+models = json.load(sys.stdin)["models"]
+sys.exit(0 if any(m["name"] == name and any(v["version"] == version for v in m["versions"]) for m in models) else 1)
+' "$label"; then
+    echo "==> importing $label" >&2
+    "$moatctl" model import "${entry#*:}" --socket "$socket" >&2
+  fi
+  if ! "$moatctl" status --json --socket "$socket" | python3 -c '
+import json, sys
+name, version = sys.argv[1].split("@")
+sys.exit(0 if json.load(sys.stdin)["models"].get(name, {}).get("active") == version else 1)
+' "$label"; then
+    echo "==> activating $label (golden prompts first)" >&2
+    "$moatctl" model activate "$label" --socket "$socket" >&2
+  fi
 done
 curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null
 

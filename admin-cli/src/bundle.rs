@@ -58,7 +58,7 @@ pub enum BundleCommand {
     /// DIR holds model.onnx, tokenizer.json, moat-model.json, any other file the graph needs
     /// (external weights), and bundle.toml: name, version, task, and optionally
     /// classification_ceiling, [sampling], [response_schema] and [[golden]] prompts. Every
-    /// regular file but bundle.toml and moat-model.json goes into the bundle.
+    /// regular file but bundle.toml, moat-model.json and hidden files goes into the bundle.
     #[command(after_help = "Example:\n  \
         moatctl bundle pack local/models/smollm2-135m-instruct-fast --out smollm2-1.0.0.tar\n  \
         moatctl bundle pack DIR --info release/bundle.toml --out model.tar")]
@@ -171,7 +171,8 @@ fn bundle_files(dir: &Path, skip: &[&str]) -> anyhow::Result<Vec<(String, u64)>>
     for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if skip.contains(&name.as_str()) {
+        // Hidden files (build markers, editor state) are never part of a model.
+        if skip.contains(&name.as_str()) || name.starts_with('.') {
             continue;
         }
         let meta = fs::symlink_metadata(entry.path())?;
