@@ -222,6 +222,7 @@ def test_swap_under_load_canary_rollback_and_restart(pki, alice, keys, tmp_path,
         started = time.monotonic()
         admin(config, "model", "rollback", "fixture")
         elapsed = time.monotonic() - started
+        print(f"rollback with moatctl took {elapsed * 1000:.0f} ms")
         assert elapsed < 1.0, f"rollback took {elapsed:.2f} s"
         with server.http(pki.ca_cert, alice) as client:
             assert version_of(ask(client)) == "fixture@1.0.0"
