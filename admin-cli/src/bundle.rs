@@ -18,7 +18,7 @@ use moat_core::bundle::signature::{
     key_id, parse_public_key, parse_secret_key, public_key_text, secret_key_text,
 };
 use moat_core::bundle::{
-    BundleManifest, BundleSignature, GoldenExpectation, MANIFEST_FILE, ReceivedFile,
+    Admit, BundleManifest, BundleSignature, GoldenExpectation, MANIFEST_FILE, ReceivedFile,
     SIGNATURE_FILE, TrustedKey, Unpacked, check_files,
 };
 
@@ -355,8 +355,12 @@ fn read_bundle(path: &Path, message: &'static str) -> anyhow::Result<Unpacked> {
     let file = source.file()?;
     let bar = bytes_bar(message);
     bar.set_length(file.metadata().map(|m| m.len()).unwrap_or(0));
-    let unpacked = unpack(bar.wrap_read(BufReader::new(file)), |_| Ok(io::sink()))
-        .with_context(|| format!("{} is not a usable bundle", path.display()))?;
+    let unpacked = unpack(
+        bar.wrap_read(BufReader::new(file)),
+        |_, _| Ok(Admit::Any),
+        |_| Ok(io::sink()),
+    )
+    .with_context(|| format!("{} is not a usable bundle", path.display()))?;
     bar.finish_and_clear();
     Ok(unpacked)
 }
@@ -378,9 +382,11 @@ fn sign(bundle: &Path, key: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     // Copy the files through a scratch directory: the output may be the input.
     let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
     let file = Source::open(bundle)?.file()?;
-    unpack(BufReader::new(file), |name| {
-        File::create(scratch.path().join(name)).map(BufWriter::new)
-    })
+    unpack(
+        BufReader::new(file),
+        |_, _| Ok(Admit::Any),
+        |name| File::create(scratch.path().join(name)).map(BufWriter::new),
+    )
     .with_context(|| format!("{} is not a usable bundle", bundle.display()))?;
     let bar = bytes_bar("writing");
     bar.set_length(manifest.total_bytes());

@@ -13,7 +13,7 @@ pub mod signature;
 use std::collections::BTreeMap;
 
 use crate::audit::encoding::hex;
-pub use archive::{ArchiveError, ReceivedFile, Unpacked};
+pub use archive::{Admit, ArchiveError, ReceivedFile, Unpacked};
 pub use manifest::{BundleManifest, BundleTask, GoldenExpectation, ManifestError};
 pub use signature::{BundleSignature, SignatureError, TrustedKey};
 
@@ -90,6 +90,22 @@ pub fn verify(unpacked: &Unpacked, trusted: &[TrustedKey]) -> Result<VerifiedBun
         signer: signer.name.clone(),
         signer_id: signer.id(),
     })
+}
+
+/// What an appliance checks before it accepts any file of a tar: a signature by a trusted
+/// key over a valid manifest. Then only the files that manifest lists are accepted, each at
+/// its listed size.
+pub fn vet_signed(
+    trusted: &[TrustedKey],
+) -> impl FnOnce(&[u8], Option<&[u8]>) -> Result<Admit, BundleError> + '_ {
+    move |manifest, signature| {
+        let signature = signature.ok_or(BundleError::Unsigned)?;
+        BundleSignature::parse(signature)?.verify(manifest, trusted)?;
+        let parsed = BundleManifest::parse(manifest)?;
+        Ok(Admit::Listed(
+            parsed.files.into_iter().map(|f| (f.path, f.size)).collect(),
+        ))
+    }
 }
 
 /// Every listed file is there with its size and hash, and nothing else is.

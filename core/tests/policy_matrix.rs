@@ -584,3 +584,55 @@ fn data_syntax_errors_are_located() {
         "{error}"
     );
 }
+
+#[test]
+fn a_bundles_version_and_ceiling_reach_the_decision() {
+    let policies = r#"
+@id("only-version-2")
+permit (principal, action == Moat::Action::"chat", resource)
+when { resource.version like "2.*" };
+"#;
+    let data = "classification = [\"public\", \"internal\", \"confidential\", \"secret\"]\n\
+                [default_department]\nclassification = \"internal\"\nceiling = \"secret\"\n\
+                [default_model]\nceiling = \"secret\"\n";
+    let policy = load(policies, data);
+    let scan = ContentScan::default();
+    let decide = |version: &str, ceiling: Option<&str>, label: &str| {
+        policy
+            .decide(&PolicyRequest {
+                department: "finance",
+                subject: "tester",
+                action: PolicyAction::Chat,
+                model: Some(ModelFacts {
+                    name: "m",
+                    task: "text-generation",
+                    version,
+                    ceiling,
+                }),
+                classification: Some(label),
+                source_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+                unix_time: MONDAY,
+                prompt_tokens: 10,
+                max_tokens: 100,
+                prompt_scan: &scan,
+            })
+            .reason
+    };
+    // Policies see the served version as resource.version.
+    assert_eq!(decide("2.1.0", None, "internal"), ReasonCode::Allow);
+    assert_eq!(decide("1.9.0", None, "internal"), ReasonCode::NoPermit);
+    // The bundle's ceiling holds even where the policy's would allow more.
+    assert_eq!(
+        decide("2.1.0", Some("internal"), "internal"),
+        ReasonCode::Allow
+    );
+    assert_eq!(
+        decide("2.1.0", Some("internal"), "confidential"),
+        ReasonCode::Classification
+    );
+    // A ceiling that is no label of the scale refuses everything (fails closed).
+    assert_eq!(
+        decide("2.1.0", Some("top-secret"), "public"),
+        ReasonCode::Classification
+    );
+}

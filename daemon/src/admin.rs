@@ -247,20 +247,17 @@ impl AdminSocket {
                 return answer(&mut stream, Err(&message)).await;
             }
         };
-        let peer_text = peer.to_string();
-        let command = match request {
-            AdminRequest::AuditExport {
+        if let AdminRequest::AuditExport {
+            since_unix_ms,
+            until_unix_ms,
+        } = request
+        {
+            let range = TimeRange {
                 since_unix_ms,
                 until_unix_ms,
-            } => {
-                let range = TimeRange {
-                    since_unix_ms,
-                    until_unix_ms,
-                };
-                return export(stream, range, peer, audit).await;
-            }
-            request => request,
-        };
+            };
+            return export(stream, range, peer, audit).await;
+        }
         let Some(models) = models else {
             return answer(
                 &mut stream,
@@ -268,56 +265,52 @@ impl AdminSocket {
             )
             .await;
         };
-        let outcome = match command {
-            AdminRequest::Status {} => Ok(models.status()),
-            AdminRequest::ModelList {} => models.list(),
+        let peer_text = peer.to_string();
+        let command = match request {
+            AdminRequest::Status {} | AdminRequest::ModelList {} => {
+                let outcome = match request {
+                    AdminRequest::Status {} => Ok(models.status()),
+                    _ => models.list(),
+                };
+                let (decision, detail) = match &outcome {
+                    Ok(_) => ("allow", String::new()),
+                    Err(e) => ("deny", e.to_string()),
+                };
+                let record = admin_record(audit.node(), action, &peer_text, decision, detail);
+                if let Err(e) = audit.append(record).await {
+                    let message = format!("the request could not be audited: {e}");
+                    return answer(&mut stream, Err(&message)).await;
+                }
+                let line = result_line(outcome);
+                stream.write_all(format!("{line}\n").as_bytes()).await?;
+                return stream.flush().await;
+            }
             AdminRequest::ModelImport {
                 size,
                 allow_downgrade,
             } => {
                 let (bundle, mut answer_stream) = bundle_reader(buffered, stream, size)?;
-                let outcome = models
-                    .command(
-                        &peer_text,
-                        Command::Import {
-                            bundle,
-                            allow_downgrade,
-                        },
-                    )
-                    .await;
+                let command = Command::Import {
+                    bundle,
+                    allow_downgrade,
+                };
+                let outcome = models.command(&peer_text, command).await;
                 // One short line on a socket the client is waiting to read.
-                return answer_stream.write_all(format!("{}\n", result_line(outcome)).as_bytes());
+                let line = result_line(outcome);
+                return answer_stream.write_all(format!("{line}\n").as_bytes());
             }
-            AdminRequest::ModelActivate { model } => {
-                models
-                    .command(&peer_text, Command::Activate { label: model })
-                    .await
-            }
-            AdminRequest::ModelCanary { model, percent } => {
-                models
-                    .command(
-                        &peer_text,
-                        Command::Canary {
-                            label: model,
-                            percent,
-                        },
-                    )
-                    .await
-            }
-            AdminRequest::ModelPromote { name } => {
-                models.command(&peer_text, Command::Promote { name }).await
-            }
-            AdminRequest::ModelRollback { name } => {
-                models.command(&peer_text, Command::Rollback { name }).await
-            }
-            AdminRequest::ModelRemove { model } => {
-                models
-                    .command(&peer_text, Command::Remove { label: model })
-                    .await
-            }
+            AdminRequest::ModelActivate { model } => Command::Activate { label: model },
+            AdminRequest::ModelCanary { model, percent } => Command::Canary {
+                label: model,
+                percent,
+            },
+            AdminRequest::ModelPromote { name } => Command::Promote { name },
+            AdminRequest::ModelRollback { name } => Command::Rollback { name },
+            AdminRequest::ModelRemove { model } => Command::Remove { label: model },
+            // Answered above, before the models were needed.
             AdminRequest::AuditExport { .. } => return Ok(()),
         };
-        let line = result_line(outcome);
+        let line = result_line(models.command(&peer_text, command).await);
         stream.write_all(format!("{line}\n").as_bytes()).await?;
         stream.flush().await
     }

@@ -95,8 +95,29 @@ pub enum RolloutError {
     NoPrevious(String),
     #[error("the canary share must be between 1 and 99 percent, got {0}")]
     BadPercent(u8),
+    #[error("{label} was signed by {signer}, which is no longer a trusted key")]
+    NoLongerTrusted { label: String, signer: String },
+    #[error("{0} is already active; a canary must be another version")]
+    CanaryIsActive(String),
+    #[error(
+        "{label} needs about {needed} MiB, but the host has {available} MiB available; \
+         free memory (remove or roll back a version) or set models.memory_budget_mib"
+    )]
+    HostMemory {
+        label: String,
+        needed: u64,
+        available: u64,
+    },
     #[error("the command stopped unexpectedly: {0}")]
     Interrupted(String),
+}
+
+fn unreachable_import() -> (Result<Value, RolloutError>, String) {
+    // Imports are matched first in `Models::command`.
+    (
+        Err(RolloutError::Interrupted("import dispatched twice".into())),
+        String::new(),
+    )
 }
 
 impl RolloutError {
@@ -119,6 +140,9 @@ impl RolloutError {
             | RolloutError::NoPrevious(_) => "nothing_to_do",
             RolloutError::BadPercent(_) => "bad_request",
             RolloutError::Interrupted(_) => "interrupted",
+            RolloutError::NoLongerTrusted { .. } => "untrusted_key",
+            RolloutError::CanaryIsActive(_) => "bad_request",
+            RolloutError::HostMemory { .. } => "memory_budget",
         }
     }
 }
@@ -197,7 +221,7 @@ impl Models {
             let model = match self.prepare(&name, active).await {
                 Ok(model) => model,
                 Err(e) => {
-                    self.record("model.restore", &label, Err(&e)).await;
+                    self.record_restore(&label, Err(&e)).await;
                     continue;
                 }
             };
@@ -210,19 +234,34 @@ impl Models {
                             model,
                             share: Share::new(canary.percent),
                         });
-                        self.record("model.restore", &label, Ok(())).await;
+                        self.record_restore(&label, Ok(())).await;
                     }
-                    Err(e) => self.record("model.restore", &label, Err(&e)).await,
+                    Err(e) => {
+                        self.record_restore(&label, Err(&e)).await;
+                        // The canary ends: its share goes back to the active version.
+                        let mut ended = entry.clone();
+                        ended.canary = None;
+                        if let Err(e) = self.registry.put(&name, &ended) {
+                            tracing::error!(error = %e, "the ended canary could not be recorded");
+                        }
+                    }
                 }
             }
             self.table
                 .update(|routes| routes.insert(name.clone(), route));
-            self.record("model.restore", &label, Ok(())).await;
+            self.record_restore(&label, Ok(())).await;
         }
     }
 
-    /// Audits a command's outcome.
-    async fn record(&self, action: &str, model: &str, outcome: Result<(), &RolloutError>) {
+    /// Audits a command's outcome: `model` is the version it concerns (`name@version`, or
+    /// the name alone when no version is known).
+    async fn record(
+        &self,
+        action: &str,
+        subject: &str,
+        model: &str,
+        outcome: Result<(), &RolloutError>,
+    ) -> Result<(), crate::audit::AuditError> {
         let (decision, detail) = match outcome {
             Ok(()) => ("allow", format!("{action} {model}")),
             Err(e) => {
@@ -230,60 +269,83 @@ impl Models {
                 ("deny", format!("{}: {e}", e.code()))
             }
         };
-        let mut record = admin_record(self.audit.node(), action, "moatd", decision, detail);
+        let mut record = admin_record(self.audit.node(), action, subject, decision, detail);
         record.model = model.to_owned();
-        if let Err(e) = self.audit.append(record).await {
-            tracing::error!(error = %e, action, "a model command could not be audited");
+        self.audit.append(record).await.map(|_| ())
+    }
+
+    /// A restore's outcome, audited as moatd's own action.
+    async fn record_restore(&self, model: &str, outcome: Result<(), &RolloutError>) {
+        if let Err(e) = self.record("model.restore", "moatd", model, outcome).await {
+            tracing::error!(error = %e, model, "a model restore could not be audited");
         }
     }
 
     /// Runs a command, one at a time, and audits it with the admin's identity.
     pub async fn command(&self, peer: &str, command: Command) -> Result<Value, RolloutError> {
-        let _one_at_a_time = self.commands.lock().await;
         let action = command.action();
-        let (outcome, model) = match command {
+        let (outcome, named) = match command {
             Command::Import {
                 bundle,
                 allow_downgrade,
-            } => match self.import(bundle, allow_downgrade).await {
-                Ok(verified) => {
-                    let label = verified.manifest.label();
-                    (Ok(import_summary(&verified)), label)
+            } => {
+                let received = self.receive(bundle).await;
+                let _one_at_a_time = self.commands.lock().await;
+                let registered = received.and_then(|staged| self.register(staged, allow_downgrade));
+                (registered.map(|v| import_summary(&v)), String::new())
+            }
+            command => {
+                let _one_at_a_time = self.commands.lock().await;
+                match command {
+                    Command::Activate { label } => (self.activate(&label).await, label),
+                    Command::Canary { label, percent } => {
+                        (self.canary(&label, percent).await, label)
+                    }
+                    Command::Promote { name } => (self.promote(&name), name),
+                    Command::Rollback { name } => (self.rollback(&name).await, name),
+                    Command::Remove { label } => (self.remove(&label), label),
+                    Command::Import { .. } => unreachable_import(),
                 }
-                Err(e) => (Err(e), String::new()),
-            },
-            Command::Activate { label } => (self.activate(&label).await, label),
-            Command::Canary { label, percent } => (self.canary(&label, percent).await, label),
-            Command::Promote { name } => (self.promote(&name), name),
-            Command::Rollback { name } => (self.rollback(&name).await, name),
-            Command::Remove { label } => (self.remove(&label), label),
+            }
         };
-        let (decision, detail) = match &outcome {
-            Ok(_) => ("allow", format!("{action} {model}")),
-            Err(e) => ("deny", format!("{}: {e}", e.code())),
-        };
-        let mut record = admin_record(self.audit.node(), action, peer, decision, detail);
-        record.model = model;
-        if let Err(e) = self.audit.append(record).await {
-            // The change is made; the admin must know its record is missing.
+        // The version the command ended on, where it names one.
+        let model = outcome
+            .as_ref()
+            .ok()
+            .and_then(|result| result.get("model"))
+            .and_then(Value::as_str)
+            .map_or(named, str::to_owned);
+        if let Err(e) = self
+            .record(action, peer, &model, outcome.as_ref().map(|_| ()))
+            .await
+        {
+            // Done or refused, the admin must know its record is missing.
             return Err(RolloutError::Interrupted(format!(
-                "done, but the audit record failed: {e}"
+                "{action} {model} could not be audited: {e}"
             )));
         }
         outcome
     }
 
-    async fn import(
-        &self,
-        bundle: Box<dyn Read + Send>,
-        allow_downgrade: bool,
-    ) -> Result<VerifiedBundle, RolloutError> {
+    /// Streams a bundle into staging and verifies it (signature and manifest before any
+    /// file is accepted, then every file's hash). Runs before the command lock is taken,
+    /// so a slow sender never holds up another command.
+    async fn receive(&self, bundle: Box<dyn Read + Send>) -> Result<store::Staged, RolloutError> {
         let trusted = store::trusted_keys(&self.trusted_keys)?;
         // Unpacking and hashing read the whole bundle: off the async workers.
         let store = Arc::clone(&self.store);
-        let staged = actix_web::rt::task::spawn_blocking(move || store.receive(bundle, &trusted))
+        actix_web::rt::task::spawn_blocking(move || store.receive(bundle, &trusted))
             .await
-            .map_err(|e| RolloutError::Interrupted(e.to_string()))??;
+            .map_err(|e| RolloutError::Interrupted(e.to_string()))?
+            .map_err(RolloutError::from)
+    }
+
+    /// Registers a verified bundle: anti-rollback, then into place, then the registry.
+    fn register(
+        &self,
+        staged: store::Staged,
+        allow_downgrade: bool,
+    ) -> Result<VerifiedBundle, RolloutError> {
         let manifest = &staged.verified.manifest;
         if let Some(highest) = self.registry.highest(&manifest.name)?
             && manifest.version <= highest
@@ -297,6 +359,14 @@ impl Models {
         }
         if self.is_unsigned(&manifest.name) {
             return Err(RolloutError::Unsigned(manifest.name.clone()));
+        }
+        let registered = self
+            .registry
+            .get(&manifest.name)?
+            .is_some_and(|entry| entry.versions.contains_key(&manifest.version.to_string()));
+        if !registered {
+            // Files of an import that died before it was registered: not a version.
+            self.store.remove(&manifest.name, &manifest.version)?;
         }
         let verified = self.store.install(staged)?;
         let manifest = &verified.manifest;
@@ -334,24 +404,28 @@ impl Models {
         let label = format!("{name}@{version}");
         let version =
             semver::Version::parse(version).map_err(|_| RolloutError::BadLabel(label.clone()))?;
+        let entry = self.entry(name)?;
+        let Some(imported) = entry.versions.get(&version.to_string()) else {
+            return Err(RolloutError::UnknownVersion {
+                name: name.to_owned(),
+                label,
+            });
+        };
+        let trusted = store::trusted_keys(&self.trusted_keys)?;
         if let Some(route) = self.table.snapshot().get(name)
             && let Some(loaded) = route
                 .loaded()
                 .find(|m| m.version.as_ref() == Some(&version))
         {
+            // Loaded and checked already; its signer must still be trusted.
+            if !trusted.iter().any(|k| k.id() == imported.signer_id) {
+                return Err(RolloutError::NoLongerTrusted {
+                    label,
+                    signer: imported.signer.clone(),
+                });
+            }
             return Ok(Arc::clone(loaded));
         }
-        if !self
-            .entry(name)?
-            .versions
-            .contains_key(&version.to_string())
-        {
-            return Err(RolloutError::UnknownVersion {
-                name: name.to_owned(),
-                label,
-            });
-        }
-        let trusted = store::trusted_keys(&self.trusted_keys)?;
         // Every file is hashed again: off the async workers.
         let (verified, dir) = {
             let store = Arc::clone(&self.store);
@@ -407,20 +481,23 @@ impl Models {
     }
 
     fn check_budget(&self, label: &str, needed: u64) -> Result<(), RolloutError> {
-        let loaded = self.table.memory_bytes();
-        let (budget, in_use) = match self.memory_budget {
-            Some(budget) => (budget, loaded),
-            // No budget set: what the host has free now must hold it.
-            None => match loader::host_available_bytes() {
-                Some(available) => (available, 0),
-                None => return Ok(()),
-            },
+        let Some(budget) = self.memory_budget else {
+            // No budget set: what the host has available now must hold it.
+            return match loader::host_available_bytes() {
+                Some(available) if needed > available => Err(RolloutError::HostMemory {
+                    label: label.to_owned(),
+                    needed: needed >> 20,
+                    available: available >> 20,
+                }),
+                _ => Ok(()),
+            };
         };
-        if in_use.saturating_add(needed) > budget {
+        let loaded = self.table.memory_bytes();
+        if loaded.saturating_add(needed) > budget {
             return Err(RolloutError::MemoryBudget {
                 label: label.to_owned(),
                 needed: needed >> 20,
-                loaded: in_use >> 20,
+                loaded: loaded >> 20,
                 budget: budget >> 20,
             });
         }
@@ -440,18 +517,19 @@ impl Models {
             return Ok(json!({"model": label, "note": "already active"}));
         }
         let model = self.prepare(&name, &version).await?;
-        self.table.update(|routes| {
-            let old = routes.remove(&name);
-            let mut route = Route::new(model);
-            route.standby = old.map(|old| old.active);
-            routes.insert(name.clone(), route);
-        });
+        // The registry first: if it cannot be written, nothing changes.
         if entry.active.as_deref() != Some(version.as_str()) {
             entry.previous = entry.active.take();
         }
         entry.active = Some(version);
         entry.canary = None;
         self.registry.put(&name, &entry)?;
+        self.table.update(|routes| {
+            let old = routes.remove(&name);
+            let mut route = Route::new(model);
+            route.standby = old.map(|old| old.active);
+            routes.insert(name.clone(), route);
+        });
         Ok(json!({"model": label, "previous": entry.previous}))
     }
 
@@ -464,7 +542,15 @@ impl Models {
         if entry.active.is_none() || !self.table.snapshot().contains_key(&name) {
             return Err(RolloutError::NothingActive(name));
         }
+        if entry.active.as_deref() == Some(version.to_string().as_str()) {
+            return Err(RolloutError::CanaryIsActive(label.to_owned()));
+        }
         let model = self.prepare(&name, &version.to_string()).await?;
+        entry.canary = Some(CanaryEntry {
+            version: version.to_string(),
+            percent,
+        });
+        self.registry.put(&name, &entry)?;
         self.table.update(|routes| {
             if let Some(route) = routes.get_mut(&name) {
                 route.canary = Some(Canary {
@@ -473,11 +559,6 @@ impl Models {
                 });
             }
         });
-        entry.canary = Some(CanaryEntry {
-            version: version.to_string(),
-            percent,
-        });
-        self.registry.put(&name, &entry)?;
         Ok(json!({"model": label, "percent": percent}))
     }
 
@@ -486,18 +567,25 @@ impl Models {
         let Some(canary) = entry.canary.take() else {
             return Err(RolloutError::NoCanary(name.to_owned()));
         };
-        let promoted = self.table.update(|routes| {
-            let route = routes.get_mut(name)?;
-            let canary = route.canary.take()?;
-            let old = std::mem::replace(&mut route.active, canary.model);
-            route.standby = Some(old);
-            Some(())
-        });
-        if promoted.is_none() {
+        let serving = self
+            .table
+            .snapshot()
+            .get(name)
+            .is_some_and(|route| route.canary.is_some());
+        if !serving {
             return Err(RolloutError::NoCanary(name.to_owned()));
         }
         entry.previous = entry.active.replace(canary.version.clone());
         self.registry.put(name, &entry)?;
+        // Commands run one at a time, so the canary checked above is still there.
+        self.table.update(|routes| {
+            if let Some(route) = routes.get_mut(name)
+                && let Some(canary) = route.canary.take()
+            {
+                let old = std::mem::replace(&mut route.active, canary.model);
+                route.standby = Some(old);
+            }
+        });
         Ok(json!({"model": format!("{name}@{}", canary.version), "previous": entry.previous}))
     }
 
@@ -506,26 +594,26 @@ impl Models {
     async fn rollback(&self, name: &str) -> Result<Value, RolloutError> {
         let mut entry = self.entry(name)?;
         if let Some(canary) = entry.canary.take() {
+            self.registry.put(name, &entry)?;
             self.table.update(|routes| {
                 if let Some(route) = routes.get_mut(name) {
                     route.canary = None;
                 }
             });
-            self.registry.put(name, &entry)?;
             return Ok(json!({"ended_canary": format!("{name}@{}", canary.version)}));
         }
         let Some(previous) = entry.previous.clone() else {
             return Err(RolloutError::NoPrevious(name.to_owned()));
         };
         let model = self.prepare(name, &previous).await?;
+        entry.previous = entry.active.replace(previous.clone());
+        self.registry.put(name, &entry)?;
         self.table.update(|routes| {
             let standby = routes.remove(name).map(|old| old.active);
             let mut route = Route::new(model);
             route.standby = standby;
             routes.insert(name.to_owned(), route);
         });
-        entry.previous = entry.active.replace(previous.clone());
-        self.registry.put(name, &entry)?;
         Ok(json!({"model": format!("{name}@{previous}"), "previous": entry.previous}))
     }
 
@@ -555,12 +643,14 @@ impl Models {
                 route.standby = None;
             }
         });
+        // Files first: a version whose files are gone cannot load, while files without a
+        // registry entry are cleared by the next import of that version.
+        self.store.remove(&name, &version)?;
         entry.versions.remove(&text);
         if entry.previous.as_deref() == Some(text.as_str()) {
             entry.previous = None;
         }
         self.registry.put(&name, &entry)?;
-        self.store.remove(&name, &version)?;
         Ok(json!({"removed": label}))
     }
 
@@ -570,9 +660,11 @@ impl Models {
         let mut models = Vec::new();
         for (name, entry) in self.registry.all()? {
             let route = routes.get(&name);
-            let versions: Vec<Value> = entry
-                .versions
-                .iter()
+            // In version order (1.10.0 after 1.9.0), not text order.
+            let mut ordered: Vec<_> = entry.versions.iter().collect();
+            ordered.sort_by_key(|(version, _)| semver::Version::parse(version).ok());
+            let versions: Vec<Value> = ordered
+                .into_iter()
                 .map(|(version, info)| {
                     let loaded = route.is_some_and(|r| {
                         r.loaded().any(|m| m.version_text() == *version)

@@ -264,3 +264,42 @@ def test_swap_under_load_canary_rollback_and_restart(pki, alice, keys, tmp_path,
         admin(config, "model", "remove", "fixture@2.0.0")
         result = admin(config, "model", "import", v2, check=False)
         assert "not newer than 2.0.0" in result.stderr, result.stderr
+
+
+def test_memory_budget_downgrade_and_inspect(pki, alice, keys, tmp_path, golden_answer):
+    v1 = bundle(tmp_path, "1.0.0", golden_answer, keys["ml"])
+    old = bundle(tmp_path / "old", "0.9.0", golden_answer, keys["ml"])
+    tampered = rewrite(v1, tmp_path / "tampered.tar", lambda name, data: [
+        regular(name, data + b"!" if name == "tokenizer.json" else data)])
+
+    # The ML team's view of a bundle: every file checked, the signature by a trusted key.
+    good = moatctl("bundle", "inspect", v1, "--trusted-keys", keys["trusted"]).stdout
+    assert "fixture@1.0.0 (chat)" in good and "valid, by ml-team.pub" in good
+    bad = run_moatctl("bundle", "inspect", tampered, "--trusted-keys", keys["trusted"])
+    assert bad.returncode == 1 and "ALTERED" in bad.stdout, bad.stdout
+
+    # The fixture's estimate (files twice over, one full-context KV cache) is a little over
+    # half a MiB: one version fits a 1 MiB budget, two do not.
+    v2 = bundle(tmp_path / "v2", "2.0.0", golden_answer, keys["ml"])
+    config = config_for(pki, keys, tmp_path)
+    config["models"]["memory_budget_mib"] = 1
+    with running(tmp_path / "node", config) as server:
+        admin(config, "model", "import", v1)
+        admin(config, "model", "import", v2)
+        admin(config, "model", "activate", "fixture@1.0.0")
+        refused = admin(config, "model", "activate", "fixture@2.0.0", check=False)
+        assert "memory budget" in refused.stderr, refused.stderr
+        assert json.loads(admin(config, "status", "--json").stdout)["models"]["fixture"][
+            "active"] == "1.0.0"
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@1.0.0"
+        # An older version goes in only when the admin says so.
+        assert "not newer" in admin(config, "model", "import", old, check=False).stderr
+        admin(config, "model", "import", old, "--allow-downgrade")
+        listed = json.loads(admin(config, "model", "list", "--json").stdout)
+        [model] = listed["models"]
+        assert [v["version"] for v in model["versions"]] == ["0.9.0", "1.0.0", "2.0.0"]
+        assert model["highest"] == "2.0.0"
+        # A canary must be another version than the active one.
+        same = admin(config, "model", "canary", "fixture@1.0.0", "--percent", "5", check=False)
+        assert "already active" in same.stderr, same.stderr

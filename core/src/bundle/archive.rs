@@ -1,7 +1,9 @@
-//! The bundle as a tar: `manifest.toml`, `manifest.sig`, then the files, all regular
-//! files at the top level. Reading refuses anything else (directories, links, devices,
-//! names with a path in them, repeated names) before a byte of it is written anywhere, and
-//! hashes every file as it passes.
+//! The bundle as a tar: `manifest.toml` first, `manifest.sig` second, then the files, all
+//! regular files at the top level. Reading refuses anything else (directories, links,
+//! devices, names with a path in them, repeated names) before a byte of it is written
+//! anywhere, and hashes every file as it passes. Because the manifest and signature come
+//! first, a reader can check them before it accepts any file, and then accept only the
+//! files the signed manifest lists, at their listed sizes.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -9,7 +11,7 @@ use std::io::{self, Read, Write};
 use sha2::{Digest as _, Sha256};
 
 use super::manifest::valid_file_name;
-use super::{MANIFEST_FILE, SIGNATURE_FILE};
+use super::{BundleError, MANIFEST_FILE, SIGNATURE_FILE};
 
 /// The largest `manifest.toml` or `manifest.sig` read into memory.
 const MAX_METADATA_BYTES: u64 = 4 << 20;
@@ -31,6 +33,12 @@ pub enum ArchiveError {
     MetadataTooLarge(&'static str),
     #[error("the bundle holds no manifest.toml")]
     NoManifest,
+    #[error(
+        "the bundle's first entry is {0:?}: manifest.toml must come first, then manifest.sig (moatctl bundle pack and sign write them so)"
+    )]
+    ManifestNotFirst(String),
+    #[error("manifest.sig must directly follow manifest.toml in the bundle")]
+    SignatureNotSecond,
     #[error("cannot store {path} from the bundle: {source}")]
     Write {
         path: String,
@@ -55,15 +63,30 @@ pub struct Unpacked {
     pub files: BTreeMap<String, ReceivedFile>,
 }
 
-/// Reads a bundle tar. Each file other than the manifest and signature is copied to the
-/// writer `create` opens for its name (an `io::sink()` to only hash it).
+/// Which files a reader accepts, decided once it has seen the manifest and signature.
+#[derive(Debug, Clone)]
+pub enum Admit {
+    /// Every well-formed entry (packing, signing and inspecting a bundle on the ML team's
+    /// side, where the files are checked against the manifest afterwards).
+    Any,
+    /// Only these names, each at exactly this size (from a manifest whose signature the
+    /// caller verified): anything else is refused before a byte of it is written.
+    Listed(BTreeMap<String, u64>),
+}
+
+/// Reads a bundle tar. `vet` sees the manifest and signature bytes before any file and says
+/// which files to accept; each accepted file is copied to the writer `create` opens for its
+/// name (an `io::sink()` to only hash it).
 pub fn unpack<R: Read, W: Write>(
     reader: R,
+    vet: impl FnOnce(&[u8], Option<&[u8]>) -> Result<Admit, BundleError>,
     mut create: impl FnMut(&str) -> io::Result<W>,
-) -> Result<Unpacked, ArchiveError> {
+) -> Result<Unpacked, BundleError> {
     let mut archive = tar::Archive::new(reader);
-    let mut manifest = None;
-    let mut signature = None;
+    let mut manifest: Option<Vec<u8>> = None;
+    let mut signature: Option<Vec<u8>> = None;
+    let mut vet = Some(vet);
+    let mut admit = None;
     let mut files = BTreeMap::new();
     for entry in archive.entries().map_err(ArchiveError::Read)? {
         let mut entry = entry.map_err(ArchiveError::Read)?;
@@ -73,34 +96,55 @@ pub fn unpack<R: Read, W: Write>(
             return Err(ArchiveError::NotAFile {
                 path: raw,
                 kind: kind_name(kind),
-            });
+            }
+            .into());
         }
         let name = raw.strip_prefix("./").unwrap_or(&raw).to_owned();
-        let metadata = match name.as_str() {
-            MANIFEST_FILE => Some((&mut manifest, MANIFEST_FILE)),
-            SIGNATURE_FILE => Some((&mut signature, SIGNATURE_FILE)),
-            _ => None,
-        };
-        if let Some((slot, file)) = metadata {
-            if slot.is_some() {
-                return Err(ArchiveError::Duplicate(name));
+        match (name.as_str(), &manifest, &signature, &admit) {
+            (MANIFEST_FILE, None, _, _) => {
+                manifest = Some(read_metadata(&mut entry, MANIFEST_FILE)?);
+                continue;
             }
-            let mut bytes = Vec::new();
-            (&mut entry)
-                .take(MAX_METADATA_BYTES + 1)
-                .read_to_end(&mut bytes)
-                .map_err(ArchiveError::Read)?;
-            if bytes.len() as u64 > MAX_METADATA_BYTES {
-                return Err(ArchiveError::MetadataTooLarge(file));
+            (_, None, _, _) => return Err(ArchiveError::ManifestNotFirst(raw).into()),
+            (SIGNATURE_FILE, Some(_), None, None) => {
+                signature = Some(read_metadata(&mut entry, SIGNATURE_FILE)?);
+                continue;
             }
-            *slot = Some(bytes);
-            continue;
+            (SIGNATURE_FILE, _, None, Some(_)) => {
+                return Err(ArchiveError::SignatureNotSecond.into());
+            }
+            (MANIFEST_FILE | SIGNATURE_FILE, ..) => {
+                return Err(ArchiveError::Duplicate(name).into());
+            }
+            _ => {}
         }
         if !valid_file_name(&name) {
-            return Err(ArchiveError::BadPath { path: raw });
+            return Err(ArchiveError::BadPath { path: raw }.into());
         }
         if files.contains_key(&name) {
-            return Err(ArchiveError::Duplicate(name));
+            return Err(ArchiveError::Duplicate(name).into());
+        }
+        let admit = match (&admit, vet.take()) {
+            (Some(admit), _) => admit,
+            (None, Some(vet)) => admit.insert(vet(
+                manifest.as_deref().unwrap_or_default(),
+                signature.as_deref(),
+            )?),
+            (None, None) => return Err(ArchiveError::NoManifest.into()),
+        };
+        if let Admit::Listed(listed) = admit {
+            let found = entry.header().size().map_err(ArchiveError::Read)?;
+            match listed.get(&name) {
+                None => return Err(BundleError::UnlistedFile { path: name }),
+                Some(&size) if size != found => {
+                    return Err(BundleError::SizeMismatch {
+                        path: name,
+                        listed: size,
+                        found,
+                    });
+                }
+                Some(_) => {}
+            }
         }
         let write_error = |source| ArchiveError::Write {
             path: name.clone(),
@@ -114,11 +158,30 @@ pub fn unpack<R: Read, W: Write>(
         out.flush().map_err(write_error)?;
         files.insert(name, received);
     }
+    let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
+    // A bundle of no files is still vetted: its manifest and signature must pass.
+    if let Some(vet) = vet.take()
+        && admit.is_none()
+    {
+        vet(&manifest, signature.as_deref())?;
+    }
     Ok(Unpacked {
-        manifest: manifest.ok_or(ArchiveError::NoManifest)?,
+        manifest,
         signature,
         files,
     })
+}
+
+fn read_metadata(entry: &mut impl Read, file: &'static str) -> Result<Vec<u8>, ArchiveError> {
+    let mut bytes = Vec::new();
+    entry
+        .take(MAX_METADATA_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ArchiveError::Read)?;
+    if bytes.len() as u64 > MAX_METADATA_BYTES {
+        return Err(ArchiveError::MetadataTooLarge(file));
+    }
+    Ok(bytes)
 }
 
 enum Copy {

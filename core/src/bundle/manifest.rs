@@ -130,7 +130,9 @@ pub enum ManifestError {
     Syntax(String),
     #[error("manifest format {0} is not supported (this build reads format {MANIFEST_FORMAT})")]
     UnsupportedFormat(u32),
-    #[error("name {0:?} must be 1-64 characters of letters, digits, '.', '_', '-'")]
+    #[error(
+        "name {0:?} must be 1-64 characters of letters, digits, '.', '_', '-', not starting with '.'"
+    )]
     BadName(String),
     #[error("version {text:?} is not a semantic version (MAJOR.MINOR.PATCH): {reason}")]
     BadVersion { text: String, reason: String },
@@ -227,9 +229,11 @@ pub fn valid_file_name(name: &str) -> bool {
         && name != super::SIGNATURE_FILE
 }
 
-/// A name a served model may have: it appears in URLs, metrics labels and logs.
+/// A name a served model may have: it appears in URLs, metrics labels, logs and as a
+/// directory of the bundle store (so never `.`, `..` or hidden).
 pub fn valid_model_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
+        && !name.starts_with('.')
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))

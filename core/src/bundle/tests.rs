@@ -6,6 +6,7 @@ use std::io;
 use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256};
 
+use super::Admit;
 use super::archive::{BundleWriter, unpack};
 use super::*;
 use crate::audit::encoding::hex;
@@ -81,11 +82,12 @@ fn good_files() -> Vec<(&'static str, &'static [u8])> {
 /// Unpacks into memory and verifies.
 fn open(bytes: &[u8]) -> Result<(VerifiedBundle, BTreeMap<String, Vec<u8>>), BundleError> {
     let written = std::cell::RefCell::new(BTreeMap::new());
-    let unpacked = unpack(bytes, |name| {
+    let keys = trusted();
+    let unpacked = unpack(bytes, vet_signed(&keys), |name| {
         written.borrow_mut().insert(name.to_owned(), Vec::new());
         Ok(Sink(name.to_owned(), &written))
     })?;
-    let verified = verify(&unpacked, &trusted())?;
+    let verified = verify(&unpacked, &keys)?;
     Ok((verified, written.into_inner()))
 }
 
@@ -224,13 +226,17 @@ fn path_traversal_entries_are_refused_before_anything_is_written() {
     ] {
         let bytes = hostile_tar(name, tar::EntryType::Regular, b"", b"x");
         let mut created = Vec::new();
-        let error = unpack(&bytes[..], |name| {
-            created.push(name.to_owned());
-            Ok(io::sink())
-        })
+        let error = unpack(
+            &bytes[..],
+            |_, _| Ok(Admit::Any),
+            |name| {
+                created.push(name.to_owned());
+                Ok(io::sink())
+            },
+        )
         .expect_err("refused");
         assert!(
-            matches!(error, ArchiveError::BadPath { .. }),
+            matches!(error, BundleError::Archive(ArchiveError::BadPath { .. })),
             "{}: {error}",
             String::from_utf8_lossy(name)
         );
@@ -247,12 +253,63 @@ fn links_and_directories_are_refused() {
         (tar::EntryType::Char, "device"),
     ] {
         let bytes = hostile_tar(b"model.onnx", kind, b"/etc/shadow", b"");
-        let error = unpack(&bytes[..], |_| Ok(io::sink())).expect_err("refused");
+        let error =
+            unpack(&bytes[..], |_, _| Ok(Admit::Any), |_| Ok(io::sink())).expect_err("refused");
         assert!(
-            matches!(&error, ArchiveError::NotAFile { kind, .. } if *kind == what),
+            matches!(&error, BundleError::Archive(ArchiveError::NotAFile { kind, .. }) if *kind == what),
             "{error}"
         );
     }
+}
+
+#[test]
+fn only_listed_files_at_their_listed_sizes_are_written_once_the_signature_checked_out() {
+    let keys = trusted();
+    let try_unpack = |bytes: &[u8]| {
+        let mut created = Vec::new();
+        let outcome = unpack(bytes, vet_signed(&keys), |name| {
+            created.push(name.to_owned());
+            Ok(io::sink())
+        });
+        (outcome, created)
+    };
+    let mut files = vec![("smuggled.bin", &b"xx"[..])];
+    files.extend(good_files());
+    let (outcome, created) = try_unpack(&tar(&manifest(), Some(&key(1)), &files));
+    assert!(matches!(outcome, Err(BundleError::UnlistedFile { .. })));
+    assert!(created.is_empty(), "{created:?}");
+    let grown = vec![(
+        "model.onnx",
+        &b"a much longer file than the manifest lists, by far"[..],
+    )];
+    let (outcome, created) = try_unpack(&tar(&manifest(), Some(&key(1)), &grown));
+    assert!(matches!(outcome, Err(BundleError::SizeMismatch { .. })));
+    assert!(created.is_empty(), "{created:?}");
+    // Forged or unsigned: not one file is accepted.
+    let (outcome, created) = try_unpack(&tar(&manifest(), Some(&key(9)), &good_files()));
+    assert!(matches!(outcome, Err(BundleError::Signature(_))));
+    assert!(created.is_empty());
+    let (outcome, created) = try_unpack(&tar(&manifest(), None, &good_files()));
+    assert!(matches!(outcome, Err(BundleError::Unsigned)));
+    assert!(created.is_empty());
+}
+
+#[test]
+fn the_manifest_and_signature_must_come_first() {
+    let mut writer = tar::Builder::new(Vec::new());
+    for (name, bytes) in good_files() {
+        let mut header = tar::Header::new_ustar();
+        header.set_path(name).expect("path");
+        header.set_size(bytes.len() as u64);
+        header.set_cksum();
+        writer.append(&header, bytes).expect("writes");
+    }
+    let bytes = writer.into_inner().expect("finishes");
+    let error = open(&bytes).expect_err("refused");
+    assert!(matches!(
+        error,
+        BundleError::Archive(ArchiveError::ManifestNotFirst(_))
+    ));
 }
 
 #[test]
@@ -292,6 +349,10 @@ fn manifest_fields_are_validated() {
     let cases = [
         (
             base.replace("name = \"demo\"\nversion", "name = \"a/b\"\nversion"),
+            "BadName",
+        ),
+        (
+            base.replace("name = \"demo\"\nversion", "name = \"..\"\nversion"),
             "BadName",
         ),
         (

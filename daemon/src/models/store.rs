@@ -13,6 +13,7 @@ use moat_core::bundle::archive::{hash_reader, unpack};
 use moat_core::bundle::signature::parse_public_key;
 use moat_core::bundle::{
     BundleError, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked, VerifiedBundle, verify,
+    vet_signed,
 };
 
 /// Why a bundle could not be stored or read back.
@@ -34,6 +35,16 @@ pub enum StoreError {
     AlreadyImported { label: String },
     #[error("{label} is not imported (moatctl model list shows what is)")]
     NotImported { label: String },
+    #[error("the files of {label} are missing from {dir}; remove the version and import it again")]
+    FilesMissing { label: String, dir: PathBuf },
+    #[error(
+        "{dir} holds {found}, not {label}: the bundle store was altered; remove the version and import it again"
+    )]
+    Misplaced {
+        label: String,
+        found: String,
+        dir: PathBuf,
+    },
 }
 
 impl StoreError {
@@ -45,6 +56,7 @@ impl StoreError {
             StoreError::NoTrustedKeys { .. } | StoreError::BadTrustedKey { .. } => "trusted_keys",
             StoreError::AlreadyImported { .. } => "already_imported",
             StoreError::NotImported { .. } => "not_imported",
+            StoreError::FilesMissing { .. } | StoreError::Misplaced { .. } => "store_damaged",
         }
     }
 }
@@ -155,11 +167,12 @@ impl BundleStore {
             .tempdir_in(&self.staging)
             .map_err(io_error(&self.staging))?;
         let root = dir.path().to_path_buf();
-        let unpacked = unpack(reader, |name| {
-            // Names were checked by `unpack`: plain, top-level, not seen before.
+        // The signature and manifest are checked before any file is accepted; then only
+        // the files the manifest lists, at their listed sizes, are written.
+        let unpacked = unpack(reader, vet_signed(trusted), |name| {
+            // Names were checked by `unpack`: plain, top-level, listed, not seen before.
             File::create_new(root.join(name)).map(BufWriter::new)
-        })
-        .map_err(BundleError::from)?;
+        })?;
         let verified = verify(&unpacked, trusted)?;
         let write = |name: &str, bytes: &[u8]| {
             let path = root.join(name);
@@ -211,8 +224,9 @@ impl BundleStore {
     ) -> Result<(VerifiedBundle, PathBuf), StoreError> {
         let dir = self.version_dir(name, version);
         if !dir.is_dir() {
-            return Err(StoreError::NotImported {
+            return Err(StoreError::FilesMissing {
                 label: format!("{name}@{version}"),
+                dir,
             });
         }
         let read = |file: &str| {
@@ -241,12 +255,11 @@ impl BundleStore {
         };
         let verified = verify(&unpacked, trusted)?;
         if verified.manifest.name != name || verified.manifest.version != *version {
-            return Err(StoreError::Bundle(BundleError::Manifest(
-                moat_core::bundle::ManifestError::BadName(format!(
-                    "{} stored as {name}@{version}",
-                    verified.manifest.label()
-                )),
-            )));
+            return Err(StoreError::Misplaced {
+                label: format!("{name}@{version}"),
+                found: verified.manifest.label(),
+                dir,
+            });
         }
         Ok((verified, dir))
     }
