@@ -60,8 +60,8 @@ pub enum BundleCommand {
     /// classification_ceiling, [sampling], [response_schema] and [[golden]] prompts. Every
     /// regular file but bundle.toml, moat-model.json and hidden files goes into the bundle.
     #[command(after_help = "Example:\n  \
-        moatctl bundle pack local/models/smollm2-135m-instruct-fast --out smollm2-1.0.0.tar\n  \
-        moatctl bundle pack DIR --info release/bundle.toml --out model.tar")]
+        moatctl bundle pack local/models/smollm2-135m-instruct-exact --info packaging/bundles/smollm2-135m-instruct.toml --out smollm2-1.0.0.tar\n  \
+        moatctl bundle pack DIR --out model.tar    (DIR/bundle.toml describes the bundle)")]
     Pack {
         dir: PathBuf,
         /// The bundle tar to write.

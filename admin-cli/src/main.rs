@@ -22,7 +22,7 @@ use moat_core::ModelMetadata;
     after_help = "Examples:\n  \
         moatctl model inspect local/models/smollm2-135m-instruct-exact\n  \
         moatctl keys generate --out ml-team\n  \
-        moatctl bundle pack local/models/smollm2-135m-instruct-fast --out smollm2.tar\n  \
+        moatctl bundle pack local/models/smollm2-135m-instruct-exact --info packaging/bundles/smollm2-135m-instruct.toml --out smollm2.tar\n  \
         moatctl bundle sign smollm2.tar --key ml-team.key\n  \
         moatctl model import smollm2.tar && moatctl model activate smollm2-135m-instruct@1.0.0\n  \
         moatctl status\n  \
