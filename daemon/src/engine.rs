@@ -23,7 +23,7 @@ mod worker;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use moat_core::{ModelMetadata, ModelTask};
@@ -260,11 +260,46 @@ impl GenerationStream {
 struct EngineShared {
     metadata: ModelMetadata,
     tokenizer: Arc<TextTokenizer>,
-    /// `Err`: why this model cannot constrain its answers.
-    grammar: Result<constraint::GrammarCompiler, ConstraintError>,
+    grammar: LazyGrammar,
     chat_template: Option<ChatTemplate>,
     model: BackendModel,
     settings: EngineSettings,
+}
+
+/// The grammar compiler of a model, built when a request first asks for a response
+/// format: its token trie and parser tables take tens of megabytes that a model never asked
+/// for one does not need to hold.
+#[derive(Debug)]
+struct LazyGrammar {
+    model: String,
+    tokenizer_json: std::path::PathBuf,
+    /// The id that ends constrained answers; a model without one cannot constrain them.
+    eos: Option<u32>,
+    /// `Err`: why this model cannot constrain its answers.
+    compiler: OnceLock<Result<constraint::GrammarCompiler, ConstraintError>>,
+}
+
+impl LazyGrammar {
+    fn compiler(
+        &self,
+        tokenizer: &Arc<TextTokenizer>,
+    ) -> &Result<constraint::GrammarCompiler, ConstraintError> {
+        self.compiler.get_or_init(|| {
+            let compiler = match self.eos {
+                Some(eos) => constraint::GrammarCompiler::new(
+                    &self.model,
+                    &self.tokenizer_json,
+                    Arc::clone(tokenizer),
+                    eos,
+                ),
+                None => Err(ConstraintError::Unsupported(self.model.clone())),
+            };
+            if let Err(e) = &compiler {
+                tracing::warn!(error = %e, "response formats will be refused for this model");
+            }
+            compiler
+        })
+    }
 }
 
 /// A running engine: a model on a device behind its own thread.
@@ -346,18 +381,12 @@ impl Engine {
             });
         }
         let chat_template = compile_chat_template(model, &tokenizer)?;
-        let grammar = match metadata.eos_token_ids.first() {
-            Some(&eos) => constraint::GrammarCompiler::new(
-                &metadata.name,
-                &model.tokenizer_path(),
-                Arc::clone(&tokenizer),
-                eos,
-            ),
-            None => Err(ConstraintError::Unsupported(metadata.name.clone())),
+        let grammar = LazyGrammar {
+            model: metadata.name.clone(),
+            tokenizer_json: model.tokenizer_path(),
+            eos: metadata.eos_token_ids.first().copied(),
+            compiler: OnceLock::new(),
         };
-        if let Err(e) = &grammar {
-            tracing::warn!(error = %e, "response formats will be refused for this model");
-        }
         for backend in &mut backends {
             warm_up(backend.as_mut())?;
         }
@@ -601,7 +630,7 @@ impl Engine {
     /// The constraint that enforces `format` on an answer of this model (compiling may
     /// take milliseconds for a large schema: call it off the async workers).
     pub fn constrain(&self, format: &ResponseFormat) -> Result<Constraint, ConstraintError> {
-        match &self.shared.grammar {
+        match self.shared.grammar.compiler(&self.shared.tokenizer) {
             Ok(compiler) => compiler.compile(format),
             Err(e) => Err(e.clone()),
         }
