@@ -266,38 +266,57 @@ struct EngineShared {
     settings: EngineSettings,
 }
 
+/// Each token's bytes, and the id that ends constrained answers.
+type GrammarSource = (Vec<Vec<u8>>, u32);
+
 /// The grammar compiler of a model, built when a request first asks for a response
-/// format: its token trie and parser tables take tens of megabytes that a model never asked
-/// for one does not need to hold.
+/// format: its token trie and parser tables take megabytes that a model never asked for one
+/// does not need to hold. What it is built from is read when the model loads, so the first
+/// request depends on no file.
 #[derive(Debug)]
 struct LazyGrammar {
     model: String,
-    tokenizer_json: std::path::PathBuf,
-    /// The id that ends constrained answers; a model without one cannot constrain them.
-    eos: Option<u32>,
-    /// `Err`: why this model cannot constrain its answers.
+    /// Each token's bytes and the id that ends constrained answers, until the compiler is
+    /// built; `Err`: why this model cannot constrain its answers.
+    source: Mutex<Option<Result<GrammarSource, ConstraintError>>>,
     compiler: OnceLock<Result<constraint::GrammarCompiler, ConstraintError>>,
 }
 
 impl LazyGrammar {
+    fn new(model: &ModelDirectory, vocab_size: usize) -> Self {
+        let metadata = &model.metadata;
+        let source = match metadata.eos_token_ids.first() {
+            Some(&eos) => {
+                constraint::token_bytes(&metadata.name, &model.tokenizer_path(), vocab_size)
+                    .map(|words| (words, eos))
+            }
+            None => Err(ConstraintError::Unsupported(metadata.name.clone())),
+        };
+        if let Err(e) = &source {
+            tracing::warn!(error = %e, "response formats will be refused for this model");
+        }
+        Self {
+            model: metadata.name.clone(),
+            source: Mutex::new(Some(source)),
+            compiler: OnceLock::new(),
+        }
+    }
+
     fn compiler(
         &self,
         tokenizer: &Arc<TextTokenizer>,
     ) -> &Result<constraint::GrammarCompiler, ConstraintError> {
         self.compiler.get_or_init(|| {
-            let compiler = match self.eos {
-                Some(eos) => constraint::GrammarCompiler::new(
-                    &self.model,
-                    &self.tokenizer_json,
-                    Arc::clone(tokenizer),
-                    eos,
-                ),
-                None => Err(ConstraintError::Unsupported(self.model.clone())),
-            };
-            if let Err(e) = &compiler {
-                tracing::warn!(error = %e, "response formats will be refused for this model");
-            }
-            compiler
+            // Taken once: OnceLock runs this at most once.
+            let source = self
+                .source
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_else(|| Err(ConstraintError::Unsupported(self.model.clone())));
+            source.and_then(|(words, eos)| {
+                constraint::GrammarCompiler::new(&self.model, &words, Arc::clone(tokenizer), eos)
+            })
         })
     }
 }
@@ -381,12 +400,7 @@ impl Engine {
             });
         }
         let chat_template = compile_chat_template(model, &tokenizer)?;
-        let grammar = LazyGrammar {
-            model: metadata.name.clone(),
-            tokenizer_json: model.tokenizer_path(),
-            eos: metadata.eos_token_ids.first().copied(),
-            compiler: OnceLock::new(),
-        };
+        let grammar = LazyGrammar::new(model, tokenizer.vocab_size());
         for backend in &mut backends {
             warm_up(backend.as_mut())?;
         }

@@ -31,7 +31,7 @@ use serving::{Canary, LoadedModel, Route, ServingTable, Share};
 use store::{BundleStore, StoreError};
 
 /// Why a rollout command was refused. The serving state is unchanged whenever one is
-/// returned.
+/// returned, except [`RolloutError::NotAudited`], which says whether the command was done.
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
     #[error(transparent)]
@@ -110,6 +110,8 @@ pub enum RolloutError {
     },
     #[error("the command stopped unexpectedly: {0}")]
     Interrupted(String),
+    #[error("{0}")]
+    NotAudited(String),
 }
 
 fn unreachable_import() -> (Result<Value, RolloutError>, String) {
@@ -140,6 +142,7 @@ impl RolloutError {
             | RolloutError::NoPrevious(_) => "nothing_to_do",
             RolloutError::BadPercent(_) => "bad_request",
             RolloutError::Interrupted(_) => "interrupted",
+            RolloutError::NotAudited(_) => "audit_unavailable",
             RolloutError::NoLongerTrusted { .. } => "untrusted_key",
             RolloutError::CanaryIsActive(_) => "bad_request",
             RolloutError::HostMemory { .. } => "memory_budget",
@@ -319,9 +322,13 @@ impl Models {
             .record(action, peer, &model, outcome.as_ref().map(|_| ()))
             .await
         {
-            // Done or refused, the admin must know its record is missing.
-            return Err(RolloutError::Interrupted(format!(
-                "{action} {model} could not be audited: {e}"
+            // The admin must know both what happened and that its record is missing.
+            let what = match &outcome {
+                Ok(_) => "was done".to_owned(),
+                Err(refusal) => format!("was refused ({})", refusal.code()),
+            };
+            return Err(RolloutError::NotAudited(format!(
+                "{action} {model} {what}, but its audit record could not be written: {e}"
             )));
         }
         outcome
@@ -574,6 +581,15 @@ impl Models {
             .is_some_and(|route| route.canary.is_some());
         if !serving {
             return Err(RolloutError::NoCanary(name.to_owned()));
+        }
+        // Loaded and checked when the canary began; its signer must still be trusted.
+        let trusted = store::trusted_keys(&self.trusted_keys)?;
+        let signer = entry.versions.get(&canary.version);
+        if !signer.is_some_and(|v| trusted.iter().any(|k| k.id() == v.signer_id)) {
+            return Err(RolloutError::NoLongerTrusted {
+                label: format!("{name}@{}", canary.version),
+                signer: signer.map(|v| v.signer.clone()).unwrap_or_default(),
+            });
         }
         entry.previous = entry.active.replace(canary.version.clone());
         self.registry.put(name, &entry)?;

@@ -132,8 +132,9 @@ pub fn unpack<R: Read, W: Write>(
             )?),
             (None, None) => return Err(ArchiveError::NoManifest.into()),
         };
+        // The size the reader will deliver (a PAX record may override the header's).
+        let found = entry.size();
         if let Admit::Listed(listed) = admit {
-            let found = entry.header().size().map_err(ArchiveError::Read)?;
             match listed.get(&name) {
                 None => return Err(BundleError::UnlistedFile { path: name }),
                 Some(&size) if size != found => {
@@ -151,10 +152,12 @@ pub fn unpack<R: Read, W: Write>(
             source,
         };
         let mut out = create(&name).map_err(write_error)?;
-        let received = copy_hashing(&mut entry, &mut out).map_err(|e| match e {
-            Copy::Read(e) => ArchiveError::Read(e),
-            Copy::Write(e) => write_error(e),
-        })?;
+        // Never more than the size checked above, whatever the archive claims later.
+        let received =
+            copy_hashing(&mut (&mut entry).take(found), &mut out).map_err(|e| match e {
+                Copy::Read(e) => ArchiveError::Read(e),
+                Copy::Write(e) => write_error(e),
+            })?;
         out.flush().map_err(write_error)?;
         files.insert(name, received);
     }

@@ -434,3 +434,51 @@ fn a_response_schema_becomes_json() {
         Some(serde_json::json!({"type": "object", "required": ["answer"]}))
     );
 }
+
+#[test]
+fn a_pax_size_beyond_the_listed_one_is_refused_before_anything_is_written() {
+    let text = manifest();
+    let signature = BundleSignature::sign(text.as_bytes(), &key(1)).to_toml();
+    let writer =
+        BundleWriter::new(Vec::new(), text.as_bytes(), Some(signature.as_bytes())).expect("w");
+    let mut out = writer.finish().expect("w");
+    out.truncate(out.len() - 1024);
+    let pad = |out: &mut Vec<u8>| out.resize(out.len().div_ceil(512) * 512, 0);
+    // A PAX record says the next entry is 1 MiB; its own header says the listed size.
+    let big = 1usize << 20;
+    let record = |len: usize| format!("{len} size={big}\n");
+    let mut len = record(0).len();
+    while record(len).len() != len {
+        len = record(len).len();
+    }
+    let body = record(len).into_bytes();
+    let mut pax = tar::Header::new_ustar();
+    pax.set_path("PaxHeaders/model.onnx").expect("path");
+    pax.set_size(body.len() as u64);
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_cksum();
+    out.extend_from_slice(pax.as_bytes());
+    out.extend_from_slice(&body);
+    pad(&mut out);
+    let mut file = tar::Header::new_ustar();
+    file.set_path("model.onnx").expect("path");
+    file.set_size(MODEL.len() as u64);
+    file.set_mode(0o644);
+    file.set_entry_type(tar::EntryType::Regular);
+    file.set_cksum();
+    out.extend_from_slice(file.as_bytes());
+    out.extend_from_slice(&vec![7u8; big]);
+    pad(&mut out);
+    out.extend_from_slice(&[0u8; 1024]);
+    let keys = trusted();
+    let mut created = Vec::new();
+    let outcome = unpack(&out[..], vet_signed(&keys), |name| {
+        created.push(name.to_owned());
+        Ok(io::sink())
+    });
+    assert!(
+        matches!(&outcome, Err(BundleError::SizeMismatch { found, .. }) if *found == big as u64),
+        "{outcome:?}"
+    );
+    assert!(created.is_empty(), "{created:?}");
+}

@@ -117,24 +117,35 @@ impl std::fmt::Debug for GrammarCompiler {
     }
 }
 
+/// The bytes of every token id of a model, as the grammar compiler needs them: read from
+/// `tokenizer.json` when the model loads (the compiler itself is built later).
+pub fn token_bytes(
+    model: &str,
+    tokenizer_json: &Path,
+    vocab_size: usize,
+) -> Result<Vec<Vec<u8>>, ConstraintError> {
+    let unsupported = || ConstraintError::Unsupported(model.to_owned());
+    let text = std::fs::read_to_string(tokenizer_json).map_err(|_| unsupported())?;
+    let json: Value = serde_json::from_str(&text).map_err(|_| unsupported())?;
+    let mut words =
+        llguidance::token_bytes_from_tokenizer_json(&json).map_err(|_| unsupported())?;
+    // Ids the model has but the file does not name (padding rows) are never allowed.
+    words.resize(words.len().max(vocab_size), Vec::new());
+    Ok(words)
+}
+
 impl GrammarCompiler {
-    /// The compiler for the model whose tokenizer is `tokenizer_json`, ending answers with
-    /// `eos`. Fails for tokenizers whose tokens are not byte sequences.
+    /// The compiler for a model whose token ids are the byte strings `words` (see
+    /// [`token_bytes`]), ending answers with `eos`.
     pub fn new(
         model: &str,
-        tokenizer_json: &Path,
+        words: &[Vec<u8>],
         tokenizer: Arc<TextTokenizer>,
         eos: u32,
     ) -> Result<Self, ConstraintError> {
         let unsupported = || ConstraintError::Unsupported(model.to_owned());
-        let text = std::fs::read_to_string(tokenizer_json).map_err(|_| unsupported())?;
-        let json: Value = serde_json::from_str(&text).map_err(|_| unsupported())?;
-        let mut words =
-            llguidance::token_bytes_from_tokenizer_json(&json).map_err(|_| unsupported())?;
-        // Ids the model has but the file does not name (padding rows) are never allowed.
-        words.resize(words.len().max(tokenizer.vocab_size()), Vec::new());
         let info = TokRxInfo::new(words.len() as u32, eos);
-        let trie = TokTrie::from(&info, &words);
+        let trie = TokTrie::from(&info, words);
         let env: TokEnv = Arc::new(ModelTokens { trie, tokenizer });
         let mut factory = ParserFactory::new(&env, InferenceCapabilities::default(), &[])
             .map_err(|_| unsupported())?;

@@ -35,10 +35,12 @@ pub enum StoreError {
     AlreadyImported { label: String },
     #[error("{label} is not imported (moatctl model list shows what is)")]
     NotImported { label: String },
-    #[error("the files of {label} are missing from {dir}; remove the version and import it again")]
+    #[error(
+        "the files of {label} are missing from {dir}; remove the version and import it again with --allow-downgrade"
+    )]
     FilesMissing { label: String, dir: PathBuf },
     #[error(
-        "{dir} holds {found}, not {label}: the bundle store was altered; remove the version and import it again"
+        "{dir} holds {found}, not {label}: the bundle store was altered; remove the version and import it again with --allow-downgrade"
     )]
     Misplaced {
         label: String,

@@ -12,8 +12,9 @@ fn tokenizer_json() -> PathBuf {
 fn compiler() -> (GrammarCompiler, Arc<TextTokenizer>) {
     let path = tokenizer_json();
     let tokenizer = Arc::new(TextTokenizer::load(&path, None).expect("run scripts/setup.sh"));
+    let words = token_bytes("smollm2", &path, tokenizer.vocab_size()).expect("byte-level");
     let compiler =
-        GrammarCompiler::new("smollm2", &path, Arc::clone(&tokenizer), 2).expect("byte-level");
+        GrammarCompiler::new("smollm2", &words, Arc::clone(&tokenizer), 2).expect("byte-level");
     (compiler, tokenizer)
 }
 
