@@ -300,6 +300,13 @@ def test_memory_budget_downgrade_and_inspect(pki, alice, keys, tmp_path, golden_
         [model] = listed["models"]
         assert [v["version"] for v in model["versions"]] == ["0.9.0", "1.0.0", "2.0.0"]
         assert model["highest"] == "2.0.0"
+        # A bundle may also be a directory of the same files.
+        directory = tmp_path / "fixture-3.0.0"
+        with tarfile.open(bundle(tmp_path / "v3", "3.0.0", golden_answer, keys["ml"])) as tar:
+            tar.extractall(directory, filter="data")
+        assert "valid, by ml-team.pub" in moatctl(
+            "bundle", "inspect", directory, "--trusted-keys", keys["trusted"]).stdout
+        assert "imported fixture@3.0.0" in admin(config, "model", "import", directory).stdout
         # A canary must be another version than the active one.
         same = admin(config, "model", "canary", "fixture@1.0.0", "--percent", "5", check=False)
         assert "already active" in same.stderr, same.stderr
