@@ -14,9 +14,7 @@ use ed25519_dalek::SigningKey;
 use moat_core::audit::encoding::hex;
 use moat_core::bundle::archive::{BundleWriter, hash_reader, unpack};
 use moat_core::bundle::manifest::valid_file_name;
-use moat_core::bundle::signature::{
-    key_id, parse_public_key, parse_secret_key, public_key_text, secret_key_text,
-};
+use moat_core::bundle::signature::{key_id, parse_secret_key, public_key_text, secret_key_text};
 use moat_core::bundle::{
     Admit, BundleManifest, BundleSignature, GoldenExpectation, MANIFEST_FILE, ReceivedFile,
     SIGNATURE_FILE, TrustedKey, Unpacked, check_files,
@@ -350,7 +348,13 @@ impl Source {
     }
 }
 
-fn read_bundle(path: &Path, message: &'static str) -> anyhow::Result<Unpacked> {
+/// Reads a bundle (tar or directory) with a progress bar, each file going to the writer
+/// `create` opens for it, and returns what it held with every file hashed.
+fn read_bundle<W: io::Write>(
+    path: &Path,
+    message: &'static str,
+    create: impl FnMut(&str) -> io::Result<W>,
+) -> anyhow::Result<Unpacked> {
     let source = Source::open(path)?;
     let file = source.file()?;
     let bar = bytes_bar(message);
@@ -358,7 +362,7 @@ fn read_bundle(path: &Path, message: &'static str) -> anyhow::Result<Unpacked> {
     let unpacked = unpack(
         bar.wrap_read(BufReader::new(file)),
         |_, _| Ok(Admit::Any),
-        |_| Ok(io::sink()),
+        create,
     )
     .with_context(|| format!("{} is not a usable bundle", path.display()))?;
     bar.finish_and_clear();
@@ -369,7 +373,12 @@ fn sign(bundle: &Path, key: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     let key_text =
         fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
     let secret = parse_secret_key(&key_text).with_context(|| key.display().to_string())?;
-    let unpacked = read_bundle(bundle, "checking")?;
+    // One pass: the files are hashed as they are copied to a scratch directory, from which
+    // the signed bundle is written (the output may be the input).
+    let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let unpacked = read_bundle(bundle, "checking", |name| {
+        File::create(scratch.path().join(name)).map(BufWriter::new)
+    })?;
     let manifest = BundleManifest::parse(&unpacked.manifest)
         .with_context(|| format!("{}: {MANIFEST_FILE} is not valid", bundle.display()))?;
     check_files(&manifest, &unpacked.files)
@@ -379,15 +388,6 @@ fn sign(bundle: &Path, key: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     }
     let signature = BundleSignature::sign(&unpacked.manifest, &secret).to_toml();
     let out = out.unwrap_or(bundle);
-    // Copy the files through a scratch directory: the output may be the input.
-    let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let file = Source::open(bundle)?.file()?;
-    unpack(
-        BufReader::new(file),
-        |_, _| Ok(Admit::Any),
-        |name| File::create(scratch.path().join(name)).map(BufWriter::new),
-    )
-    .with_context(|| format!("{} is not a usable bundle", bundle.display()))?;
     let bar = bytes_bar("writing");
     bar.set_length(manifest.total_bytes());
     write_bundle(
@@ -422,19 +422,15 @@ pub fn load_trusted_keys(dir: &Path) -> anyhow::Result<Vec<TrustedKey>> {
         }
         let text =
             fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let key = parse_public_key(&text).with_context(|| path.display().to_string())?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        keys.push(TrustedKey { name, key });
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        keys.push(TrustedKey::from_file(&name, &text).with_context(|| path.display().to_string())?);
     }
     keys.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(keys)
 }
 
 fn inspect(bundle: &Path, trusted_keys: Option<&Path>) -> anyhow::Result<std::process::ExitCode> {
-    let unpacked = read_bundle(bundle, "hashing")?;
+    let unpacked = read_bundle(bundle, "hashing", |_| Ok(io::sink()))?;
     let manifest = BundleManifest::parse(&unpacked.manifest)
         .with_context(|| format!("{}: {MANIFEST_FILE} is not valid", bundle.display()))?;
     print_manifest(&manifest, &unpacked.files);

@@ -81,31 +81,51 @@ pub struct VerifiedBundle {
 /// Verifies what a tar (or a directory) held: signature first, then the manifest, then the
 /// files.
 pub fn verify(unpacked: &Unpacked, trusted: &[TrustedKey]) -> Result<VerifiedBundle, BundleError> {
-    let signature = unpacked.signature.as_deref().ok_or(BundleError::Unsigned)?;
-    let signer = BundleSignature::parse(signature)?.verify(&unpacked.manifest, trusted)?;
-    let manifest = BundleManifest::parse(&unpacked.manifest)?;
-    check_files(&manifest, &unpacked.files)?;
+    let vetted = vet(&unpacked.manifest, unpacked.signature.as_deref(), trusted)?;
+    check_files(&vetted.manifest, &unpacked.files)?;
+    Ok(vetted)
+}
+
+/// The signature by a trusted key, then the manifest.
+fn vet(
+    manifest: &[u8],
+    signature: Option<&[u8]>,
+    trusted: &[TrustedKey],
+) -> Result<VerifiedBundle, BundleError> {
+    let signature = signature.ok_or(BundleError::Unsigned)?;
+    let signer = BundleSignature::parse(signature)?.verify(manifest, trusted)?;
     Ok(VerifiedBundle {
-        manifest,
+        manifest: BundleManifest::parse(manifest)?,
         signer: signer.name.clone(),
         signer_id: signer.id(),
     })
 }
 
-/// What an appliance checks before it accepts any file of a tar: a signature by a trusted
-/// key over a valid manifest. Then only the files that manifest lists are accepted, each at
-/// its listed size.
-pub fn vet_signed(
+/// Reads a bundle tar as an appliance imports it: the signature by a trusted key and the
+/// manifest are checked before any file is accepted; then only the files the manifest lists
+/// are written (through `create`), each at its listed size, and every file's hash is
+/// checked at the end.
+pub fn unpack_verified<R: std::io::Read, W: std::io::Write>(
+    reader: R,
     trusted: &[TrustedKey],
-) -> impl FnOnce(&[u8], Option<&[u8]>) -> Result<Admit, BundleError> + '_ {
-    move |manifest, signature| {
-        let signature = signature.ok_or(BundleError::Unsigned)?;
-        BundleSignature::parse(signature)?.verify(manifest, trusted)?;
-        let parsed = BundleManifest::parse(manifest)?;
-        Ok(Admit::Listed(
-            parsed.files.into_iter().map(|f| (f.path, f.size)).collect(),
-        ))
-    }
+    create: impl FnMut(&str) -> std::io::Result<W>,
+) -> Result<(VerifiedBundle, Unpacked), BundleError> {
+    let mut vetted = None;
+    let unpacked = archive::unpack(
+        reader,
+        |manifest, signature| {
+            let verified = vet(manifest, signature, trusted)?;
+            let listed = verified.manifest.files.iter();
+            let admit = Admit::Listed(listed.map(|f| (f.path.clone(), f.size)).collect());
+            vetted = Some(verified);
+            Ok(admit)
+        },
+        create,
+    )?;
+    // `unpack` vets every bundle it returns, files or none.
+    let verified = vetted.ok_or(ArchiveError::NoManifest)?;
+    check_files(&verified.manifest, &unpacked.files)?;
+    Ok((verified, unpacked))
 }
 
 /// Every listed file is there with its size and hash, and nothing else is.

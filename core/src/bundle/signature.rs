@@ -56,6 +56,14 @@ pub struct TrustedKey {
 }
 
 impl TrustedKey {
+    /// The key in a trusted keys directory's file `file_name`, whose text is `text`.
+    pub fn from_file(file_name: &str, text: &str) -> Result<Self, SignatureError> {
+        Ok(Self {
+            name: file_name.to_owned(),
+            key: parse_public_key(text)?,
+        })
+    }
+
     pub fn id(&self) -> String {
         key_id(&self.key)
     }

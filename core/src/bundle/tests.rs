@@ -82,12 +82,10 @@ fn good_files() -> Vec<(&'static str, &'static [u8])> {
 /// Unpacks into memory and verifies.
 fn open(bytes: &[u8]) -> Result<(VerifiedBundle, BTreeMap<String, Vec<u8>>), BundleError> {
     let written = std::cell::RefCell::new(BTreeMap::new());
-    let keys = trusted();
-    let unpacked = unpack(bytes, vet_signed(&keys), |name| {
+    let (verified, _) = unpack_verified(bytes, &trusted(), |name| {
         written.borrow_mut().insert(name.to_owned(), Vec::new());
         Ok(Sink(name.to_owned(), &written))
     })?;
-    let verified = verify(&unpacked, &keys)?;
     Ok((verified, written.into_inner()))
 }
 
@@ -267,7 +265,7 @@ fn only_listed_files_at_their_listed_sizes_are_written_once_the_signature_checke
     let keys = trusted();
     let try_unpack = |bytes: &[u8]| {
         let mut created = Vec::new();
-        let outcome = unpack(bytes, vet_signed(&keys), |name| {
+        let outcome = unpack_verified(bytes, &keys, |name| {
             created.push(name.to_owned());
             Ok(io::sink())
         });
@@ -472,7 +470,7 @@ fn a_pax_size_beyond_the_listed_one_is_refused_before_anything_is_written() {
     out.extend_from_slice(&[0u8; 1024]);
     let keys = trusted();
     let mut created = Vec::new();
-    let outcome = unpack(&out[..], vet_signed(&keys), |name| {
+    let outcome = unpack_verified(&out[..], &keys, |name| {
         created.push(name.to_owned());
         Ok(io::sink())
     });

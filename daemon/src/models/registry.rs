@@ -49,6 +49,13 @@ pub struct ModelEntry {
     pub canary: Option<CanaryEntry>,
 }
 
+fn decode(name: &str, bytes: &[u8]) -> Result<ModelEntry, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Damaged {
+        name: name.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 #[derive(Debug)]
 pub struct Registry {
     db: sled::Db,
@@ -75,23 +82,17 @@ impl Registry {
     pub fn get(&self, name: &str) -> Result<Option<ModelEntry>, RegistryError> {
         self.models
             .get(name)?
-            .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|e| RegistryError::Damaged {
-                    name: name.to_owned(),
-                    reason: e.to_string(),
-                })
-            })
+            .map(|bytes| decode(name, &bytes))
             .transpose()
     }
 
     pub fn all(&self) -> Result<BTreeMap<String, ModelEntry>, RegistryError> {
         let mut all = BTreeMap::new();
         for item in &self.models {
-            let (key, _) = item?;
+            let (key, bytes) = item?;
             let name = String::from_utf8_lossy(&key).into_owned();
-            if let Some(entry) = self.get(&name)? {
-                all.insert(name, entry);
-            }
+            let entry = decode(&name, &bytes)?;
+            all.insert(name, entry);
         }
         Ok(all)
     }

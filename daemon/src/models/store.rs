@@ -9,11 +9,10 @@ use std::io::{self, BufReader, BufWriter, Read};
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
-use moat_core::bundle::archive::{hash_reader, unpack};
-use moat_core::bundle::signature::parse_public_key;
+use moat_core::bundle::archive::hash_reader;
 use moat_core::bundle::{
-    BundleError, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked, VerifiedBundle, verify,
-    vet_signed,
+    BundleError, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked, VerifiedBundle,
+    unpack_verified, verify,
 };
 
 /// Why a bundle could not be stored or read back.
@@ -89,15 +88,12 @@ pub fn trusted_keys(dir: &Path) -> Result<Vec<TrustedKey>, StoreError> {
             continue;
         }
         let text = fs::read_to_string(&path).map_err(io_error(&path))?;
-        let key = parse_public_key(&text).map_err(|e| StoreError::BadTrustedKey {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let key = TrustedKey::from_file(&name, &text).map_err(|e| StoreError::BadTrustedKey {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        keys.push(TrustedKey { name, key });
+        keys.push(key);
     }
     if keys.is_empty() {
         return Err(StoreError::NoTrustedKeys {
@@ -171,11 +167,10 @@ impl BundleStore {
         let root = dir.path().to_path_buf();
         // The signature and manifest are checked before any file is accepted; then only
         // the files the manifest lists, at their listed sizes, are written.
-        let unpacked = unpack(reader, vet_signed(trusted), |name| {
+        let (verified, unpacked) = unpack_verified(reader, trusted, |name| {
             // Names were checked by `unpack`: plain, top-level, listed, not seen before.
             File::create_new(root.join(name)).map(BufWriter::new)
         })?;
-        let verified = verify(&unpacked, trusted)?;
         let write = |name: &str, bytes: &[u8]| {
             let path = root.join(name);
             fs::write(&path, bytes).map_err(io_error(&path))
