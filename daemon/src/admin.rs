@@ -26,7 +26,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::audit::AuditLog;
 use crate::audit::log::{admin_record, now_unix_ms};
 use crate::config::AdminConfig;
-use crate::models::{Command, Models};
+use crate::models::{Command, Models, Query};
 use peer::{AdminAccess, Peer};
 
 /// Longest request line.
@@ -247,70 +247,70 @@ impl AdminSocket {
                 return answer(&mut stream, Err(&message)).await;
             }
         };
-        if let AdminRequest::AuditExport {
-            since_unix_ms,
-            until_unix_ms,
-        } = request
-        {
-            let range = TimeRange {
-                since_unix_ms,
-                until_unix_ms,
-            };
-            return export(stream, range, peer, audit).await;
-        }
-        let Some(models) = models else {
-            return answer(
-                &mut stream,
-                Err("this moatd serves fixed models; model commands are not available"),
-            )
-            .await;
-        };
         let peer_text = peer.to_string();
-        let command = match request {
-            AdminRequest::Status {} | AdminRequest::ModelList {} => {
-                let outcome = match request {
-                    AdminRequest::Status {} => Ok(models.status()),
-                    _ => models.list(),
+        let outcome = match (request, models) {
+            (
+                AdminRequest::AuditExport {
+                    since_unix_ms,
+                    until_unix_ms,
+                },
+                _,
+            ) => {
+                let range = TimeRange {
+                    since_unix_ms,
+                    until_unix_ms,
                 };
-                let (decision, detail) = match &outcome {
-                    Ok(_) => ("allow", String::new()),
-                    Err(e) => ("deny", e.to_string()),
-                };
-                let record = admin_record(audit.node(), action, &peer_text, decision, detail);
-                if let Err(e) = audit.append(record).await {
-                    let message = format!("the request could not be audited: {e}");
-                    return answer(&mut stream, Err(&message)).await;
-                }
-                let line = result_line(outcome);
-                stream.write_all(format!("{line}\n").as_bytes()).await?;
-                return stream.flush().await;
+                return export(stream, range, peer, audit).await;
             }
-            AdminRequest::ModelImport {
-                size,
-                allow_downgrade,
-            } => {
-                let (bundle, mut answer_stream) = bundle_reader(buffered, stream, size)?;
-                let command = Command::Import {
-                    bundle,
+            (_, None) => {
+                return answer(
+                    &mut stream,
+                    Err("this moatd serves fixed models; model commands are not available"),
+                )
+                .await;
+            }
+            (
+                AdminRequest::ModelImport {
+                    size,
                     allow_downgrade,
-                };
-                let outcome = models.command(&peer_text, command).await;
+                },
+                Some(models),
+            ) => {
+                let (bundle, mut answer_stream) = bundle_reader(buffered, stream, size)?;
+                let outcome = models.import(&peer_text, bundle, allow_downgrade).await;
                 // One short line on a socket the client is waiting to read.
                 let line = result_line(outcome);
                 return answer_stream.write_all(format!("{line}\n").as_bytes());
             }
-            AdminRequest::ModelActivate { model } => Command::Activate { label: model },
-            AdminRequest::ModelCanary { model, percent } => Command::Canary {
-                label: model,
-                percent,
-            },
-            AdminRequest::ModelPromote { name } => Command::Promote { name },
-            AdminRequest::ModelRollback { name } => Command::Rollback { name },
-            AdminRequest::ModelRemove { model } => Command::Remove { label: model },
-            // Answered above, before the models were needed.
-            AdminRequest::AuditExport { .. } => return Ok(()),
+            (AdminRequest::Status {}, Some(models)) => {
+                models.query(&peer_text, Query::Status).await
+            }
+            (AdminRequest::ModelList {}, Some(models)) => {
+                models.query(&peer_text, Query::List).await
+            }
+            (AdminRequest::ModelActivate { model }, Some(models)) => {
+                let command = Command::Activate { label: model };
+                models.command(&peer_text, command).await
+            }
+            (AdminRequest::ModelCanary { model, percent }, Some(models)) => {
+                let command = Command::Canary {
+                    label: model,
+                    percent,
+                };
+                models.command(&peer_text, command).await
+            }
+            (AdminRequest::ModelPromote { name }, Some(models)) => {
+                models.command(&peer_text, Command::Promote { name }).await
+            }
+            (AdminRequest::ModelRollback { name }, Some(models)) => {
+                models.command(&peer_text, Command::Rollback { name }).await
+            }
+            (AdminRequest::ModelRemove { model }, Some(models)) => {
+                let command = Command::Remove { label: model };
+                models.command(&peer_text, command).await
+            }
         };
-        let line = result_line(models.command(&peer_text, command).await);
+        let line = result_line(outcome);
         stream.write_all(format!("{line}\n").as_bytes()).await?;
         stream.flush().await
     }

@@ -6,13 +6,16 @@
 //! table; if anything fails the serving version stays as it was. Every command's outcome
 //! is an audit record naming the model as `name@version`.
 
+mod error;
 pub mod golden;
 pub mod loader;
 pub mod registry;
+mod report;
 pub mod serving;
 pub mod store;
 
-use std::collections::BTreeMap;
+pub use error::RolloutError;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,131 +27,11 @@ use serde_json::{Value, json};
 use crate::audit::AuditLog;
 use crate::audit::log::{admin_record, now_unix_ms};
 use crate::config::Config;
-use crate::engine::{ModelDirectory, OrtRuntime, StartError};
+use crate::engine::{ModelDirectory, OrtRuntime};
 use crate::policy::PolicyStore;
-use registry::{CanaryEntry, ModelEntry, Registry, RegistryError, VersionEntry};
+use registry::{CanaryEntry, ModelEntry, Registry, VersionEntry};
 use serving::{Canary, LoadedModel, Route, ServingTable, Share};
-use store::{BundleStore, StoreError};
-
-/// Why a rollout command was refused. The serving state is unchanged whenever one is
-/// returned, except [`RolloutError::NotAudited`], which says whether the command was done.
-#[derive(Debug, thiserror::Error)]
-pub enum RolloutError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    #[error(
-        "{label} is not newer than {highest}, the highest version of {name} ever imported; \
-         pass --allow-downgrade to import it anyway"
-    )]
-    Downgrade {
-        name: String,
-        label: String,
-        highest: String,
-    },
-    #[error("{0:?} is not NAME@VERSION with a semantic version")]
-    BadLabel(String),
-    #[error("no model {0} is imported (moatctl model list shows what is)")]
-    UnknownModel(String),
-    #[error("{label} is not imported (moatctl model list shows the versions of {name})")]
-    UnknownVersion { name: String, label: String },
-    #[error(
-        "{0} is served from an unsigned model directory (models.directory); bundles cannot replace it under the same name"
-    )]
-    Unsigned(String),
-    #[error("{label} did not load: {source}")]
-    Load {
-        label: String,
-        #[source]
-        source: StartError,
-    },
-    #[error("{label} is refused: {source}")]
-    Golden {
-        label: String,
-        #[source]
-        source: golden::GoldenFailure,
-    },
-    #[error(
-        "{label} needs about {needed} MiB, but {loaded} MiB of the {budget} MiB memory budget \
-         are already loaded; remove or roll back a version, or raise models.memory_budget_mib"
-    )]
-    MemoryBudget {
-        label: String,
-        needed: u64,
-        loaded: u64,
-        budget: u64,
-    },
-    #[error(
-        "{label} sets classification ceiling {ceiling:?}, which is not a label of the policy in force"
-    )]
-    Ceiling { label: String, ceiling: String },
-    #[error("{0} is active; activate another version before removing it")]
-    RemoveActive(String),
-    #[error("{0} is the canary; roll the canary back before removing it")]
-    RemoveCanary(String),
-    #[error("{0} has no active version; activate one first")]
-    NothingActive(String),
-    #[error("{0} has no canary to promote")]
-    NoCanary(String),
-    #[error("{0} has no previous version to roll back to")]
-    NoPrevious(String),
-    #[error("the canary share must be between 1 and 99 percent, got {0}")]
-    BadPercent(u8),
-    #[error("{label} was signed by {signer}, which is no longer a trusted key")]
-    NoLongerTrusted { label: String, signer: String },
-    #[error("{0} is already active; a canary must be another version")]
-    CanaryIsActive(String),
-    #[error(
-        "{label} needs about {needed} MiB, but the host has {available} MiB available; \
-         free memory (remove or roll back a version) or set models.memory_budget_mib"
-    )]
-    HostMemory {
-        label: String,
-        needed: u64,
-        available: u64,
-    },
-    #[error("the command stopped unexpectedly: {0}")]
-    Interrupted(String),
-    #[error("{0}")]
-    NotAudited(String),
-}
-
-fn unreachable_import() -> (Result<Value, RolloutError>, String) {
-    // Imports are matched first in `Models::command`.
-    (
-        Err(RolloutError::Interrupted("import dispatched twice".into())),
-        String::new(),
-    )
-}
-
-impl RolloutError {
-    /// A short stable code for audit records.
-    pub fn code(&self) -> &'static str {
-        match self {
-            RolloutError::Store(e) => e.code(),
-            RolloutError::Registry(_) => "registry_error",
-            RolloutError::Downgrade { .. } => "downgrade",
-            RolloutError::BadLabel(_) => "bad_request",
-            RolloutError::UnknownModel(_) | RolloutError::UnknownVersion { .. } => "not_imported",
-            RolloutError::Unsigned(_) => "unsigned_model",
-            RolloutError::Load { .. } => "load_failed",
-            RolloutError::Golden { .. } => "golden_failed",
-            RolloutError::MemoryBudget { .. } => "memory_budget",
-            RolloutError::Ceiling { .. } => "bad_ceiling",
-            RolloutError::RemoveActive(_) | RolloutError::RemoveCanary(_) => "in_use",
-            RolloutError::NothingActive(_)
-            | RolloutError::NoCanary(_)
-            | RolloutError::NoPrevious(_) => "nothing_to_do",
-            RolloutError::BadPercent(_) => "bad_request",
-            RolloutError::Interrupted(_) => "interrupted",
-            RolloutError::NotAudited(_) => "audit_unavailable",
-            RolloutError::NoLongerTrusted { .. } => "untrusted_key",
-            RolloutError::CanaryIsActive(_) => "bad_request",
-            RolloutError::HostMemory { .. } => "memory_budget",
-        }
-    }
-}
+use store::BundleStore;
 
 /// `name@version`, parsed.
 pub fn parse_label(text: &str) -> Result<(String, semver::Version), RolloutError> {
@@ -266,7 +149,7 @@ impl Models {
         outcome: Result<(), &RolloutError>,
     ) -> Result<(), crate::audit::AuditError> {
         let (decision, detail) = match outcome {
-            Ok(()) => ("allow", format!("{action} {model}")),
+            Ok(()) => ("allow", format!("{action} {model}").trim_end().to_owned()),
             Err(e) => {
                 tracing::error!(action, model, error = %e, "model command refused");
                 ("deny", format!("{}: {e}", e.code()))
@@ -284,34 +167,62 @@ impl Models {
         }
     }
 
+    /// Imports a bundle an admin streams in, and audits it with the admin's identity. The
+    /// bundle is received and verified before the command lock is taken, so a slow sender
+    /// never holds up another command.
+    pub async fn import(
+        &self,
+        peer: &str,
+        bundle: Box<dyn Read + Send>,
+        allow_downgrade: bool,
+    ) -> Result<Value, RolloutError> {
+        let outcome = match self.receive(bundle).await {
+            Ok(staged) => {
+                let _one_at_a_time = self.commands.lock().await;
+                self.register(staged, allow_downgrade)
+                    .map(|verified| report::import_summary(&verified))
+            }
+            Err(e) => Err(e),
+        };
+        self.audited("model.import", peer, String::new(), outcome)
+            .await
+    }
+
     /// Runs a command, one at a time, and audits it with the admin's identity.
     pub async fn command(&self, peer: &str, command: Command) -> Result<Value, RolloutError> {
         let action = command.action();
-        let (outcome, named) = match command {
-            Command::Import {
-                bundle,
-                allow_downgrade,
-            } => {
-                let received = self.receive(bundle).await;
-                let _one_at_a_time = self.commands.lock().await;
-                let registered = received.and_then(|staged| self.register(staged, allow_downgrade));
-                (registered.map(|v| import_summary(&v)), String::new())
-            }
-            command => {
-                let _one_at_a_time = self.commands.lock().await;
-                match command {
-                    Command::Activate { label } => (self.activate(&label).await, label),
-                    Command::Canary { label, percent } => {
-                        (self.canary(&label, percent).await, label)
-                    }
-                    Command::Promote { name } => (self.promote(&name), name),
-                    Command::Rollback { name } => (self.rollback(&name).await, name),
-                    Command::Remove { label } => (self.remove(&label), label),
-                    Command::Import { .. } => unreachable_import(),
-                }
+        let (outcome, named) = {
+            let _one_at_a_time = self.commands.lock().await;
+            match command {
+                Command::Activate { label } => (self.activate(&label).await, label),
+                Command::Canary { label, percent } => (self.canary(&label, percent).await, label),
+                Command::Promote { name } => (self.promote(&name), name),
+                Command::Rollback { name } => (self.rollback(&name).await, name),
+                Command::Remove { label } => (self.remove(&label), label),
             }
         };
-        // The version the command ended on, where it names one.
+        self.audited(action, peer, named, outcome).await
+    }
+
+    /// Answers a query (`status`, `model.list`), audited like a command.
+    pub async fn query(&self, peer: &str, query: Query) -> Result<Value, RolloutError> {
+        let (action, outcome) = match query {
+            Query::Status => ("status", Ok(self.status())),
+            Query::List => ("model.list", self.list()),
+        };
+        self.audited(action, peer, String::new(), outcome).await
+    }
+
+    /// Audits what `action` came to for `peer`, naming the version it ended on where the
+    /// result names one (else `named`); an answer whose record failed is an error that
+    /// says whether the action was done.
+    async fn audited(
+        &self,
+        action: &'static str,
+        peer: &str,
+        named: String,
+        outcome: Result<Value, RolloutError>,
+    ) -> Result<Value, RolloutError> {
         let model = outcome
             .as_ref()
             .ok()
@@ -669,112 +580,21 @@ impl Models {
         self.registry.put(&name, &entry)?;
         Ok(json!({"removed": label}))
     }
-
-    /// Every imported version and what serves, for `moatctl model list`.
-    pub fn list(&self) -> Result<Value, RolloutError> {
-        let routes = self.table.snapshot();
-        let mut models = Vec::new();
-        for (name, entry) in self.registry.all()? {
-            let route = routes.get(&name);
-            // In version order (1.10.0 after 1.9.0), not text order.
-            let mut ordered: Vec<_> = entry.versions.iter().collect();
-            ordered.sort_by_key(|(version, _)| semver::Version::parse(version).ok());
-            let versions: Vec<Value> = ordered
-                .into_iter()
-                .map(|(version, info)| {
-                    let loaded = route.is_some_and(|r| {
-                        r.loaded().any(|m| m.version_text() == *version)
-                    });
-                    json!({
-                        "version": version,
-                        "task": info.task,
-                        "bytes": info.bytes,
-                        "signer": info.signer,
-                        "signer_id": info.signer_id,
-                        "imported_unix_ms": info.imported_unix_ms,
-                        "active": entry.active.as_deref() == Some(version.as_str()),
-                        "canary_percent": entry.canary.as_ref().filter(|c| c.version == *version).map(|c| c.percent),
-                        "previous": entry.previous.as_deref() == Some(version.as_str()),
-                        "loaded": loaded,
-                    })
-                })
-                .collect();
-            models.push(json!({
-                "name": name,
-                "highest": self.registry.highest(&name)?.map(|v| v.to_string()),
-                "versions": versions,
-            }));
-        }
-        for (name, route) in routes.iter() {
-            if route.active.version.is_none() {
-                models.push(json!({"name": name, "unsigned_directory": true, "versions": []}));
-            }
-        }
-        Ok(json!({"models": models}))
-    }
-
-    /// What this moatd serves, for `moatctl status`.
-    pub fn status(&self) -> Value {
-        let routes = self.table.snapshot();
-        let served: BTreeMap<&String, Value> = routes
-            .iter()
-            .map(|(name, route)| {
-                (
-                    name,
-                    json!({
-                        "active": route.active.version_text(),
-                        "healthy": route.active.served.is_healthy(),
-                        "canary": route.canary.as_ref().map(|c| json!({"version": c.model.version_text(), "percent": c.share.percent})),
-                        "standby": route.standby.as_ref().map(|m| m.version_text()),
-                    }),
-                )
-            })
-            .collect();
-        json!({
-            "moatd": env!("CARGO_PKG_VERSION"),
-            "node_id": self.audit.node().node_id,
-            "uptime_secs": self.started.elapsed().as_secs(),
-            "models": served,
-            "memory_estimate_mib": self.table.memory_bytes() >> 20,
-            "memory_budget_mib": self.memory_budget.map(|b| b >> 20),
-        })
-    }
 }
 
-/// A rollout command from the admin socket.
+/// A rollout command from the admin socket (imports come with a stream: [`Models::import`]).
+#[derive(Debug)]
 pub enum Command {
-    Import {
-        bundle: Box<dyn Read + Send>,
-        allow_downgrade: bool,
-    },
-    Activate {
-        label: String,
-    },
-    Canary {
-        label: String,
-        percent: u8,
-    },
-    Promote {
-        name: String,
-    },
-    Rollback {
-        name: String,
-    },
-    Remove {
-        label: String,
-    },
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.action())
-    }
+    Activate { label: String },
+    Canary { label: String, percent: u8 },
+    Promote { name: String },
+    Rollback { name: String },
+    Remove { label: String },
 }
 
 impl Command {
     pub fn action(&self) -> &'static str {
         match self {
-            Command::Import { .. } => "model.import",
             Command::Activate { .. } => "model.activate",
             Command::Canary { .. } => "model.canary",
             Command::Promote { .. } => "model.promote",
@@ -784,15 +604,9 @@ impl Command {
     }
 }
 
-fn import_summary(verified: &VerifiedBundle) -> Value {
-    let manifest = &verified.manifest;
-    json!({
-        "model": manifest.label(),
-        "task": manifest.task.as_str(),
-        "files": manifest.files.len(),
-        "bytes": manifest.total_bytes(),
-        "signer": verified.signer,
-        "signer_id": verified.signer_id,
-        "golden_prompts": manifest.golden.len(),
-    })
+/// A read-only question from the admin socket.
+#[derive(Debug, Clone, Copy)]
+pub enum Query {
+    Status,
+    List,
 }
