@@ -220,19 +220,19 @@ fn default_golden_tokens() -> usize {
 
 /// A name a bundle file may have inside the bundle: one plain path component.
 pub fn valid_file_name(name: &str) -> bool {
-    (1..=128).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && name != super::MANIFEST_FILE
-        && name != super::SIGNATURE_FILE
+    plain_name(name, 128) && name != super::MANIFEST_FILE && name != super::SIGNATURE_FILE
 }
 
 /// A name a served model may have: it appears in URLs, metrics labels, logs and as a
 /// directory of the bundle store (so never `.`, `..` or hidden).
 pub fn valid_model_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
+    plain_name(name, 64)
+}
+
+/// 1 to `max` letters, digits, `.`, `_` and `-`, not starting with `.`: safe as one path
+/// component, a URL segment and a label.
+fn plain_name(name: &str, max: usize) -> bool {
+    (1..=max).contains(&name.len())
         && !name.starts_with('.')
         && name
             .bytes()
