@@ -66,6 +66,16 @@ enum Command {
     /// Pack, sign and inspect model bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Print a shell completion script to stdout.
+    #[command(after_help = "Example:\n  \
+        moatctl completions bash > /etc/bash_completion.d/moatctl")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print moatctl's manual page (roff) to stdout.
+    #[command(after_help = "Example:\n  moatctl man | man -l -")]
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +136,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bundle(command) => bundle::run(command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            // Into memory first: generating to a closed pipe would panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "moatctl", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -41,6 +41,15 @@ enum Command {
         moatd serve --config .moat-dev/moat.toml\n\n\
         Configuration problems (every one is listed) exit with status 64.")]
     Serve,
+    /// Print a shell completion script to stdout.
+    #[command(after_help = "Example:\n  moatd completions bash > /etc/bash_completion.d/moatd")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print moatd's manual page (roff, section 8) to stdout.
+    #[command(after_help = "Example:\n  moatd man | man -l -")]
+    Man,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +113,9 @@ fn parse_device(text: &str) -> Result<DevicePreference, String> {
 fn main() -> ExitCode {
     init_logging();
     let mut cli = Cli::parse();
+    if let Some(code) = print_documentation(&cli.command) {
+        return code;
+    }
     let defaulted = matches!(cli.command, Command::Serve) && cli.config.is_none();
     if defaulted {
         cli.config = Some(PathBuf::from(DEFAULT_CONFIG));
@@ -132,6 +144,7 @@ fn main() -> ExitCode {
             generate(&config, *args)
         }
         Command::Serve => return serve(&config, cli.config.as_deref()),
+        Command::Completions { .. } | Command::Man => return ExitCode::SUCCESS,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,6 +179,33 @@ fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
             // Each message already names its cause.
             eprintln!("error: {e}");
             status
+        }
+    }
+}
+
+/// `completions` and `man` need no configuration: they print and exit.
+fn print_documentation(command: &Command) -> Option<ExitCode> {
+    use clap::CommandFactory as _;
+    // Into memory first: generating to a closed pipe would panic.
+    let mut text = Vec::new();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "moatd", &mut text);
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(Cli::command()).section("8");
+            if let Err(e) = page.render(&mut text) {
+                eprintln!("error: rendering the manual page: {e}");
+                return Some(ExitCode::FAILURE);
+            }
+        }
+        Command::Generate(_) | Command::Serve => return None,
+    }
+    match std::io::stdout().write_all(&text) {
+        Ok(()) => Some(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
+            Some(ExitCode::FAILURE)
         }
     }
 }
