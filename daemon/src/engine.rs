@@ -55,6 +55,17 @@ pub enum Prompt {
 }
 
 /// One generation request.
+/// An engine's progress as the watchdog samples it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineProgress {
+    /// Rounds of all its threads' loops so far.
+    pub rounds: u64,
+    /// It holds or is offered work.
+    pub busy: bool,
+    /// At least one of its threads is alive.
+    pub running: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub prompt: Prompt,
@@ -467,6 +478,21 @@ impl Engine {
         self.workers.iter().any(|(thread, health)| {
             !thread.is_finished() && !health.failing.load(Ordering::Relaxed)
         })
+    }
+
+    /// What the watchdog needs to tell a stuck engine from an idle one.
+    pub fn progress(&self) -> EngineProgress {
+        let mut progress = EngineProgress {
+            rounds: 0,
+            busy: self.queued_requests() > 0,
+            running: false,
+        };
+        for (thread, health) in &self.workers {
+            progress.rounds += health.rounds.load(Ordering::Relaxed);
+            progress.busy |= health.live.load(Ordering::Relaxed) > 0;
+            progress.running |= !thread.is_finished();
+        }
+        progress
     }
 
     /// Generations the engine thread holds right now (admitted and not yet finished).

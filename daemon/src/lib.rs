@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod models;
 pub mod policy;
 pub mod server;
+pub mod systemd;
 pub mod tls;

@@ -210,14 +210,69 @@ fn print_documentation(command: &Command) -> Option<ExitCode> {
     }
 }
 
+/// Where log lines go, from `MOAT_LOG_FORMAT`: `journald` (structured fields, one entry per
+/// event), `json` (one object per line on stderr) or `text`; `auto`, the default, is
+/// journald when stderr is systemd's journal stream and text otherwise.
 fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let registry = tracing_subscriber::registry().with(filter);
+    let text = || {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    };
+    let requested = std::env::var("MOAT_LOG_FORMAT").unwrap_or_default();
+    let format = match requested.as_str() {
+        "" | "auto" if stderr_is_the_journal() => "journald",
+        "" | "auto" => "text",
+        other => other,
+    };
+    match format {
+        "json" => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        "journald" => match tracing_journald::layer() {
+            // Fields arrive as MOAT_REQUEST_ID, MOAT_DEPARTMENT, ...: `journalctl
+            // MOAT_DEPARTMENT=finance` selects them.
+            Ok(journald) => registry
+                .with(journald.with_field_prefix(Some("MOAT".to_owned())))
+                .init(),
+            Err(e) => {
+                registry.with(text()).init();
+                tracing::warn!(error = %e, "the journal is unreachable; logging text to stderr");
+            }
+        },
+        "text" => registry.with(text()).init(),
+        other => {
+            registry.with(text()).init();
+            tracing::warn!(
+                format = other,
+                "MOAT_LOG_FORMAT is not auto, journald, json or text; logging text"
+            );
+        }
+    }
+}
+
+/// Whether stderr is the journal stream systemd connected (`JOURNAL_STREAM` names its
+/// device and inode).
+fn stderr_is_the_journal() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2")
+        .is_ok_and(|stderr| device.parse() == Ok(stderr.dev()) && inode.parse() == Ok(stderr.ino()))
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {

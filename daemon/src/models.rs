@@ -91,7 +91,7 @@ impl Models {
     /// Loads what the registry says is active (and any canary), as before the restart.
     /// A version that no longer verifies or loads is left out, logged and audited; the
     /// others serve.
-    pub async fn restore(&self) {
+    pub async fn restore(&self, before_load: &dyn Fn(&str)) {
         let all = match self.registry.all() {
             Ok(all) => all,
             Err(e) => {
@@ -104,6 +104,7 @@ impl Models {
                 continue;
             };
             let label = format!("{name}@{active}");
+            before_load(&label);
             let model = match self.prepare(&name, active).await {
                 Ok(model) => model,
                 Err(e) => {
@@ -114,6 +115,7 @@ impl Models {
             let mut route = Route::new(model);
             if let Some(canary) = &entry.canary {
                 let label = format!("{name}@{}", canary.version);
+                before_load(&label);
                 match self.prepare(&name, &canary.version).await {
                     Ok(model) => {
                         route.canary = Some(Canary {

@@ -21,7 +21,8 @@ use crate::metrics::Metrics;
 use crate::models::serving::{LoadedModel, Route, ServingTable};
 use crate::models::{Models, RolloutError, loader};
 use crate::policy::{PolicyLoadError, PolicyStore};
-use crate::tls::{self, TlsError};
+use crate::systemd;
+use crate::tls::{self, TlsError, TlsReloader};
 use moat_core::audit::encoding::hex;
 
 /// Why `moatd serve` could not start or stopped with an error.
@@ -189,6 +190,7 @@ fn unsigned_route(name: String, served: ServedModel) -> Route {
 struct Ready<'c> {
     server: &'c ServerConfig,
     rustls_config: rustls::ServerConfig,
+    tls_reloader: Arc<TlsReloader>,
     metrics: Arc<Metrics>,
     policy: Arc<PolicyStore>,
     audit: Arc<AuditLog>,
@@ -200,10 +202,11 @@ impl<'c> Ready<'c> {
             return Err(ServeError::Incomplete("[server] and [tls] are required"));
         };
         let metrics = Arc::new(Metrics::new());
-        let rustls_config = listener_tls(tls_config, &metrics)?;
+        let (rustls_config, tls_reloader) = listener_tls(tls_config, &metrics)?;
         Ok(Self {
             server,
             rustls_config,
+            tls_reloader: Arc::new(tls_reloader),
             metrics,
             policy: open_policy(config)?,
             audit: open_audit(config)?,
@@ -223,14 +226,26 @@ impl<'c> Ready<'c> {
             policy: self.policy,
             audit: Arc::clone(&self.audit),
         });
-        run(config, self.server, self.rustls_config, state, models)
+        let reloadable = Reloadable {
+            policy: Arc::clone(&state.policy),
+            tls: self.tls_reloader,
+            audit: Arc::clone(&state.audit),
+        };
+        run(
+            config,
+            self.server,
+            self.rustls_config,
+            state,
+            models,
+            reloadable,
+        )
     }
 }
 
 fn listener_tls(
     tls_config: &TlsConfig,
     metrics: &Arc<Metrics>,
-) -> Result<rustls::ServerConfig, TlsError> {
+) -> Result<(rustls::ServerConfig, TlsReloader), TlsError> {
     let refusals = Arc::clone(metrics);
     tls::server_config(
         tls_config,
@@ -244,6 +259,7 @@ fn run(
     rustls_config: rustls::ServerConfig,
     state: web::Data<AppState>,
     models: Option<Arc<Models>>,
+    reloadable: Reloadable,
 ) -> Result<(), ServeError> {
     let audit = Arc::clone(&state.audit);
     let listeners = server
@@ -271,6 +287,7 @@ fn run(
         metrics_listener,
         rustls_config,
         config,
+        reloadable,
     ));
     // Every request has finished (or was cut off at the grace period): the last record,
     // then the final checkpoint.
@@ -297,15 +314,16 @@ async fn run_servers(
     metrics_listener: Option<TcpListener>,
     rustls_config: rustls::ServerConfig,
     config: &Config,
+    reloadable: Reloadable,
 ) -> Result<(), ServeError> {
     let Some(server) = &config.server else {
         return Err(ServeError::Incomplete("[server] is required"));
     };
-    let policy = Arc::clone(&state.policy);
     let audit = Arc::clone(&state.audit);
+    let table = Arc::clone(&state.models);
     if let Some(models) = &models {
         // What was active before the restart serves again before the listeners open.
-        models.restore().await;
+        models.restore(&announce_model_load).await;
     }
     if state.models.snapshot().is_empty() {
         tracing::warn!("no model is active: import and activate a bundle with moatctl");
@@ -340,8 +358,16 @@ async fn run_servers(
         tracing::info!(url = %format!("http://{address}"), "metrics listening");
     }
     tracing::info!("moatd is ready");
+    systemd::ready(&serving_status(&table));
+    if let Some(timeout) = systemd::watchdog_timeout() {
+        actix_web::rt::spawn(systemd::watchdog::run(
+            timeout,
+            Arc::clone(&audit),
+            Arc::clone(&table),
+        ));
+    }
     actix_web::rt::spawn(stop_on_signal(handles, server.shutdown_grace_secs));
-    actix_web::rt::spawn(reload_on_hangup(Arc::clone(&policy), audit));
+    actix_web::rt::spawn(reload_on_hangup(reloadable, table));
     let mut result = Ok(());
     for server in servers {
         let outcome = server
@@ -353,39 +379,114 @@ async fn run_servers(
     result.map_err(ServeError::Run)
 }
 
-/// On SIGHUP: read and validate the policy directory again and put it in force; an invalid
-/// policy is refused and the one in force stays.
-async fn reload_on_hangup(policy: Arc<PolicyStore>, audit: Arc<AuditLog>) {
+/// What SIGHUP reads again: the policy directory and the `[tls]` files.
+struct Reloadable {
+    policy: Arc<PolicyStore>,
+    tls: Arc<TlsReloader>,
+    audit: Arc<AuditLog>,
+}
+
+/// On SIGHUP: read and validate the policy directory and the TLS files again and put each
+/// in force if it is valid; an invalid one is refused and the one in force stays. Each
+/// outcome is an audit record; systemd hears `RELOADING=1`, then `READY=1`.
+async fn reload_on_hangup(reloadable: Reloadable, table: Arc<ServingTable>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; policy reload needs a restart");
+        tracing::error!("cannot listen for SIGHUP; policy and certificate reloads need a restart");
         return;
     };
     while hangups.recv().await.is_some() {
-        let store = Arc::clone(&policy);
-        let outcome = actix_web::rt::task::spawn_blocking(move || store.reload()).await;
-        let dir = policy.dir().display().to_string();
-        let (decision, detail) = match outcome {
-            Ok(Ok(())) => {
-                tracing::info!(%dir, "policy reloaded");
-                let counts = &policy.current().counts;
-                ("allow", format!("policy reloaded from {dir}: {counts:?}"))
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "policy reload REFUSED; the previous policy stays in force");
-                ("deny", format!("policy reload from {dir} refused: {e}"))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
-                ("deny", format!("policy reload from {dir} failed: {e}"))
-            }
-        };
-        let record = admin_record(audit.node(), "policy.reload", "SIGHUP", decision, detail);
-        if let Err(e) = audit.append(record).await {
-            tracing::error!(error = %e, "the policy reload could not be audited");
-        }
+        systemd::reloading();
+        let policy = reload_policy(&reloadable).await;
+        let tls = reload_tls(&reloadable).await;
+        systemd::ready(&format!(
+            "{}; last reload: policy {policy}, TLS {tls}",
+            serving_status(&table)
+        ));
     }
 }
+
+/// Reloads the policy directory; "reloaded" or "refused".
+async fn reload_policy(reloadable: &Reloadable) -> &'static str {
+    let policy = &reloadable.policy;
+    let store = Arc::clone(policy);
+    let outcome = actix_web::rt::task::spawn_blocking(move || store.reload()).await;
+    let dir = policy.dir().display().to_string();
+    let (decision, detail) = match outcome {
+        Ok(Ok(())) => {
+            tracing::info!(%dir, "policy reloaded");
+            let counts = &policy.current().counts;
+            ("allow", format!("policy reloaded from {dir}: {counts:?}"))
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "policy reload REFUSED; the previous policy stays in force");
+            ("deny", format!("policy reload from {dir} refused: {e}"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
+            ("deny", format!("policy reload from {dir} failed: {e}"))
+        }
+    };
+    record_reload(reloadable, "policy.reload", decision, detail).await
+}
+
+/// Reloads the server certificate, the department CAs and the CRLs; "reloaded" or
+/// "refused".
+async fn reload_tls(reloadable: &Reloadable) -> &'static str {
+    let tls = Arc::clone(&reloadable.tls);
+    let outcome = actix_web::rt::task::spawn_blocking(move || tls.reload()).await;
+    let (decision, detail) = match outcome {
+        Ok(Ok(())) => {
+            tracing::info!("certificates, CAs and CRLs reloaded; new connections use them");
+            ("allow", "certificates, CAs and CRLs reloaded".to_owned())
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "TLS reload REFUSED; the certificates, CAs and CRLs in force stay");
+            ("deny", format!("TLS reload refused: {e}"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "TLS reload failed; the certificates, CAs and CRLs in force stay");
+            ("deny", format!("TLS reload failed: {e}"))
+        }
+    };
+    record_reload(reloadable, "tls.reload", decision, detail).await
+}
+
+async fn record_reload(
+    reloadable: &Reloadable,
+    action: &'static str,
+    decision: &'static str,
+    detail: String,
+) -> &'static str {
+    let audit = &reloadable.audit;
+    let record = admin_record(audit.node(), action, "SIGHUP", decision, detail);
+    if let Err(e) = audit.append(record).await {
+        tracing::error!(error = %e, action, "a reload could not be audited");
+    }
+    if decision == "allow" {
+        "reloaded"
+    } else {
+        "refused"
+    }
+}
+
+/// systemd's status line while serving.
+fn serving_status(table: &ServingTable) -> String {
+    let routes = table.snapshot();
+    let names: Vec<String> = routes.values().map(|route| route.active.label()).collect();
+    match names.is_empty() {
+        true => "serving; no model is active".to_owned(),
+        false => format!("serving {}", names.join(", ")),
+    }
+}
+
+/// Tells systemd a model is about to load, which may take a while (start only).
+fn announce_model_load(label: &str) {
+    systemd::extend_timeout(MODEL_LOAD_ALLOWANCE, &format!("loading {label}"));
+}
+
+/// How long one model may take to load and warm at start before systemd gives up.
+const MODEL_LOAD_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// On SIGTERM or SIGINT: stop accepting, let in-flight requests finish (up to the grace
 /// period), API first, then metrics, so health probes answer while requests drain. A
@@ -396,6 +497,7 @@ async fn stop_on_signal(handles: Vec<actix_web::dev::ServerHandle>, grace_secs: 
         return;
     };
     let first = signals.next().await;
+    systemd::stopping();
     tracing::info!(
         signal = first,
         grace_secs,
@@ -460,6 +562,7 @@ fn load_directories(
     }
     let mut routes = Vec::new();
     for (name, dir) in selected {
+        announce_model_load(&name);
         tracing::warn!(model = %name, dir = %dir.display(), "serving an unsigned model directory (models.directory)");
         let loaded = ModelDirectory::open(&dir)
             .map_err(StartError::from)

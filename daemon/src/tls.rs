@@ -3,17 +3,23 @@
 //! A client is accepted only if its certificate chains to a configured department CA, is
 //! within its validity period, and (when CRLs are configured) is not revoked according to a
 //! CRL that has not expired itself. There is no session resumption: every connection proves
-//! its certificate afresh, so a revocation takes effect on the next connection.
+//! its certificate afresh, so a revocation takes effect on the next connection. SIGHUP reads
+//! the certificate, key, CAs and CRLs again ([`TlsReloader`]): a new CRL is in force for the
+//! next handshake, without a restart.
 
 pub mod identity;
 mod verifier;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{NoServerSessionStorage, ServerConfig, WebPkiClientVerifier};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerConfig, WebPkiClientVerifier,
+};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
@@ -53,39 +59,110 @@ fn tls13_provider() -> Arc<CryptoProvider> {
 }
 
 /// Builds the listener's rustls configuration from `[tls]`; `on_refusal` hears the reason of
-/// every client certificate refused.
+/// every client certificate refused. The returned [`TlsReloader`] puts new certificates, CAs
+/// and CRLs from the same files in force without a restart.
 pub fn server_config(
     tls: &TlsConfig,
     on_refusal: RefusalObserver,
-) -> Result<ServerConfig, TlsError> {
+) -> Result<(ServerConfig, TlsReloader), TlsError> {
     let provider = tls13_provider();
+    let verifier = Arc::new(verifier::ObservedVerifier::new(
+        client_verifier(tls, &provider)?,
+        on_refusal,
+    ));
+    let certificate = Arc::new(ServerCertificate::new(certified_key(tls, &provider)?));
+    let mut config = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .with_client_cert_verifier(verifier.clone())
+        .with_cert_resolver(certificate.clone());
+    // No resumption of any kind: no stateful session cache and no tickets.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    let reloader = TlsReloader {
+        tls: tls.clone(),
+        provider,
+        certificate,
+        verifier,
+    };
+    Ok((config, reloader))
+}
+
+/// Reads the `[tls]` files again and puts them in force for new connections (SIGHUP).
+#[derive(Debug)]
+pub struct TlsReloader {
+    tls: TlsConfig,
+    provider: Arc<CryptoProvider>,
+    certificate: Arc<ServerCertificate>,
+    verifier: Arc<verifier::ObservedVerifier>,
+}
+
+impl TlsReloader {
+    /// Every file is read and checked before anything changes: on any error the material
+    /// in force stays, whole.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let verifier = client_verifier(&self.tls, &self.provider)?;
+        let key = certified_key(&self.tls, &self.provider)?;
+        self.verifier.replace(verifier);
+        self.certificate.replace(Arc::new(key));
+        Ok(())
+    }
+}
+
+/// The client certificate verifier: the department CAs and, when configured, their CRLs.
+fn client_verifier(
+    tls: &TlsConfig,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let roots = load_roots(&tls.client_ca)?;
     let crls = load_crls(&tls.crl)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
         .with_crls(crls)
         // Without this rustls accepts a CRL past its next update: a stale list would
         // silently stop revoking.
         .enforce_revocation_expiration()
         .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let verifier = Arc::new(verifier::ObservedVerifier::new(verifier, on_refusal));
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+/// The server's chain and key, checked to belong together.
+fn certified_key(tls: &TlsConfig, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
     let chain = load_certificates(&tls.certificate, "certificate")?;
     let key = PrivateKeyDer::from_pem_file(&tls.private_key).map_err(|e| TlsError::BadPem {
         path: tls.private_key.clone(),
         field: "private_key",
         reason: e.to_string(),
     })?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Verifier(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::ServerCertificate(e.to_string()))?;
-    // No resumption of any kind: no stateful session cache and no tickets.
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    config.max_early_data_size = 0;
-    Ok(config)
+    CertifiedKey::from_der(chain, key, provider)
+        .map_err(|e| TlsError::ServerCertificate(e.to_string()))
+}
+
+/// The server certificate in force, replaced whole on reload.
+#[derive(Debug)]
+struct ServerCertificate {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCertificate {
+    fn new(key: CertifiedKey) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(key)),
+        }
+    }
+
+    fn replace(&self, key: Arc<CertifiedKey>) {
+        // The value is replaced in one assignment: a poisoned lock still holds a whole one.
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+}
+
+impl ResolvesServerCert for ServerCertificate {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.current.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
 }
 
 fn load_certificates(
@@ -214,7 +291,7 @@ mod tests {
     #[test]
     fn the_server_never_resumes_sessions() {
         let files = files();
-        let config = server_config(&files.config, ignore()).expect("builds");
+        let (config, _) = server_config(&files.config, ignore()).expect("builds");
         assert_eq!(config.send_tls13_tickets, 0);
         assert!(!config.ticketer.enabled());
         assert_eq!(config.max_early_data_size, 0);
@@ -235,7 +312,7 @@ mod tests {
         let mut no_ca = files.config.clone();
         no_ca.client_ca = vec![garbage.clone()];
         assert!(matches!(
-            server_config(&no_ca, ignore()),
+            server_config(&no_ca, ignore()).map(|_| ()),
             Err(TlsError::NoCertificate {
                 field: "client_ca",
                 ..
@@ -244,13 +321,15 @@ mod tests {
 
         let mut no_key = files.config.clone();
         no_key.private_key = garbage.clone();
-        let error = server_config(&no_key, ignore()).expect_err("no key");
+        let error = server_config(&no_key, ignore())
+            .map(|_| ())
+            .expect_err("no key");
         assert!(error.to_string().contains("garbage.pem"), "{error}");
 
         let mut bad_crl = files.config.clone();
         bad_crl.crl = vec![garbage];
         assert!(matches!(
-            server_config(&bad_crl, ignore()),
+            server_config(&bad_crl, ignore()).map(|_| ()),
             Err(TlsError::BadCrl { .. })
         ));
 
@@ -259,7 +338,7 @@ mod tests {
         let other = KeyPair::generate().expect("key").serialize_pem();
         std::fs::write(&mismatched.private_key, other).expect("write");
         assert!(matches!(
-            server_config(&mismatched, ignore()),
+            server_config(&mismatched, ignore()).map(|_| ()),
             Err(TlsError::ServerCertificate(_))
         ));
     }

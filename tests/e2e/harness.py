@@ -64,8 +64,12 @@ class Pki:
     def __init__(self, directory: Path, *init_options: str):
         self.dir = directory
         moatctl("pki", "init", "--dir", directory, *init_options)
-        moatctl("pki", "issue-server", "--dir", directory, "--dns", "localhost",
-                "--ip", "127.0.0.1")
+        self.issue_server()
+
+    def issue_server(self, *options: str) -> None:
+        """A server certificate and key for localhost and 127.0.0.1."""
+        moatctl("pki", "issue-server", "--dir", self.dir, "--dns", "localhost",
+                "--ip", "127.0.0.1", *options)
 
     ca_cert = property(lambda self: self.dir / "ca.crt")
     ca_key = property(lambda self: self.dir / "ca.key")
@@ -210,8 +214,8 @@ class Moatd:
 
     READY = "moatd is ready"
 
-    def __init__(self, config_path: Path):
-        env = dict(os.environ, MOAT_LOG="info,ort=warn")
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None):
+        env = dict(os.environ, MOAT_LOG="info,ort=warn", **(env or {}))
         self.process = subprocess.Popen(
             [binary("moatd"), "serve", "--config", str(config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -224,13 +228,15 @@ class Moatd:
         self._reader.start()
 
     @classmethod
-    def start(cls, directory: Path, config: dict, timeout: float = 180) -> "Moatd":
-        """Writes `config` to DIRECTORY/moat.toml, starts moatd on it and waits until it
-        says it is ready; fails with its log if it exits or takes longer than `timeout`."""
+    def start(cls, directory: Path, config: dict, timeout: float = 180,
+              env: dict[str, str] | None = None) -> "Moatd":
+        """Writes `config` to DIRECTORY/moat.toml, starts moatd on it (with `env` added to
+        its environment) and waits until it says it is ready; fails with its log if it exits
+        or takes longer than `timeout`."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "moat.toml"
         path.write_text(toml_text(config))
-        server = cls(path)
+        server = cls(path, env)
         try:
             server.wait_ready(timeout)
         except BaseException:

@@ -36,9 +36,20 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
 
 enum Command {
-    Append { sealed: Sealed, reply: Reply<u64> },
-    Reader { reply: Reply<StoreReader> },
-    Close { reply: Reply<()> },
+    Append {
+        sealed: Sealed,
+        reply: Reply<u64>,
+    },
+    Reader {
+        reply: Reply<StoreReader>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+    /// Answered as soon as the committer gets to it: proof that it still goes round.
+    Ping {
+        reply: Reply<()>,
+    },
 }
 
 /// What the committer needs besides the store.
@@ -223,6 +234,20 @@ impl AuditLog {
         receiver.await.map_err(|_| AuditError::Closed)?
     }
 
+    /// Whether the committer thread answers within `limit` (it answers between commits, so
+    /// a write that hangs keeps it from answering).
+    pub async fn ping(&self, limit: Duration) -> Result<(), AuditError> {
+        let (reply, receiver) = oneshot::channel();
+        self.sender
+            .send(Command::Ping { reply })
+            .map_err(|_| AuditError::Closed)?;
+        match tokio::time::timeout(limit, receiver).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(AuditError::Closed),
+            Err(_) => Err(AuditError::Timeout(limit.as_millis() as u64)),
+        }
+    }
+
     /// Writes the final checkpoint and stops the committer; later records fail with
     /// [`AuditError::Closed`].
     pub fn close(&self) -> Result<(), AuditError> {
@@ -315,6 +340,9 @@ impl Committer {
                     Command::Close { reply } => {
                         let _ = reply.send(self.finish());
                         return;
+                    }
+                    Command::Ping { reply } => {
+                        let _ = reply.send(Ok(()));
                     }
                 }
             }

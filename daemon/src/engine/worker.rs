@@ -8,7 +8,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use std::sync::Mutex;
 
@@ -65,6 +65,8 @@ pub(crate) struct WorkerHealth {
     pub failing: AtomicBool,
     /// Sequences currently held by the backend.
     pub live: AtomicUsize,
+    /// Times round the loop: the watchdog's proof that a busy thread is not stuck.
+    pub rounds: AtomicU64,
 }
 
 /// The engine thread's state between steps.
@@ -101,7 +103,9 @@ pub(crate) fn run(
         // A panic (a bug, or one inside the runtime binding) must not leave clients waiting
         // forever: fail every generation, live or queued, report it, and stop this thread,
         // since the backend's state can no longer be trusted.
-        match catch_unwind(AssertUnwindSafe(|| worker.iteration())) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| worker.iteration()));
+        worker.health.rounds.fetch_add(1, Ordering::Relaxed);
+        match outcome {
             Ok(true) => {}
             Ok(false) => return,
             Err(_) => {

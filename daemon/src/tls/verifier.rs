@@ -5,7 +5,7 @@
 //! counted, instead of vanishing inside the handshake.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -39,37 +39,52 @@ pub fn refusal_reason(error: &rustls::Error) -> &'static str {
 /// Called with the reason of every refused client certificate.
 pub type RefusalObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 
-/// Wraps a verifier, reporting each refusal it makes.
+/// Wraps a verifier, reporting each refusal it makes. The wrapped verifier can be replaced
+/// while serving (new CAs or CRLs); each handshake uses the one in force when it asks.
 pub struct ObservedVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    inner: RwLock<Arc<dyn ClientCertVerifier>>,
     observer: RefusalObserver,
 }
 
 impl ObservedVerifier {
     pub fn new(inner: Arc<dyn ClientCertVerifier>, observer: RefusalObserver) -> Self {
-        Self { inner, observer }
+        Self {
+            inner: RwLock::new(inner),
+            observer,
+        }
+    }
+
+    pub fn replace(&self, inner: Arc<dyn ClientCertVerifier>) {
+        // Replaced in one assignment: a poisoned lock still holds a whole verifier.
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = inner;
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        Arc::clone(&self.inner.read().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
 impl fmt::Debug for ObservedVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObservedVerifier")
-            .field("inner", &self.inner)
+            .field("inner", &self.current())
             .finish_non_exhaustive()
     }
 }
 
 impl ClientCertVerifier for ObservedVerifier {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        self.current().offer_client_auth()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        self.current().client_auth_mandatory()
     }
 
+    /// No hints: the list would have to outlive a reload of the CAs it names, and a client
+    /// with a certificate sends it whether or not its CA was hinted.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -79,7 +94,7 @@ impl ClientCertVerifier for ObservedVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let result = self
-            .inner
+            .current()
             .verify_client_cert(end_entity, intermediates, now);
         if let Err(error) = &result {
             let reason = refusal_reason(error);
@@ -101,7 +116,7 @@ impl ClientCertVerifier for ObservedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.current().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -110,15 +125,15 @@ impl ClientCertVerifier for ObservedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.current().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.current().supported_verify_schemes()
     }
 
     fn requires_raw_public_keys(&self) -> bool {
-        self.inner.requires_raw_public_keys()
+        self.current().requires_raw_public_keys()
     }
 }
 

@@ -1,0 +1,155 @@
+"""moatd under systemd's service protocol, without systemd: a datagram socket stands in for
+systemd's notification socket (NOTIFY_SOCKET), and the test plays the manager, watching
+READY, WATCHDOG, RELOADING and STOPPING arrive in order. Also: SIGHUP puts new CRLs and a
+new server certificate in force without a restart, and refuses unusable ones."""
+
+import signal
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Moatd, Pki, server_config, tls_context, wait_until
+from test_tls import handshake_then_get
+
+FIXTURE_ONLY = {"fixture": "fixture-fused"}
+
+
+class Manager:
+    """Receives notifications on a Unix datagram socket, as systemd would."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(str(path))
+        self.socket.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.socket.recv(4096)
+            except socket.timeout:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
+            self.messages.append(fields)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.socket.close()
+
+    def wait_for(self, key: str, value: str | None = None, after: int = 0,
+                 timeout: float = 60) -> int:
+        """Index of the first message from `after` on that sets `key` (to `value`)."""
+        def found():
+            for i, message in enumerate(self.messages[after:], start=after):
+                if key in message and (value is None or message[key] == value):
+                    return i
+            return None
+        wait_until(lambda: found() is not None, timeout, f"{key}={value or '...'}")
+        return found()
+
+    def count(self, key: str, after: int = 0) -> int:
+        return sum(1 for m in self.messages[after:] if key in m)
+
+
+def test_ready_watchdog_reload_and_stop_arrive_in_order(tmp_path, pki):
+    manager = Manager(tmp_path / "notify")
+    config = server_config(pki, FIXTURE_ONLY)
+    # A 2 s watchdog: moatd pings every second while it makes progress.
+    server = Moatd.start(tmp_path / "moatd", config, env={
+        "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000"})
+    try:
+        ready = manager.wait_for("READY", "1")
+        # Model loading asked for more time before readiness, naming the model.
+        extensions = [m for m in manager.messages[:ready] if "EXTEND_TIMEOUT_USEC" in m]
+        assert extensions and int(extensions[0]["EXTEND_TIMEOUT_USEC"]) > 0, manager.messages
+        assert "fixture" in extensions[0]["STATUS"]
+        assert manager.messages[ready]["STATUS"] == "serving fixture", manager.messages
+        # READY comes only once the listeners answer.
+        version, response = handshake_then_get(
+            server.port, tls_context(pki.ca_cert, pki.issue_client("finance", "nina")))
+        assert response.startswith(b"HTTP/1.1 200")
+
+        wait_until(lambda: manager.count("WATCHDOG", after=ready) >= 3, 10,
+                   "three watchdog pings")
+
+        server.process.send_signal(signal.SIGHUP)
+        reloading = manager.wait_for("RELOADING", "1", after=ready + 1)
+        assert int(manager.messages[reloading]["MONOTONIC_USEC"]) > 0
+        again = manager.wait_for("READY", "1", after=reloading)
+        assert manager.messages[again]["STATUS"] == (
+            "serving fixture; last reload: policy reloaded, TLS reloaded"), manager.messages
+
+        server.process.send_signal(signal.SIGTERM)
+        manager.wait_for("STOPPING", "1", after=again)
+        assert server.process.wait(timeout=30) == 0, server.log
+        assert "audit trail closed with a final checkpoint" in server.log
+    finally:
+        server.stop()
+        manager.close()
+
+
+def test_no_watchdog_pings_without_a_watchdog(tmp_path, pki):
+    manager = Manager(tmp_path / "notify")
+    server = Moatd.start(tmp_path / "moatd", server_config(pki, FIXTURE_ONLY),
+                         env={"NOTIFY_SOCKET": str(manager.path)})
+    try:
+        manager.wait_for("READY", "1")
+        time.sleep(1.5)
+        assert manager.count("WATCHDOG") == 0, manager.messages
+        assert "watchdog" not in server.log
+    finally:
+        server.stop()
+        manager.close()
+
+
+def test_sighup_puts_a_new_crl_and_server_certificate_in_force(tmp_path):
+    pki = Pki(tmp_path / "pki")
+    alice = pki.issue_client("finance", "alice")
+    config = server_config(pki, FIXTURE_ONLY, tls={"crl": [str(pki.crl)]})
+    server = Moatd.start(tmp_path / "moatd", config)
+    try:
+        context = tls_context(pki.ca_cert, alice)
+        first_certificate = served_certificate(server.port, context)
+
+        pki.revoke("alice")
+        # The new CRL is on disk but not yet in force.
+        assert handshake_then_get(server.port, context)[1].startswith(b"HTTP/1.1 200")
+
+        # An unusable CRL is refused at reload; the one in force stays.
+        good_crl = pki.crl.read_bytes()
+        pki.crl.write_text("not a CRL")
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "TLS reload REFUSED" in server.log, 30, "the refused reload")
+        assert handshake_then_get(server.port, context)[1].startswith(b"HTTP/1.1 200")
+
+        # The real new CRL and a new server certificate: both in force after SIGHUP.
+        pki.crl.write_bytes(good_crl)
+        pki.issue_server("--force")
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "certificates, CAs and CRLs reloaded" in server.log, 30,
+                   "the reload")
+        with pytest.raises(ssl.SSLError) as refused:
+            handshake_then_get(server.port, context)
+        assert "CERTIFICATE_REVOKED" in str(refused.value).upper()
+        bob = pki.issue_client("finance", "bob")
+        second_certificate = served_certificate(server.port, tls_context(pki.ca_cert, bob))
+        assert second_certificate != first_certificate
+        assert second_certificate == ssl.PEM_cert_to_DER_cert(pki.server_cert.read_text())
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+
+
+def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert(binary_form=True)
