@@ -242,9 +242,22 @@ fn init_logging() {
         "journald" => match tracing_journald::layer() {
             // Fields arrive as MOAT_REQUEST_ID, MOAT_DEPARTMENT, ...: `journalctl
             // MOAT_DEPARTMENT=finance` selects them.
-            Ok(journald) => registry
-                .with(journald.with_field_prefix(Some("MOAT".to_owned())))
-                .init(),
+            Ok(journald) => {
+                use tracing_journald::{Priority, PriorityMappings};
+                // syslog's usual reading: info is 6 (the crate's default says 5, notice).
+                let priorities = PriorityMappings {
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    ..PriorityMappings::new()
+                };
+                registry
+                    .with(
+                        journald
+                            .with_field_prefix(Some("MOAT".to_owned()))
+                            .with_priority_mappings(priorities),
+                    )
+                    .init()
+            }
             Err(e) => {
                 registry.with(text()).init();
                 tracing::warn!(error = %e, "the journal is unreachable; logging text to stderr");

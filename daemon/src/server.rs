@@ -321,6 +321,11 @@ async fn run_servers(
     };
     let audit = Arc::clone(&state.audit);
     let table = Arc::clone(&state.models);
+    // Listening from the start: a signal that arrives while models load, or just after
+    // READY=1, is handled, not left to its default action (which would kill moatd).
+    let stop_signals = StopSignals::new().map_err(ServeError::Run)?;
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Run)?;
     if let Some(models) = &models {
         // What was active before the restart serves again before the listeners open.
         models.restore(&announce_model_load).await;
@@ -366,8 +371,12 @@ async fn run_servers(
             Arc::clone(&table),
         ));
     }
-    actix_web::rt::spawn(stop_on_signal(handles, server.shutdown_grace_secs));
-    actix_web::rt::spawn(reload_on_hangup(reloadable, table));
+    actix_web::rt::spawn(stop_on_signal(
+        stop_signals,
+        handles,
+        server.shutdown_grace_secs,
+    ));
+    actix_web::rt::spawn(reload_on_hangup(hangups, reloadable, table));
     let mut result = Ok(());
     for server in servers {
         let outcome = server
@@ -389,12 +398,11 @@ struct Reloadable {
 /// On SIGHUP: read and validate the policy directory and the TLS files again and put each
 /// in force if it is valid; an invalid one is refused and the one in force stays. Each
 /// outcome is an audit record; systemd hears `RELOADING=1`, then `READY=1`.
-async fn reload_on_hangup(reloadable: Reloadable, table: Arc<ServingTable>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; policy and certificate reloads need a restart");
-        return;
-    };
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    reloadable: Reloadable,
+    table: Arc<ServingTable>,
+) {
     while hangups.recv().await.is_some() {
         systemd::reloading();
         let policy = reload_policy(&reloadable).await;
@@ -491,11 +499,11 @@ const MODEL_LOAD_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs
 /// On SIGTERM or SIGINT: stop accepting, let in-flight requests finish (up to the grace
 /// period), API first, then metrics, so health probes answer while requests drain. A
 /// second signal stops at once.
-async fn stop_on_signal(handles: Vec<actix_web::dev::ServerHandle>, grace_secs: u64) {
-    let Ok(mut signals) = StopSignals::new() else {
-        tracing::error!("cannot listen for stop signals; stop moatd with SIGKILL");
-        return;
-    };
+async fn stop_on_signal(
+    mut signals: StopSignals,
+    handles: Vec<actix_web::dev::ServerHandle>,
+    grace_secs: u64,
+) {
     let first = signals.next().await;
     systemd::stopping();
     tracing::info!(

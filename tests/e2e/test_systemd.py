@@ -1,18 +1,23 @@
 """moatd under systemd's service protocol, without systemd: a datagram socket stands in for
 systemd's notification socket (NOTIFY_SOCKET), and the test plays the manager, watching
 READY, WATCHDOG, RELOADING and STOPPING arrive in order. Also: SIGHUP puts new CRLs and a
-new server certificate in force without a restart, and refuses unusable ones."""
+new server certificate in force without a restart, and refuses unusable ones. Logs are
+journal entries with fields under systemd, or JSON lines when asked."""
 
+import json
+import os
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from harness import Moatd, Pki, server_config, tls_context, wait_until
+from harness import (Moatd, Pki, binary, server_config, tls_context, toml_text,
+                     wait_until)
 from test_tls import handshake_then_get
 
 FIXTURE_ONLY = {"fixture": "fixture-fused"}
@@ -153,3 +158,123 @@ def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             return tls.getpeercert(binary_form=True)
+
+
+def parse_journal_entry(data: bytes) -> dict[str, str]:
+    """One datagram of journald's native protocol: `KEY=value` lines, or `KEY`, a newline,
+    a 64-bit little-endian length and the raw value for values with newlines."""
+    fields, i = {}, 0
+    while i < len(data):
+        end = data.index(b"\n", i)
+        line = data[i:end]
+        if b"=" in line:
+            key, value = line.split(b"=", 1)
+            i = end + 1
+        else:
+            key = line
+            size = int.from_bytes(data[end + 1:end + 9], "little")
+            value = data[end + 9:end + 9 + size]
+            i = end + 9 + size + 1
+        fields[key.decode()] = value.decode()
+    return fields
+
+
+def test_under_systemd_logs_are_journal_entries_with_fields(tmp_path, pki):
+    """With stderr connected to the journal (JOURNAL_STREAM names it), moatd writes
+    structured entries to journald's socket: MESSAGE, PRIORITY, and each field as MOAT_*."""
+    journal_path = Path("/run/systemd/journal/socket")
+    if journal_path.exists():
+        pytest.skip("a journald runs here; this test stands in for one")
+    if os.geteuid() != 0:
+        pytest.skip("standing in for journald needs root (/run/systemd/journal)")
+    made = [p for p in (journal_path.parent.parent, journal_path.parent) if not p.exists()]
+    for directory in made:
+        directory.mkdir()
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(journal_path))
+    read_end, write_end = os.pipe()
+    stream = os.fstat(write_end)
+    directory = tmp_path / "moatd"
+    directory.mkdir()
+    config = directory / "moat.toml"
+    config.write_text(toml_text(server_config(pki, FIXTURE_ONLY)))
+    process = subprocess.Popen(
+        [binary("moatd"), "serve", "--config", str(config)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end,
+        env=dict(os.environ, MOAT_LOG="info,ort=warn",
+                 JOURNAL_STREAM=f"{stream.st_dev}:{stream.st_ino}"))
+    os.close(write_end)
+    entries = []
+
+    def receive():
+        # As journald does, read everything: a full socket would hold up moatd's logging.
+        while True:
+            try:
+                data = journal.recv(1 << 20)
+            except OSError:
+                return
+            # The logging layer checks that the socket is there with an empty datagram.
+            if data:
+                entries.append(parse_journal_entry(data))
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    try:
+        wait_until(lambda: any(e.get("MESSAGE") == "moatd is ready" for e in entries), 60,
+                   "moatd is ready, in the journal")
+        listening = next(e for e in entries if e.get("MESSAGE") == "API listening")
+        assert listening["MOAT_URL"].startswith("https://127.0.0.1:"), listening
+        assert listening["PRIORITY"] == "6"  # info
+        assert listening["SYSLOG_IDENTIFIER"] == "moatd"
+        assert listening["TARGET"].startswith("moat_daemon")
+        unsigned = next(e for e in entries if "unsigned model directory" in e["MESSAGE"])
+        assert unsigned["PRIORITY"] == "4"  # warning
+        assert unsigned["MOAT_MODEL"] == "fixture"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        # Nothing went to stderr: every line was a journal entry.
+        with os.fdopen(read_end, "rb") as stderr:
+            read_end = None
+            assert stderr.read() == b""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if read_end is not None:
+            os.close(read_end)
+        journal.shutdown(socket.SHUT_RDWR)
+        journal.close()
+        receiver.join(timeout=5)
+        journal_path.unlink()
+        for directory in reversed(made):
+            directory.rmdir()
+
+
+def test_json_logs_are_one_object_per_line(tmp_path, pki):
+    directory = tmp_path / "moatd"
+    directory.mkdir()
+    config = directory / "moat.toml"
+    config.write_text(toml_text(server_config(pki, FIXTURE_ONLY)))
+    process = subprocess.Popen(
+        [binary("moatd"), "serve", "--config", str(config)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dict(os.environ, MOAT_LOG="info,ort=warn", MOAT_LOG_FORMAT="json"))
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(json.loads(line))
+            if lines[-1]["fields"].get("message") == "moatd is ready":
+                break
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=30) == 0
+        lines += [json.loads(line) for line in rest.splitlines()]
+        listening = next(l for l in lines if l["fields"].get("message") == "API listening")
+        assert listening["level"] == "INFO"
+        assert listening["fields"]["url"].startswith("https://127.0.0.1:")
+        assert lines[-1]["fields"]["message"] == "audit trail closed with a final checkpoint"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
