@@ -56,8 +56,19 @@ pub use store::StoreError;
 /// Where moatd keeps its audit store with the default state directory.
 const DEFAULT_STORE: &str = "/var/lib/moat/audit";
 
-/// moatd's admin socket by default.
-const DEFAULT_SOCKET: &str = "/run/moat/admin.sock";
+/// moatd's audit socket (for members of moat-audit) and admin socket (moat-admin): the
+/// first that the caller may use, unless `--socket` names one.
+const SOCKETS: [&str; 2] = ["/run/moat/audit.sock", "/run/moat/admin.sock"];
+
+/// The first of [`SOCKETS`] this user may connect to (write permission on the socket file
+/// is what connecting takes), or the audit socket, for the error to name.
+fn default_socket() -> PathBuf {
+    use nix::unistd::{AccessFlags, access};
+    let usable = SOCKETS
+        .iter()
+        .find(|path| access(Path::new(path), AccessFlags::W_OK).is_ok());
+    PathBuf::from(usable.unwrap_or(&SOCKETS[0]))
+}
 
 /// `moatctl audit` subcommands.
 #[derive(Debug, Subcommand)]
@@ -91,9 +102,10 @@ pub enum AuditCommand {
         /// /var/lib/moat/audit) instead of asking the running moatd.
         #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = DEFAULT_STORE)]
         store: Option<PathBuf>,
-        /// The running moatd's admin socket (used without --store).
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// The running moatd's audit or admin socket (used without --store; default: the
+        /// first of /run/moat/audit.sock and /run/moat/admin.sock you may use).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
         /// The export file to write.
         #[arg(long)]
         out: PathBuf,
@@ -118,9 +130,9 @@ pub enum AuditCommand {
         /// Verify the running moatd's whole trail, fetched over its admin socket.
         #[arg(long, conflicts_with = "file")]
         live: bool,
-        /// The running moatd's admin socket (with --live).
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// The running moatd's audit or admin socket (with --live; default as for export).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
         /// The node key you trust for this node (64 hex digits, as `moatctl audit export`
         /// printed it); without it the export's own key is used, which proves only that
         /// the file is consistent.
@@ -159,10 +171,11 @@ pub enum Error {
     /// `--since` is after `--until`.
     #[error("--since {since} is after --until {until}: the time range holds nothing")]
     EmptyTimeRange { since: String, until: String },
-    /// The admin socket cannot be reached.
+    /// The socket cannot be reached.
     #[error(
-        "cannot reach moatd's admin socket {}: is moatd running, and are you root or in the \
-         moat-admin group? (for a stopped node: --store {DEFAULT_STORE})", .path.display()
+        "cannot reach moatd's socket {}: is moatd running, and are you root or in the \
+         moat-audit group (audit.sock) or the moat-admin group (admin.sock)? (for a stopped \
+         node: --store {DEFAULT_STORE})", .path.display()
     )]
     Socket {
         path: PathBuf,
@@ -293,7 +306,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
                         since_unix_ms: since,
                         until_unix_ms: until,
                     };
-                    live::export(&socket, &out, range)
+                    live::export(&socket.unwrap_or_else(default_socket), &out, range)
                 }
             }
         }
@@ -304,7 +317,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
             node_key,
         } => match file {
             Some(file) if !live => verify::run(&file, node_key),
-            _ => live::verify(&socket, node_key),
+            _ => live::verify(&socket.unwrap_or_else(default_socket), node_key),
         },
         AuditCommand::Decrypt {
             file,

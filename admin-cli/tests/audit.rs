@@ -570,7 +570,7 @@ fn a_store_that_moatd_holds_is_refused_with_a_clear_message() {
     fixture.export("out.moat-audit", &[]);
 
     let (_, stderr) = expect_status(&["audit", "export", "--out", path(&out)], 1);
-    has(&stderr, "admin socket");
+    has(&stderr, "cannot reach moatd's socket /run/moat/");
     let nothing = fixture.file("nothing");
     let (_, stderr) = export(&nothing, &out, &[], 1);
     has(&stderr, "there is no audit store in");

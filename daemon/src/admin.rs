@@ -1,4 +1,6 @@
-//! The admin API: a Unix socket for `moatctl` on this host, never on the network.
+//! The admin API: Unix sockets for `moatctl` on this host, never on the network. The
+//! admin socket (group `moat-admin`) takes every command; the audit socket (group
+//! `moat-audit`) serves auditors the trail's export and nothing else.
 //!
 //! One request per connection: a JSON line such as `{"command": "audit.export",
 //! "since_unix_ms": null, "until_unix_ms": null}`. The first line of the answer is JSON,
@@ -116,12 +118,38 @@ fn bundle_reader(
     Ok((Box::new(bundle), answer))
 }
 
-/// The bound socket; removed when dropped.
+/// What a socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every command.
+    Admin,
+    /// `audit.export` only.
+    Audit,
+}
+
+impl Scope {
+    fn allows(self, request: &AdminRequest) -> bool {
+        match self {
+            Scope::Admin => true,
+            Scope::Audit => matches!(request, AdminRequest::AuditExport { .. }),
+        }
+    }
+
+    fn who(self) -> &'static str {
+        match self {
+            Scope::Admin => "the admin group",
+            Scope::Audit => "the audit group",
+        }
+    }
+}
+
+/// A bound socket; removed when dropped.
 #[derive(Debug)]
 pub struct AdminSocket {
     listener: UnixListener,
     path: PathBuf,
     access: AdminAccess,
+    scope: Scope,
 }
 
 impl Drop for AdminSocket {
@@ -130,11 +158,21 @@ impl Drop for AdminSocket {
     }
 }
 
-/// Binds the socket (inside the async runtime): 0660, owned by the admin group if it
-/// exists. A socket file left by a moatd that died is replaced; one a live moatd answers on
-/// is not.
-pub fn bind(config: &AdminConfig) -> Result<AdminSocket, AdminError> {
-    let path = config.socket.clone();
+/// Binds the admin socket and the audit socket (inside the async runtime).
+pub fn bind(config: &AdminConfig) -> Result<[AdminSocket; 2], AdminError> {
+    Ok([
+        bind_one(config.socket.clone(), &config.group, Scope::Admin)?,
+        bind_one(
+            config.audit_socket_path(),
+            &config.audit_group,
+            Scope::Audit,
+        )?,
+    ])
+}
+
+/// Binds one socket: 0660, owned by `group` if it exists. A socket file left by a moatd
+/// that died is replaced; one a live moatd answers on is not.
+fn bind_one(path: PathBuf, group: &str, scope: Scope) -> Result<AdminSocket, AdminError> {
     let bind_error = |source| AdminError::Bind {
         path: path.clone(),
         source,
@@ -149,23 +187,28 @@ pub fn bind(config: &AdminConfig) -> Result<AdminSocket, AdminError> {
         std::fs::remove_file(&path).map_err(bind_error)?;
     }
     let listener = UnixListener::bind(&path).map_err(bind_error)?;
-    let access = AdminAccess::for_host(&config.group).map_err(bind_error)?;
-    let group = access.group.as_ref().map(|g| g.gid);
-    if group.is_none() {
-        tracing::warn!(group = %config.group, "the admin group does not exist on this host; only root and moatd's user may use the admin socket");
+    let access = AdminAccess::for_host(group).map_err(bind_error)?;
+    let gid = access.group.as_ref().map(|g| g.gid);
+    if gid.is_none() {
+        tracing::warn!(group, socket = %path.display(), "this group does not exist on this host; only root and moatd's user may use the socket");
     }
-    std::os::unix::fs::chown(&path, None, group).map_err(bind_error)?;
+    std::os::unix::fs::chown(&path, None, gid).map_err(bind_error)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(bind_error)?;
     Ok(AdminSocket {
         listener,
         path,
         access,
+        scope,
     })
 }
 
 impl AdminSocket {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.scope
     }
 
     /// Serves connections until the task is dropped.
@@ -223,22 +266,31 @@ impl AdminSocket {
         let action = request
             .as_ref()
             .map_or("admin.unknown", AdminRequest::action);
-        if !self.access.allows(peer, &passwd) {
-            tracing::warn!(%peer, action, "admin socket: refused");
+        let refusal = if !self.access.allows(peer, &passwd) {
+            Some(format!(
+                "not root, moatd's user or a member of {}",
+                self.scope.who()
+            ))
+        } else if request.as_ref().is_ok_and(|r| !self.scope.allows(r)) {
+            Some(format!(
+                "{action} is not served on the audit socket {}: use the admin socket",
+                self.path.display()
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(%peer, action, socket = %self.path.display(), %reason, "admin socket: refused");
             let record = admin_record(
                 audit.node(),
                 action,
                 &peer.to_string(),
                 "deny",
-                "not root, moatd's user or a member of the admin group".into(),
+                reason.clone(),
             );
             // Refused either way; the record says someone tried.
             let _ = audit.append(record).await;
-            return answer(
-                &mut stream,
-                Err("permission denied: not an admin of this node"),
-            )
-            .await;
+            return answer(&mut stream, Err(&format!("permission denied: {reason}"))).await;
         }
         let request = match request {
             Ok(request) => request,

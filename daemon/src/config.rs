@@ -185,6 +185,9 @@ impl Config {
             serve::resolve(&mut audit.state_directory, base);
         }
         serve::resolve(&mut self.admin.socket, base);
+        if let Some(socket) = &mut self.admin.audit_socket {
+            serve::resolve(socket, base);
+        }
     }
 
     /// Checks what `moatd serve` needs on top of [`Config::validate`]: the server sections

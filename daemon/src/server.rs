@@ -340,9 +340,10 @@ async fn run_servers(
         server,
         config.identity,
     )?;
-    let admin = crate::admin::bind(&config.admin)?;
-    tracing::info!(socket = %admin.path().display(), "admin socket listening");
-    actix_web::rt::spawn(admin.serve(Arc::clone(&audit), models));
+    for socket in crate::admin::bind(&config.admin)? {
+        tracing::info!(socket = %socket.path().display(), scope = ?socket.scope(), "admin socket listening");
+        actix_web::rt::spawn(socket.serve(Arc::clone(&audit), models.clone()));
+    }
     let mut handles = vec![api.handle()];
     let mut servers = vec![actix_web::rt::spawn(api)];
     if let Some(listener) = metrics_listener {

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import signal
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -325,3 +326,56 @@ def test_the_running_node_exports_and_verifies_over_its_admin_socket(tmp_path, p
     assert [r["decision"] for r in exports] == ["allow", "allow", "deny"]
     assert exports[0]["subject"].startswith("uid=0 ")
     assert exports[2]["subject"].startswith("uid=65534 ")
+
+
+def test_the_audit_socket_serves_auditors_the_export_and_nothing_else(tmp_path, pki, alice):
+    """Members of the audit group (here nogroup, so that the test's unprivileged user is
+    one) export the trail over the audit socket; they cannot use the admin socket, and the
+    audit socket refuses every other command, even to root."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to an unprivileged user needs root")
+    public = Path(tempfile.mkdtemp(prefix="moat-admin-", dir="/tmp"))
+    public.chmod(0o755)
+    admin_socket, audit_socket = public / "admin.sock", public / "audit.sock"
+    config = server_config(pki, FIXTURE, admin={"socket": str(admin_socket),
+                                                 "audit_group": "nogroup"})
+    team = auditors(pki.dir.parent / "auditors")
+    with running(tmp_path / "moatd", config) as server:
+        with server.http(pki.ca_cert, alice) as api:
+            asked = api.post("/v1/chat/completions", json=chat("for the auditors"))
+            assert asked.status_code == 200
+        info = os.stat(audit_socket)
+        assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == 65534
+
+        # Somewhere the auditor may write.
+        drop = Path(tempfile.mkdtemp(prefix="moat-auditor-", dir="/tmp"))
+        drop.chmod(0o777)
+        out = drop / "by-an-auditor.jsonl"
+        exported = subprocess.run(
+            [binary("moatctl"), "audit", "export", "--socket", audit_socket, "--out", out],
+            capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
+        assert exported.returncode == 0, exported.stderr
+        ids = {r["request_id"] for r in decrypt(out, team.identities[0])}
+        assert asked.headers["x-request-id"] in ids
+
+        # The admin socket stays closed to the auditor (the kernel refuses it).
+        locked = subprocess.run(
+            [binary("moatctl"), "model", "list", "--socket", admin_socket],
+            capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
+        assert locked.returncode != 0 and "Permission denied" in locked.stderr
+        # The audit socket refuses model commands, to the auditor and to root alike.
+        for preexec in (as_nobody, None):
+            refused = subprocess.run(
+                [binary("moatctl"), "model", "list", "--socket", audit_socket],
+                capture_output=True, text=True, timeout=60, preexec_fn=preexec)
+            assert refused.returncode != 0
+            assert "not served on the audit socket" in refused.stderr, refused.stderr
+    assert not audit_socket.exists(), "moatd removes its sockets when it stops"
+    shutil.rmtree(drop)
+    public.rmdir()
+    records = records_of(config, team, tmp_path)
+    listed = [(r["action"], r["decision"], r["subject"].split()[0]) for r in records
+              if r["action"] in ("audit.export", "model.list")]
+    assert listed == [("audit.export", "allow", "uid=65534"),
+                      ("model.list", "deny", "uid=65534"),
+                      ("model.list", "deny", "uid=0")]

@@ -1,4 +1,4 @@
-//! The live audit trail, from the running moatd over its admin socket: `moatctl audit
+//! The live audit trail, from the running moatd over its audit or admin socket: `moatctl audit
 //! export` without `--store`, and `moatctl audit verify --live`. moatd signs a checkpoint
 //! over everything stored, then streams the export; nothing here needs the node's key or
 //! an auditor's.

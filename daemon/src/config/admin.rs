@@ -1,4 +1,5 @@
-//! `[admin]`: the admin API's Unix socket, for `moatctl` on this host.
+//! `[admin]`: the admin API's Unix sockets, for `moatctl` on this host: the admin socket
+//! for every command, and the audit socket, which serves only the audit trail's export.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,23 @@ pub struct AdminConfig {
     /// moatd's own user may always.
     #[serde(default = "default_group")]
     pub group: String,
+    /// The auditors' socket: audit exports only (created 0660 at start, removed at stop).
+    /// Unset: `audit.sock` beside `socket`.
+    #[serde(default)]
+    pub audit_socket: Option<PathBuf>,
+    /// Members of this group may use the audit socket; root and moatd's own user may
+    /// always.
+    #[serde(default = "default_audit_group")]
+    pub audit_group: String,
+}
+
+impl AdminConfig {
+    /// Where the audit socket is.
+    pub fn audit_socket_path(&self) -> PathBuf {
+        self.audit_socket
+            .clone()
+            .unwrap_or_else(|| self.socket.with_file_name("audit.sock"))
+    }
 }
 
 impl Default for AdminConfig {
@@ -22,6 +40,8 @@ impl Default for AdminConfig {
         Self {
             socket: default_socket(),
             group: default_group(),
+            audit_socket: None,
+            audit_group: default_audit_group(),
         }
     }
 }
@@ -32,4 +52,8 @@ fn default_socket() -> PathBuf {
 
 fn default_group() -> String {
     "moat-admin".into()
+}
+
+fn default_audit_group() -> String {
+    "moat-audit".into()
 }
