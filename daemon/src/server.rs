@@ -417,65 +417,62 @@ async fn reload_on_hangup(
 
 /// Reloads the policy directory; "reloaded" or "refused".
 async fn reload_policy(reloadable: &Reloadable) -> &'static str {
-    let policy = &reloadable.policy;
-    let store = Arc::clone(policy);
-    let outcome = actix_web::rt::task::spawn_blocking(move || store.reload()).await;
-    let dir = policy.dir().display().to_string();
-    let (decision, detail) = match outcome {
-        Ok(Ok(())) => {
-            tracing::info!(%dir, "policy reloaded");
-            let counts = &policy.current().counts;
-            ("allow", format!("policy reloaded from {dir}: {counts:?}"))
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "policy reload REFUSED; the previous policy stays in force");
-            ("deny", format!("policy reload from {dir} refused: {e}"))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
-            ("deny", format!("policy reload from {dir} failed: {e}"))
+    let store = Arc::clone(&reloadable.policy);
+    let reload = move || {
+        let dir = store.dir().display().to_string();
+        match store.reload() {
+            Ok(()) => Ok(format!(
+                "policy reloaded from {dir}: {:?}",
+                store.current().counts
+            )),
+            Err(e) => Err(format!("policy reload from {dir} refused: {e}")),
         }
     };
-    record_reload(reloadable, "policy.reload", decision, detail).await
+    let refused = "policy reload REFUSED; the previous policy stays in force";
+    reload_part(reloadable, "policy.reload", refused, reload).await
 }
 
 /// Reloads the server certificate, the department CAs and the CRLs; "reloaded" or
 /// "refused".
 async fn reload_tls(reloadable: &Reloadable) -> &'static str {
     let tls = Arc::clone(&reloadable.tls);
-    let outcome = actix_web::rt::task::spawn_blocking(move || tls.reload()).await;
-    let (decision, detail) = match outcome {
-        Ok(Ok(())) => {
-            tracing::info!("certificates, CAs and CRLs reloaded; new connections use them");
-            ("allow", "certificates, CAs and CRLs reloaded".to_owned())
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "TLS reload REFUSED; the certificates, CAs and CRLs in force stay");
-            ("deny", format!("TLS reload refused: {e}"))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "TLS reload failed; the certificates, CAs and CRLs in force stay");
-            ("deny", format!("TLS reload failed: {e}"))
-        }
+    let reload = move || match tls.reload() {
+        Ok(()) => Ok("certificates, CAs and CRLs reloaded; new connections use them".to_owned()),
+        Err(e) => Err(format!("TLS reload refused: {e}")),
     };
-    record_reload(reloadable, "tls.reload", decision, detail).await
+    let refused = "TLS reload REFUSED; the certificates, CAs and CRLs in force stay";
+    reload_part(reloadable, "tls.reload", refused, reload).await
 }
 
-async fn record_reload(
+/// Runs one part of a reload on the blocking pool (it reads and checks files), logs and
+/// audits its outcome, and says "reloaded" or "refused".
+async fn reload_part(
     reloadable: &Reloadable,
     action: &'static str,
-    decision: &'static str,
-    detail: String,
+    refused: &'static str,
+    reload: impl FnOnce() -> Result<String, String> + Send + 'static,
 ) -> &'static str {
+    let outcome = actix_web::rt::task::spawn_blocking(reload)
+        .await
+        .unwrap_or_else(|e| Err(format!("{action} stopped: {e}")));
+    let (decision, detail) = match outcome {
+        Ok(done) => {
+            tracing::info!("{done}");
+            ("allow", done)
+        }
+        Err(reason) => {
+            tracing::error!(%reason, "{refused}");
+            ("deny", reason)
+        }
+    };
     let audit = &reloadable.audit;
     let record = admin_record(audit.node(), action, "SIGHUP", decision, detail);
     if let Err(e) = audit.append(record).await {
         tracing::error!(error = %e, action, "a reload could not be audited");
     }
-    if decision == "allow" {
-        "reloaded"
-    } else {
-        "refused"
+    match decision {
+        "allow" => "reloaded",
+        _ => "refused",
     }
 }
 

@@ -88,6 +88,9 @@ def test_every_request_is_recorded_encrypted_to_the_auditors_and_verifies(
     assert ("admin", "policy.reload") in kinds
     reload = next(r for r in records if r["action"] == "policy.reload")
     assert reload["decision"] == "allow" and reload["subject"] == "SIGHUP"
+    # The same SIGHUP read the TLS files again.
+    tls = next(r for r in records if r["action"] == "tls.reload")
+    assert tls["decision"] == "allow" and tls["subject"] == "SIGHUP"
 
     final = {r["request_id"]: r for r in records if r["kind"] == "request"}
     admissions = {r["request_id"]: r for r in records if r["kind"] == "admission"}

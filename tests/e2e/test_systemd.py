@@ -160,6 +160,19 @@ def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
             return tls.getpeercert(binary_form=True)
 
 
+def start_plain(tmp_path, pki, stderr, **env: str) -> subprocess.Popen:
+    """moatd serving the fixture model, its log going where `stderr` says, in the form the
+    environment asks for (the harness reads text logs only)."""
+    directory = tmp_path / "moatd"
+    directory.mkdir()
+    config = directory / "moat.toml"
+    config.write_text(toml_text(server_config(pki, FIXTURE_ONLY)))
+    return subprocess.Popen(
+        [binary("moatd"), "serve", "--config", str(config)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+        env=dict(os.environ, MOAT_LOG="info,ort=warn", **env))
+
+
 def parse_journal_entry(data: bytes) -> dict[str, str]:
     """One datagram of journald's native protocol: `KEY=value` lines, or `KEY`, a newline,
     a 64-bit little-endian length and the raw value for values with newlines."""
@@ -194,15 +207,8 @@ def test_under_systemd_logs_are_journal_entries_with_fields(tmp_path, pki):
     journal.bind(str(journal_path))
     read_end, write_end = os.pipe()
     stream = os.fstat(write_end)
-    directory = tmp_path / "moatd"
-    directory.mkdir()
-    config = directory / "moat.toml"
-    config.write_text(toml_text(server_config(pki, FIXTURE_ONLY)))
-    process = subprocess.Popen(
-        [binary("moatd"), "serve", "--config", str(config)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end,
-        env=dict(os.environ, MOAT_LOG="info,ort=warn",
-                 JOURNAL_STREAM=f"{stream.st_dev}:{stream.st_ino}"))
+    process = start_plain(tmp_path, pki, write_end,
+                          JOURNAL_STREAM=f"{stream.st_dev}:{stream.st_ino}")
     os.close(write_end)
     entries = []
 
@@ -251,14 +257,7 @@ def test_under_systemd_logs_are_journal_entries_with_fields(tmp_path, pki):
 
 
 def test_json_logs_are_one_object_per_line(tmp_path, pki):
-    directory = tmp_path / "moatd"
-    directory.mkdir()
-    config = directory / "moat.toml"
-    config.write_text(toml_text(server_config(pki, FIXTURE_ONLY)))
-    process = subprocess.Popen(
-        [binary("moatd"), "serve", "--config", str(config)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=dict(os.environ, MOAT_LOG="info,ort=warn", MOAT_LOG_FORMAT="json"))
+    process = start_plain(tmp_path, pki, subprocess.PIPE, MOAT_LOG_FORMAT="json")
     try:
         lines = []
         for line in process.stderr:
