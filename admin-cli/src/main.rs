@@ -73,9 +73,14 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print moatctl's manual page (roff) to stdout.
-    #[command(after_help = "Example:\n  moatctl man | man -l -")]
-    Man,
+    /// Print moatctl's manual page (roff) to stdout, or write one page per command.
+    #[command(after_help = "Examples:\n  moatctl man | man -l -\n  \
+        moatctl man --dir /usr/share/man/man1")]
+    Man {
+        /// Write moatctl.1 and a page per subcommand (moatctl-model-import.1, ...) here.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,9 +149,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
+        Command::Man { dir } => {
             use clap::CommandFactory as _;
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            match dir {
+                Some(dir) => clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("writing manual pages to {}", dir.display()))?,
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+                    std::io::Write::write_all(&mut std::io::stdout(), &page)?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

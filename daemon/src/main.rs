@@ -47,9 +47,14 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print moatd's manual page (roff, section 8) to stdout.
-    #[command(after_help = "Example:\n  moatd man | man -l -")]
-    Man,
+    /// Print moatd's manual page (roff, section 8) to stdout, or write one page per command.
+    #[command(after_help = "Examples:\n  moatd man | man -l -\n  \
+        moatd man --dir /usr/share/man/man8")]
+    Man {
+        /// Write moatd.8 and a page per subcommand (moatd-serve.8, ...) here.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -144,7 +149,7 @@ fn main() -> ExitCode {
             generate(&config, *args)
         }
         Command::Serve => return serve(&config, cli.config.as_deref()),
-        Command::Completions { .. } | Command::Man => return ExitCode::SUCCESS,
+        Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -192,7 +197,18 @@ fn print_documentation(command: &Command) -> Option<ExitCode> {
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "moatd", &mut text);
         }
-        Command::Man => {
+        Command::Man { dir: Some(dir) } => {
+            let mut command = Cli::command().disable_help_subcommand(true);
+            command.build();
+            return Some(match write_manual_pages(command, dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: writing manual pages to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            });
+        }
+        Command::Man { dir: None } => {
             let page = clap_mangen::Man::new(Cli::command()).section("8");
             if let Err(e) = page.render(&mut text) {
                 eprintln!("error: rendering the manual page: {e}");
@@ -208,6 +224,17 @@ fn print_documentation(command: &Command) -> Option<ExitCode> {
             Some(ExitCode::FAILURE)
         }
     }
+}
+
+/// `command`'s page and one per subcommand, in section 8 (a daemon's section).
+fn write_manual_pages(command: clap::Command, dir: &Path) -> std::io::Result<()> {
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_manual_pages(sub.clone(), dir)?;
+    }
+    clap_mangen::Man::new(command)
+        .section("8")
+        .generate_to(dir)?;
+    Ok(())
 }
 
 /// Where log lines go, from `MOAT_LOG_FORMAT`: `journald` (structured fields, one entry per
