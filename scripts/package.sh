@@ -58,9 +58,12 @@ rm -rf "$generated"
 mkdir -p "$generated/man" "$generated/completions" "$generated/onnxruntime"
 "$moatd" man --dir "$generated/man"
 "$moatctl" man --dir "$generated/man"
-"$moatctl" completions bash >"$generated/completions/moatctl.bash"
-"$moatctl" completions zsh >"$generated/completions/_moatctl"
-"$moatctl" completions fish >"$generated/completions/moatctl.fish"
+for bin in "$moatd" "$moatctl"; do
+  name="$(basename "$bin")"
+  "$bin" completions bash >"$generated/completions/$name.bash"
+  "$bin" completions zsh >"$generated/completions/_$name"
+  "$bin" completions fish >"$generated/completions/$name.fish"
+done
 for file in "$generated"/man/* "$generated"/completions/*; do
   if [ ! -s "$file" ]; then
     echo "error: $file is empty" >&2

@@ -181,6 +181,7 @@ check_installed() {
   for file in /usr/share/man/man8/moatd.8.gz /usr/share/man/man8/moatd-serve.8.gz \
     /usr/share/man/man1/moatctl.1.gz /usr/share/man/man1/moatctl-model-import.1.gz \
     /usr/share/bash-completion/completions/moatctl /usr/share/zsh/vendor-completions/_moatctl \
+    /usr/share/bash-completion/completions/moatd /usr/share/fish/vendor_completions.d/moatd.fish \
     /usr/share/fish/vendor_completions.d/moatctl.fish /usr/share/doc/moat/copyright \
     /usr/share/doc/moat/changelog.Debian.gz /usr/share/doc/moat/README.md \
     /usr/share/doc/moat/operations.md \
@@ -234,6 +235,42 @@ in_chroot setpriv --reuid=moat --regid=moat --init-groups \
   fail "moatd generate with the packaged ONNX Runtime"
 }
 
+# The admin's part, as docs/operations.md describes it: TLS material, an auditor's key, and
+# (for this test) listeners on free loopback ports. /run/moat is what RuntimeDirectory= makes.
+configure_node() {
+  local pki="$work/pki" target
+  target="$(cargo metadata --format-version 1 --no-deps --locked |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
+  "$target/moatctl" pki init --dir "$pki" >/dev/null
+  "$target/moatctl" pki issue-server --dir "$pki" --ip 127.0.0.1 >/dev/null
+  "$target/moatctl" pki issue-client --dir "$pki" --department finance --name alice >/dev/null
+  local recipient
+  recipient="$("$target/moatctl" audit keygen --out "$work/auditor.key" 2>/dev/null)"
+  install -m 0644 "$pki/server.crt" "$chroot_dir/etc/moat/tls/server.crt"
+  install -m 0644 "$pki/ca.crt" "$chroot_dir/etc/moat/tls/departments-ca.crt"
+  install -m 0640 "$pki/server.key" "$chroot_dir/etc/moat/tls/server.key"
+  in_chroot chgrp moat /etc/moat/tls/server.key
+  sed -i -e "s|^recipients = \[\]|recipients = [\"$recipient\"]|" \
+    -e 's|^listen = \["0.0.0.0:8443"\]|listen = ["127.0.0.1:0"]|' \
+    -e 's|^listen = "127.0.0.1:9464"|listen = "127.0.0.1:0"|' "$chroot_dir/etc/moat/moat.toml"
+  grep -q "^recipients = \[\"age1" "$chroot_dir/etc/moat/moat.toml" || fail "could not set the auditor"
+}
+prepare_runtime_directory() {
+  in_chroot install -d -o moat -g moat -m 0755 /run/moat
+}
+# moatd as the unit runs it; prints {"node_key", "records", "status"}.
+serve_check() {
+  prepare_runtime_directory
+  python3 "$root/tests/package/serve_in_chroot.py" --chroot "$chroot_dir" \
+    --ca "$work/pki/ca.crt" --cert "$work/pki/clients/alice.crt" \
+    --key "$work/pki/clients/alice.key" || fail "the installed moatd did not serve as its unit would"
+}
+
+step "configure the node and run moatd as its unit would (READY, mTLS, live audit, STOPPING)"
+configure_node
+first_run="$(serve_check)"
+echo "    $first_run" >&2
+
 step "upgrade to $current_version over a local change"
 echo "kept across upgrades" >"$chroot_dir/var/lib/moat/marker"
 sed -i 's/^shutdown_grace_secs = 30/shutdown_grace_secs = 25/' "$chroot_dir/etc/moat/moat.toml"
@@ -245,7 +282,16 @@ grep -q '^shutdown_grace_secs = 25' "$chroot_dir/etc/moat/moat.toml" ||
   fail "the upgrade lost the change to /etc/moat/moat.toml"
 [ "$(cat "$chroot_dir/var/lib/moat/marker")" = "kept across upgrades" ] ||
   fail "the upgrade lost /var/lib/moat/marker"
-check_serve_refuses_unconfigured
+step "the upgraded moatd serves on the same state: same node key, one longer audit chain"
+second_run="$(serve_check)"
+echo "    $second_run" >&2
+python3 - "$first_run" "$second_run" <<'PY' || fail "the upgrade did not keep the node's state"
+import json, sys
+first, second = (json.loads(run) for run in sys.argv[1:])
+assert second["node_key"] == first["node_key"], (first, second)
+# The first run's records, its stop record and checkpoint, then this run's own.
+assert second["records"] > first["records"], (first, second)
+PY
 
 step "apt-get remove keeps configuration and state"
 apt_in_chroot remove moat
@@ -288,5 +334,6 @@ check_installed "$current_version"
 grep -q '^shutdown_grace_secs = 30' "$chroot_dir/etc/moat/moat.toml" ||
   fail "the reinstall did not bring the shipped /etc/moat/moat.toml"
 check_serve_refuses_unconfigured
+expect_absent /var/lib/moat/audit
 
 step "the package passed ($(basename "$current_deb"))"
