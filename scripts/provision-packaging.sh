@@ -50,7 +50,9 @@ if [ ! -f "$base_tarball" ]; then
   step "debootstrap --variant=minbase bookworm (cached in $base_tarball)"
   mkdir -p "$cache"
   bootstrap="$(mktemp -d "${TMPDIR:-/tmp}/moat-bootstrap.XXXXXX")"
-  trap 'rm -rf "$bootstrap"' EXIT
+  # Never delete a tree something is still mounted into (a failed debootstrap may leave
+  # its /proc mounted).
+  trap 'grep -q " $bootstrap/" /proc/mounts || rm -rf "$bootstrap"' EXIT
   debootstrap --variant=minbase bookworm "$bootstrap" "$mirror" >&2
   # The package's dependencies come from the tarball in the test, without a mirror: apt's
   # lists and the .debs it would fetch are kept in it.

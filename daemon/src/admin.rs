@@ -188,7 +188,8 @@ fn bind_one(path: PathBuf, group: &str, scope: Scope) -> Result<AdminSocket, Adm
     }
     let listener = UnixListener::bind(&path).map_err(bind_error)?;
     let access = AdminAccess::for_host(group).map_err(bind_error)?;
-    let gid = access.group.as_ref().map(|g| g.gid);
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let gid = peer::find_group(&groups, group).map(|g| g.gid);
     if gid.is_none() {
         tracing::warn!(group, socket = %path.display(), "this group does not exist on this host; only root and moatd's user may use the socket");
     }
@@ -266,7 +267,8 @@ impl AdminSocket {
         let action = request
             .as_ref()
             .map_or("admin.unknown", AdminRequest::action);
-        let refusal = if !self.access.allows(peer, &passwd) {
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        let refusal = if !self.access.allows(peer, &passwd, &groups) {
             Some(format!(
                 "not root, moatd's user or a member of {}",
                 self.scope.who()

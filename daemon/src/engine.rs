@@ -54,18 +54,18 @@ pub enum Prompt {
     TokenIds(Vec<u32>),
 }
 
-/// One generation request.
-/// An engine's progress as the watchdog samples it.
+/// One engine thread's progress as the watchdog samples it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EngineProgress {
-    /// Rounds of all its threads' loops so far.
+pub struct WorkerProgress {
+    /// Rounds of its loop so far.
     pub rounds: u64,
-    /// It holds or is offered work.
+    /// It holds sequences, or requests wait for a thread.
     pub busy: bool,
-    /// At least one of its threads is alive.
+    /// The thread is alive.
     pub running: bool,
 }
 
+/// One generation request.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub prompt: Prompt,
@@ -480,19 +480,18 @@ impl Engine {
         })
     }
 
-    /// What the watchdog needs to tell a stuck engine from an idle one.
-    pub fn progress(&self) -> EngineProgress {
-        let mut progress = EngineProgress {
-            rounds: 0,
-            busy: self.queued_requests() > 0,
-            running: false,
-        };
-        for (thread, health) in &self.workers {
-            progress.rounds += health.rounds.load(Ordering::Relaxed);
-            progress.busy |= health.live.load(Ordering::Relaxed) > 0;
-            progress.running |= !thread.is_finished();
-        }
-        progress
+    /// Each engine thread's progress, for the watchdog to tell a stuck thread from an idle
+    /// one. A thread counts as having work while it holds sequences or requests wait.
+    pub fn progress(&self) -> Vec<WorkerProgress> {
+        let waiting = self.queued_requests() > 0;
+        self.workers
+            .iter()
+            .map(|(thread, health)| WorkerProgress {
+                rounds: health.rounds.load(Ordering::Relaxed),
+                busy: waiting || health.live.load(Ordering::Relaxed) > 0,
+                running: !thread.is_finished(),
+            })
+            .collect()
     }
 
     /// Generations the engine thread holds right now (admitted and not yet finished).

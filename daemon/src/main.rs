@@ -13,6 +13,7 @@ use moat_daemon::engine::{
     ChatMessage, DevicePreference, Engine, GenerationEvent, GenerationRequest, GenerationStream,
     OrtRuntime, Prompt, SamplingParams,
 };
+use moat_daemon::systemd::activation::Inherited;
 
 /// The configuration `moatd serve` reads when `--config` names none.
 const DEFAULT_CONFIG: &str = "/etc/moat/moat.toml";
@@ -116,6 +117,9 @@ fn parse_device(text: &str) -> Result<DevicePreference, String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: taking the sockets systemd passed removes LISTEN_FDS and
+    // LISTEN_PID from the environment.
+    let inherited = Inherited::from_env();
     init_logging();
     let mut cli = Cli::parse();
     if let Some(code) = print_documentation(&cli.command) {
@@ -148,7 +152,16 @@ fn main() -> ExitCode {
             };
             generate(&config, *args)
         }
-        Command::Serve => return serve(&config, cli.config.as_deref()),
+        Command::Serve => {
+            let inherited = match inherited {
+                Ok(inherited) => inherited,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            return serve(&config, cli.config.as_deref(), inherited);
+        }
         Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS,
     };
     match result {
@@ -160,7 +173,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
+fn serve(config: &Config, file: Option<&Path>, inherited: Inherited) -> ExitCode {
     let file = file.unwrap_or(Path::new(DEFAULT_CONFIG));
     if let Err(e) = config.validate_for_serve(file) {
         eprintln!("error: {e}");
@@ -173,7 +186,7 @@ fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match moat_daemon::server::serve(config, runtime) {
+    match moat_daemon::server::serve(config, runtime, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let status = if e.is_config_error() {

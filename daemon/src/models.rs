@@ -90,8 +90,9 @@ impl Models {
 
     /// Loads what the registry says is active (and any canary), as before the restart.
     /// A version that no longer verifies or loads is left out, logged and audited; the
-    /// others serve.
-    pub async fn restore(&self, before_load: &dyn Fn(&str)) {
+    /// others serve. `before_load` hears each version about to load; when it says false
+    /// (moatd is stopping) nothing more is loaded.
+    pub async fn restore(&self, before_load: &dyn Fn(&str) -> bool) {
         let all = match self.registry.all() {
             Ok(all) => all,
             Err(e) => {
@@ -104,7 +105,10 @@ impl Models {
                 continue;
             };
             let label = format!("{name}@{active}");
-            before_load(&label);
+            if !before_load(&label) {
+                tracing::warn!(model = %label, "restore stopped: moatd is stopping");
+                return;
+            }
             let model = match self.prepare(&name, active).await {
                 Ok(model) => model,
                 Err(e) => {
@@ -115,7 +119,10 @@ impl Models {
             let mut route = Route::new(model);
             if let Some(canary) = &entry.canary {
                 let label = format!("{name}@{}", canary.version);
-                before_load(&label);
+                if !before_load(&label) {
+                    tracing::warn!(model = %label, "restore stopped: moatd is stopping");
+                    return;
+                }
                 match self.prepare(&name, &canary.version).await {
                     Ok(model) => {
                         route.canary = Some(Canary {

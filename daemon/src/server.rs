@@ -3,6 +3,7 @@
 //! `server.shutdown_grace_secs` to finish).
 
 mod listener;
+mod signals;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -22,8 +23,10 @@ use crate::models::serving::{LoadedModel, Route, ServingTable};
 use crate::models::{Models, RolloutError, loader};
 use crate::policy::{PolicyLoadError, PolicyStore};
 use crate::systemd;
+use crate::systemd::activation::{ActivationError, Inherited};
 use crate::tls::{self, TlsError, TlsReloader};
 use moat_core::audit::encoding::hex;
+use signals::{EarlyStop, Reloadable, StopSignals};
 
 /// Why `moatd serve` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,19 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{address} is not among the listening sockets systemd passed (moat.socket), and moatd \
+         opens none of its own when it is given some: add ListenStream={address} to \
+         moat.socket (systemctl edit moat.socket), or listen where it does"
+    )]
+    NotPassed { address: SocketAddr },
+    #[error(
+        "systemd passed listening sockets that moat.toml does not listen on: {0:?}; make \
+         [server] listen and [metrics] listen agree with moat.socket"
+    )]
+    UnclaimedSockets(Vec<SocketAddr>),
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
     #[error("the server stopped with an error: {0}")]
     Run(#[source] std::io::Error),
 }
@@ -75,6 +91,9 @@ impl ServeError {
                 | ServeError::Tls(_)
                 | ServeError::Policy(_)
                 | ServeError::NoModels { .. }
+                | ServeError::NotPassed { .. }
+                | ServeError::UnclaimedSockets(_)
+                | ServeError::Activation(_)
                 | ServeError::Audit(
                     AuditError::NoRecipients
                         | AuditError::BadRecipient { .. }
@@ -86,12 +105,19 @@ impl ServeError {
 }
 
 /// Serves until a stop signal. `config` must have passed [`Config::validate_for_serve`].
-pub fn serve(config: &Config, runtime: Arc<OrtRuntime>) -> Result<(), ServeError> {
+/// `inherited`: the listening sockets systemd passed, if any ([`Inherited::from_env`]).
+pub fn serve(
+    config: &Config,
+    runtime: Arc<OrtRuntime>,
+    inherited: Inherited,
+) -> Result<(), ServeError> {
+    let early = EarlyStop::install().map_err(ServeError::Run)?;
     // TLS, policy and audit first: a bad certificate, policy or auditor key is reported
     // before minutes of model loading.
     let ready = Ready::prepare(config)?;
     let table = Arc::new(ServingTable::default());
-    let unsigned = load_directories(config, &runtime)?;
+    let start = Start::new(early, inherited);
+    let unsigned = load_directories(config, &runtime, &|label| start.before_load(label))?;
     table.update(|routes| routes.extend(unsigned));
     let models = Models::open(
         config,
@@ -100,7 +126,51 @@ pub fn serve(config: &Config, runtime: Arc<OrtRuntime>) -> Result<(), ServeError
         Arc::clone(&ready.policy),
         Arc::clone(&table),
     )?;
-    ready.run(config, table, Some(Arc::new(models)))
+    ready.run(config, table, Some(Arc::new(models)), start)
+}
+
+/// What the start carries until moatd is ready.
+struct Start {
+    early: EarlyStop,
+    progress: systemd::StartupProgress,
+    inherited: Inherited,
+}
+
+/// How long models may take to load at start, all together, with systemd kept waiting.
+const STARTUP_LOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+impl Start {
+    fn new(early: EarlyStop, inherited: Inherited) -> Self {
+        Self {
+            early,
+            progress: systemd::StartupProgress::begin(STARTUP_LOAD_LIMIT),
+            inherited,
+        }
+    }
+
+    /// Before each model load: false once a stop signal has come (load nothing more).
+    fn before_load(&self, label: &str) -> bool {
+        if self.early.requested() {
+            return false;
+        }
+        self.progress.loading(label);
+        true
+    }
+
+    /// The socket systemd passed for `address`; without socket activation, one bound here.
+    /// Given sockets, moatd binds none itself: under the packaged unit it could not (no
+    /// Internet socket family, no network), and a listener the unit does not know about
+    /// is a configuration error to report, not to work around.
+    fn listen(&mut self, address: SocketAddr) -> Result<TcpListener, ServeError> {
+        if let Some(listener) = self.inherited.take(address) {
+            tracing::info!(%address, "listening on the socket systemd passed");
+            return Ok(listener);
+        }
+        if self.inherited.passed() {
+            return Err(ServeError::NotPassed { address });
+        }
+        TcpListener::bind(address).map_err(|source| ServeError::Bind { address, source })
+    }
 }
 
 /// Opens the audit trail: no audit, no answer.
@@ -171,7 +241,9 @@ pub fn serve_models(
                 .map(|(name, served)| (name.clone(), unsigned_route(name, served))),
         );
     });
-    Ready::prepare(config)?.run(config, table, None)
+    let early = EarlyStop::install().map_err(ServeError::Run)?;
+    let start = Start::new(early, Inherited::default());
+    Ready::prepare(config)?.run(config, table, None, start)
 }
 
 fn unsigned_route(name: String, served: ServedModel) -> Route {
@@ -218,6 +290,7 @@ impl<'c> Ready<'c> {
         config: &Config,
         table: Arc<ServingTable>,
         models: Option<Arc<Models>>,
+        start: Start,
     ) -> Result<(), ServeError> {
         let state = web::Data::new(AppState {
             models: table,
@@ -238,6 +311,7 @@ impl<'c> Ready<'c> {
             state,
             models,
             reloadable,
+            start,
         )
     }
 }
@@ -260,34 +334,34 @@ fn run(
     state: web::Data<AppState>,
     models: Option<Arc<Models>>,
     reloadable: Reloadable,
+    mut start: Start,
 ) -> Result<(), ServeError> {
     let audit = Arc::clone(&state.audit);
-    let listeners = server
-        .listen
-        .iter()
-        .map(|&address| {
-            TcpListener::bind(address).map_err(|source| ServeError::Bind { address, source })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metrics_listener = match config.metrics.enabled {
-        true => {
-            let address = config.metrics.listen;
-            Some(
-                TcpListener::bind(address)
-                    .map_err(|source| ServeError::Bind { address, source })?,
-            )
-        }
-        false => None,
+    let bound = Bound {
+        api: server
+            .listen
+            .iter()
+            .map(|&address| start.listen(address))
+            .collect::<Result<Vec<_>, _>>()?,
+        metrics: match config.metrics.enabled {
+            true => Some(start.listen(config.metrics.listen)?),
+            false => None,
+        },
     };
+    // A passed socket nobody listens on would take connections that are never answered.
+    let unclaimed = start.inherited.unclaimed();
+    if !unclaimed.is_empty() {
+        return Err(ServeError::UnclaimedSockets(unclaimed));
+    }
     let system = actix_web::rt::System::new();
     let served = system.block_on(run_servers(
         state,
         models,
-        listeners,
-        metrics_listener,
+        bound,
         rustls_config,
         config,
         reloadable,
+        start,
     ));
     // Every request has finished (or was cut off at the grace period): the last record,
     // then the final checkpoint.
@@ -307,35 +381,51 @@ fn run(
     closed.map_err(ServeError::Audit)
 }
 
+/// The listening sockets, bound or passed.
+struct Bound {
+    api: Vec<TcpListener>,
+    metrics: Option<TcpListener>,
+}
+
 async fn run_servers(
     state: web::Data<AppState>,
     models: Option<Arc<Models>>,
-    listeners: Vec<TcpListener>,
-    metrics_listener: Option<TcpListener>,
+    bound: Bound,
     rustls_config: rustls::ServerConfig,
     config: &Config,
     reloadable: Reloadable,
+    start: Start,
 ) -> Result<(), ServeError> {
     let Some(server) = &config.server else {
         return Err(ServeError::Incomplete("[server] is required"));
     };
     let audit = Arc::clone(&state.audit);
     let table = Arc::clone(&state.models);
-    // Listening from the start: a signal that arrives while models load, or just after
-    // READY=1, is handled, not left to its default action (which would kill moatd).
+    // The async handlers take over from `EarlyStop` before the models load: a signal from
+    // now on is acted on by them (after READY=1) or ends the start (before it).
     let stop_signals = StopSignals::new().map_err(ServeError::Run)?;
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(ServeError::Run)?;
     if let Some(models) = &models {
         // What was active before the restart serves again before the listeners open.
-        models.restore(&announce_model_load).await;
+        models.restore(&|label| start.before_load(label)).await;
+    }
+    let Start {
+        early, progress, ..
+    } = start;
+    drop(progress);
+    if early.requested() {
+        // Stopped while starting: nothing was served; the caller signs the final checkpoint.
+        systemd::stopping(std::time::Duration::ZERO);
+        tracing::info!("stopping: a stop signal came while the models loaded");
+        return Ok(());
     }
     if state.models.snapshot().is_empty() {
         tracing::warn!("no model is active: import and activate a bundle with moatctl");
     }
     let api = listener::api_server(
         state.clone(),
-        listeners,
+        bound.api,
         rustls_config,
         server,
         config.identity,
@@ -346,7 +436,7 @@ async fn run_servers(
     }
     let mut handles = vec![api.handle()];
     let mut servers = vec![actix_web::rt::spawn(api)];
-    if let Some(listener) = metrics_listener {
+    if let Some(listener) = bound.metrics {
         let address = listener.local_addr().map_err(ServeError::Run)?;
         let metrics = HttpServer::new(move || {
             App::new()
@@ -372,12 +462,12 @@ async fn run_servers(
             Arc::clone(&table),
         ));
     }
-    actix_web::rt::spawn(stop_on_signal(
+    actix_web::rt::spawn(signals::stop_on_signal(
         stop_signals,
         handles,
         server.shutdown_grace_secs,
     ));
-    actix_web::rt::spawn(reload_on_hangup(hangups, reloadable, table));
+    actix_web::rt::spawn(signals::reload_on_hangup(hangups, reloadable, table, early));
     let mut result = Ok(());
     for server in servers {
         let outcome = server
@@ -389,95 +479,8 @@ async fn run_servers(
     result.map_err(ServeError::Run)
 }
 
-/// What SIGHUP reads again: the policy directory and the `[tls]` files.
-struct Reloadable {
-    policy: Arc<PolicyStore>,
-    tls: Arc<TlsReloader>,
-    audit: Arc<AuditLog>,
-}
-
-/// On SIGHUP: read and validate the policy directory and the TLS files again and put each
-/// in force if it is valid; an invalid one is refused and the one in force stays. Each
-/// outcome is an audit record; systemd hears `RELOADING=1`, then `READY=1`.
-async fn reload_on_hangup(
-    mut hangups: tokio::signal::unix::Signal,
-    reloadable: Reloadable,
-    table: Arc<ServingTable>,
-) {
-    while hangups.recv().await.is_some() {
-        systemd::reloading();
-        let policy = reload_policy(&reloadable).await;
-        let tls = reload_tls(&reloadable).await;
-        systemd::ready(&format!(
-            "{}; last reload: policy {policy}, TLS {tls}",
-            serving_status(&table)
-        ));
-    }
-}
-
-/// Reloads the policy directory; "reloaded" or "refused".
-async fn reload_policy(reloadable: &Reloadable) -> &'static str {
-    let store = Arc::clone(&reloadable.policy);
-    let reload = move || {
-        let dir = store.dir().display().to_string();
-        match store.reload() {
-            Ok(()) => Ok(format!(
-                "policy reloaded from {dir}: {:?}",
-                store.current().counts
-            )),
-            Err(e) => Err(format!("policy reload from {dir} refused: {e}")),
-        }
-    };
-    let refused = "policy reload REFUSED; the previous policy stays in force";
-    reload_part(reloadable, "policy.reload", refused, reload).await
-}
-
-/// Reloads the server certificate, the department CAs and the CRLs; "reloaded" or
-/// "refused".
-async fn reload_tls(reloadable: &Reloadable) -> &'static str {
-    let tls = Arc::clone(&reloadable.tls);
-    let reload = move || match tls.reload() {
-        Ok(()) => Ok("certificates, CAs and CRLs reloaded; new connections use them".to_owned()),
-        Err(e) => Err(format!("TLS reload refused: {e}")),
-    };
-    let refused = "TLS reload REFUSED; the certificates, CAs and CRLs in force stay";
-    reload_part(reloadable, "tls.reload", refused, reload).await
-}
-
-/// Runs one part of a reload on the blocking pool (it reads and checks files), logs and
-/// audits its outcome, and says "reloaded" or "refused".
-async fn reload_part(
-    reloadable: &Reloadable,
-    action: &'static str,
-    refused: &'static str,
-    reload: impl FnOnce() -> Result<String, String> + Send + 'static,
-) -> &'static str {
-    let outcome = actix_web::rt::task::spawn_blocking(reload)
-        .await
-        .unwrap_or_else(|e| Err(format!("{action} stopped: {e}")));
-    let (decision, detail) = match outcome {
-        Ok(done) => {
-            tracing::info!("{done}");
-            ("allow", done)
-        }
-        Err(reason) => {
-            tracing::error!(%reason, "{refused}");
-            ("deny", reason)
-        }
-    };
-    let audit = &reloadable.audit;
-    let record = admin_record(audit.node(), action, "SIGHUP", decision, detail);
-    if let Err(e) = audit.append(record).await {
-        tracing::error!(error = %e, action, "a reload could not be audited");
-    }
-    match decision {
-        "allow" => "reloaded",
-        _ => "refused",
-    }
-}
-
 /// systemd's status line while serving.
-fn serving_status(table: &ServingTable) -> String {
+pub(super) fn serving_status(table: &ServingTable) -> String {
     let routes = table.snapshot();
     let names: Vec<String> = routes.values().map(|route| route.active.label()).collect();
     match names.is_empty() {
@@ -486,72 +489,12 @@ fn serving_status(table: &ServingTable) -> String {
     }
 }
 
-/// Tells systemd a model is about to load, which may take a while (start only).
-fn announce_model_load(label: &str) {
-    systemd::extend_timeout(MODEL_LOAD_ALLOWANCE, &format!("loading {label}"));
-}
-
-/// How long one model may take to load and warm at start before systemd gives up.
-const MODEL_LOAD_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(300);
-
-/// On SIGTERM or SIGINT: stop accepting, let in-flight requests finish (up to the grace
-/// period), API first, then metrics, so health probes answer while requests drain. A
-/// second signal stops at once.
-async fn stop_on_signal(
-    mut signals: StopSignals,
-    handles: Vec<actix_web::dev::ServerHandle>,
-    grace_secs: u64,
-) {
-    let first = signals.next().await;
-    systemd::stopping();
-    tracing::info!(
-        signal = first,
-        grace_secs,
-        "stopping: finishing in-flight requests"
-    );
-    let graceful = async {
-        for handle in &handles {
-            handle.stop(true).await;
-        }
-    };
-    tokio::select! {
-        () = graceful => tracing::info!("stopped"),
-        second = signals.next() => {
-            tracing::warn!(signal = second, "second stop signal: stopping now");
-            for handle in &handles {
-                handle.stop(false).await;
-            }
-        }
-    }
-}
-
-struct StopSignals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
-        }
-    }
-}
-
 /// Loads and warms every unsigned model directory the configuration names; any failure
 /// stops the start.
 fn load_directories(
     config: &Config,
     runtime: &OrtRuntime,
+    before_load: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<(String, Route)>, ServeError> {
     let models = &config.models;
     let Some(directory) = &models.directory else {
@@ -568,7 +511,9 @@ fn load_directories(
     }
     let mut routes = Vec::new();
     for (name, dir) in selected {
-        announce_model_load(&name);
+        if !before_load(&name) {
+            break;
+        }
         tracing::warn!(model = %name, dir = %dir.display(), "serving an unsigned model directory (models.directory)");
         let loaded = ModelDirectory::open(&dir)
             .map_err(StartError::from)

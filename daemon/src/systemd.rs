@@ -7,12 +7,13 @@
 //! be sent is logged and otherwise ignored: the service keeps serving, and systemd's own
 //! timeouts decide what happens next.
 
+pub mod activation;
 pub mod watchdog;
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 /// The process's notifier, from the environment systemd gave it.
 static NOTIFIER: LazyLock<Option<Notifier>> = LazyLock::new(|| {
@@ -84,13 +85,96 @@ pub fn ready(status: &str) {
     notify(&format!("READY=1\nSTATUS={}", status_line(status)));
 }
 
-/// Asks for `extra` more time for the step named by `status` (model loading at start).
-pub fn extend_timeout(extra: Duration, status: &str) {
+/// Asks for `extra` more time, from now, for the step named by `status`.
+fn extend_timeout(extra: Duration, status: &str) {
     notify(&format!(
         "EXTEND_TIMEOUT_USEC={}\nSTATUS={}",
         extra.as_micros(),
         status_line(status)
     ));
+}
+
+/// How much more time each extension asks for, and how often one is sent.
+const EXTEND_BY: Duration = Duration::from_secs(90);
+const EXTEND_EVERY: Duration = Duration::from_secs(30);
+
+/// Keeps systemd's start timeout from running out while models load: `EXTEND_TIMEOUT_USEC`
+/// (90 s from now) every 30 s, naming the model, until dropped or until `limit` has passed
+/// (then systemd's own timeout decides about a load that does not end).
+#[derive(Debug)]
+pub struct StartupProgress {
+    shared: Arc<(Mutex<Progress>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    loading: Option<String>,
+    done: bool,
+}
+
+impl StartupProgress {
+    pub fn begin(limit: Duration) -> Self {
+        let shared = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
+        let thread = NOTIFIER.as_ref().and_then(|_| {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("moat-startup".into())
+                .spawn(move || extend_while_loading(&shared, limit))
+                .ok()
+        });
+        Self { shared, thread }
+    }
+
+    /// `label` starts loading: systemd hears it at once.
+    pub fn loading(&self, label: &str) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).loading = Some(label.to_owned());
+        wake.notify_one();
+    }
+}
+
+impl Drop for StartupProgress {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).done = true;
+        wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn extend_while_loading(shared: &(Mutex<Progress>, Condvar), limit: Duration) {
+    let (lock, wake) = shared;
+    let started = Instant::now();
+    let mut progress = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut announced: Option<String> = None;
+    let mut last = Instant::now();
+    loop {
+        if progress.done {
+            return;
+        }
+        if started.elapsed() > limit {
+            tracing::warn!(
+                limit_secs = limit.as_secs(),
+                "models are still loading; no more start time is asked of systemd"
+            );
+            return;
+        }
+        let changed = progress.loading != announced;
+        if let Some(label) = &progress.loading
+            && (changed || last.elapsed() >= EXTEND_EVERY)
+        {
+            extend_timeout(EXTEND_BY, &format!("loading {label}"));
+            announced = progress.loading.clone();
+            last = Instant::now();
+        }
+        progress = wake
+            .wait_timeout(progress, EXTEND_EVERY)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
 }
 
 /// A SIGHUP reload begins; [`ready`] ends it.
@@ -104,9 +188,14 @@ pub fn reloading() {
     ));
 }
 
-/// A stop signal arrived: in-flight requests are draining.
-pub fn stopping() {
-    notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests");
+/// A stop signal arrived: in-flight requests are draining for up to `grace`. The stop
+/// timeout is extended past it, so that the final audit checkpoint is written even when
+/// the grace period is longer than the unit's `TimeoutStopSec=`.
+pub fn stopping(grace: Duration) {
+    notify(&format!(
+        "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: finishing in-flight requests",
+        (grace + Duration::from_secs(15)).as_micros()
+    ));
 }
 
 /// How often systemd expects `WATCHDOG=1`, if it watches this process.

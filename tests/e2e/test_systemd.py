@@ -2,10 +2,13 @@
 systemd's notification socket (NOTIFY_SOCKET), and the test plays the manager, watching
 READY, WATCHDOG, RELOADING and STOPPING arrive in order. Also: SIGHUP puts new CRLs and a
 new server certificate in force without a restart, and refuses unusable ones. Logs are
-journal entries with fields under systemd, or JSON lines when asked."""
+journal entries with fields under systemd, or JSON lines when asked. Socket activation:
+moatd serves on sockets it is given, from a network namespace with nothing in it."""
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -42,7 +45,8 @@ class Manager:
                 data = self.socket.recv(4096)
             except socket.timeout:
                 continue
-            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
+            fields = dict(line.split("=", 1) for line in data.decode().split("\n")
+                          if "=" in line)
             self.messages.append(fields)
 
     def close(self) -> None:
@@ -277,3 +281,105 @@ def test_json_logs_are_one_object_per_line(tmp_path, pki):
             process.kill()
             process.wait()
         process.stderr.close()
+
+
+def activated(tmp_path, pki, passed: list[socket.socket], config: dict) -> subprocess.Popen:
+    """moatd started as systemd starts it from moat.socket: the listening sockets `passed`
+    as descriptors 3, 4, ... (LISTEN_FDS, LISTEN_PID), and moatd in a new network namespace
+    of its own, empty, as PrivateNetwork= gives it."""
+    directory = tmp_path / "moatd"
+    directory.mkdir(parents=True)
+    path = directory / "moat.toml"
+    path.write_text(toml_text(config))
+    sources = [s.fileno() for s in passed]
+
+    def place_sockets():
+        # Out of the way first, so that placing one cannot overwrite another.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in sources]
+        for target, fd in enumerate(high, start=3):
+            os.dup2(fd, target)
+
+    return subprocess.Popen(
+        ["unshare", "--net", "sh", "-c",
+         f'LISTEN_PID=$$ LISTEN_FDS={len(passed)} exec "$0" serve --config "$1"',
+         str(binary("moatd")), str(path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        pass_fds=tuple(range(3, 3 + len(passed))), preexec_fn=place_sockets,
+        env=dict(os.environ, MOAT_LOG="info,ort=warn"))
+
+
+def listening() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    return listener
+
+
+needs_namespaces = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="a network namespace of moatd's own needs root and unshare")
+
+
+@needs_namespaces
+def test_socket_activation_serves_without_a_network_of_its_own(tmp_path, pki):
+    api, metrics = listening(), listening()
+    api_port, metrics_port = api.getsockname()[1], metrics.getsockname()[1]
+    config = server_config(pki, FIXTURE_ONLY, server={"listen": [f"127.0.0.1:{api_port}"]},
+                           metrics={"listen": f"127.0.0.1:{metrics_port}"})
+    process = activated(tmp_path, pki, [api, metrics], config)
+    try:
+        log = []
+        for line in process.stderr:
+            log.append(line)
+            if "moatd is ready" in line:
+                break
+        assert process.poll() is None, "".join(log)
+        assert sum("listening on the socket systemd passed" in l for l in log) == 2, log
+        # Its network is not the host's: a namespace with nothing in it but a loopback
+        # that is down.
+        assert (os.readlink(f"/proc/{process.pid}/ns/net")
+                != os.readlink("/proc/self/ns/net"))
+        interfaces = Path(f"/proc/{process.pid}/net/dev").read_text().splitlines()[2:]
+        assert [i.split(":")[0].strip() for i in interfaces] == ["lo"]
+        # Yet it serves, on the sockets it was given.
+        alice = pki.issue_client("finance", "activated-alice")
+        version, response = handshake_then_get(api_port, tls_context(pki.ca_cert, alice))
+        assert response.startswith(b"HTTP/1.1 200"), response
+        with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as plain:
+            plain.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert plain.recv(64).startswith(b"HTTP/1.1 200")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+        api.close()
+        metrics.close()
+
+
+@needs_namespaces
+def test_passed_sockets_and_the_configuration_must_agree(tmp_path, pki):
+    """A listener systemd did not pass cannot be opened in moatd's empty namespace, and a
+    passed socket nobody listens on would swallow connections: both refuse the start."""
+    api, metrics = listening(), listening()
+    api_port, metrics_port = api.getsockname()[1], metrics.getsockname()[1]
+    try:
+        unknown = server_config(pki, FIXTURE_ONLY,
+                                server={"listen": [f"127.0.0.1:{api_port}", "127.0.0.1:1"]},
+                                metrics={"listen": f"127.0.0.1:{metrics_port}"})
+        process = activated(tmp_path / "unknown", pki, [api, metrics], unknown)
+        stderr = process.communicate(timeout=60)[1]
+        assert process.returncode == 64, stderr
+        assert "add ListenStream=127.0.0.1:1 to moat.socket" in stderr, stderr
+
+        unclaimed = server_config(pki, FIXTURE_ONLY, server={"listen": [f"127.0.0.1:{api_port}"]},
+                                  metrics={"enabled": False})
+        process = activated(tmp_path / "unclaimed", pki, [api, metrics], unclaimed)
+        stderr = process.communicate(timeout=60)[1]
+        assert process.returncode == 64, stderr
+        assert f"moat.toml does not listen on: [127.0.0.1:{metrics_port}]" in stderr, stderr
+    finally:
+        api.close()
+        metrics.close()

@@ -85,6 +85,11 @@ def main() -> int:
         ready = receive("READY")
     except TimeoutError as e:
         return fail(str(e))
+    # The log is read by another thread: wait until it has the line moatd wrote just before
+    # it notified systemd.
+    deadline = time.monotonic() + 30
+    while not any("moatd is ready" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = "\n".join(lines)
     url = re.search(r"API listening url=https://([\d.]+):(\d+)", log)
     node_key = re.search(r"audit trail open .*key=([0-9a-f]{64})", log)

@@ -1,7 +1,9 @@
-//! Who may use the admin socket. The socket file is 0660, owned by the admin group, so the
-//! kernel already keeps others out; moatd checks again on every connection from the
-//! peer's credentials (SO_PEERCRED), and fails closed: root, moatd's own user, and members
-//! of the admin group (as primary group or listed in /etc/group) are let in, nobody else.
+//! Who may use the admin and audit sockets. Each socket file is 0660, owned by its group,
+//! so the kernel already keeps others out; moatd checks again on every connection from the
+//! peer's credentials (SO_PEERCRED) against /etc/passwd and /etc/group as they are then,
+//! and fails closed: root, moatd's own user, and members of the socket's group (as primary
+//! group or listed in /etc/group) are let in, nobody else. A member's open connections and
+//! already running moatctl are not cut off, but every new connection is checked afresh.
 
 use std::os::unix::fs::MetadataExt as _;
 
@@ -73,27 +75,27 @@ pub fn user_name(passwd_file: &str, uid: u32) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct AdminAccess {
     pub own_uid: u32,
-    /// `None`: the configured group does not exist; only root and moatd's user get in.
-    pub group: Option<Group>,
+    /// The group whose members get in (if it exists on the host).
+    pub group: String,
 }
 
 impl AdminAccess {
-    /// The rule for admin group `group`, read from this host.
+    /// The rule for group `group` on this host.
     pub fn for_host(group: &str) -> std::io::Result<Self> {
-        let own_uid = std::fs::metadata("/proc/self")?.uid();
-        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
         Ok(Self {
-            own_uid,
-            group: find_group(&groups, group),
+            own_uid: std::fs::metadata("/proc/self")?.uid(),
+            group: group.to_owned(),
         })
     }
 
-    /// Whether `peer` may use the socket; `passwd_file` names users for group membership.
-    pub fn allows(&self, peer: Peer, passwd_file: &str) -> bool {
+    /// Whether `peer` may use the socket, by the account files as they are now (read for
+    /// each connection, so that removing someone from the group takes effect at once).
+    pub fn allows(&self, peer: Peer, passwd_file: &str, group_file: &str) -> bool {
         if peer.uid == 0 || peer.uid == self.own_uid {
             return true;
         }
-        let Some(group) = &self.group else {
+        // Without the group on this host, only root and moatd's user get in.
+        let Some(group) = find_group(group_file, &self.group) else {
             return false;
         };
         peer.gid == group.gid
@@ -113,7 +115,7 @@ mod tests {
     fn access() -> AdminAccess {
         AdminAccess {
             own_uid: 998,
-            group: find_group(GROUPS, "moat-admin"),
+            group: "moat-admin".into(),
         }
     }
 
@@ -128,19 +130,31 @@ mod tests {
     #[test]
     fn root_moatd_and_the_admin_group_get_in_and_nobody_else() {
         let access = access();
-        assert!(access.allows(peer(0, 0), USERS), "root");
-        assert!(access.allows(peer(998, 998), USERS), "moatd's user");
-        assert!(access.allows(peer(1000, 1000), USERS), "listed member");
-        assert!(access.allows(peer(1003, 997), USERS), "primary group");
-        assert!(!access.allows(peer(1002, 1002), USERS), "not a member");
-        assert!(!access.allows(peer(4242, 4242), USERS), "unknown user");
+        assert!(access.allows(peer(0, 0), USERS, GROUPS), "root");
+        assert!(access.allows(peer(998, 998), USERS, GROUPS), "moatd's user");
+        assert!(
+            access.allows(peer(1000, 1000), USERS, GROUPS),
+            "listed member"
+        );
+        assert!(
+            access.allows(peer(1003, 997), USERS, GROUPS),
+            "primary group"
+        );
+        assert!(
+            !access.allows(peer(1002, 1002), USERS, GROUPS),
+            "not a member"
+        );
+        assert!(
+            !access.allows(peer(4242, 4242), USERS, GROUPS),
+            "unknown user"
+        );
+        // Taken out of the group: refused from the next connection on.
+        let without_alice = GROUPS.replace("alice, bob", "bob");
+        assert!(!access.allows(peer(1000, 1000), USERS, &without_alice));
         // Without the group on this host, only root and moatd's user.
-        let no_group = AdminAccess {
-            own_uid: 998,
-            group: None,
-        };
-        assert!(!no_group.allows(peer(1000, 1000), USERS));
-        assert!(no_group.allows(peer(0, 0), USERS));
+        let no_group = "root:x:0:\nmoat:x:998:\n";
+        assert!(!access.allows(peer(1000, 1000), USERS, no_group));
+        assert!(access.allows(peer(0, 0), USERS, no_group));
     }
 
     #[test]

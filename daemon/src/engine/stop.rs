@@ -1,7 +1,9 @@
 //! Stop strings, which may span several tokens.
 //!
 //! Text is held back while it could still be the start of a stop string, so a client never
-//! sees part of a stop string that is completed by the next token.
+//! sees part of a stop string that is completed by the next token. Generation ends at the
+//! stop string completed first (ending earliest in the text; of those ending at the same
+//! place, the longest), however the text arrives in pieces.
 
 /// Watches generated text for stop strings.
 #[derive(Debug)]
@@ -40,11 +42,17 @@ impl StopMatcher {
         let search_from = self.pending.len().saturating_sub(self.longest_stop() - 1);
         self.pending.push_str(text);
         let search_from = floor_char_boundary(&self.pending, search_from);
+        // The stop completed first wins, as it would have token by token: of two that end
+        // in this text, the one ending earlier; of two ending together, the longer.
         let first_match = self
             .stops
             .iter()
-            .filter_map(|stop| self.pending[search_from..].find(stop.as_str()))
-            .min();
+            .filter_map(|stop| {
+                let at = self.pending[search_from..].find(stop.as_str())?;
+                Some((at + stop.len(), at))
+            })
+            .min()
+            .map(|(_, at)| at);
         if let Some(at) = first_match {
             let mut released = std::mem::take(&mut self.pending);
             released.truncate(search_from + at);
@@ -138,20 +146,36 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_completed_first_wins_over_a_longer_one_that_began_earlier() {
+        // "日" is complete before "b日éb" could be: generation ends there, cut as it may be.
+        let stops = ["b日éb", "日"];
+        let whole = run(&stops, &[" éé a b日éb"]);
+        assert_eq!(whole, (" éé a b".into(), true));
+        assert_eq!(run(&stops, &[" éé a b日é", "b"]), whole);
+        // Completed by the same character, the longer one wins.
+        assert_eq!(run(&["b日", "日"], &["ab日"]), ("a".into(), true));
+    }
+
+    #[test]
     fn without_stops_everything_passes() {
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
     }
 
     proptest::proptest! {
         /// However the text is cut into pieces, the matcher releases exactly the text before
-        /// the first stop string (or all of it), as a search over the whole text would.
+        /// the stop string completed first (or all of it), as a search over the whole text
+        /// would.
         #[test]
         fn pieces_never_change_the_answer(
             text in "[ab日é ]{0,40}",
             stops in proptest::collection::vec("[ab日é]{1,4}", 0..3),
             cuts in proptest::collection::vec(0usize..60, 0..8),
         ) {
-            let first = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+            let first = stops
+                .iter()
+                .filter_map(|s| text.find(s.as_str()).map(|at| (at + s.len(), at)))
+                .min()
+                .map(|(_, at)| at);
             let expected = match first {
                 Some(at) => (text[..at].to_owned(), true),
                 None => (text.clone(), false),

@@ -1,39 +1,42 @@
 //! The watchdog pings systemd only while moatd is seen to make progress. It runs on the
-//! main async runtime, so a runtime that stops turning stops the pings by itself. Each
-//! period it also checks that:
+//! main async runtime (the one that accepts admin connections and handles signals), so a
+//! runtime that stops turning stops the pings by itself. Every quarter of the watchdog
+//! timeout it also checks that:
 //!
-//! - the audit committer answers (it does so between commits, so a write that hangs keeps it
-//!   from answering, and no request can be answered without it);
-//! - every loaded text model's engine has a running thread, and one that had work at the
-//!   last check and still has it now has gone round its loop since.
+//! - the audit committer answers within half the timeout (it answers between commits, so a
+//!   write that hangs keeps it from answering, and no request is answered without it);
+//! - every engine thread of every loaded text model is alive, and none that has work has
+//!   stood still for three quarters of the timeout (one step of a full batch takes far
+//!   less; a thread stuck inside the runtime never comes back).
 //!
 //! When a check fails moatd logs what is stuck and withholds the ping: systemd then stops
-//! and restarts the service after `WatchdogSec`.
+//! and restarts the service when the timeout runs out. Embedding models run on the blocking
+//! pool, one request at a time, and the HTTP workers on their own threads; neither is
+//! watched here.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::api::ServedModel;
 use crate::audit::AuditLog;
-use crate::engine::EngineProgress;
+use crate::engine::WorkerProgress;
 use crate::models::serving::ServingTable;
 
-/// Pings every half `timeout` while the checks pass. Returns only if nothing watches.
+/// Pings while the checks pass. Returns only if nothing watches.
 pub async fn run(timeout: Duration, audit: Arc<AuditLog>, table: Arc<ServingTable>) {
-    let period = timeout / 2;
+    let period = timeout / 4;
     tracing::info!(
         timeout_secs = timeout.as_secs_f64(),
         "the systemd watchdog is on"
     );
-    let mut engines = EngineWatch::default();
+    let mut engines = EngineWatch::new(timeout * 3 / 4);
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let mut stuck = engines.stuck(sample(&table));
-        // Half the period at most, so that a late answer still leaves time to ping.
-        if let Err(e) = audit.ping(period / 2).await {
+        let mut stuck = engines.stuck(Instant::now(), sample(&table));
+        if let Err(e) = audit.ping(timeout / 2).await {
             stuck.push(format!("the audit committer does not answer: {e}"));
         }
         if stuck.is_empty() {
@@ -47,44 +50,67 @@ pub async fn run(timeout: Duration, audit: Arc<AuditLog>, table: Arc<ServingTabl
     }
 }
 
-/// The progress of every loaded text model, by `name@version`.
-fn sample(table: &ServingTable) -> BTreeMap<String, EngineProgress> {
+/// Every engine thread of every loaded text model, by `name@version` and thread index.
+fn sample(table: &ServingTable) -> BTreeMap<(String, usize), WorkerProgress> {
     let routes = table.snapshot();
     let mut progress = BTreeMap::new();
     for model in routes.values().flat_map(|route| route.loaded()) {
-        // Embeddings run on the blocking pool, one request at a time; the API times them.
         if let ServedModel::Generator(engine) = &model.served {
-            progress.insert(model.label(), engine.progress());
+            for (index, worker) in engine.progress().into_iter().enumerate() {
+                progress.insert((model.label(), index), worker);
+            }
         }
     }
     progress
 }
 
-/// Engine samples from the previous check.
-#[derive(Debug, Default)]
+/// When each engine thread was last seen to move.
+#[derive(Debug)]
 struct EngineWatch {
-    last: BTreeMap<String, EngineProgress>,
+    /// Longer than this with work and no round done: stuck.
+    limit: Duration,
+    /// Per thread: rounds, and since when it has had work without a round done (`None`
+    /// while idle).
+    moved: BTreeMap<(String, usize), (u64, Option<Instant>)>,
 }
 
 impl EngineWatch {
-    /// What is stuck in `now` compared with the previous sample, which `now` replaces.
-    fn stuck(&mut self, now: BTreeMap<String, EngineProgress>) -> Vec<String> {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            moved: BTreeMap::new(),
+        }
+    }
+
+    /// What is stuck at `now`, given this sample; threads no longer loaded are forgotten.
+    fn stuck(
+        &mut self,
+        now: Instant,
+        sample: BTreeMap<(String, usize), WorkerProgress>,
+    ) -> Vec<String> {
         let mut stuck = Vec::new();
-        for (label, progress) in &now {
-            if !progress.running {
-                stuck.push(format!("{label}: no engine thread is running"));
-                continue;
-            }
-            let Some(before) = self.last.get(label) else {
-                continue;
+        let mut moved = BTreeMap::new();
+        for (key, progress) in sample {
+            let (label, index) = &key;
+            // The clock runs from the first sample that saw work, and starts again whenever
+            // a round is done; idle, there is none.
+            let since = match self.moved.get(&key) {
+                _ if !progress.busy => None,
+                Some(&(rounds, Some(since))) if rounds == progress.rounds => Some(since),
+                _ => Some(now),
             };
-            if before.busy && progress.busy && before.rounds == progress.rounds {
+            let still = since.map_or(Duration::ZERO, |since| now.duration_since(since));
+            if !progress.running {
+                stuck.push(format!("{label}: engine thread {index} is not running"));
+            } else if still >= self.limit {
                 stuck.push(format!(
-                    "{label}: the engine has work and has not moved since the last check"
+                    "{label}: engine thread {index} has had work and not moved for {} s",
+                    still.as_secs()
                 ));
             }
+            moved.insert(key, (progress.rounds, since));
         }
-        self.last = now;
+        self.moved = moved;
         stuck
     }
 }
@@ -93,78 +119,98 @@ impl EngineWatch {
 mod tests {
     use super::*;
 
-    fn progress(rounds: u64, busy: bool, running: bool) -> EngineProgress {
-        EngineProgress {
-            rounds,
-            busy,
-            running,
-        }
+    const LIMIT: Duration = Duration::from_secs(22);
+
+    fn at(start: Instant, secs: u64) -> Instant {
+        start + Duration::from_secs(secs)
     }
 
-    fn sample(entries: &[(&str, EngineProgress)]) -> BTreeMap<String, EngineProgress> {
+    fn sample(
+        entries: &[(&str, usize, u64, bool, bool)],
+    ) -> BTreeMap<(String, usize), WorkerProgress> {
         entries
             .iter()
-            .map(|(label, p)| ((*label).to_owned(), *p))
+            .map(|&(label, index, rounds, busy, running)| {
+                (
+                    (label.to_owned(), index),
+                    WorkerProgress {
+                        rounds,
+                        busy,
+                        running,
+                    },
+                )
+            })
             .collect()
     }
 
     #[test]
-    fn an_idle_engine_may_stand_still_and_a_busy_one_must_move() {
-        let mut watch = EngineWatch::default();
+    fn an_idle_thread_may_stand_still_and_a_busy_one_must_move_within_the_limit() {
+        let start = Instant::now();
+        let mut watch = EngineWatch::new(LIMIT);
+        let idle = sample(&[("a@1", 0, 5, false, true)]);
+        assert!(watch.stuck(at(start, 0), idle.clone()).is_empty());
         assert!(
-            watch
-                .stuck(sample(&[("a@1.0.0", progress(5, false, true))]))
-                .is_empty()
+            watch.stuck(at(start, 60), idle).is_empty(),
+            "idle for a minute is fine"
         );
-        // Idle both times: nothing to do, nothing done.
-        assert!(
-            watch
-                .stuck(sample(&[("a@1.0.0", progress(5, false, true))]))
-                .is_empty()
+        // Work arrives and one long step runs: 21 s without a round is still fine.
+        let busy = sample(&[("a@1", 0, 5, true, true)]);
+        assert!(watch.stuck(at(start, 61), busy.clone()).is_empty());
+        assert!(watch.stuck(at(start, 82), busy.clone()).is_empty());
+        assert_eq!(
+            watch.stuck(at(start, 83), busy).len(),
+            1,
+            "22 s without a round"
         );
-        // Work arrives: the first sample that sees it has no earlier busy one to compare.
-        assert!(
-            watch
-                .stuck(sample(&[("a@1.0.0", progress(5, true, true))]))
-                .is_empty()
-        );
-        // Busy and moving.
-        assert!(
-            watch
-                .stuck(sample(&[("a@1.0.0", progress(9, true, true))]))
-                .is_empty()
-        );
-        // Busy and not moving: stuck.
-        let stuck = watch.stuck(sample(&[("a@1.0.0", progress(9, true, true))]));
-        assert_eq!(stuck.len(), 1);
-        assert!(
-            stuck[0].starts_with("a@1.0.0: the engine has work"),
-            "{stuck:?}"
+        // The step ends: the clock starts again.
+        let moved = sample(&[("a@1", 0, 6, true, true)]);
+        assert!(watch.stuck(at(start, 83), moved.clone()).is_empty());
+        assert!(watch.stuck(at(start, 104), moved.clone()).is_empty());
+        // 22 s with work and no round: stuck.
+        let stuck = watch.stuck(at(start, 105), moved);
+        assert_eq!(
+            stuck,
+            ["a@1: engine thread 0 has had work and not moved for 22 s"]
         );
     }
 
     #[test]
-    fn an_engine_without_a_thread_is_stuck_at_once() {
-        let mut watch = EngineWatch::default();
-        let stuck = watch.stuck(sample(&[
-            ("a@1.0.0", progress(0, false, false)),
-            ("b@2.0.0", progress(0, false, true)),
-        ]));
-        assert_eq!(stuck, ["a@1.0.0: no engine thread is running"]);
+    fn one_stuck_thread_is_found_beside_a_moving_sibling() {
+        let start = Instant::now();
+        let mut watch = EngineWatch::new(LIMIT);
+        watch.stuck(
+            at(start, 0),
+            sample(&[("a@1", 0, 1, true, true), ("a@1", 1, 1, true, true)]),
+        );
+        let stuck = watch.stuck(
+            at(start, 30),
+            sample(&[("a@1", 0, 90, true, true), ("a@1", 1, 1, true, true)]),
+        );
+        assert_eq!(
+            stuck,
+            ["a@1: engine thread 1 has had work and not moved for 30 s"]
+        );
     }
 
     #[test]
-    fn a_new_version_is_compared_only_with_itself() {
-        let mut watch = EngineWatch::default();
-        assert!(
-            watch
-                .stuck(sample(&[("a@1.0.0", progress(3, true, true))]))
-                .is_empty()
+    fn a_thread_that_ended_is_stuck_at_once() {
+        let mut watch = EngineWatch::new(LIMIT);
+        let stuck = watch.stuck(
+            Instant::now(),
+            sample(&[("a@1", 0, 0, false, false), ("b@2", 0, 0, false, true)]),
         );
-        // 1.0.0 was replaced by 2.0.0, which has the same round count by chance.
+        assert_eq!(stuck, ["a@1: engine thread 0 is not running"]);
+    }
+
+    #[test]
+    fn a_new_version_is_timed_from_when_it_is_first_seen() {
+        let start = Instant::now();
+        let mut watch = EngineWatch::new(LIMIT);
+        watch.stuck(at(start, 0), sample(&[("a@1", 0, 3, true, true)]));
+        // 1 was replaced by 2, with the same round count by chance.
         assert!(
             watch
-                .stuck(sample(&[("a@2.0.0", progress(3, true, true))]))
+                .stuck(at(start, 30), sample(&[("a@2", 0, 3, true, true)]))
                 .is_empty()
         );
     }
