@@ -238,8 +238,9 @@ in_chroot setpriv --reuid=moat --regid=moat --init-groups \
   fail "moatd generate with the packaged ONNX Runtime"
 }
 
-# The admin's part, as docs/operations.md describes it: TLS material, an auditor's key, and
-# (for this test) listeners on free loopback ports. /run/moat is what RuntimeDirectory= makes.
+# The admin's part, as docs/operations.md describes it: TLS material and an auditor's key
+# (serve_in_chroot.py sets the listen addresses to the sockets it passes, as moat.socket
+# would). /run/moat is what RuntimeDirectory= makes.
 configure_node() {
   local pki="$work/pki" target
   target="$(cargo metadata --format-version 1 --no-deps --locked |
@@ -253,9 +254,7 @@ configure_node() {
   install -m 0644 "$pki/ca.crt" "$chroot_dir/etc/moat/tls/departments-ca.crt"
   install -m 0640 "$pki/server.key" "$chroot_dir/etc/moat/tls/server.key"
   in_chroot chgrp moat /etc/moat/tls/server.key
-  sed -i -e "s|^recipients = \[\]|recipients = [\"$recipient\"]|" \
-    -e 's|^listen = \["0.0.0.0:8443"\]|listen = ["127.0.0.1:0"]|' \
-    -e 's|^listen = "127.0.0.1:9464"|listen = "127.0.0.1:0"|' "$chroot_dir/etc/moat/moat.toml"
+  sed -i -e "s|^recipients = \[\]|recipients = [\"$recipient\"]|" "$chroot_dir/etc/moat/moat.toml"
   grep -q "^recipients = \[\"age1" "$chroot_dir/etc/moat/moat.toml" || fail "could not set the auditor"
 }
 prepare_runtime_directory() {
@@ -269,7 +268,7 @@ serve_check() {
     --key "$work/pki/clients/alice.key" || fail "the installed moatd did not serve as its unit would"
 }
 
-step "configure the node and run moatd as its unit would (READY, mTLS, live audit, STOPPING)"
+step "configure the node and run moatd as its units would (passed sockets, no network, READY, mTLS, live audit, STOPPING)"
 configure_node
 serve_check >"$work/first-run.json"
 first_run="$(cat "$work/first-run.json")"

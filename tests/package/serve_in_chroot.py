@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Runs the installed moatd in a chroot the way its systemd unit would, and checks it.
+"""Runs the installed moatd in a chroot the way its systemd units would, and checks it.
 
     python3 tests/package/serve_in_chroot.py --chroot DIR --ca CA --cert CRT --key KEY
 
-moatd runs as the service user `moat` on /etc/moat/moat.toml, with NOTIFY_SOCKET pointing at
-a datagram socket this script reads, as systemd would. Checks, in order: READY=1 arrives and
-the API then answers a client certificate's health check over mutual TLS;
+As moat.socket and moat.service would: this script opens the two listening sockets (API and
+metrics, on free loopback ports it writes into /etc/moat/moat.toml, as an admin keeps the
+two in step) and passes them to moatd (LISTEN_FDS), which runs in a new, empty network
+namespace (PrivateNetwork=), as the service user `moat`, with NOTIFY_SOCKET pointing at a
+datagram socket this script reads. Checks, in order: READY=1 arrives; moatd took both
+passed sockets and its network namespace holds nothing but `lo`; the API answers a client
+certificate's health check over mutual TLS;
 `moatctl audit verify --live`, run as root in the chroot, verifies the node's trail over
 its audit socket; SIGTERM brings STOPPING=1 and exit status 0. Prints one JSON line:
 {"node_key", "records"} (the node key from the start log, the records the live check saw).
@@ -15,6 +19,7 @@ Uses the standard library only: it runs on the host, outside the chroot.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -36,6 +41,13 @@ def in_chroot(root: Path, *command: str, env: dict[str, str] | None = None, **kw
                             env={**CLEAN_ENV, **(env or {})}, **kwargs)
 
 
+def listening() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    return listener
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chroot", type=Path, required=True)
@@ -53,12 +65,31 @@ def main() -> int:
     notify.settimeout(120)
     inside = "/" + str((notify_dir / "notify").relative_to(root))
 
+    passed = [listening(), listening()]
+    api_port, metrics_port = (p.getsockname()[1] for p in passed)
+    config = root / "etc/moat/moat.toml"
+    text = re.sub(r'(?m)^listen = \[.*\]$', f'listen = ["127.0.0.1:{api_port}"]',
+                  config.read_text())
+    text = re.sub(r'(?m)^listen = "[^"]*"', f'listen = "127.0.0.1:{metrics_port}"', text)
+    config.write_text(text)
+    sources = [p.fileno() for p in passed]
+
+    def place_sockets():
+        # Out of the way first, so that placing one cannot overwrite another.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in sources]
+        for target, fd in enumerate(high, start=3):
+            os.dup2(fd, target)
+
     lines: list[str] = []
-    server = in_chroot(
-        root, "setpriv", "--reuid=moat", "--regid=moat", "--init-groups",
-        "/usr/bin/moatd", "serve", "--config", "/etc/moat/moat.toml",
-        env={"NOTIFY_SOCKET": inside, "MOAT_LOG": "info,ort=warn"},
+    server = subprocess.Popen(
+        ["unshare", "--net", "chroot", str(root),
+         "setpriv", "--reuid=moat", "--regid=moat", "--init-groups", "/bin/sh", "-c",
+         'LISTEN_PID=$$ LISTEN_FDS=2 exec /usr/bin/moatd serve --config /etc/moat/moat.toml'],
+        env={**CLEAN_ENV, "NOTIFY_SOCKET": inside, "MOAT_LOG": "info,ort=warn"},
+        pass_fds=(3, 4), preexec_fn=place_sockets,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for listener in passed:
+        listener.close()
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip() for l in server.stderr),
                               daemon=True)
     reader.start()
@@ -95,6 +126,11 @@ def main() -> int:
     node_key = re.search(r"audit trail open .*key=([0-9a-f]{64})", log)
     if not url or not node_key:
         return fail("READY=1 came before the API listener and the audit trail were logged")
+    if log.count("listening on the socket systemd passed") != 2:
+        return fail("moatd did not serve on the two sockets it was passed")
+    interfaces = Path(f"/proc/{server.pid}/net/dev").read_text().splitlines()[2:]
+    if [i.split(":")[0].strip() for i in interfaces] != ["lo"]:
+        return fail(f"moatd's network namespace is not empty: {interfaces}")
 
     context = ssl.create_default_context(cafile=str(args.ca))
     context.load_cert_chain(str(args.cert), str(args.key))
