@@ -324,6 +324,7 @@ def test_the_running_node_exports_and_verifies_over_its_admin_socket(tmp_path, p
             capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
         assert locked.returncode == 1 and "Permission denied" in locked.stderr
     assert not os.path.exists(socket), "moatd removes its socket when it stops"
+    public.rmdir()
     records = records_of(config, team, tmp_path)
     exports = [r for r in records if r["action"] == "audit.export"]
     assert [r["decision"] for r in exports] == ["allow", "allow", "deny"]
