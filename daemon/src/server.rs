@@ -23,7 +23,7 @@ use crate::models::serving::{LoadedModel, Route, ServingTable};
 use crate::models::{Models, RolloutError, loader};
 use crate::policy::{PolicyLoadError, PolicyStore};
 use crate::systemd;
-use crate::systemd::activation::{ActivationError, Inherited};
+use crate::systemd::activation::Inherited;
 use crate::tls::{self, TlsError, TlsReloader};
 use moat_core::audit::encoding::hex;
 use signals::{EarlyStop, Reloadable, StopSignals};
@@ -75,8 +75,6 @@ pub enum ServeError {
          [server] listen and [metrics] listen agree with moat.socket"
     )]
     UnclaimedSockets(Vec<SocketAddr>),
-    #[error(transparent)]
-    Activation(#[from] ActivationError),
     #[error("the server stopped with an error: {0}")]
     Run(#[source] std::io::Error),
 }
@@ -93,7 +91,6 @@ impl ServeError {
                 | ServeError::NoModels { .. }
                 | ServeError::NotPassed { .. }
                 | ServeError::UnclaimedSockets(_)
-                | ServeError::Activation(_)
                 | ServeError::Audit(
                     AuditError::NoRecipients
                         | AuditError::BadRecipient { .. }
@@ -111,12 +108,11 @@ pub fn serve(
     runtime: Arc<OrtRuntime>,
     inherited: Inherited,
 ) -> Result<(), ServeError> {
-    let early = EarlyStop::install().map_err(ServeError::Run)?;
+    let start = Start::new(inherited)?;
     // TLS, policy and audit first: a bad certificate, policy or auditor key is reported
     // before minutes of model loading.
     let ready = Ready::prepare(config)?;
     let table = Arc::new(ServingTable::default());
-    let start = Start::new(early, inherited);
     let unsigned = load_directories(config, &runtime, &|label| start.before_load(label))?;
     table.update(|routes| routes.extend(unsigned));
     let models = Models::open(
@@ -140,12 +136,14 @@ struct Start {
 const STARTUP_LOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 impl Start {
-    fn new(early: EarlyStop, inherited: Inherited) -> Self {
-        Self {
-            early,
+    /// From here on a stop signal is noted, not fatal ([`EarlyStop`]), and systemd hears
+    /// about each model as it loads.
+    fn new(inherited: Inherited) -> Result<Self, ServeError> {
+        Ok(Self {
+            early: EarlyStop::install().map_err(ServeError::Run)?,
             progress: systemd::StartupProgress::begin(STARTUP_LOAD_LIMIT),
             inherited,
-        }
+        })
     }
 
     /// Before each model load: false once a stop signal has come (load nothing more).
@@ -241,8 +239,7 @@ pub fn serve_models(
                 .map(|(name, served)| (name.clone(), unsigned_route(name, served))),
         );
     });
-    let early = EarlyStop::install().map_err(ServeError::Run)?;
-    let start = Start::new(early, Inherited::default());
+    let start = Start::new(Inherited::default())?;
     Ready::prepare(config)?.run(config, table, None, start)
 }
 

@@ -186,16 +186,22 @@ fn a_file_the_manifest_does_not_list_is_refused() {
     assert!(matches!(&error, BundleError::UnlistedFile { path } if path == "extra.bin"));
 }
 
-/// A tar entry whose header says what an attacker wants, written byte by byte (the tar
-/// crate's own setters refuse such names).
-fn hostile_tar(name: &[u8], kind: tar::EntryType, link: &[u8], body: &[u8]) -> Vec<u8> {
+/// The manifest and a good signature as a tar, without the two zero blocks that end the
+/// archive: entries written byte by byte go after it (and the archive is ended again).
+fn signed_start() -> Vec<u8> {
     let text = manifest();
     let signature = BundleSignature::sign(text.as_bytes(), &key(1)).to_toml();
     let writer =
         BundleWriter::new(Vec::new(), text.as_bytes(), Some(signature.as_bytes())).expect("w");
     let mut out = writer.finish().expect("w");
-    // Drop the two zero blocks that end the archive, append the entry, end it again.
     out.truncate(out.len() - 1024);
+    out
+}
+
+/// A tar entry whose header says what an attacker wants, written byte by byte (the tar
+/// crate's own setters refuse such names).
+fn hostile_tar(name: &[u8], kind: tar::EntryType, link: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = signed_start();
     let mut header = tar::Header::new_old();
     {
         let old = header.as_old_mut();
@@ -435,12 +441,7 @@ fn a_response_schema_becomes_json() {
 
 #[test]
 fn a_pax_size_beyond_the_listed_one_is_refused_before_anything_is_written() {
-    let text = manifest();
-    let signature = BundleSignature::sign(text.as_bytes(), &key(1)).to_toml();
-    let writer =
-        BundleWriter::new(Vec::new(), text.as_bytes(), Some(signature.as_bytes())).expect("w");
-    let mut out = writer.finish().expect("w");
-    out.truncate(out.len() - 1024);
+    let mut out = signed_start();
     let pad = |out: &mut Vec<u8>| out.resize(out.len().div_ceil(512) * 512, 0);
     // A PAX record says the next entry is 1 MiB; its own header says the listed size.
     let big = 1usize << 20;

@@ -164,12 +164,7 @@ impl AuditLog {
     /// request must get 503) when it cannot be, or not within the write timeout.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let receiver = self.hand_in(record)?;
-        let limit = self.settings.write_timeout;
-        match tokio::time::timeout(limit, receiver).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(AuditError::Closed),
-            Err(_) => Err(AuditError::Timeout(limit.as_millis() as u64)),
-        }
+        answer_within(receiver, self.settings.write_timeout).await
     }
 
     /// Stores `record` without waiting (for a request whose client already left).
@@ -241,11 +236,7 @@ impl AuditLog {
         self.sender
             .send(Command::Ping { reply })
             .map_err(|_| AuditError::Closed)?;
-        match tokio::time::timeout(limit, receiver).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(AuditError::Closed),
-            Err(_) => Err(AuditError::Timeout(limit.as_millis() as u64)),
-        }
+        answer_within(receiver, limit).await
     }
 
     /// Writes the final checkpoint and stops the committer; later records fail with
@@ -277,6 +268,18 @@ impl Drop for AuditLog {
                 let _ = thread.join();
             }
         }
+    }
+}
+
+/// The committer's answer, if it comes within `limit`.
+async fn answer_within<T>(
+    receiver: oneshot::Receiver<Result<T, AuditError>>,
+    limit: Duration,
+) -> Result<T, AuditError> {
+    match tokio::time::timeout(limit, receiver).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err(AuditError::Closed),
+        Err(_) => Err(AuditError::Timeout(limit.as_millis() as u64)),
     }
 }
 
