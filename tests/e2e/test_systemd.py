@@ -5,7 +5,6 @@ new server certificate in force without a restart, and refuses unusable ones. Lo
 journal entries with fields under systemd, or JSON lines when asked. Socket activation:
 moatd serves on sockets it is given, from a network namespace with nothing in it."""
 
-import fcntl
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +21,9 @@ import pytest
 
 from harness import (Moatd, Pki, binary, server_config, tls_context, toml_text,
                      wait_until)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "package"))
+from activation import listening, placing  # noqa: E402  (shared with the package test)
 from test_tls import handshake_then_get
 
 FIXTURE_ONLY = {"fixture": "fixture-fused"}
@@ -164,6 +167,15 @@ def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
             return tls.getpeercert(binary_form=True)
 
 
+def reap(process: subprocess.Popen) -> None:
+    """Kills `process` if it still runs, and closes its log pipe if it has one."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    if process.stderr:
+        process.stderr.close()
+
+
 def start_plain(tmp_path, pki, stderr, **env: str) -> subprocess.Popen:
     """moatd serving the fixture model, its log going where `stderr` says, in the form the
     environment asks for (the harness reads text logs only)."""
@@ -247,9 +259,7 @@ def test_under_systemd_logs_are_journal_entries_with_fields(tmp_path, pki):
             read_end = None
             assert stderr.read() == b""
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
         if read_end is not None:
             os.close(read_end)
         journal.shutdown(socket.SHUT_RDWR)
@@ -277,10 +287,7 @@ def test_json_logs_are_one_object_per_line(tmp_path, pki):
         assert listening["fields"]["url"].startswith("https://127.0.0.1:")
         assert lines[-1]["fields"]["message"] == "audit trail closed with a final checkpoint"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        reap(process)
 
 
 def activated(tmp_path, pki, passed: list[socket.socket], config: dict) -> subprocess.Popen:
@@ -291,28 +298,13 @@ def activated(tmp_path, pki, passed: list[socket.socket], config: dict) -> subpr
     directory.mkdir(parents=True)
     path = directory / "moat.toml"
     path.write_text(toml_text(config))
-    sources = [s.fileno() for s in passed]
-
-    def place_sockets():
-        # Out of the way first, so that placing one cannot overwrite another.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in sources]
-        for target, fd in enumerate(high, start=3):
-            os.dup2(fd, target)
-
     return subprocess.Popen(
         ["unshare", "--net", "sh", "-c",
          f'LISTEN_PID=$$ LISTEN_FDS={len(passed)} exec "$0" serve --config "$1"',
          str(binary("moatd")), str(path)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        pass_fds=tuple(range(3, 3 + len(passed))), preexec_fn=place_sockets,
+        pass_fds=tuple(range(3, 3 + len(passed))), preexec_fn=placing(passed),
         env=dict(os.environ, MOAT_LOG="info,ort=warn"))
-
-
-def listening() -> socket.socket:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    return listener
 
 
 needs_namespaces = pytest.mark.skipif(
@@ -351,10 +343,7 @@ def test_socket_activation_serves_without_a_network_of_its_own(tmp_path, pki):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        reap(process)
         api.close()
         metrics.close()
 

@@ -19,9 +19,7 @@ Uses the standard library only: it runs on the host, outside the chroot.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import re
 import signal
 import socket
@@ -33,19 +31,14 @@ import threading
 import time
 from pathlib import Path
 
+from activation import listening, placing
+
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
 
 
 def in_chroot(root: Path, *command: str, env: dict[str, str] | None = None, **kwargs):
     return subprocess.Popen(["chroot", str(root), *command],
                             env={**CLEAN_ENV, **(env or {})}, **kwargs)
-
-
-def listening() -> socket.socket:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    return listener
 
 
 def main() -> int:
@@ -72,13 +65,6 @@ def main() -> int:
                   config.read_text())
     text = re.sub(r'(?m)^listen = "[^"]*"', f'listen = "127.0.0.1:{metrics_port}"', text)
     config.write_text(text)
-    sources = [p.fileno() for p in passed]
-
-    def place_sockets():
-        # Out of the way first, so that placing one cannot overwrite another.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in sources]
-        for target, fd in enumerate(high, start=3):
-            os.dup2(fd, target)
 
     lines: list[str] = []
     server = subprocess.Popen(
@@ -86,7 +72,7 @@ def main() -> int:
          "setpriv", "--reuid=moat", "--regid=moat", "--init-groups", "/bin/sh", "-c",
          'LISTEN_PID=$$ LISTEN_FDS=2 exec /usr/bin/moatd serve --config /etc/moat/moat.toml'],
         env={**CLEAN_ENV, "NOTIFY_SOCKET": inside, "MOAT_LOG": "info,ort=warn"},
-        pass_fds=(3, 4), preexec_fn=place_sockets,
+        pass_fds=(3, 4), preexec_fn=placing(passed),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for listener in passed:
         listener.close()
