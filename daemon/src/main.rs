@@ -121,60 +121,55 @@ fn main() -> ExitCode {
     // LISTEN_PID from the environment.
     let inherited = Inherited::from_env();
     init_logging();
-    let mut cli = Cli::parse();
-    if let Some(code) = print_documentation(&cli.command) {
-        return code;
-    }
-    let defaulted = matches!(cli.command, Command::Serve) && cli.config.is_none();
-    if defaulted {
-        cli.config = Some(PathBuf::from(DEFAULT_CONFIG));
-    }
-    let config = match load_config(cli.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("error: {e}");
-            if defaulted {
-                eprintln!(
-                    "(moatd serve reads {DEFAULT_CONFIG} unless --config FILE names another)"
-                );
-            }
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let result = match cli.command {
+    let cli = Cli::parse();
+    match cli.command {
+        // Documentation needs no configuration.
+        Command::Completions { shell } => print_completions(shell),
+        Command::Man { dir } => print_manual(dir.as_deref()),
         Command::Generate(args) => {
-            let config = match apply_overrides(config, &args, cli.config.as_deref()) {
+            let config = match load_config(cli.config.as_deref())
+                .and_then(|config| apply_overrides(config, &args, cli.config.as_deref()))
+            {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            generate(&config, *args)
+            match generate(&config, *args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Serve => {
-            let inherited = match inherited {
-                Ok(inherited) => inherited,
+            let file = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            let config = match Config::load(&file) {
+                Ok(config) => config,
                 Err(e) => {
                     eprintln!("error: {e}");
+                    if file == Path::new(DEFAULT_CONFIG) {
+                        eprintln!(
+                            "(moatd serve reads {DEFAULT_CONFIG} unless --config FILE names another)"
+                        );
+                    }
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            return serve(&config, cli.config.as_deref(), inherited);
-        }
-        Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS,
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match inherited {
+                Ok(inherited) => serve(&config, &file, inherited),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
         }
     }
 }
 
-fn serve(config: &Config, file: Option<&Path>, inherited: Inherited) -> ExitCode {
-    let file = file.unwrap_or(Path::new(DEFAULT_CONFIG));
+fn serve(config: &Config, file: &Path, inherited: Inherited) -> ExitCode {
     if let Err(e) = config.validate_for_serve(file) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -201,40 +196,46 @@ fn serve(config: &Config, file: Option<&Path>, inherited: Inherited) -> ExitCode
     }
 }
 
-/// `completions` and `man` need no configuration: they print and exit.
-fn print_documentation(command: &Command) -> Option<ExitCode> {
+fn print_completions(shell: clap_complete::Shell) -> ExitCode {
     use clap::CommandFactory as _;
     // Into memory first: generating to a closed pipe would panic.
-    let mut text = Vec::new();
-    match command {
-        Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "moatd", &mut text);
-        }
-        Command::Man { dir: Some(dir) } => {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "moatd", &mut script);
+    write_stdout(&script)
+}
+
+/// The manual page on stdout, or with `dir` one page per command written there.
+fn print_manual(dir: Option<&Path>) -> ExitCode {
+    use clap::CommandFactory as _;
+    let mut page = Vec::new();
+    let written = match dir {
+        Some(dir) => {
             let mut command = Cli::command().disable_help_subcommand(true);
             command.build();
-            return Some(match write_manual_pages(command, dir) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: writing manual pages to {}: {e}", dir.display());
-                    ExitCode::FAILURE
-                }
-            });
+            write_manual_pages(command, dir)
         }
-        Command::Man { dir: None } => {
-            let page = clap_mangen::Man::new(Cli::command()).section("8");
-            if let Err(e) = page.render(&mut text) {
-                eprintln!("error: rendering the manual page: {e}");
-                return Some(ExitCode::FAILURE);
+        None => clap_mangen::Man::new(Cli::command())
+            .section("8")
+            .render(&mut page),
+    };
+    match written {
+        Ok(()) => write_stdout(&page),
+        Err(e) => {
+            match dir {
+                Some(dir) => eprintln!("error: writing manual pages to {}: {e}", dir.display()),
+                None => eprintln!("error: rendering the manual page: {e}"),
             }
+            ExitCode::FAILURE
         }
-        Command::Generate(_) | Command::Serve => return None,
     }
-    match std::io::stdout().write_all(&text) {
-        Ok(()) => Some(ExitCode::SUCCESS),
+}
+
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: writing to stdout: {e}");
-            Some(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
     }
 }
