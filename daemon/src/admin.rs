@@ -134,13 +134,6 @@ impl Scope {
             Scope::Audit => matches!(request, AdminRequest::AuditExport { .. }),
         }
     }
-
-    fn who(self) -> &'static str {
-        match self {
-            Scope::Admin => "the admin group",
-            Scope::Audit => "the audit group",
-        }
-    }
 }
 
 /// A bound socket; removed when dropped.
@@ -271,7 +264,7 @@ impl AdminSocket {
         let refusal = if !self.access.allows(peer, &passwd, &groups) {
             Some(format!(
                 "not root, moatd's user or a member of {}",
-                self.scope.who()
+                self.access.group
             ))
         } else if request.as_ref().is_ok_and(|r| !self.scope.allows(r)) {
             Some(format!(
