@@ -20,6 +20,9 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# ONNX Runtime's own telemetry stays off in everything this starts (moatd sets it itself;
+# this covers the tools and tests that load the library too).
+export ORT_DISABLE_TELEMETRY=1
 dev="$root/.moat-dev"
 pki="$dev/pki"
 port="${MOAT_DEV_PORT:-8443}"
@@ -112,8 +115,13 @@ listen = ["127.0.0.1:$port"]
 [tls]
 certificate = "pki/server.crt"
 private_key = "pki/server.key"
-client_ca = ["pki/ca.crt"]
 crl = ["pki/crl.pem"]
+
+# The development CA issues every department's certificates, so it may vouch for any
+# department. With one CA per department, bind each to its own: departments = ["finance"].
+[[tls.client_ca]]
+file = "pki/ca.crt"
+departments = "*"
 
 [models]
 store = "state/models"

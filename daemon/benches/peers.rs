@@ -708,7 +708,7 @@ fn start_moatd(pki: &Pki, bench: &common::CpuBench, model: &str, device: &str) -
     let config = format!(
         "[engine]\nonnxruntime_library = \"{lib}\"\ndevice = \"{device}\"\nintra_op_threads = {threads}\n\
          [server]\nlisten = [\"127.0.0.1:{port}\"]\n\
-         [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
+         [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [{{ file = \"ca.crt\", departments = \"*\" }}]\n\
          [models]\ndirectory = \"{models}\"\nstore = \"state/models\"\ntrusted_keys = \"trusted-keys\"\n[models.serve]\nbench = \"{model}\"\n\
          [metrics]\nenabled = false\n[policy]\ndirectory = \"policies\"\n\
          [audit]\nstate_directory = \"state\"\nnode_id = \"bench\"\nrecipients = [\"{}\", \"{}\"]\n\

@@ -205,7 +205,7 @@ fn start_server(pki: &Pki, engine: Arc<Engine>) -> String {
     ];
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\
-         [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [\"ca.crt\"]\n\
+         [tls]\ncertificate = \"server.crt\"\nprivate_key = \"server.key\"\nclient_ca = [{{ file = \"ca.crt\", departments = \"*\" }}]\n\
          [metrics]\nenabled = false\n[policy]\ndirectory = \"policies\"\n\
          [audit]\nstate_directory = \"state\"\nnode_id = \"bench\"\nrecipients = [\"{}\", \"{}\"]\n",
         auditors[0], auditors[1]

@@ -26,7 +26,9 @@ use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
-pub use service::{ConnectionIdentity, metrics_routes, request_context, routes};
+pub use service::{
+    ConnectionCertificates, RequestIdentity, metrics_routes, request_context, routes,
+};
 
 use crate::config::LimitsConfig;
 use crate::engine::{Embedder, Engine};
@@ -93,6 +95,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub policy: Arc<crate::policy::PolicyStore>,
     pub audit: Arc<crate::audit::AuditLog>,
+    /// Names each request's caller from its connection's certificates.
+    pub clients: crate::tls::ClientAuthority,
 }
 
 /// The model a request named, once it is known to be served (a metrics label, so names
@@ -184,12 +188,12 @@ impl FromRequest for Caller {
     type Future = std::future::Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let result = match req.conn_data::<ConnectionIdentity>() {
-            Some(ConnectionIdentity(Ok(identity))) => Ok(Caller {
+        let result = match req.extensions().get::<RequestIdentity>() {
+            Some(RequestIdentity(Ok(identity))) => Ok(Caller {
                 identity: identity.clone(),
             }),
-            Some(ConnectionIdentity(Err(e))) => Err(ApiError::Unauthenticated(e.clone())),
-            // No identity recorded for the connection: never serve it.
+            Some(RequestIdentity(Err(e))) => Err(ApiError::Unauthenticated(e.clone())),
+            // No identity named for the request: never serve it.
             None => Err(ApiError::Unauthenticated(IdentityError::NoCertificate)),
         };
         std::future::ready(result)

@@ -9,10 +9,12 @@ use serde::Deserialize;
 
 mod admin;
 mod audit;
+mod client_ca;
 mod serve;
 
 pub use admin::AdminConfig;
 pub use audit::{AuditConfig, SIGNING_KEY_CREDENTIAL, valid_node_id};
+pub use client_ca::{ClientCa, DepartmentScope};
 pub use serve::{
     CertField, IdentityConfig, LimitsConfig, MetricsConfig, ModelsConfig, PolicyConfig,
     ServerConfig, TlsConfig, network_allows, valid_model_name,

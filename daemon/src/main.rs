@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use moat_daemon::config::{Config, ConfigError, EXIT_CONFIG};
+use moat_daemon::engine::ort_backend::{TelemetryOn, switch_off_in_environment};
 use moat_daemon::engine::runtime_library::{self, LIBRARY_ENV};
 use moat_daemon::engine::{
     ChatMessage, DevicePreference, Engine, GenerationEvent, GenerationRequest, GenerationStream,
@@ -117,6 +118,10 @@ fn parse_device(text: &str) -> Result<DevicePreference, String> {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = switch_off_runtime_telemetry() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // Before any thread starts: taking the sockets systemd passed removes LISTEN_FDS and
     // LISTEN_PID from the environment.
     let inherited = Inherited::from_env();
@@ -167,6 +172,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// First of all, while this is the only thread: ONNX Runtime reads the switch when it
+/// initialises, and moatd never runs with its telemetry on.
+#[allow(unsafe_code)]
+fn switch_off_runtime_telemetry() -> Result<(), TelemetryOn> {
+    // SAFETY: called first in `main`, before any thread is started.
+    unsafe { switch_off_in_environment() }
 }
 
 fn serve(config: &Config, file: &Path, inherited: Inherited) -> ExitCode {

@@ -295,6 +295,7 @@ impl<'c> Ready<'c> {
             metrics: self.metrics,
             policy: self.policy,
             audit: Arc::clone(&self.audit),
+            clients: self.tls_reloader.client_authority(config.identity),
         });
         let reloadable = Reloadable {
             policy: Arc::clone(&state.policy),
@@ -420,13 +421,7 @@ async fn run_servers(
     if state.models.snapshot().is_empty() {
         tracing::warn!("no model is active: import and activate a bundle with moatctl");
     }
-    let api = listener::api_server(
-        state.clone(),
-        bound.api,
-        rustls_config,
-        server,
-        config.identity,
-    )?;
+    let api = listener::api_server(state.clone(), bound.api, rustls_config, server)?;
     for socket in crate::admin::bind(&config.admin)? {
         tracing::info!(socket = %socket.path().display(), scope = ?socket.scope(), "admin socket listening");
         actix_web::rt::spawn(socket.serve(Arc::clone(&audit), models.clone()));

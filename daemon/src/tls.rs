@@ -2,11 +2,14 @@
 //!
 //! A client is accepted only if its certificate chains to a configured department CA, is
 //! within its validity period, and (when CRLs are configured) is not revoked according to a
-//! CRL that has not expired itself. There is no session resumption: every connection proves
-//! its certificate afresh, so a revocation takes effect on the next connection. SIGHUP reads
-//! the certificate, key, CAs and CRLs again ([`TlsReloader`]): a new CRL is in force for the
-//! next handshake, without a restart.
+//! CRL that has not expired itself. Each CA vouches only for the departments it is bound to
+//! (`[[tls.client_ca]]`): a leaf naming another department is refused at every request
+//! ([`ClientAuthority`]). There is no session resumption, and every request checks its
+//! connection's chain again against the CAs and CRLs in force, so a revocation cuts a
+//! kept-alive connection at its next request. SIGHUP reads the certificate, key, CAs and
+//! CRLs again ([`TlsReloader`]), without a restart.
 
+mod department_cas;
 pub mod identity;
 mod verifier;
 
@@ -26,7 +29,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 pub use identity::{Identity, IdentityError, identity_from_leaf};
 pub use verifier::{RefusalObserver, refusal_reason};
 
-use crate::config::TlsConfig;
+use crate::config::{IdentityConfig, TlsConfig};
 
 /// Why the TLS configuration could not be built. Each variant names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +42,7 @@ pub enum TlsError {
         field: &'static str,
         reason: String,
     },
-    #[error("{path}: CA certificate refused (tls.client_ca): {reason}")]
+    #[error("{path}: CA certificate refused (tls.client_ca file): {reason}")]
     BadCa { path: PathBuf, reason: String },
     #[error("{path}: not a CRL in PEM or DER form (tls.crl): {reason}")]
     BadCrl { path: PathBuf, reason: String },
@@ -99,6 +102,15 @@ pub struct TlsReloader {
 }
 
 impl TlsReloader {
+    /// The handle the API uses to name the caller of each request, with the CAs and CRLs
+    /// in force at that request.
+    pub fn client_authority(&self, mapping: IdentityConfig) -> ClientAuthority {
+        ClientAuthority {
+            verifier: Arc::clone(&self.verifier),
+            mapping,
+        }
+    }
+
     /// Every file is read and checked before anything changes: on any error the material
     /// in force stays, whole.
     pub fn reload(&self) -> Result<(), TlsError> {
@@ -110,20 +122,41 @@ impl TlsReloader {
     }
 }
 
-/// The client certificate verifier: the department CAs and, when configured, their CRLs.
+/// Names the caller of each request from its connection's certificate chain.
+#[derive(Debug, Clone)]
+pub struct ClientAuthority {
+    verifier: Arc<verifier::ObservedVerifier>,
+    mapping: IdentityConfig,
+}
+
+impl ClientAuthority {
+    /// The caller, if the chain (leaf first) is accepted now and its CA may vouch for the
+    /// department it names.
+    pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<Identity, IdentityError> {
+        self.verifier.identify(chain, &self.mapping)
+    }
+}
+
+/// The client certificate verifier: one per department CA, each with every CRL.
 fn client_verifier(
     tls: &TlsConfig,
     provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    let roots = load_roots(&tls.client_ca)?;
+) -> Result<Arc<department_cas::DepartmentCas>, TlsError> {
     let crls = load_crls(&tls.crl)?;
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
-        .with_crls(crls)
-        // Without this rustls accepts a CRL past its next update: a stale list would
-        // silently stop revoking.
-        .enforce_revocation_expiration()
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))
+    let mut cas = Vec::with_capacity(tls.client_ca.len());
+    for ca in &tls.client_ca {
+        let roots = load_roots(&ca.file)?;
+        let verifier: Arc<dyn ClientCertVerifier> =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+                .with_crls(crls.clone())
+                // Without this rustls accepts a CRL past its next update: a stale list would
+                // silently stop revoking.
+                .enforce_revocation_expiration()
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        cas.push((ca.file.clone(), verifier, ca.departments.clone()));
+    }
+    Ok(Arc::new(department_cas::DepartmentCas::new(cas)))
 }
 
 /// The server's chain and key, checked to belong together.
@@ -187,15 +220,13 @@ fn load_certificates(
     Ok(certs)
 }
 
-fn load_roots(files: &[PathBuf]) -> Result<RootCertStore, TlsError> {
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for path in files {
-        for cert in load_certificates(path, "client_ca")? {
-            roots.add(cert).map_err(|e| TlsError::BadCa {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        }
+    for cert in load_certificates(path, "client_ca")? {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(roots)
 }
@@ -282,7 +313,10 @@ mod tests {
         let config = TlsConfig {
             certificate: write("server.crt", &server.pem()),
             private_key: write("server.key", &key.serialize_pem()),
-            client_ca: vec![write("ca.crt", &ca_cert.pem())],
+            client_ca: vec![crate::config::ClientCa {
+                file: write("ca.crt", &ca_cert.pem()),
+                departments: crate::config::DepartmentScope::Any,
+            }],
             crl: Vec::new(),
         };
         Files { dir, config }
@@ -310,7 +344,7 @@ mod tests {
         std::fs::write(&garbage, "not a certificate").expect("write");
 
         let mut no_ca = files.config.clone();
-        no_ca.client_ca = vec![garbage.clone()];
+        no_ca.client_ca[0].file = garbage.clone();
         assert!(matches!(
             server_config(&no_ca, ignore()).map(|_| ()),
             Err(TlsError::NoCertificate {

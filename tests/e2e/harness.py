@@ -1,11 +1,14 @@
 """The real `moatd` and `moatctl` binaries, run as an operator runs them, and the client
 side a department uses: TLS contexts, HTTP clients and the Prometheus text."""
 
+import atexit
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -30,6 +33,25 @@ def binary(name: str) -> Path:
     if not target.is_absolute():
         target = REPO / target
     return target / "debug" / name
+
+
+@functools.cache
+def binary_for_other_users(name: str) -> Path:
+    """A copy of `binary(name)` that any user can reach and run, for tests that run it as
+    another user: the checkout itself may sit in a directory only its owner can enter (a
+    clone under /root or in a `mktemp -d`). Removed when the tests end."""
+    directory = Path(tempfile.mkdtemp(prefix=f"moat-{name}-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    directory.chmod(0o755)
+    copy = directory / name
+    shutil.copyfile(binary(name), copy)
+    copy.chmod(0o755)
+    # Every directory above it must let others through too.
+    for parent in directory.parents:
+        if parent.stat().st_mode & 0o001 == 0:
+            raise AssertionError(f"{parent} is not searchable by other users; set TMPDIR "
+                                 "to a directory that is")
+    return copy
 
 
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -89,7 +111,7 @@ class Pki:
 
 def toml_text(config: dict) -> str:
     """TOML for a config of tables whose values are strings, numbers, booleans, lists of
-    those, or sub-tables."""
+    those, or sub-tables; dictionaries inside lists become inline tables."""
 
     def value(v) -> str:
         if isinstance(v, bool):
@@ -100,6 +122,8 @@ def toml_text(config: dict) -> str:
             return json.dumps(str(v))
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
         raise TypeError(f"no TOML for {v!r}")
 
     lines: list[str] = []
@@ -182,6 +206,16 @@ def auditors(directory: Path) -> Auditors:
     return Auditors(identities, recipients)
 
 
+def any_department(ca_cert: Path) -> dict:
+    """A `[[tls.client_ca]]` entry for an organisation-wide CA."""
+    return {"file": str(ca_cert), "departments": "*"}
+
+
+def bound_ca(ca_cert: Path, *departments: str) -> dict:
+    """A `[[tls.client_ca]]` entry for a CA that vouches for `departments` only."""
+    return {"file": str(ca_cert), "departments": list(departments)}
+
+
 def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
     """A serving config for the PKI's server certificate and CA, with its CRL, over the
     models in `serve` (served name -> directory under local/models), auditing into a state
@@ -193,7 +227,7 @@ def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
                    "max_batch": 16},
         "server": {"listen": ["127.0.0.1:0"], "shutdown_grace_secs": 1},
         "tls": {"certificate": str(pki.server_cert), "private_key": str(pki.server_key),
-                "client_ca": [str(pki.ca_cert)], "crl": [str(pki.crl)]},
+                "client_ca": [any_department(pki.ca_cert)], "crl": [str(pki.crl)]},
         "models": {"directory": str(MODELS), "serve": dict(serve),
                    "store": str(state / "models"),
                    "trusted_keys": str(root / "trusted-keys")},
@@ -214,10 +248,12 @@ class Moatd:
 
     READY = "moatd is ready"
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None):
-        env = dict(os.environ, MOAT_LOG="info,ort=warn", **(env or {}))
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None, *,
+                 wrapper: list[str] | None = None, base_env: dict[str, str] | None = None):
+        env = dict(os.environ if base_env is None else base_env, MOAT_LOG="info,ort=warn",
+                   **(env or {}))
         self.process = subprocess.Popen(
-            [binary("moatd"), "serve", "--config", str(config_path)],
+            [*(wrapper or []), binary("moatd"), "serve", "--config", str(config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, env=env, preexec_fn=_die_with_parent)
         self.lines: list[str] = []
@@ -229,14 +265,17 @@ class Moatd:
 
     @classmethod
     def start(cls, directory: Path, config: dict, timeout: float = 180,
-              env: dict[str, str] | None = None) -> "Moatd":
+              env: dict[str, str] | None = None, *, wrapper: list[str] | None = None,
+              base_env: dict[str, str] | None = None) -> "Moatd":
         """Writes `config` to DIRECTORY/moat.toml, starts moatd on it (with `env` added to
         its environment) and waits until it says it is ready; fails with its log if it exits
-        or takes longer than `timeout`."""
+        or takes longer than `timeout`. `wrapper` is a command that runs moatd (its argv
+        is appended, as to `strace ... --`); `base_env` replaces this process's environment
+        as the one `env` is added to."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "moat.toml"
         path.write_text(toml_text(config))
-        server = cls(path, env)
+        server = cls(path, env, wrapper=wrapper, base_env=base_env)
         try:
             server.wait_ready(timeout)
         except BaseException:

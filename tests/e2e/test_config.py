@@ -79,7 +79,7 @@ def test_unusable_certificate_files_are_a_config_error(tmp_path, pki):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a PEM file\n")
     for tls in [{"certificate": str(garbage)}, {"crl": [str(garbage)]},
-                {"client_ca": [str(garbage)]}]:
+                {"client_ca": [{"file": str(garbage), "departments": "*"}]}]:
         config = server_config(pki, {"fixture": "fixture-fused"}, tls=tls)
         path = tmp_path / "moat.toml"
         path.write_text(toml_text(config))

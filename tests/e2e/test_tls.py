@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 import certs
-from harness import ClientCert, Pki, running, server_config, tls_context
+from harness import (ClientCert, Pki, any_department, bound_ca, running, server_config,
+                     tls_context)
 
 FIXTURE_ONLY = {"fixture": "fixture-fused"}
 
@@ -206,7 +207,8 @@ def test_departments_with_their_own_cas_and_mapped_identities(tmp_path, pki, ali
     rosa = research.issue_client("research", "rosa", "--email", "rosa@research.example")
     config = server_config(
         pki, FIXTURE_ONLY,
-        tls={"client_ca": [str(pki.ca_cert), str(research.ca_cert)],
+        tls={"client_ca": [any_department(pki.ca_cert),
+                           bound_ca(research.ca_cert, "rosa@research.example")],
              "crl": [str(pki.crl), str(research.crl)]},
         identity={"department": "san.email", "subject": "subject.CN"})
     with running(tmp_path / "moatd", config) as server:

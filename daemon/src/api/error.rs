@@ -113,7 +113,7 @@ impl ApiError {
             ApiError::InvalidRequest { param, code, .. } => {
                 ("invalid_request_error", *param, *code)
             }
-            ApiError::Unauthenticated(_) => ("authentication_error", None, "no_identity"),
+            ApiError::Unauthenticated(e) => ("authentication_error", None, e.code()),
             ApiError::NotFound { code, .. } => ("invalid_request_error", None, *code),
             ApiError::BodyTooLarge { .. } => ("invalid_request_error", None, "body_too_large"),
             ApiError::Unsupported { param, code, .. } => ("invalid_request_error", *param, *code),

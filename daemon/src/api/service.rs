@@ -22,11 +22,17 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::tls::{Identity, IdentityError};
 use actix_web::HttpRequest;
 use moat_core::policy::PolicyAction;
+use rustls_pki_types::CertificateDer;
 
-/// The identity read from a connection's leaf certificate at handshake, kept in the
-/// connection's data for every request on it.
+/// The certificate chain (leaf first) a connection presented at its handshake, kept in the
+/// connection's data. Each request names its caller from it again, with the CAs and CRLs in
+/// force at that request.
 #[derive(Debug, Clone)]
-pub struct ConnectionIdentity(pub Result<Identity, IdentityError>);
+pub struct ConnectionCertificates(pub Arc<[CertificateDer<'static>]>);
+
+/// The caller of one request, as `request_context` named it.
+#[derive(Debug, Clone)]
+pub struct RequestIdentity(pub Result<Identity, IdentityError>);
 
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -55,6 +61,18 @@ pub fn metrics_routes(config: &mut web::ServiceConfig) {
         .default_service(web::to(unknown_route));
 }
 
+/// Names the caller of a request from its connection's chain; a connection without one
+/// (or a listener without client certificates) names nobody.
+fn name_caller(
+    req: &ServiceRequest,
+    state: Option<&web::Data<AppState>>,
+) -> Result<Identity, IdentityError> {
+    match (req.conn_data::<ConnectionCertificates>(), state) {
+        (Some(ConnectionCertificates(chain)), Some(state)) => state.clients.identify(chain),
+        _ => Err(IdentityError::NoCertificate),
+    }
+}
+
 /// Status counted for a request whose client went away before the answer was ready (the
 /// handler was dropped, and with it the generation), as nginx counts it.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -71,11 +89,9 @@ pub async fn request_context<B: MessageBody>(
     let span = tracing::info_span!("request", id = %context.id, method = %req.method(), path = %req.path());
     let id = HeaderValue::from_str(&context.id).ok();
     let model = ServedModelName::default();
-    let identity = match req.conn_data::<ConnectionIdentity>() {
-        Some(ConnectionIdentity(Ok(identity))) => Some(identity),
-        _ => None,
-    };
     let state = req.app_data::<web::Data<AppState>>();
+    let named = name_caller(&req, state);
+    let identity = named.as_ref().ok();
     let endpoint = endpoint_of(req.path());
     let department = identity.map(|i| i.department.clone()).unwrap_or_default();
     let subject = identity.map(|i| i.subject.clone()).unwrap_or_default();
@@ -105,6 +121,7 @@ pub async fn request_context<B: MessageBody>(
         span: span.clone(),
         started: Instant::now(),
     };
+    req.extensions_mut().insert(RequestIdentity(named.clone()));
     req.extensions_mut().insert(context);
     req.extensions_mut().insert(model.clone());
     if let Some(audit) = &audit {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use super::client_ca::ClientCa;
+
 /// `[server]`: the department-facing HTTPS listener(s).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,12 +70,13 @@ pub struct TlsConfig {
     pub certificate: PathBuf,
     /// PEM file with the server's private key (PKCS#8, SEC1 or PKCS#1).
     pub private_key: PathBuf,
-    /// PEM files of the department CAs; a client certificate must chain to one of them.
-    pub client_ca: Vec<PathBuf>,
     /// PEM or DER CRL files. With any CRL configured, every CA in a client's chain must have
     /// a current CRL here: unknown or expired revocation status refuses the client.
     #[serde(default)]
     pub crl: Vec<PathBuf>,
+    /// The department CAs (`[[tls.client_ca]]`), each bound to the departments it may vouch
+    /// for; a client certificate must chain to one that vouches for its department.
+    pub client_ca: Vec<ClientCa>,
 }
 
 /// Where a part of the caller's identity is read from in the leaf certificate.
@@ -296,10 +299,14 @@ impl TlsConfig {
         check_file(problems, "tls.private_key", &self.private_key);
         if self.client_ca.is_empty() {
             // Without a CA nobody could connect; an empty list is a mistake, not a policy.
-            problems.push("tls.client_ca must name at least one CA file".to_owned());
+            problems.push(
+                "tls.client_ca must name at least one CA: [[tls.client_ca]] file = \"...\" \
+                 departments = [\"...\"]"
+                    .to_owned(),
+            );
         }
-        for ca in &self.client_ca {
-            check_file(problems, "tls.client_ca", ca);
+        for (index, ca) in self.client_ca.iter().enumerate() {
+            ca.problems(index + 1, problems);
         }
         for crl in &self.crl {
             check_file(problems, "tls.crl", crl);
@@ -309,7 +316,9 @@ impl TlsConfig {
     pub(super) fn resolve(&mut self, base: &Path) {
         resolve(&mut self.certificate, base);
         resolve(&mut self.private_key, base);
-        self.client_ca.iter_mut().for_each(|p| resolve(p, base));
+        self.client_ca
+            .iter_mut()
+            .for_each(|ca| resolve(&mut ca.file, base));
         self.crl.iter_mut().for_each(|p| resolve(p, base));
     }
 }

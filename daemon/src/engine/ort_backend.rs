@@ -1,5 +1,5 @@
-//! The ONNX Runtime backend: this module and its `session` and `encoder` children are the
-//! only code that names `ort`.
+//! The ONNX Runtime backend: this module and its children (`session`, `encoder`, `kv_pool`,
+//! `telemetry`) are the only code that names `ort`.
 //!
 //! One [`OrtBackend`] owns one session and the KV caches of its sequences. Graphs with the
 //! fused contract (GroupQueryAttention) on the CPU keep every sequence's cache in a slot of
@@ -13,6 +13,7 @@
 pub(super) mod encoder;
 mod kv_pool;
 mod session;
+mod telemetry;
 
 use std::collections::HashMap;
 
@@ -31,6 +32,7 @@ pub use session::{
     SessionOptions,
 };
 use session::{check_io, create_session, kv_names};
+pub use telemetry::{TELEMETRY_SWITCH, TelemetryOn, check_switched_off, switch_off_in_environment};
 
 /// How a sequence's KV cache lives between steps.
 enum KvCache {

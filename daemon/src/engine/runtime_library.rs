@@ -56,6 +56,9 @@ pub enum RuntimeLibraryError {
         origin: LibrarySource,
         reason: String,
     },
+    /// Loading it now would turn its telemetry on.
+    #[error(transparent)]
+    TelemetryOn(#[from] super::ort_backend::TelemetryOn),
 }
 
 const HOW_TO_FIX: &str = "Fix: run `packaging/provision-onnxruntime.sh` (it fetches the pinned \

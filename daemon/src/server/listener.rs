@@ -16,9 +16,8 @@ use actix_web::{App, web};
 use ipnet::IpNet;
 
 use super::ServeError;
-use crate::api::{self, AppState, ConnectionIdentity};
-use crate::config::{IdentityConfig, ServerConfig, network_allows};
-use crate::tls::{self, IdentityError};
+use crate::api::{self, AppState, ConnectionCertificates};
+use crate::config::{ServerConfig, network_allows};
 
 /// Builds the API server over `listeners`; it starts when awaited or spawned.
 pub fn api_server(
@@ -26,7 +25,6 @@ pub fn api_server(
     listeners: Vec<TcpListener>,
     rustls_config: rustls::ServerConfig,
     server: &ServerConfig,
-    identity: IdentityConfig,
 ) -> Result<actix_server::Server, ServeError> {
     let mut builder = actix_server::Server::build()
         // moatd handles the stop signals itself (see `stop_on_signal`).
@@ -53,8 +51,8 @@ pub fn api_server(
                     .into_factory()
                     .map_err(|err: actix_web::Error| err.error_response());
                 let http = HttpService::build()
-                    .on_connect_ext(move |io: &TlsStream<TcpStream>, data: &mut Extensions| {
-                        capture_identity(io, data, &identity);
+                    .on_connect_ext(|io: &TlsStream<TcpStream>, data: &mut Extensions| {
+                        capture_certificates(io, data);
                     })
                     // Host and scheme come from each request; the API uses neither.
                     .finish(map_config(app, |_| AppConfig::default()))
@@ -93,19 +91,16 @@ fn source_admitted(networks: &[IpNet], io: &TcpStream, listener: SocketAddr) -> 
     admitted
 }
 
-/// Records the identity in the leaf client certificate of a new connection.
-fn capture_identity(
-    stream: &TlsStream<TcpStream>,
-    data: &mut Extensions,
-    mapping: &IdentityConfig,
-) {
+/// Keeps the client's certificate chain with the connection; each request names its
+/// caller from it (`api::request_context`). A connection without one gets 401 at every
+/// request.
+fn capture_certificates(stream: &TlsStream<TcpStream>, data: &mut Extensions) {
     let (_, session) = stream.get_ref();
-    let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
-        Some(leaf) => tls::identity_from_leaf(leaf, mapping),
-        None => Err(IdentityError::NoCertificate),
-    };
-    if let Err(e) = &identity {
-        tracing::warn!(error = %e, "a verified client certificate names no usable identity");
+    if let Some(chain) = session
+        .peer_certificates()
+        .filter(|chain| !chain.is_empty())
+    {
+        let owned: Vec<_> = chain.iter().map(|c| c.clone().into_owned()).collect();
+        data.insert(ConnectionCertificates(owned.into()));
     }
-    data.insert(ConnectionIdentity(identity));
 }

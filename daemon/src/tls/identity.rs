@@ -38,6 +38,30 @@ pub enum IdentityError {
         field: &'static str,
         reason: &'static str,
     },
+    /// The certificate names a department that no CA accepting its chain may vouch for
+    /// (`[[tls.client_ca]] departments`).
+    #[error(
+        "the client certificate names the department {department:?}, which the CA that issued \
+         it may not vouch for; ask that department's own CA for a certificate"
+    )]
+    DepartmentNotAllowedForCa { department: String },
+    /// The certificate was accepted at the handshake but is refused now, by the CAs and CRLs
+    /// in force (revoked since, or expired).
+    #[error(
+        "the client certificate is no longer accepted ({0}); open a new connection with a valid one"
+    )]
+    CertificateRefused(&'static str),
+}
+
+impl IdentityError {
+    /// The stable code of the 401 answer (and the reason counted in metrics).
+    pub fn code(&self) -> &'static str {
+        match self {
+            IdentityError::DepartmentNotAllowedForCa { .. } => "department_not_allowed_for_ca",
+            IdentityError::CertificateRefused(_) => "certificate_refused",
+            _ => "no_identity",
+        }
+    }
 }
 
 impl CertField {
@@ -138,7 +162,36 @@ fn check_name(value: &str, field: CertField) -> Result<String, IdentityError> {
     if value.chars().any(char::is_control) {
         return Err(unusable("contains control characters"));
     }
+    if value.chars().any(is_invisible_format) {
+        // Would let "finance" and "fi\u{200B}nance", or a name reversed on screen, pass for
+        // one another in logs, reports and policies.
+        return Err(unusable(
+            "contains invisible or direction-changing characters (zero-width or bidi controls)",
+        ));
+    }
     Ok(value.to_owned())
+}
+
+/// Zero-width characters, bidirectional controls and other invisible format characters.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 #[cfg(test)]
@@ -241,6 +294,38 @@ mod tests {
             identity_from_leaf(b"not a certificate", &IdentityConfig::default()),
             Err(IdentityError::Unparsable(_))
         ));
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_refuse_the_caller() {
+        for department in [
+            "fi\u{200B}nance",
+            "finance\u{202E}",
+            "\u{2066}legal\u{2069}",
+            "\u{FEFF}hr",
+        ] {
+            let der = leaf(|p| {
+                p.distinguished_name
+                    .push(DnType::OrganizationalUnitName, department);
+                p.distinguished_name.push(DnType::CommonName, "alice");
+            });
+            assert!(
+                matches!(
+                    identity_from_leaf(&der, &IdentityConfig::default()),
+                    Err(IdentityError::Unusable {
+                        field: "subject OU",
+                        ..
+                    })
+                ),
+                "{department:?} was accepted"
+            );
+        }
+        let der = leaf(|p| {
+            p.distinguished_name
+                .push(DnType::OrganizationalUnitName, "Finanzabteilung München");
+            p.distinguished_name.push(DnType::CommonName, "José");
+        });
+        identity_from_leaf(&der, &IdentityConfig::default()).expect("plain letters are names");
     }
 
     proptest::proptest! {

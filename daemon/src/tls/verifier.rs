@@ -1,8 +1,11 @@
 //! Client certificate verification that reports its refusals.
 //!
-//! The decision is rustls's own `WebPkiClientVerifier`; this wrapper only observes it, so a
-//! refused certificate (unknown CA, expired, revoked, ...) is logged with its reason and
-//! counted, instead of vanishing inside the handshake.
+//! The chain decision is rustls's own `WebPkiClientVerifier`, one per department CA
+//! ([`DepartmentCas`]); this wrapper observes it, so a refused certificate (unknown CA,
+//! expired, revoked, ...) is logged with its reason and counted, instead of vanishing inside
+//! the handshake. It also names the caller of each request ([`ObservedVerifier::identify`]):
+//! the chain is checked again against the CAs and CRLs in force, and the department the
+//! leaf claims must be one its CA may vouch for.
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -11,6 +14,10 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
+
+use super::department_cas::DepartmentCas;
+use super::identity::{Identity, IdentityError, identity_from_leaf};
+use crate::config::IdentityConfig;
 
 /// Why a client certificate was refused, as a short stable name (a metrics label).
 pub fn refusal_reason(error: &rustls::Error) -> &'static str {
@@ -42,25 +49,74 @@ pub type RefusalObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 /// Wraps a verifier, reporting each refusal it makes. The wrapped verifier can be replaced
 /// while serving (new CAs or CRLs); each handshake uses the one in force when it asks.
 pub struct ObservedVerifier {
-    inner: RwLock<Arc<dyn ClientCertVerifier>>,
+    inner: RwLock<Arc<DepartmentCas>>,
     observer: RefusalObserver,
 }
 
 impl ObservedVerifier {
-    pub fn new(inner: Arc<dyn ClientCertVerifier>, observer: RefusalObserver) -> Self {
+    pub fn new(inner: Arc<DepartmentCas>, observer: RefusalObserver) -> Self {
         Self {
             inner: RwLock::new(inner),
             observer,
         }
     }
 
-    pub fn replace(&self, inner: Arc<dyn ClientCertVerifier>) {
+    pub fn replace(&self, inner: Arc<DepartmentCas>) {
         // Replaced in one assignment: a poisoned lock still holds a whole verifier.
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = inner;
     }
 
-    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+    fn current(&self) -> Arc<DepartmentCas> {
         Arc::clone(&self.inner.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The caller named by a connection's chain (leaf first), checked now against the CAs
+    /// and CRLs in force: a certificate revoked since the handshake is refused at its
+    /// connection's next request, and a department is accepted only from a CA that may
+    /// vouch for it. Refusals are logged and counted by their code.
+    pub fn identify(
+        &self,
+        chain: &[CertificateDer<'_>],
+        mapping: &IdentityConfig,
+    ) -> Result<Identity, IdentityError> {
+        let result = self.check(chain, mapping);
+        if let Err(
+            error @ (IdentityError::DepartmentNotAllowedForCa { .. }
+            | IdentityError::CertificateRefused(_)),
+        ) = &result
+        {
+            tracing::warn!(
+                reason = error.code(),
+                subject = ?chain.first().map(leaf_subject),
+                %error,
+                "client refused"
+            );
+            (self.observer)(error.code());
+        }
+        result
+    }
+
+    fn check(
+        &self,
+        chain: &[CertificateDer<'_>],
+        mapping: &IdentityConfig,
+    ) -> Result<Identity, IdentityError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(IdentityError::NoCertificate)?;
+        let cas = self.current();
+        let scopes = cas
+            .vouching(leaf, intermediates, UnixTime::now())
+            .map_err(|e| IdentityError::CertificateRefused(refusal_reason(&e)))?;
+        let identity = identity_from_leaf(leaf, mapping)?;
+        if scopes
+            .iter()
+            .any(|scope| scope.allows(&identity.department))
+        {
+            Ok(identity)
+        } else {
+            Err(IdentityError::DepartmentNotAllowedForCa {
+                department: identity.department,
+            })
+        }
     }
 }
 

@@ -114,10 +114,12 @@ impl OrtRuntime {
             origin: library.origin,
             reason,
         };
+        // Before the library initialises: afterwards its telemetry has already started.
+        super::telemetry::check_switched_off()?;
         let environment = ort::init_from(&library.path)
             .map_err(|e| unusable(e.to_string()))?
             .with_name("moatd")
-            // Data stays local: nothing about our models or requests is reported anywhere.
+            // Also off through the API, for a library that honours only that.
             .with_telemetry(false)
             .build()
             .map_err(|e| unusable(e.to_string()))?;
