@@ -46,6 +46,22 @@ if [ "$("$bin" --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
   cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --force >&2
 fi
 
+# The tarball's first entry, ./, becomes the chroot's root directory: it must be 0755, or
+# no user but root can reach anything in the chroot (the service user could not even load
+# its shared libraries). Tarballs cached before that was ensured are made again.
+root_mode() {
+  python3 - "$1" <<'PY'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as tarball:
+    first = tarball.next()
+print(f"{first.mode:o}" if first is not None and first.name in (".", "./") else "none")
+PY
+}
+if [ -f "$base_tarball" ] && [ "$(root_mode "$base_tarball" 2>/dev/null)" != 755 ]; then
+  step "the cached $base_tarball has a root directory other than 0755; making it again"
+  rm -f "$base_tarball"
+fi
+
 if [ ! -f "$base_tarball" ]; then
   step "debootstrap --variant=minbase bookworm (cached in $base_tarball)"
   mkdir -p "$cache"
@@ -59,7 +75,13 @@ if [ ! -f "$base_tarball" ]; then
   env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C chroot "$bootstrap" apt-get -q update >&2
   env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C chroot "$bootstrap" \
     apt-get -q -y --download-only install adduser libstdc++6 libgcc-s1 >&2
+  # mktemp -d made the root 0700; a system's / is 0755.
+  chmod 0755 "$bootstrap"
   tar -C "$bootstrap" --exclude=./proc/* --exclude=./dev/* --exclude=./sys/* \
     -czf "$base_tarball.partial" .
+  [ "$(root_mode "$base_tarball.partial")" = 755 ] || {
+    echo "error: $base_tarball.partial: its root directory is not 0755" >&2
+    exit 1
+  }
   mv "$base_tarball.partial" "$base_tarball"
 fi

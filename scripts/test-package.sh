@@ -145,6 +145,9 @@ grep 'Overall exposure level' "$work/security.txt" >&2
 step "unpack the bookworm chroot"
 mkdir -p "$chroot_dir"
 tar -C "$chroot_dir" -xzf "$base_tarball"
+# The chroot's / as on any system, whatever mode the tarball gave it: the service user must
+# reach the binaries and libraries under it.
+chmod 0755 "$chroot_dir"
 for fs in proc dev; do
   mkdir -p "$chroot_dir/$fs"
 done

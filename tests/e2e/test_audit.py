@@ -20,8 +20,8 @@ import pytest
 
 from audit_trail import (check_every_answer_recorded, crash_drill, decrypt, export,
                          records_of, run_moatctl, store_of, verify)
-from harness import (UNLIMITED_DATA, auditors, binary, policy_dir, running, server_config,
-                     sse_events, toml_text, wait_until)
+from harness import (UNLIMITED_DATA, auditors, binary, binary_for_other_users, policy_dir,
+                     running, server_config, sse_events, toml_text, wait_until)
 
 FIXTURE = {"fixture": "fixture-fused"}
 
@@ -311,7 +311,7 @@ def test_the_running_node_exports_and_verifies_over_its_admin_socket(tmp_path, p
         # Someone who is not an admin, on a socket left open by mistake: refused, recorded.
         os.chmod(socket, 0o666)
         refused = subprocess.run(
-            [binary("moatctl"), "audit", "export", "--socket", socket, "--out",
+            [binary_for_other_users("moatctl"), "audit", "export", "--socket", socket, "--out",
              "/tmp/never-written.jsonl"],
             capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
         assert refused.returncode == 1
@@ -320,7 +320,7 @@ def test_the_running_node_exports_and_verifies_over_its_admin_socket(tmp_path, p
         # With the socket's mode as moatd set it, the kernel refuses the connection.
         os.chmod(socket, 0o660)
         locked = subprocess.run(
-            [binary("moatctl"), "audit", "verify", "--live", "--socket", socket],
+            [binary_for_other_users("moatctl"), "audit", "verify", "--live", "--socket", socket],
             capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
         assert locked.returncode == 1 and "Permission denied" in locked.stderr
     assert not os.path.exists(socket), "moatd removes its socket when it stops"
@@ -356,7 +356,8 @@ def test_the_audit_socket_serves_auditors_the_export_and_nothing_else(tmp_path, 
         drop.chmod(0o777)
         out = drop / "by-an-auditor.jsonl"
         exported = subprocess.run(
-            [binary("moatctl"), "audit", "export", "--socket", audit_socket, "--out", out],
+            [binary_for_other_users("moatctl"), "audit", "export", "--socket", audit_socket,
+             "--out", out],
             capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
         assert exported.returncode == 0, exported.stderr
         ids = {r["request_id"] for r in decrypt(out, team.identities[0])}
@@ -364,13 +365,13 @@ def test_the_audit_socket_serves_auditors_the_export_and_nothing_else(tmp_path, 
 
         # The admin socket stays closed to the auditor (the kernel refuses it).
         locked = subprocess.run(
-            [binary("moatctl"), "model", "list", "--socket", admin_socket],
+            [binary_for_other_users("moatctl"), "model", "list", "--socket", admin_socket],
             capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
         assert locked.returncode != 0 and "Permission denied" in locked.stderr
         # The audit socket refuses model commands, to the auditor and to root alike.
         for preexec in (as_nobody, None):
             refused = subprocess.run(
-                [binary("moatctl"), "model", "list", "--socket", audit_socket],
+                [binary_for_other_users("moatctl"), "model", "list", "--socket", audit_socket],
                 capture_output=True, text=True, timeout=60, preexec_fn=preexec)
             assert refused.returncode != 0
             assert "not served on the audit socket" in refused.stderr, refused.stderr
