@@ -20,7 +20,7 @@ pub mod limits;
 
 pub use access::{
     AccessPolicy, ModelFacts, PolicyAction, PolicyDecision, PolicyError, PolicyRequest,
-    PolicySource, SourceFile,
+    PolicySource, SUBJECT_SEPARATOR, SourceFile,
 };
 pub use data::PolicyData;
 pub use decision::ReasonCode;

@@ -390,7 +390,7 @@ permit (principal in Moat::Department::"night", action == Moat::Action::"chat", 
 when { context.hour >= 22 || context.hour < 6 };
 
 @id("bob-embeds-with-general")
-permit (principal == Moat::Subject::"bob", action == Moat::Action::"embed", resource == Moat::Model::"general");
+permit (principal == Moat::Subject::"visitor/bob", action == Moat::Action::"embed", resource == Moat::Model::"general");
 
 @id("no-secrets-at-night")
 forbid (principal, action, resource)
@@ -406,7 +406,9 @@ fn conditional_oracle(ask: &Ask, rank: usize) -> bool {
     let night = ask.department == "night"
         && ask.action == PolicyAction::Chat
         && (ask.hour >= 22 || ask.hour < 6);
-    let bob = ask.subject == "bob" && ask.action == PolicyAction::Embed && model == Some("general");
+    let bob = ask.department == "visitor"
+        && ask.subject == "bob"
+        && ask.action == PolicyAction::Embed && model == Some("general");
     let forbidden = rank >= 3 && ask.hour < 6;
     (finance || night || bob) && !forbidden
 }
@@ -496,6 +498,23 @@ fn each_conditional_permit_allows_where_its_condition_holds() {
             false,
         ),
         (bob.clone(), true),
+        // A permit names one department's subject: legal's bob is not visitor's bob, and a
+        // department whose name holds the separator is refused outright.
+        (
+            Ask {
+                department: "legal".to_owned(),
+                ..bob.clone()
+            },
+            false,
+        ),
+        (
+            Ask {
+                department: "visitor/bob".to_owned(),
+                subject: String::new(),
+                ..bob.clone()
+            },
+            false,
+        ),
         (secret(at(3, bob.clone())), false),
         (secret(at(7, bob)), true),
     ] {

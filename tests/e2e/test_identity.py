@@ -6,7 +6,7 @@ import signal
 import subprocess
 
 import certs
-from harness import (ClientCert, Pki, any_department, binary, bound_ca, running,
+from harness import (ClientCert, Pki, any_department, binary, bound_ca, policy_dir, running,
                      server_config, toml_text, wait_until)
 
 FIXTURE_ONLY = {"fixture": "fixture-fused"}
@@ -105,3 +105,45 @@ def test_names_with_invisible_or_bidi_characters_are_refused(tmp_path, moatd, pk
         assert response.status_code == 401, (department, subject, response.text)
         assert "invisible or direction-changing" in response.json()["error"]["message"]
     assert any_department(pki.ca_cert)["departments"] == "*"
+
+
+ALICE_OF_FINANCE = """@id("finance-alice-chats")
+permit (principal == Moat::Subject::"finance/alice", action == Moat::Action::"chat",
+        resource);
+"""
+
+
+def test_a_permit_for_one_departments_subject_never_matches_anothers(tmp_path, pki):
+    """Legal also has an alice. A permit written for finance's alice must not let her in."""
+    finance_alice = pki.issue_client("finance", "alice-policy-test")
+    root = certs.load_authority(pki.ca_cert, pki.ca_key)
+    clients = {}
+    for department in ("finance", "legal"):
+        cert, key = certs.issue_client(root, certs.name(("OU", department), ("CN", "alice")))
+        clients[department] = ClientCert(
+            certs.write_pem(tmp_path / f"{department}-alice.crt", cert),
+            certs.write_pem(tmp_path / f"{department}-alice.key", key))
+    policies = policy_dir(tmp_path / "policies", ALICE_OF_FINANCE)
+    config = server_config(pki, FIXTURE_ONLY, policy={"directory": str(policies)})
+    with running(tmp_path / "moatd", config) as server:
+        with server.http(pki.ca_cert, clients["legal"]) as http:
+            response = http.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 403, response.text
+            assert response.json()["error"]["code"] == "deny.no_permit"
+        with server.http(pki.ca_cert, clients["finance"]) as http:
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+        # Another subject of finance is not alice either.
+        with server.http(pki.ca_cert, finance_alice) as http:
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 403
+
+
+def test_a_department_name_holding_the_separator_is_refused(tmp_path, moatd, pki):
+    """"finance/alice" as a department with any subject would read as finance's alice."""
+    root = certs.load_authority(pki.ca_cert, pki.ca_key)
+    cert, key = certs.issue_client(root, certs.name(("OU", "finance/alice"), ("CN", "x")))
+    client = ClientCert(certs.write_pem(tmp_path / "slash.crt", cert),
+                        certs.write_pem(tmp_path / "slash.key", key))
+    with moatd.http(pki.ca_cert, client) as http:
+        response = http.get("/v1/models")
+    assert response.status_code == 401, response.text
+    assert "separates department and subject" in response.json()["error"]["message"]

@@ -19,6 +19,10 @@ use super::ReasonCode;
 use super::content::{ContentRules, ContentScan};
 use super::data::PolicyData;
 
+/// Separates department and subject in a principal's id (`Moat::Subject::"finance/alice"`);
+/// never part of a department name.
+pub const SUBJECT_SEPARATOR: char = '/';
+
 /// One file of a policy directory, as text.
 #[derive(Debug, Clone, Copy)]
 pub struct SourceFile<'a> {
@@ -142,6 +146,16 @@ impl EntityTypes {
             action: name("Moat::Action"),
         }
     }
+}
+
+/// The principal's id: the subject scoped by its department, `"<department>/<subject>"`, so
+/// that a policy about finance's alice never matches legal's alice. Department names never
+/// hold `/` (the identity refuses them), so the id reads back one way only.
+fn subject_uid(types: &EntityTypes, request: &PolicyRequest<'_>) -> EntityUid {
+    uid(
+        &types.subject,
+        &format!("{}{SUBJECT_SEPARATOR}{}", request.department, request.subject),
+    )
 }
 
 fn uid(kind: &EntityTypeName, id: &str) -> EntityUid {
@@ -298,9 +312,16 @@ impl AccessPolicy {
         rank: usize,
         strict: bool,
     ) -> Result<(bool, Vec<String>), String> {
+        if request.department.contains(SUBJECT_SEPARATOR) {
+            // Its principal's id would read as another department's subject.
+            return Err(format!(
+                "the department name {:?} holds {SUBJECT_SEPARATOR:?}",
+                request.department
+            ));
+        }
         let entities = self.entities(request, strict).map_err(|e| e.to_string())?;
         let t = &self.types;
-        let principal = uid(&t.subject, request.subject);
+        let principal = subject_uid(t, request);
         let action = uid(&t.action, request.action.as_str());
         let resource = match request.model {
             Some(model) => uid(&t.model, model.name),
@@ -331,7 +352,7 @@ impl AccessPolicy {
         let t = &self.types;
         let department_uid = uid(&t.department, request.department);
         let mut entities = vec![Entity::new_no_attrs(
-            uid(&t.subject, request.subject),
+            subject_uid(t, request),
             HashSet::from([department_uid]),
         )];
         let tabled = self.data.departments.contains_key(request.department);

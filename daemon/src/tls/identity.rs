@@ -85,8 +85,17 @@ pub fn identity_from_leaf(
 ) -> Result<Identity, IdentityError> {
     let (_, cert) = X509Certificate::from_der(leaf_der)
         .map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+    let department = read_field(&cert, mapping.department)?;
+    if department.contains(moat_core::policy::SUBJECT_SEPARATOR) {
+        // Policies name a subject as "<department>/<subject>": a department holding the
+        // separator could pass for another department's subject.
+        return Err(IdentityError::Unusable {
+            field: mapping.department.name(),
+            reason: "contains '/', which separates department and subject in policies",
+        });
+    }
     Ok(Identity {
-        department: read_field(&cert, mapping.department)?,
+        department,
         subject: read_field(&cert, mapping.subject)?,
     })
 }
