@@ -37,7 +37,10 @@ struct Notes {
     decision: &'static str,
     reason: String,
     classification: String,
+    /// What the content rules found in the prompt.
     findings: Vec<Finding>,
+    /// What they found in the answer (set once the answer is known).
+    answer_findings: Vec<Finding>,
     prompt_tokens: u64,
     completion_tokens: u64,
     retention: Retention,
@@ -129,13 +132,30 @@ impl AuditNotes {
         notes.reason = reason;
     }
 
-    /// The answer (before the client's redaction) and its length in tokens.
+    /// The answer (before the client's redaction), what the content rules found in it, and
+    /// its length in tokens. Called again with a longer answer, it replaces what it noted.
     pub fn answered(&self, policy: &AccessPolicy, answer: &str, completion_tokens: u64) {
         let mut notes = self.notes.borrow_mut();
         let scan = policy.content().scan(answer, Direction::Answer);
-        notes.findings.extend(findings(&scan));
+        notes.answer_findings = findings(&scan);
         notes.completion_tokens = completion_tokens;
         notes.answer = keep(policy, notes.retention, answer, Direction::Answer);
+    }
+
+    /// A content rule withheld the answer generated so far: the record says `deny` with the
+    /// rule's reason, and keeps the answer's findings and the answer itself (masked, as
+    /// retention says) as the evidence of what was withheld.
+    pub fn withheld(
+        &self,
+        policy: &AccessPolicy,
+        answer: &str,
+        completion_tokens: u64,
+        reason: &str,
+    ) {
+        self.answered(policy, answer, completion_tokens);
+        let mut notes = self.notes.borrow_mut();
+        notes.decision = "deny";
+        reason.clone_into(&mut notes.reason);
     }
 
     /// The stream, not the middleware, writes the final record.
@@ -205,7 +225,12 @@ impl AuditNotes {
                 notes.reason.clone()
             },
             classification: notes.classification.clone(),
-            findings: notes.findings.clone(),
+            findings: notes
+                .findings
+                .iter()
+                .chain(&notes.answer_findings)
+                .cloned()
+                .collect(),
             prompt_tokens: notes.prompt_tokens,
             completion_tokens: notes.completion_tokens,
             latency_ms: self.started.elapsed().as_millis() as u64,

@@ -52,13 +52,16 @@ pub async fn embeddings(
         ));
     }
     let policy = state.policy.current();
-    let inputs: Vec<String> = match request.input {
+    let sent: Vec<String> = match request.input {
         EmbeddingInput::One(text) => vec![text],
         EmbeddingInput::Many(texts) => texts,
-    }
-    .iter()
-    .map(|text| guard::redact_for_inference(&policy, text))
-    .collect();
+    };
+    let prompt_scan = guard::scan_prompt(&policy, &sent.join("\n"));
+    let inputs: Vec<String> = sent
+        .iter()
+        .map(|text| guard::redact_for_inference(&policy, text))
+        .collect();
+    drop(sent);
     let Some(capacity) = service.try_admit() else {
         return Err(ApiError::Overloaded {
             model: request.model,
@@ -82,6 +85,7 @@ pub async fn embeddings(
             ceiling: loaded.classification_ceiling.as_deref(),
         }),
         prompt_text: &inputs.join("\n"),
+        prompt_scan,
         prompt_tokens: prompt_tokens as u64,
         max_tokens: 0,
     };

@@ -25,6 +25,7 @@ use crate::engine::{
 use crate::metrics::GenerationTimer;
 use moat_core::ModelTask;
 use moat_core::bundle::manifest::SamplingDefaults;
+use moat_core::policy::content::ContentScan;
 use moat_core::policy::{AccessPolicy, ModelFacts, PolicyAction};
 
 use crate::models::serving::LoadedModel;
@@ -154,7 +155,7 @@ impl Exchange<'_> {
         endpoint: Endpoint,
     ) -> Result<HttpResponse, ApiError> {
         let policy = self.state.policy.current();
-        let (prompt, prompt_text) = policy_prompt(&policy, &engine, prompt, &model)?;
+        let (prompt, prompt_text, prompt_scan) = policy_prompt(&policy, &engine, prompt, &model)?;
         let mut request =
             generation_request(prompt, &params, &loaded.sampling, &self.state.limits)?;
         let check = constrain(&engine, &mut request, &params, &policy, loaded).await?;
@@ -176,6 +177,7 @@ impl Exchange<'_> {
                 ceiling: loaded.classification_ceiling.as_deref(),
             }),
             prompt_text: &prompt_text,
+            prompt_scan,
             prompt_tokens: ids.len() as u64,
             max_tokens: max_new_tokens as u64,
         };
@@ -300,9 +302,8 @@ async fn whole_answer(
             GenerationEvent::Finished { reason, usage } => {
                 timer.finished(usage);
                 let policy = Arc::clone(&admitted.policy);
-                admitted
-                    .notes
-                    .answered(&policy, &text, usage.completion_tokens as u64);
+                let notes = admitted.notes.clone();
+                notes.answered(&policy, &text, usage.completion_tokens as u64);
                 admitted.settle(usage.completion_tokens as u64);
                 if reason == FinishReason::Stop {
                     // The constraint made it so; this proves it before anyone relies on it.
@@ -310,7 +311,11 @@ async fn whole_answer(
                         .validate(&text)
                         .map_err(|e| ApiError::Internal(e.to_string()))?;
                 }
-                let text = guard::check_answer(&policy, &text)?;
+                let text = guard::check_answer(&policy, &text).inspect_err(|refusal| {
+                    if let ApiError::AnswerWithheld { reason } = refusal {
+                        notes.withheld(&policy, &text, usage.completion_tokens as u64, reason);
+                    }
+                })?;
                 let usage = UsageOut::from(usage);
                 let finish_reason = reason.as_str();
                 let response = match meta.endpoint {
@@ -397,16 +402,24 @@ async fn constrain(
     Ok(check)
 }
 
-/// The prompt as inference will see it (`redact` rules masked) and its text for the
-/// content rules. Token-id prompts are decoded, so ids cannot carry what text may not.
+/// The prompt as inference will see it (`redact` rules masked), its masked text for the
+/// audit, and what the content rules found in it as the client sent it: a `redact` rule's
+/// findings reach the policy and the audit like any other. Token-id prompts are decoded,
+/// so ids cannot carry what text may not.
 fn policy_prompt(
     policy: &AccessPolicy,
     engine: &Engine,
     prompt: Prompt,
     model: &str,
-) -> Result<(Prompt, String), ApiError> {
+) -> Result<(Prompt, String, ContentScan), ApiError> {
     match prompt {
         Prompt::Chat(messages) => {
+            let sent = messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n");
+            let scan = guard::scan_prompt(policy, &sent);
             let messages: Vec<ChatMessage> = messages
                 .into_iter()
                 .map(|m| {
@@ -419,21 +432,23 @@ fn policy_prompt(
                 .map(|m| m.content.as_str())
                 .collect::<Vec<_>>()
                 .join("\n");
-            Ok((Prompt::Chat(messages), text))
+            Ok((Prompt::Chat(messages), text, scan))
         }
         Prompt::Text(text) => {
+            let scan = guard::scan_prompt(policy, &text);
             let redacted = guard::redact_for_inference(policy, &text);
-            Ok((Prompt::Text(redacted.clone()), redacted))
+            Ok((Prompt::Text(redacted.clone()), redacted, scan))
         }
         Prompt::TokenIds(ids) => {
             let text = engine
                 .decode(&ids)
                 .map_err(|e| ApiError::from_engine(e, model))?;
+            let scan = guard::scan_prompt(policy, &text);
             let redacted = guard::redact_for_inference(policy, &text);
             if redacted == text {
-                Ok((Prompt::TokenIds(ids), text))
+                Ok((Prompt::TokenIds(ids), text, scan))
             } else {
-                Ok((Prompt::Text(redacted.clone()), redacted))
+                Ok((Prompt::Text(redacted.clone()), redacted, scan))
             }
         }
     }

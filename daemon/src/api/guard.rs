@@ -42,14 +42,24 @@ impl Admitted {
 }
 
 /// What a request asks for, as the gate needs it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GateRequest<'a> {
     pub action: PolicyAction,
     pub model: Option<ModelFacts<'a>>,
-    /// The prompt's text as the content rules see it (after redaction for inference).
+    /// The prompt's text as inference sees it (`redact` rules masked), for the audit.
     pub prompt_text: &'a str,
+    /// What the content rules found in the prompt as the client sent it, before any
+    /// masking ([`scan_prompt`]).
+    pub prompt_scan: ContentScan,
     pub prompt_tokens: u64,
     pub max_tokens: u64,
+}
+
+/// Every finding of the content rules in a prompt as the client sent it. Scanned before
+/// any `redact` rule masks the text: a masked match is still a finding that policies
+/// (`context.findings`) and the audit must see.
+pub fn scan_prompt(policy: &AccessPolicy, sent: &str) -> ContentScan {
+    policy.content().scan(sent, Direction::Prompt)
 }
 
 /// The policy's prompt text for inference: `redact` rules masked.
@@ -68,9 +78,7 @@ pub fn admit(
     http: &HttpRequest,
     request: GateRequest<'_>,
 ) -> Result<Admitted, ApiError> {
-    let prompt_scan = policy
-        .content()
-        .scan(request.prompt_text, Direction::Prompt);
+    let prompt_scan = request.prompt_scan;
     // A header that is not text names no label on the scale.
     let classification = http
         .headers()

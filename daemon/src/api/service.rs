@@ -239,6 +239,7 @@ fn admit_listing(state: &AppState, caller: &Caller, http: &HttpRequest) -> Resul
         action: PolicyAction::ListModels,
         model: None,
         prompt_text: "",
+        prompt_scan: Default::default(),
         prompt_tokens: 0,
         max_tokens: 0,
     };

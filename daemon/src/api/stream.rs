@@ -166,6 +166,8 @@ struct StreamState {
     notes: AuditNotes,
     /// The whole answer as generated, for the audit record and the answer check.
     answer: String,
+    /// Tokens generated so far.
+    tokens: u64,
     check: AnswerCheck,
     /// How the stream ended (status and error code), until its record is stored.
     ending: Option<(u16, String)>,
@@ -197,6 +199,7 @@ pub fn sse_body(
         admitted: Some(admitted),
         check,
         answer: String::new(),
+        tokens: 0,
         ending: None,
         opened: false,
         done: false,
@@ -233,6 +236,7 @@ impl StreamState {
         match event {
             Some(GenerationEvent::Token { text, .. }) => {
                 self.timer.token();
+                self.tokens += 1;
                 self.answer.push_str(&text);
                 match self.filter.push(&text) {
                     Ok(released) if released.is_empty() => return false,
@@ -280,6 +284,11 @@ impl StreamState {
 
     fn fail(&mut self, error: ApiError, out: &mut Vec<u8>) {
         use actix_web::ResponseError as _;
+        if let ApiError::AnswerWithheld { reason } = &error {
+            // The evidence of what was withheld goes into the record.
+            self.notes
+                .withheld(&self.filter.policy, &self.answer, self.tokens, reason);
+        }
         let status = error.status_code().as_u16();
         self.ending = Some((status, error.detail().code.to_owned()));
         self.format.failure(error, out);
