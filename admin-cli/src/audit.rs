@@ -13,7 +13,8 @@ Exit status:
    0  the export verifies
    1  another error (a file cannot be read or written, ...)
    2  usage error
-   3  not a moat audit export, an unsupported format version, or an invalid node key
+   3  not a moat audit export, an unsupported format version (version 1: unsigned), or an
+      invalid node key
    4  the export's node key is not the one given with --node-key
   10  unreadable: a line is not a record, checkpoint or end line, or comes after the end
   11  gap: a record is missing
@@ -22,7 +23,13 @@ Exit status:
   14  bad_signature: a checkpoint (or the anchor) is not signed by the node key
   15  checkpoint_mismatch: a checkpoint names a chain head the records do not reach
   16  truncated: the export was cut short
-  17  foreign_checkpoint: a checkpoint of another node"
+  17  foreign_checkpoint: a checkpoint of another node
+  18  bad_frame: the header and end line do not match the node's signature over them:
+      edited (records cut off, the counts, times or range changed to hide it)
+  19  older: the export's chain head is older than the one held (--after, --after-head)
+  20  forked: at the held head's record the export's chain differs: history rewritten
+  21  not_continuous: the export cannot show the held head (it starts after it) or is
+      another node's"
     };
 }
 
@@ -32,6 +39,7 @@ mod keygen;
 mod listing;
 mod live;
 mod staged;
+mod status;
 mod store;
 mod verify;
 
@@ -44,14 +52,17 @@ use clap::Subcommand;
 use ed25519_dalek::VerifyingKey;
 use indicatif::{ProgressBar, ProgressBarIter, ProgressStyle};
 use moat_core::audit::encoding::{hex, unhex};
-use moat_core::audit::export::{ExportError, ExportHeader, read_header};
-use moat_core::audit::{Checkpoint, CheckpointKind, Damage};
+use moat_core::audit::export::{ContinuityError, ExportError, ExportHeader, read_header};
+use moat_core::audit::{ChainPoint, Checkpoint, CheckpointKind, Damage};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 pub use decrypt::DecryptError;
 pub use listing::ListingFormat;
 pub use store::StoreError;
+pub use verify::Held;
+
+use status::{continuity_code, damage_code, meaning};
 
 /// Where moatd keeps its audit store with the default state directory.
 const DEFAULT_STORE: &str = "/var/lib/moat/audit";
@@ -115,6 +126,11 @@ pub enum AuditCommand {
         /// Only records stored at or before this time (RFC 3339).
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         until: Option<i64>,
+        /// With --store: the node's checkpoint key, which signs the export (default:
+        /// audit-signing.key beside the store directory, where moatd keeps it; with the key
+        /// in a systemd credential, export through the running moatd instead).
+        #[arg(long, value_name = "FILE", requires = "store")]
+        signing_key: Option<PathBuf>,
     },
     /// Verify an export: chain, signatures, gaps, order, and its end.
     ///
@@ -138,6 +154,14 @@ pub enum AuditCommand {
         /// the file is consistent.
         #[arg(long, value_name = "HEX", value_parser = parse_node_key)]
         node_key: Option<[u8; 32]>,
+        /// An earlier export of this node that you hold: this one must extend its chain
+        /// head (the same record there, and a head not older).
+        #[arg(long, value_name = "PREVIOUS_EXPORT")]
+        after: Option<PathBuf>,
+        /// The chain head you hold, as verify printed it (SEQUENCE:HASH): this export must
+        /// extend it.
+        #[arg(long, value_name = "SEQ:HASH", conflicts_with = "after")]
+        after_head: Option<ChainPoint>,
     },
     /// Decrypt a verified export with an auditor's age identity, as JSON lines or CSV.
     ///
@@ -195,6 +219,15 @@ pub enum Error {
         since: Option<i64>,
         until: Option<i64>,
     },
+    /// The node's signing key cannot be read, or is not one.
+    #[error(
+        "cannot sign the export with the node key {}: {reason}. An export is signed with the \
+         key that signs the node's checkpoints; moatd keeps it as audit-signing.key in its state \
+         directory (give it with --signing-key), or in a systemd credential: then export \
+         through the running moatd (without --store)",
+        .path.display()
+    )]
+    SigningKey { path: PathBuf, reason: String },
     /// An output file cannot be written.
     #[error("cannot write {}", .path.display())]
     Output {
@@ -219,6 +252,23 @@ pub enum Error {
         line: u64,
         sequence: u64,
         damage: Damage,
+    },
+    /// An export's chain verifies, its signed header and end do not.
+    #[error("the export {} does not verify: line {line}: bad_frame: {problem}", .path.display())]
+    Frame {
+        path: PathBuf,
+        line: u64,
+        problem: moat_core::audit::export::FrameProblem,
+    },
+    /// An export verifies but does not extend the chain head the auditor holds.
+    #[error(
+        "the export {} verifies, but does not extend the chain held: {}: {source}",
+        .path.display(), status::continuity_name(.source)
+    )]
+    Discontinuous {
+        path: PathBuf,
+        #[source]
+        source: ContinuityError,
     },
     /// An export was written from a damaged store.
     #[error(
@@ -245,14 +295,19 @@ impl Error {
             Error::Export { source, .. } => match source {
                 ExportError::NotAnExport(_)
                 | ExportError::UnsupportedVersion(_)
+                | ExportError::UnsignedFrame
                 | ExportError::BadNodeKey => 3,
                 ExportError::UntrustedKey { .. } => 4,
                 ExportError::Damaged { source, .. } => damage_code(source.damage),
+                ExportError::Frame { .. } => status::BAD_FRAME,
+                ExportError::Discontinuous(source) => continuity_code(source),
                 ExportError::Io(_) => 1,
             },
             Error::Damaged { damage, .. } | Error::StoreDamaged { damage, .. } => {
                 damage_code(*damage)
             }
+            Error::Frame { .. } => status::BAD_FRAME,
+            Error::Discontinuous { source, .. } => continuity_code(source),
             Error::Store(StoreError::Unreadable { .. }) => damage_code(Damage::Unreadable),
             _ => 1,
         }
@@ -266,6 +321,15 @@ impl Error {
                 line,
                 sequence: source.sequence,
                 damage: source.damage,
+            },
+            ExportError::Frame { line, problem } => Error::Frame {
+                path: path.to_path_buf(),
+                line,
+                problem,
+            },
+            ExportError::Discontinuous(source) => Error::Discontinuous {
+                path: path.to_path_buf(),
+                source,
             },
             source => Error::Export {
                 path: path.to_path_buf(),
@@ -290,6 +354,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
             out,
             since,
             until,
+            signing_key,
         } => {
             if let (Some(since), Some(until)) = (since, until)
                 && since > until
@@ -300,7 +365,13 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
                 });
             }
             match store {
-                Some(store) => export::run(&store, &out, since, until),
+                Some(store) => {
+                    let range = moat_core::audit::export::select::TimeRange {
+                        since_unix_ms: since,
+                        until_unix_ms: until,
+                    };
+                    export::run(&store, signing_key.as_deref(), &out, range)
+                }
                 None => {
                     let range = moat_core::audit::export::select::TimeRange {
                         since_unix_ms: since,
@@ -315,10 +386,19 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
             live,
             socket,
             node_key,
-        } => match file {
-            Some(file) if !live => verify::run(&file, node_key),
-            _ => live::verify(&socket.unwrap_or_else(default_socket), node_key),
-        },
+            after,
+            after_head,
+        } => {
+            let held = after.map(Held::Export).or(after_head.map(Held::Head));
+            match file {
+                Some(file) if !live => verify::run(&file, node_key, held.as_ref()),
+                _ => live::verify(
+                    &socket.unwrap_or_else(default_socket),
+                    node_key,
+                    held.as_ref(),
+                ),
+            }
+        }
         AuditCommand::Decrypt {
             file,
             identity,
@@ -326,44 +406,6 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
             out,
             node_key,
         } => decrypt::run(&file, &identity, format, out.as_deref(), node_key),
-    }
-}
-
-/// The exit status of a kind of damage.
-fn damage_code(damage: Damage) -> u8 {
-    match damage {
-        Damage::Unreadable => 10,
-        Damage::Gap => 11,
-        Damage::OutOfOrder => 12,
-        Damage::BrokenLink => 13,
-        Damage::BadSignature => 14,
-        Damage::CheckpointMismatch => 15,
-        Damage::Truncated => 16,
-        Damage::ForeignCheckpoint => 17,
-    }
-}
-
-/// What a kind of damage means for the records, in a sentence.
-fn meaning(damage: Damage) -> &'static str {
-    match damage {
-        Damage::Unreadable => {
-            "the line is not a record, checkpoint or end line of an export, or follows the end line"
-        }
-        Damage::Gap => "this record is missing",
-        Damage::OutOfOrder => "this record repeats or comes after a later one",
-        Damage::BrokenLink => {
-            "this record does not chain to the one before it: it or its predecessor was \
-             altered, or it comes from another node's chain"
-        }
-        Damage::BadSignature => "the checkpoint at this record is not signed by the node key",
-        Damage::CheckpointMismatch => {
-            "the checkpoint at this record names a chain head the records do not reach: records \
-             up to it were rewritten"
-        }
-        Damage::Truncated => {
-            "records from here on are missing: the export was cut short, or its end line altered"
-        }
-        Damage::ForeignCheckpoint => "the checkpoint at this record belongs to another node",
     }
 }
 
@@ -490,26 +532,6 @@ mod tests {
         assert_eq!(format_time(ms), "2026-11-29T10:00:00.250Z");
         assert!(parse_time("2026-11-29 10:00").is_err());
         assert!(parse_time("yesterday").is_err());
-    }
-
-    #[test]
-    fn every_kind_of_damage_has_its_own_exit_status() {
-        let kinds = [
-            Damage::Unreadable,
-            Damage::Gap,
-            Damage::OutOfOrder,
-            Damage::BrokenLink,
-            Damage::BadSignature,
-            Damage::CheckpointMismatch,
-            Damage::Truncated,
-            Damage::ForeignCheckpoint,
-        ];
-        let codes: std::collections::BTreeSet<u8> = kinds.iter().map(|d| damage_code(*d)).collect();
-        assert_eq!(codes.len(), kinds.len());
-        for kind in kinds {
-            let line = format!("{:>4}  {}:", damage_code(kind), kind.as_str());
-            assert!(exit_codes!().contains(&line), "{line} is documented");
-        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `moatctl audit` as operators and auditors run it: the real binary on sled stores written
 //! as moatd writes them, with real age identities and ed25519 node keys.
 
+#[path = "audit/frame.rs"]
+mod frame;
 #[path = "audit/node_store.rs"]
 mod node_store;
 
@@ -242,11 +244,14 @@ fn a_time_range_is_widened_back_to_the_checkpoint_before_it() {
 
     let (verified, warnings) = verify(&file, &[], 0);
     has(&verified, "records:          12, sequence 5 to 16");
-    // Checkpoint 19 is outside the range: records 15 and 16 are unsigned.
+    // Checkpoint 19 is outside the range: records 15 and 16 are not under a checkpoint;
+    // the export's own signature covers them.
     has(&verified, "unsigned tail:    2 record(s)");
+    has(&verified, "chain head:       22:");
     has(
         &warnings,
-        "warning: the last 2 record(s) follow the last checkpoint",
+        "warning: the node's chain had reached record 22 when this export was made, and the \
+         export stops at record 16 (it was asked to end at 2026-11-29T10:16:00.000Z)",
     );
 
     let (jsonl, _) = decrypt(&fixture.first, &file, "jsonl", None, 0);
@@ -443,7 +448,7 @@ fn tampering_with_an_export_is_located_and_has_its_exit_status() {
 
     // A record and a checkpoint from another node's store.
     let other = NodeStore::write(
-        &fixture.file("other"),
+        &fixture.file("other").join("audit"),
         "node-b",
         2,
         RECORDS,
@@ -529,7 +534,7 @@ fn tampering_with_the_store_is_located_by_export_and_verify() {
 
     let copied = Fixture::new();
     let other = NodeStore::write(
-        &copied.file("other"),
+        &copied.file("other").join("audit"),
         "node-b",
         2,
         RECORDS,
@@ -591,6 +596,10 @@ fn verify_help_documents_every_exit_status() {
         "  15  checkpoint_mismatch",
         "  16  truncated",
         "  17  foreign_checkpoint",
+        "  18  bad_frame",
+        "  19  older",
+        "  20  forked",
+        "  21  not_continuous",
     ] {
         has(&help, line);
     }

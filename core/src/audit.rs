@@ -12,6 +12,8 @@ pub mod layout;
 pub mod record;
 pub mod verify;
 
-pub use chain::{ChainEntry, Checkpoint, CheckpointKind, GENESIS, checkpoint_message, link_hash};
+pub use chain::{
+    ChainEntry, ChainPoint, Checkpoint, CheckpointKind, GENESIS, checkpoint_message, link_hash,
+};
 pub use record::{AuditRecord, Finding, RecordKind, RetainedText, Retention};
 pub use verify::{Damage, VerifiedChain, VerifyError, verify_chain};

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_core::audit::export::select::TimeRange;
-use moat_core::audit::export::source::{WriteExportError, write_export};
+use moat_core::audit::export::source::WriteExportError;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -403,11 +403,11 @@ async fn export(
         detail,
     );
     let prepared = match audit.append(record).await {
-        Ok(_) => audit.reader().await,
+        Ok(_) => audit.snapshot().await,
         Err(e) => Err(e),
     };
-    let reader = match prepared {
-        Ok(reader) => reader,
+    let snapshot = match prepared {
+        Ok(snapshot) => snapshot,
         Err(e) => {
             let message = format!("the audit trail cannot be exported now: {e}");
             return answer(&mut stream, Err(&message)).await;
@@ -419,7 +419,7 @@ async fn export(
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let written = actix_web::rt::task::spawn_blocking(move || {
         let out = BufWriter::new(&stream);
-        match write_export(&reader, range, now_unix_ms(), out, &mut |_| {}) {
+        match snapshot.write(range, now_unix_ms(), out, &mut |_| {}) {
             Ok((exported, mut out)) => out.flush().map(|()| Some(exported)),
             Err(WriteExportError::Empty) => {
                 let line =
@@ -430,6 +430,7 @@ async fn export(
             }
             Err(WriteExportError::Write(e)) => Err(e),
             Err(WriteExportError::Source(e)) => Err(std::io::Error::other(e.to_string())),
+            Err(e @ WriteExportError::WrongKey { .. }) => Err(std::io::Error::other(e.to_string())),
         }
     })
     .await

@@ -1,14 +1,19 @@
-//! `moatctl audit export --store DIR`: a stopped node's store to an export file.
+//! `moatctl audit export --store DIR`: a stopped node's store to an export file, signed
+//! with the node's key read from where moatd keeps it (or `--signing-key`).
+//!
+//! The export's frame must be signed by the node key, so an offline export needs it: root
+//! (or moatd's user) can read `audit-signing.key` in the state directory. A node whose key
+//! is a systemd credential exports through the running moatd, which holds it.
 
 use std::io::{BufWriter, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use moat_core::audit::VerifiedChain;
-use moat_core::audit::encoding::hex;
+use ed25519_dalek::SigningKey;
+use moat_core::audit::encoding::{decode_signing_key, hex};
 use moat_core::audit::export::select::TimeRange;
 use moat_core::audit::export::source::{self, ExportProgress, Exported, WriteExportError};
-use moat_core::audit::export::{ExportError, ExportHeader};
+use moat_core::audit::export::{ExportError, ExportHeader, VerifiedExport};
 
 use super::staged::StagedFile;
 use super::store::StoppedStore;
@@ -20,6 +25,12 @@ pub const HELP: &str = concat!(
   moatctl audit export --store /var/lib/moat/audit --out node-a.moat-audit
   moatctl audit export --store /var/lib/moat/audit --out november.moat-audit \\
       --since 2026-11-01T00:00:00Z --until 2026-11-30T23:59:59Z
+  # the node key in a systemd credential rather than /var/lib/moat/audit-signing.key:
+  systemd-creds decrypt /etc/credstore.encrypted/moat-audit-signing-key - | \\
+      moatctl audit export --store /var/lib/moat/audit --signing-key /dev/stdin --out a.moat-audit
+
+The export is signed with the node's checkpoint key (its header and end line), so that a
+copy cut short or edited does not verify; reading the key takes root or moatd's user.
 
 The summary names the node key (hex): give it to the auditor through another channel, who
 checks the file with `moatctl audit verify FILE --node-key HEX`.
@@ -32,34 +43,55 @@ Export exits 10 if a value in the store cannot be read at all, and with the stat
 damage if the written export does not verify."
 );
 
-/// Exports the store in `dir` to `out`.
+/// The node key's file name in moatd's state directory, of which the store is `audit/`.
+const SIGNING_KEY_FILE: &str = "audit-signing.key";
+
+/// Exports `range` of the store in `dir` to `out`, signed with the key in `signing_key`
+/// (default: [`SIGNING_KEY_FILE`] beside the store).
 pub fn run(
     dir: &Path,
+    signing_key: Option<&Path>,
     out: &Path,
-    since: Option<i64>,
-    until: Option<i64>,
+    range: TimeRange,
 ) -> Result<ExitCode, Error> {
     let store = StoppedStore::open(dir)?;
-    let range = TimeRange {
-        since_unix_ms: since,
-        until_unix_ms: until,
-    };
+    let key_path = signing_key.map_or_else(|| default_signing_key(dir), Path::to_path_buf);
+    let key = read_signing_key(&key_path)?;
     let output_error = |source| Error::Output {
         path: out.to_path_buf(),
         source,
     };
     let mut staged = StagedFile::create(out).map_err(output_error)?;
-    let exported = write_export(&store, range, &mut staged)?;
+    let exported = write_export(&store, range, (&key_path, &key), &mut staged)?;
     let verdict = verify_written(&staged, out);
     staged.commit().map_err(output_error)?;
     print_summary(out, &exported, range);
     verdict.map(|_| ExitCode::SUCCESS)
 }
 
-/// Selects what to export of `range` and writes it to `staged`, with progress bars.
+/// Where moatd keeps the node key of the store in `dir`: beside it, in the state directory.
+fn default_signing_key(dir: &Path) -> PathBuf {
+    let state = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    state.unwrap_or(Path::new(".")).join(SIGNING_KEY_FILE)
+}
+
+/// The node's signing key in `path`, as moatd writes it (64 hex digits) or 32 raw bytes.
+fn read_signing_key(path: &Path) -> Result<SigningKey, Error> {
+    let failed = |reason: String| Error::SigningKey {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
+    decode_signing_key(&bytes)
+        .ok_or_else(|| failed("it is not an ed25519 key (64 hex digits or 32 bytes)".into()))
+}
+
+/// Selects what to export of `range` and writes it to `staged`, signed with `key` (read
+/// from the file named with it), with progress bars.
 fn write_export(
     store: &StoppedStore,
     range: TimeRange,
+    (key_path, key): (&Path, &SigningKey),
     staged: &mut StagedFile,
 ) -> Result<Exported, Error> {
     let scanning = progress_bar("scanning", "{msg} {pos} records {spinner}");
@@ -72,6 +104,7 @@ fn write_export(
         store,
         range,
         now_unix_ms(),
+        key,
         BufWriter::new(staged.file()),
         &mut |progress| match progress {
             ExportProgress::Scanned => scanning.inc(1),
@@ -97,6 +130,12 @@ fn write_export(
             });
         }
         Err(WriteExportError::Write(e)) => return Err(write_error(e)),
+        Err(e @ WriteExportError::WrongKey { .. }) => {
+            return Err(Error::SigningKey {
+                path: key_path.to_path_buf(),
+                reason: e.to_string(),
+            });
+        }
     };
     buffered.flush().map_err(write_error)?;
     writing.finish_and_clear();
@@ -108,7 +147,7 @@ fn write_export(
 pub(super) fn verify_written(
     staged: &StagedFile,
     out: &Path,
-) -> Result<(ExportHeader, VerifiedChain), Error> {
+) -> Result<(ExportHeader, VerifiedExport), Error> {
     use moat_core::audit::export::{ExportReader, read_header};
     let verified = (|| {
         let mut input = std::io::BufReader::new(std::fs::File::open(staged.temp_path())?);

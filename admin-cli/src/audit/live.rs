@@ -1,7 +1,7 @@
 //! The live audit trail, from the running moatd over its audit or admin socket: `moatctl audit
 //! export` without `--store`, and `moatctl audit verify --live`. moatd signs a checkpoint
-//! over everything stored, then streams the export; nothing here needs the node's key or
-//! an auditor's.
+//! over everything stored, then streams the export, its header and end signed with the
+//! node's key; nothing here needs the node's key or an auditor's.
 
 use std::io::{BufRead as _, BufReader, BufWriter, Write as _};
 use std::os::unix::net::UnixStream;
@@ -12,7 +12,7 @@ use moat_core::audit::encoding::hex;
 use moat_core::audit::export::select::TimeRange;
 
 use super::staged::StagedFile;
-use super::{Error, progress_bar};
+use super::{Error, Held, progress_bar};
 
 /// Asks moatd on `socket` for the export of `range` and writes it to `out`.
 pub fn fetch(socket: &Path, range: TimeRange, out: &mut impl std::io::Write) -> Result<(), Error> {
@@ -79,15 +79,16 @@ pub fn export(socket: &Path, out: &Path, range: TimeRange) -> Result<ExitCode, E
     let (header, verified) = verdict?;
     println!(
         "exported {} record(s) and {} checkpoint(s) from the running moatd to {}",
-        verified.records,
-        verified.checkpoints,
+        verified.chain.records,
+        verified.chain.checkpoints,
         out.display()
     );
     println!("  node id:         {}", header.node_id);
     println!("  node key:        {}", hex(&header.node_key));
-    if let (Some(first), Some(last)) = (verified.first, verified.last) {
+    if let (Some(first), Some(last)) = (verified.chain.first, verified.chain.last) {
         println!("  records:         sequence {first} to {last}");
     }
+    println!("  chain head:      {}", verified.end.head);
     println!(
         "Give the auditor the node key through another channel than the file: \
          `moatctl audit verify {} --node-key {}`",
@@ -97,8 +98,13 @@ pub fn export(socket: &Path, out: &Path, range: TimeRange) -> Result<ExitCode, E
     Ok(ExitCode::SUCCESS)
 }
 
-/// `moatctl audit verify --live`: the whole trail, fetched and verified.
-pub fn verify(socket: &Path, trusted: Option<[u8; 32]>) -> Result<ExitCode, Error> {
+/// `moatctl audit verify --live`: the whole trail, fetched and verified (as extending
+/// `held`, if given).
+pub fn verify(
+    socket: &Path,
+    trusted: Option<[u8; 32]>,
+    held: Option<&Held>,
+) -> Result<ExitCode, Error> {
     let mut temp = tempfile::NamedTempFile::new().map_err(|source| Error::Output {
         path: std::env::temp_dir(),
         source,
@@ -112,5 +118,5 @@ pub fn verify(socket: &Path, trusted: Option<[u8; 32]>) -> Result<ExitCode, Erro
             .map_err(|source| Error::Output { path, source })?;
     }
     println!("the live audit trail of the moatd on {}:", socket.display());
-    super::verify::run(temp.path(), trusted)
+    super::verify::run(temp.path(), trusted, held)
 }

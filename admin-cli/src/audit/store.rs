@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use moat_core::audit::export::source::ExportSource;
 use moat_core::audit::layout::{self, NodeInfo};
-use moat_core::audit::{ChainEntry, Checkpoint};
+use moat_core::audit::{ChainEntry, ChainPoint, Checkpoint};
 
 /// Why a store cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +186,18 @@ impl ExportSource for StoppedStore {
                     .ok_or_else(|| self.unreadable(StoredItem::PruneMarker))
             })
             .transpose()
+    }
+
+    /// The last stored record.
+    fn head(&self) -> Result<Option<ChainPoint>, StoreError> {
+        let Some((key, value)) = self.records.last().map_err(|e| self.read_error(e))? else {
+            return Ok(None);
+        };
+        let sequence =
+            layout::decode_sequence(&key).ok_or_else(|| self.unreadable(StoredItem::Key))?;
+        layout::decode_entry(&key, &value)
+            .map(|entry| Some(ChainPoint::of(&entry)))
+            .ok_or_else(|| self.unreadable(StoredItem::Record(sequence)))
     }
 
     /// Every stored record's sequence number and stored time, in order, calling `progress`

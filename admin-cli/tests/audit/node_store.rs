@@ -2,9 +2,11 @@
 //! says, bodies age-encrypted to two auditors, chained, signed at checkpoints.
 
 use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
+use moat_core::audit::encoding::hex;
 use moat_core::audit::layout::{self, NodeInfo};
 use moat_core::audit::{AuditRecord, ChainEntry, Checkpoint, CheckpointKind, GENESIS};
 
@@ -58,9 +60,14 @@ pub struct NodeStore {
 
 impl NodeStore {
     /// Writes `count` records of node `node_id` (signing key from `seed`) to a new store in
-    /// `dir`.
+    /// `dir`, and the key to `audit-signing.key` beside it, as moatd keeps them in its state
+    /// directory.
     pub fn write(dir: &Path, node_id: &str, seed: u8, count: u64, auditors: &Auditors) -> Self {
         let key = SigningKey::from_bytes(&[seed; 32]);
+        let key_file = signing_key_file(dir);
+        std::fs::create_dir_all(key_file.parent().expect("a state directory")).expect("dir");
+        std::fs::write(&key_file, format!("{}\n", hex(key.as_bytes()))).expect("key file");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let db = open(dir);
         let records_tree = db.open_tree(layout::RECORDS).expect("records tree");
         let checkpoints = db.open_tree(layout::CHECKPOINTS).expect("checkpoints tree");
@@ -118,7 +125,75 @@ impl NodeStore {
     }
 
     pub fn key_hex(&self) -> String {
-        moat_core::audit::encoding::hex(&self.key.verifying_key().to_bytes())
+        hex(&self.key.verifying_key().to_bytes())
+    }
+
+    /// `count` more records, as the node goes on (checkpoints as [`NodeStore::write`] signs
+    /// them).
+    pub fn grow(&mut self, count: u64, auditors: &Auditors) {
+        self.chain_from(self.entries.len() as u64, count, auditors, "");
+    }
+
+    /// Rewrites history from record `from` on, as root on the node can: the records from
+    /// there replaced by `count` others, chained again and their checkpoints signed again
+    /// with the node's own key.
+    pub fn rewrite_from(&mut self, from: u64, count: u64, auditors: &Auditors) {
+        self.chain_from(from, count, auditors, "rewritten ");
+    }
+
+    /// Replaces the records from `from` on by `count` records whose subjects start with
+    /// `tag`, chained from record `from - 1`.
+    fn chain_from(&mut self, from: u64, count: u64, auditors: &Auditors, tag: &str) {
+        let db = open(&self.dir);
+        let records = db.open_tree(layout::RECORDS).expect("records tree");
+        let checkpoints = db.open_tree(layout::CHECKPOINTS).expect("checkpoints tree");
+        for tree in [&records, &checkpoints] {
+            for sequence in from..self.entries.len() as u64 {
+                tree.remove(layout::sequence_key(sequence))
+                    .expect("removed");
+            }
+        }
+        self.entries.truncate(from as usize);
+        self.records.truncate(from as usize);
+        let mut previous = from
+            .checked_sub(1)
+            .map_or(GENESIS, |p| self.entries[p as usize].hash);
+        let last = from + count - 1;
+        for sequence in from..=last {
+            let mut record = record(&self.node_id, sequence);
+            record.subject = format!("{tag}{}", record.subject);
+            let ciphertext = encrypt(&record.to_bytes(), auditors);
+            let entry = ChainEntry::new(
+                &self.node_id,
+                &previous,
+                sequence,
+                stored_at(sequence),
+                ciphertext,
+            );
+            records
+                .insert(layout::sequence_key(sequence), layout::encode_entry(&entry))
+                .expect("record stored");
+            if sequence % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 || sequence == last {
+                let checkpoint = Checkpoint::sign(
+                    &self.key,
+                    &self.node_id,
+                    sequence,
+                    entry.hash,
+                    stored_at(sequence) / 1000,
+                );
+                checkpoints
+                    .insert(
+                        layout::sequence_key(sequence),
+                        serde_json::to_vec(&checkpoint).expect("json"),
+                    )
+                    .expect("checkpoint stored");
+            }
+            previous = entry.hash;
+            self.records.push(record);
+            self.entries.push(entry);
+        }
+        drop((records, checkpoints));
+        close(db, &self.dir);
     }
 
     /// Prunes records and checkpoints up to `through` (a checkpoint's sequence) as moatd
@@ -161,6 +236,13 @@ impl NodeStore {
     pub fn stored_value(&self, sequence: u64) -> Vec<u8> {
         layout::encode_entry(&self.entries[sequence as usize])
     }
+}
+
+/// Where moatd keeps the node key of the store in `dir`: beside it.
+pub fn signing_key_file(dir: &Path) -> PathBuf {
+    dir.parent()
+        .expect("a store inside a state directory")
+        .join("audit-signing.key")
 }
 
 /// Opens the store in `dir` as moatd does.

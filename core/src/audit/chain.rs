@@ -84,6 +84,50 @@ impl ChainEntry {
     }
 }
 
+/// A point of a node's chain: a record's sequence number and its chain hash. Written
+/// `SEQUENCE:HASH` (the hash in hex), as an auditor notes a head down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainPoint {
+    pub sequence: u64,
+    #[serde(with = "crate::audit::encoding::hex_array")]
+    pub hash: [u8; 32],
+}
+
+impl ChainPoint {
+    /// The point `entry` puts on the chain.
+    pub fn of(entry: &ChainEntry) -> Self {
+        Self {
+            sequence: entry.sequence,
+            hash: entry.hash,
+        }
+    }
+}
+
+impl std::fmt::Display for ChainPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}",
+            self.sequence,
+            crate::audit::encoding::hex(&self.hash)
+        )
+    }
+}
+
+impl std::str::FromStr for ChainPoint {
+    type Err = &'static str;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        const EXPECTED: &str = "a chain head is SEQUENCE:HASH, the hash 64 hex digits";
+        let (sequence, hash) = text.trim().split_once(':').ok_or(EXPECTED)?;
+        Ok(Self {
+            sequence: sequence.parse().map_err(|_| EXPECTED)?,
+            hash: crate::audit::encoding::unhex(hash).ok_or(EXPECTED)?,
+        })
+    }
+}
+
 /// What a signed head says about the records up to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -185,5 +229,24 @@ impl Checkpoint {
         );
         key.verify_strict(&message, &Signature::from_bytes(&self.signature))
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_point_is_written_and_read_as_sequence_and_hash() {
+        let point = ChainPoint {
+            sequence: 41,
+            hash: [0xab; 32],
+        };
+        let text = point.to_string();
+        assert_eq!(text, format!("41:{}", "ab".repeat(32)));
+        assert_eq!(text.parse(), Ok(point));
+        for bad in ["41", "x:ab", "41:abcd", &format!("-1:{}", "ab".repeat(32))] {
+            assert!(bad.parse::<ChainPoint>().is_err(), "{bad}");
+        }
     }
 }

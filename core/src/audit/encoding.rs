@@ -29,6 +29,17 @@ pub fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(bytes)
 }
 
+/// A node's ed25519 signing key as moatd keeps it: 64 hex digits (what moatd writes, with
+/// surrounding white space allowed) or the 32 raw bytes (a systemd credential may hold
+/// either); `None` for anything else.
+pub fn decode_signing_key(bytes: &[u8]) -> Option<ed25519_dalek::SigningKey> {
+    let seed: [u8; 32] = match bytes.len() {
+        32 => bytes.try_into().ok()?,
+        _ => unhex(std::str::from_utf8(bytes).ok()?.trim())?,
+    };
+    Some(ed25519_dalek::SigningKey::from_bytes(&seed))
+}
+
 /// Serde for fixed-size byte arrays as hex strings.
 pub mod hex_array {
     use serde::{Deserialize as _, Deserializer, Serializer};
@@ -84,5 +95,16 @@ mod tests {
         assert_eq!(unhex::<4>("007fab"), None);
         assert_eq!(unhex::<4>("007fabfg"), None);
         assert_eq!(unhex::<2>("éé"), None);
+    }
+
+    #[test]
+    fn signing_keys_are_read_as_hex_or_raw_bytes() {
+        let seed = [0x5a; 32];
+        let hex_file = format!("{}\n", hex(&seed));
+        let from_hex = decode_signing_key(hex_file.as_bytes()).expect("hex");
+        assert_eq!(from_hex.to_bytes(), seed);
+        assert_eq!(decode_signing_key(&seed).expect("raw").to_bytes(), seed);
+        assert!(decode_signing_key(b"not a key").is_none());
+        assert!(decode_signing_key(&[0; 31]).is_none());
     }
 }

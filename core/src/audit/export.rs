@@ -1,32 +1,45 @@
 //! The export file an auditor carries away: JSON lines, still encrypted.
 //!
 //! ```text
-//! {"moat_audit_export":1,"node_id":"…","node_key":"<hex>","anchor":…,"created_unix_ms":…,…}
+//! {"moat_audit_export":2,"node_id":"…","node_key":"<hex>","anchor":…,"created_unix_ms":…,…}
 //! {"record":{"sequence":41,"unix_ms":…,"ciphertext":"<base64 age file>","hash":"<hex>"}}
 //! {"checkpoint":{"kind":"checkpoint","node_id":"…","sequence":41,"head":"<hex>",…}}
-//! {"end":{"records":1,"checkpoints":1}}
+//! {"end":{"records":1,"checkpoints":1,"last":{…},"head":{"sequence":44,"hash":"<hex>"},"signature":"<hex>"}}
 //! ```
 //!
 //! The header names the node and its checkpoint key, and the anchor the records continue
 //! from: nothing for a chain from its first record, else a checkpoint or prune marker signed
 //! by that key whose head is the hash before the first exported record. Every record and
-//! checkpoint of the range follows in chain order, and the `end` line counts them, so a file
-//! cut short is told from a shorter range. Bodies stay age files: only the auditors' keys
-//! open them.
+//! checkpoint of the range follows in chain order. The `end` line counts them, names the
+//! last record and the node's chain head when the export was made, and carries the node
+//! key's signature over header and end ([`frame`]): a file cut short, or edited to look
+//! whole, is told from a shorter range. Bodies stay age files: only the auditors' keys open
+//! them.
+//!
+//! Version 1 files had no signed frame; they are refused, since a cut one cannot be told
+//! from a whole one.
 
 use std::io::{BufRead, Write};
 
-use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use super::chain::{ChainEntry, Checkpoint, GENESIS};
+use super::chain::{ChainEntry, ChainPoint, Checkpoint, GENESIS};
 use super::verify::{ChainVerifier, Damage, VerifiedChain, VerifyError};
 
+pub mod continuity;
+pub mod frame;
 pub mod select;
 pub mod source;
 
+pub use continuity::{ContinuityCheck, ContinuityError, HeldHead};
+pub use frame::{ExportEnd, FrameProblem};
+
 /// The format version this build writes and reads.
-pub const EXPORT_VERSION: u32 = 1;
+pub const EXPORT_VERSION: u32 = 2;
+
+/// The last version without a signed frame.
+const UNSIGNED_VERSION: u32 = 1;
 
 /// The first line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,14 +74,6 @@ impl ExportHeader {
     }
 }
 
-/// The counts on the last line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportEnd {
-    pub records: u64,
-    pub checkpoints: u64,
-}
-
 /// Every line after the header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -87,6 +92,15 @@ pub enum ExportError {
     NotAnExport(String),
     #[error("the export is format version {0}; this moatctl reads version {EXPORT_VERSION}")]
     UnsupportedVersion(u32),
+    /// A version 1 export: its header and end are not signed, so a copy cut short after a
+    /// checkpoint cannot be told from a whole one.
+    #[error(
+        "the export is format version {UNSIGNED_VERSION}, whose header and end line are not \
+         signed: a copy cut short after any checkpoint, its counts edited, would verify like \
+         a whole one, so it is not accepted. Ask for a new export of the same range (moatctl \
+         audit export writes version {EXPORT_VERSION}, signed by the node)"
+    )]
+    UnsignedFrame,
     #[error("the export's node key is not a valid ed25519 public key")]
     BadNodeKey,
     #[error(
@@ -99,6 +113,12 @@ pub enum ExportError {
         #[source]
         source: VerifyError,
     },
+    /// The chain verifies, the signed frame around it does not.
+    #[error("line {line}: {problem}")]
+    Frame { line: u64, problem: FrameProblem },
+    /// The export verifies, but does not extend the chain head the auditor holds.
+    #[error(transparent)]
+    Discontinuous(#[from] ContinuityError),
 }
 
 impl ExportError {
@@ -115,7 +135,10 @@ impl ExportError {
 #[derive(Debug)]
 pub struct ExportWriter<W: Write> {
     out: W,
-    end: ExportEnd,
+    header: ExportHeader,
+    records: u64,
+    checkpoints: u64,
+    last: Option<ChainPoint>,
 }
 
 impl<W: Write> ExportWriter<W> {
@@ -123,27 +146,38 @@ impl<W: Write> ExportWriter<W> {
         write_line(&mut out, header)?;
         Ok(Self {
             out,
-            end: ExportEnd {
-                records: 0,
-                checkpoints: 0,
-            },
+            header: header.clone(),
+            records: 0,
+            checkpoints: 0,
+            last: None,
         })
     }
 
     pub fn record(&mut self, entry: &ChainEntry) -> std::io::Result<()> {
-        self.end.records += 1;
+        self.records += 1;
+        self.last = Some(ChainPoint::of(entry));
         write_line(&mut self.out, &ExportLine::Record(entry.clone()))
     }
 
     pub fn checkpoint(&mut self, checkpoint: &Checkpoint) -> std::io::Result<()> {
-        self.end.checkpoints += 1;
+        self.checkpoints += 1;
         write_line(&mut self.out, &ExportLine::Checkpoint(checkpoint.clone()))
     }
 
-    /// Writes the `end` line and hands back the output (to be flushed and synced).
-    pub fn finish(mut self) -> std::io::Result<(W, ExportEnd)> {
-        write_line(&mut self.out, &ExportLine::End(self.end))?;
-        Ok((self.out, self.end))
+    /// Writes the `end` line, signed with the node's `key` (the one the header names),
+    /// `head` being the node's chain head as the export was made; hands back the output (to
+    /// be flushed and synced).
+    pub fn finish(mut self, head: ChainPoint, key: &SigningKey) -> std::io::Result<(W, ExportEnd)> {
+        let end = ExportEnd::sign(
+            &self.header,
+            self.records,
+            self.checkpoints,
+            self.last,
+            head,
+            key,
+        );
+        write_line(&mut self.out, &ExportLine::End(end))?;
+        Ok((self.out, end))
     }
 }
 
@@ -159,12 +193,24 @@ fn write_line<T: Serialize>(out: &mut impl Write, value: &T) -> std::io::Result<
 pub struct ExportReader<'k, R> {
     input: R,
     header: ExportHeader,
+    key: &'k VerifyingKey,
     verifier: ChainVerifier<'k>,
     line: u64,
     buffer: String,
     end: Option<ExportEnd>,
-    counted: ExportEnd,
+    /// Records and checkpoints read, and the last record.
+    records: u64,
+    checkpoints: u64,
+    last: Option<ChainPoint>,
+    continuity: Option<ContinuityCheck>,
     failed: bool,
+}
+
+/// A verified export: what its chain covers, and its signed end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedExport {
+    pub chain: VerifiedChain,
+    pub end: ExportEnd,
 }
 
 /// Reads the header line of `input`.
@@ -179,6 +225,9 @@ pub fn read_header(input: &mut impl BufRead) -> Result<ExportHeader, ExportError
         .ok_or_else(|| {
             ExportError::NotAnExport("the first line has no \"moat_audit_export\" version".into())
         })?;
+    if version == u64::from(UNSIGNED_VERSION) {
+        return Err(ExportError::UnsignedFrame);
+    }
     if version != u64::from(EXPORT_VERSION) {
         return Err(ExportError::UnsupportedVersion(
             u32::try_from(version).unwrap_or(u32::MAX),
@@ -214,16 +263,24 @@ impl<'k, R: BufRead> ExportReader<'k, R> {
         Ok(Self {
             input,
             header,
+            key,
             verifier,
             line: 1,
             buffer: String::new(),
             end: None,
-            counted: ExportEnd {
-                records: 0,
-                checkpoints: 0,
-            },
+            records: 0,
+            checkpoints: 0,
+            last: None,
+            continuity: None,
             failed: false,
         })
+    }
+
+    /// Also requires the export to extend `held` (see [`continuity`]), judged by
+    /// [`ExportReader::finish`] once the rest verifies.
+    pub fn after(mut self, held: HeldHead) -> Self {
+        self.continuity = Some(ContinuityCheck::new(held));
+        self
     }
 
     pub fn header(&self) -> &ExportHeader {
@@ -259,14 +316,18 @@ impl<'k, R: BufRead> ExportReader<'k, R> {
             };
             match item {
                 ExportLine::Record(entry) => {
-                    self.counted.records += 1;
+                    self.records += 1;
                     if let Err(damage) = self.verifier.entry(&entry) {
                         return Err(self.damaged(damage));
+                    }
+                    self.last = Some(ChainPoint::of(&entry));
+                    if let Some(continuity) = &mut self.continuity {
+                        continuity.record(&entry);
                     }
                     return Ok(Some(entry));
                 }
                 ExportLine::Checkpoint(checkpoint) => {
-                    self.counted.checkpoints += 1;
+                    self.checkpoints += 1;
                     if let Err(damage) = self.verifier.checkpoint(&checkpoint) {
                         return Err(self.damaged(damage));
                     }
@@ -277,16 +338,28 @@ impl<'k, R: BufRead> ExportReader<'k, R> {
     }
 
     /// Reads what is left and gives the verdict: the chain verifies, every checkpoint is
-    /// met, the `end` line is there, matches the counts and is the last line.
-    pub fn finish(mut self) -> Result<VerifiedChain, ExportError> {
+    /// met, the `end` line is there, is signed by the node key together with the header,
+    /// matches what was read and is the last line; and, if asked, the export extends the
+    /// held head.
+    pub fn finish(mut self) -> Result<VerifiedExport, ExportError> {
         while self.next_record()?.is_some() {}
         let truncated = VerifyError {
             sequence: self.verifier.expected(),
             damage: Damage::Truncated,
         };
-        match self.end {
-            Some(end) if end == self.counted => {}
-            Some(_) | None => return Err(self.damaged(truncated)),
+        let Some(end) = self.end else {
+            return Err(self.damaged(truncated));
+        };
+        // The signature first: an end line edited to match a cut is an altered frame; an
+        // intact one that does not match what was read means lines were cut.
+        if let Err(problem) = end.check(&self.header, self.key) {
+            return Err(ExportError::Frame {
+                line: self.line,
+                problem,
+            });
+        }
+        if (end.records, end.checkpoints, end.last) != (self.records, self.checkpoints, self.last) {
+            return Err(self.damaged(truncated));
         }
         self.buffer.clear();
         if self.input.read_line(&mut self.buffer)? != 0 && !self.buffer.trim().is_empty() {
@@ -298,9 +371,14 @@ impl<'k, R: BufRead> ExportReader<'k, R> {
             return Err(self.damaged(unreadable));
         }
         let line = self.line;
-        self.verifier
+        let chain = self
+            .verifier
             .finish()
-            .map_err(|source| ExportError::Damaged { line, source })
+            .map_err(|source| ExportError::Damaged { line, source })?;
+        if let Some(continuity) = &self.continuity {
+            continuity.verdict(&self.header, &end)?;
+        }
+        Ok(VerifiedExport { chain, end })
     }
 }
 

@@ -22,7 +22,7 @@ use moat_core::audit::layout::NodeInfo;
 use moat_core::audit::{AuditRecord, Checkpoint, RecordKind};
 use tokio::sync::oneshot;
 
-use super::reader::StoreReader;
+use super::reader::ExportSnapshot;
 use super::store::{Sealed, Store};
 use super::{AuditError, encrypt, parse_recipients, signing_key};
 use crate::config::AuditConfig;
@@ -40,8 +40,8 @@ enum Command {
         sealed: Sealed,
         reply: Reply<u64>,
     },
-    Reader {
-        reply: Reply<StoreReader>,
+    Snapshot {
+        reply: Reply<ExportSnapshot>,
     },
     Close {
         reply: Reply<()>,
@@ -219,12 +219,12 @@ impl AuditLog {
         Ok(receiver)
     }
 
-    /// Read handles on the store for an export, after a checkpoint over everything stored
-    /// so far (so that the export ends signed).
-    pub async fn reader(&self) -> Result<StoreReader, AuditError> {
+    /// The store's view for an export, after a checkpoint over everything stored so far
+    /// (so that the export ends signed), with the key to sign the export with.
+    pub async fn snapshot(&self) -> Result<ExportSnapshot, AuditError> {
         let (reply, receiver) = oneshot::channel();
         self.sender
-            .send(Command::Reader { reply })
+            .send(Command::Snapshot { reply })
             .map_err(|_| AuditError::Closed)?;
         receiver.await.map_err(|_| AuditError::Closed)?
     }
@@ -332,13 +332,14 @@ impl Committer {
             for command in others {
                 match command {
                     Command::Append { .. } => {}
-                    Command::Reader { reply } => {
+                    Command::Snapshot { reply } => {
                         // Everything stored so far is signed before it is read.
-                        let reader = self
+                        let key = self.key.clone();
+                        let snapshot = self
                             .checkpoint()
                             .and_then(|_| self.store())
-                            .map(|store| store.reader());
-                        let _ = reply.send(reader);
+                            .map(|store| store.snapshot(&key));
+                        let _ = reply.send(snapshot);
                     }
                     Command::Close { reply } => {
                         let _ = reply.send(self.finish());

@@ -1,12 +1,19 @@
 //! Reading the live store for an export, beside the committer that keeps appending: sled
 //! trees are shared handles, so the reader sees a consistent prefix of the chain while new
-//! records land after it.
+//! records land after it. An export's reader stops at the chain head the committer had
+//! made durable and signed when the export began ([`ExportSnapshot`]): a record past it may
+//! not be on disk yet, and the head the export signs must be one a crash cannot take back.
 
+use std::io::Write;
 use std::ops::RangeInclusive;
 
-use moat_core::audit::export::source::ExportSource;
+use ed25519_dalek::SigningKey;
+use moat_core::audit::export::select::TimeRange;
+use moat_core::audit::export::source::{
+    self, ExportProgress, ExportSource, Exported, WriteExportError,
+};
 use moat_core::audit::layout::{self, NodeInfo};
-use moat_core::audit::{ChainEntry, Checkpoint};
+use moat_core::audit::{ChainEntry, ChainPoint, Checkpoint};
 
 use super::AuditError;
 
@@ -17,6 +24,50 @@ pub struct StoreReader {
     pub(super) records: sled::Tree,
     pub(super) checkpoints: sled::Tree,
     pub(super) meta: sled::Tree,
+    /// Records and checkpoints from this sequence number on are not shown.
+    pub(super) next: u64,
+}
+
+/// One export's view of the live store, up to the chain head when it was taken, and the
+/// node's key to sign the export with.
+pub struct ExportSnapshot {
+    reader: StoreReader,
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for ExportSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportSnapshot")
+            .field("node", &self.reader.node.node_id)
+            .field("next", &self.reader.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExportSnapshot {
+    /// `reader`'s view, to be signed with `key` (the node's).
+    pub(super) fn new(reader: StoreReader, key: SigningKey) -> Self {
+        Self { reader, key }
+    }
+
+    /// Writes the export of `range`, created at `created_unix_ms`, to `out`, signed with
+    /// the node's key (see `moat_core::audit::export::source::write_export`).
+    pub fn write<W: Write>(
+        &self,
+        range: TimeRange,
+        created_unix_ms: i64,
+        out: W,
+        progress: &mut dyn FnMut(ExportProgress),
+    ) -> Result<(Exported, W), WriteExportError<AuditError>> {
+        source::write_export(
+            &self.reader,
+            range,
+            created_unix_ms,
+            &self.key,
+            out,
+            progress,
+        )
+    }
 }
 
 impl std::fmt::Debug for StoreReader {
@@ -37,11 +88,34 @@ fn damaged(key: &[u8]) -> AuditError {
     }
 }
 
+impl StoreReader {
+    /// The keys of `range` cut at what this reader shows, or `None` if it shows none.
+    fn shown(&self, range: RangeInclusive<u64>) -> Option<RangeInclusive<[u8; 8]>> {
+        let end = (*range.end()).min(self.next.checked_sub(1)?);
+        (*range.start() <= end)
+            .then(|| layout::sequence_key(*range.start())..=layout::sequence_key(end))
+    }
+}
+
 impl ExportSource for StoreReader {
     type Error = AuditError;
 
     fn node(&self) -> Result<NodeInfo, AuditError> {
         Ok(self.node.clone())
+    }
+
+    fn head(&self) -> Result<Option<ChainPoint>, AuditError> {
+        self.records
+            .range(..layout::sequence_key(self.next))
+            .next_back()
+            .transpose()
+            .map_err(read_error)?
+            .map(|(key, value)| {
+                layout::decode_entry(&key, &value)
+                    .map(|entry| ChainPoint::of(&entry))
+                    .ok_or_else(|| damaged(&key))
+            })
+            .transpose()
     }
 
     fn prune_marker(&self) -> Result<Option<Checkpoint>, AuditError> {
@@ -56,7 +130,7 @@ impl ExportSource for StoreReader {
 
     fn record_times(&self, progress: &mut dyn FnMut()) -> Result<Vec<(u64, i64)>, AuditError> {
         let mut times = Vec::new();
-        for item in self.records.iter() {
+        for item in self.records.range(..layout::sequence_key(self.next)) {
             let (key, value) = item.map_err(read_error)?;
             let sequence = layout::decode_sequence(&key).ok_or_else(|| damaged(&key))?;
             let time = value
@@ -71,7 +145,7 @@ impl ExportSource for StoreReader {
 
     fn checkpoint_sequences(&self) -> Result<Vec<u64>, AuditError> {
         self.checkpoints
-            .iter()
+            .range(..layout::sequence_key(self.next))
             .keys()
             .map(|key| {
                 let key = key.map_err(read_error)?;
@@ -93,8 +167,12 @@ impl ExportSource for StoreReader {
         &self,
         range: RangeInclusive<u64>,
     ) -> impl Iterator<Item = Result<ChainEntry, AuditError>> {
-        let keys = layout::sequence_key(*range.start())..=layout::sequence_key(*range.end());
-        self.records.range(keys).map(|item| {
+        let keys = self.shown(range);
+        let items = keys
+            .map(|keys| self.records.range(keys))
+            .into_iter()
+            .flatten();
+        items.map(|item| {
             let (key, value) = item.map_err(read_error)?;
             layout::decode_entry(&key, &value).ok_or_else(|| damaged(&key))
         })
@@ -104,8 +182,12 @@ impl ExportSource for StoreReader {
         &self,
         range: RangeInclusive<u64>,
     ) -> impl Iterator<Item = Result<Checkpoint, AuditError>> {
-        let keys = layout::sequence_key(*range.start())..=layout::sequence_key(*range.end());
-        self.checkpoints.range(keys).map(|item| {
+        let keys = self.shown(range);
+        let items = keys
+            .map(|keys| self.checkpoints.range(keys))
+            .into_iter()
+            .flatten();
+        items.map(|item| {
             let (key, value) = item.map_err(read_error)?;
             layout::decode_checkpoint(&value).ok_or_else(|| damaged(&key))
         })

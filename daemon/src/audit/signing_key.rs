@@ -7,7 +7,7 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
-use moat_core::audit::encoding::{hex, unhex};
+use moat_core::audit::encoding::{decode_signing_key, hex};
 
 use super::AuditError;
 use crate::config::{AuditConfig, SIGNING_KEY_CREDENTIAL};
@@ -71,17 +71,10 @@ fn read(path: &Path) -> Result<SigningKey, AuditError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let seed = match bytes.len() {
-        32 => bytes.as_slice().try_into().ok(),
-        _ => std::str::from_utf8(&bytes)
-            .ok()
-            .and_then(|text| unhex::<32>(text.trim())),
-    };
-    seed.map(|seed| SigningKey::from_bytes(&seed))
-        .ok_or_else(|| AuditError::Key {
-            path: path.to_path_buf(),
-            reason: "not an ed25519 key: expected 64 hex digits or 32 bytes".into(),
-        })
+    decode_signing_key(&bytes).ok_or_else(|| AuditError::Key {
+        path: path.to_path_buf(),
+        reason: "not an ed25519 key: expected 64 hex digits or 32 bytes".into(),
+    })
 }
 
 /// Creates a new key file, readable by its owner only, synced to disk.

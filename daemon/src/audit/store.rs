@@ -14,6 +14,7 @@ use moat_core::audit::layout::{self, NodeInfo};
 use moat_core::audit::{ChainEntry, Checkpoint, CheckpointKind, GENESIS};
 
 use super::AuditError;
+use super::reader::{ExportSnapshot, StoreReader};
 
 /// How long opening waits for a store that is still locked.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -170,14 +171,25 @@ impl Store {
         &self.node
     }
 
-    /// Read handles for an export that runs beside the committer.
-    pub fn reader(&self) -> super::reader::StoreReader {
-        super::reader::StoreReader {
+    /// Read handles on everything stored, now and later.
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
             node: self.node.clone(),
             records: self.records.clone(),
             checkpoints: self.checkpoints.clone(),
             meta: self.meta.clone(),
+            next: u64::MAX,
         }
+    }
+
+    /// The view an export signed with `key` takes, beside the committer: what is stored up
+    /// to the chain head now (durable, since the committer only moves the head once it is).
+    pub fn snapshot(&self, key: &SigningKey) -> ExportSnapshot {
+        let reader = StoreReader {
+            next: self.head.next,
+            ..self.reader()
+        };
+        ExportSnapshot::new(reader, key.clone())
     }
 
     /// Chains `batch` after the head and makes it durable; returns the first sequence

@@ -1,13 +1,16 @@
 //! Writing an export from a store: the one procedure for moatd's live store (over the
 //! admin socket) and a stopped node's store (moatctl), each reading its sled store through
-//! [`ExportSource`].
+//! [`ExportSource`] and signing with the node's key.
 
 use std::io::Write;
 use std::ops::RangeInclusive;
 
+use ed25519_dalek::SigningKey;
+
 use super::select::{AnchorPoint, ExportItem, ExportSelection, TimeRange, in_export_order, select};
 use super::{EXPORT_VERSION, ExportEnd, ExportHeader, ExportWriter};
-use crate::audit::chain::{ChainEntry, Checkpoint};
+use crate::audit::chain::{ChainEntry, ChainPoint, Checkpoint};
+use crate::audit::encoding::hex;
 use crate::audit::layout::NodeInfo;
 
 /// A store, as an export reads it.
@@ -18,6 +21,10 @@ pub trait ExportSource {
     fn node(&self) -> Result<NodeInfo, Self::Error>;
     /// The prune marker, if records were pruned.
     fn prune_marker(&self) -> Result<Option<Checkpoint>, Self::Error>;
+    /// The chain head: the last stored record, `None` when none is stored. Nothing after
+    /// it may show in the other methods: a store written to meanwhile (moatd's) must keep
+    /// its view at this head, or the export's signed head would be behind its records.
+    fn head(&self) -> Result<Option<ChainPoint>, Self::Error>;
     /// Every stored record's sequence number and stored time, in order, calling
     /// `progress` for each.
     fn record_times(&self, progress: &mut dyn FnMut()) -> Result<Vec<(u64, i64)>, Self::Error>;
@@ -55,6 +62,12 @@ pub enum WriteExportError<E> {
     Source(E),
     #[error("the store holds no record in the range")]
     Empty,
+    /// The key given to sign with is not the one the store's node signs with.
+    #[error(
+        "the signing key given is not this node's: the store's node key is {}, the key given \
+         has the public key {}", hex(.node), hex(.given)
+    )]
+    WrongKey { node: [u8; 32], given: [u8; 32] },
     #[error("cannot write the export")]
     Write(#[source] std::io::Error),
 }
@@ -70,16 +83,29 @@ pub enum ExportProgress {
     Written,
 }
 
-/// Writes the export of `range` of `source` to `out`, created at `created_unix_ms`;
-/// returns what it carries and `out` (to be flushed and synced by the caller).
+/// Writes the export of `range` of `source` to `out`, created at `created_unix_ms`, signed
+/// with the node's `key`; returns what it carries and `out` (to be flushed and synced by
+/// the caller).
 pub fn write_export<S: ExportSource, W: Write>(
     source: &S,
     range: TimeRange,
     created_unix_ms: i64,
+    key: &SigningKey,
     out: W,
     progress: &mut dyn FnMut(ExportProgress),
 ) -> Result<(Exported, W), WriteExportError<S::Error>> {
     let node = source.node().map_err(WriteExportError::Source)?;
+    let given = key.verifying_key().to_bytes();
+    if given != node.public_key {
+        return Err(WriteExportError::WrongKey {
+            node: node.public_key,
+            given,
+        });
+    }
+    let head = source
+        .head()
+        .map_err(WriteExportError::Source)?
+        .ok_or(WriteExportError::Empty)?;
     let prune = source.prune_marker().map_err(WriteExportError::Source)?;
     let times = source
         .record_times(&mut || progress(ExportProgress::Scanned))
@@ -135,7 +161,7 @@ pub fn write_export<S: ExportSource, W: Write>(
                 .map_err(WriteExportError::Write)?,
         }
     }
-    let (out, end) = writer.finish().map_err(WriteExportError::Write)?;
+    let (out, end) = writer.finish(head, key).map_err(WriteExportError::Write)?;
     Ok((
         Exported {
             node,

@@ -1,5 +1,6 @@
 use super::*;
 use crate::audit::chain::CheckpointKind;
+use crate::audit::encoding;
 use ed25519_dalek::SigningKey;
 
 const NODE: &str = "node-a";
@@ -25,12 +26,23 @@ fn chain(n: u64, node: &str, signer: &SigningKey) -> (Vec<ChainEntry>, Vec<Check
     (entries, checkpoints)
 }
 
-/// The export of `entries[from..]` (anchored at the checkpoint before `from`, if any).
+/// The export of `entries[from..]` (anchored at the checkpoint before `from`, if any),
+/// made when the chain's head was its last entry.
 fn export(entries: &[ChainEntry], checkpoints: &[Checkpoint], from: usize) -> String {
-    let signer = key(1);
     let anchor = from
         .checked_sub(1)
-        .map(|before| Checkpoint::sign(&signer, NODE, before as u64, entries[before].hash, 60));
+        .map(|before| Checkpoint::sign(&key(1), NODE, before as u64, entries[before].hash, 60));
+    export_anchored(entries, checkpoints, from, anchor)
+}
+
+/// The export of `entries[from..]` continuing from `anchor`.
+fn export_anchored(
+    entries: &[ChainEntry],
+    checkpoints: &[Checkpoint],
+    from: usize,
+    anchor: Option<Checkpoint>,
+) -> String {
+    let signer = key(1);
     let header = ExportHeader {
         moat_audit_export: EXPORT_VERSION,
         node_id: NODE.into(),
@@ -47,15 +59,30 @@ fn export(entries: &[ChainEntry], checkpoints: &[Checkpoint], from: usize) -> St
             writer.checkpoint(checkpoint).expect("checkpoint");
         }
     }
-    let (bytes, _) = writer.finish().expect("end");
+    let head = ChainPoint::of(entries.last().expect("a record"));
+    let (bytes, _) = writer.finish(head, &signer).expect("end");
     String::from_utf8(bytes).expect("text")
 }
 
 fn verify(text: &str) -> Result<(VerifiedChain, usize), ExportError> {
+    verify_after(text, None).map(|(verified, read)| (verified.chain, read))
+}
+
+/// Verifies `text`, requiring it to extend `held` if given.
+fn verify_after(
+    text: &str,
+    held: Option<ChainPoint>,
+) -> Result<(VerifiedExport, usize), ExportError> {
     let mut input = text.as_bytes();
     let header = read_header(&mut input)?;
     let key = header.verifying_key()?;
     let mut reader = ExportReader::new(input, header, &key)?;
+    if let Some(head) = held {
+        reader = reader.after(HeldHead {
+            node_id: Some(NODE.into()),
+            head,
+        });
+    }
     let mut read = 0;
     while reader.next_record()?.is_some() {
         read += 1;
@@ -67,6 +94,13 @@ fn damage(text: &str) -> (u64, Damage) {
     match verify(text) {
         Err(ExportError::Damaged { source, .. }) => (source.sequence, source.damage),
         other => panic!("expected located damage, got {other:?}"),
+    }
+}
+
+fn frame_problem(text: &str) -> FrameProblem {
+    match verify(text) {
+        Err(ExportError::Frame { problem, .. }) => problem,
+        other => panic!("expected a frame that does not verify, got {other:?}"),
     }
 }
 
@@ -137,19 +171,10 @@ fn tampering_with_an_export_is_found_and_located() {
     // Cut short: the end line and the last records are gone.
     let cut = &original[..line_of(&original, 8)];
     assert_eq!(damage(&join(cut)), (8, Damage::Truncated));
-    // Cut short after a checkpoint, end line forged to match: the chain is intact, but the
-    // latest signature shown is not the export's last one.
-    let mut forged_end = original[..line_of(&original, 8)].to_vec();
-    forged_end.push(r#"{"end":{"records":8,"checkpoints":2}}"#.into());
-    let (verified, _) = verify(&join(&forged_end)).expect("intact prefix");
-    assert_eq!(verified.last_checkpoint, Some((7, 50)));
-    let (whole, _) = verify(&join(&original)).expect("intact");
-    assert_eq!(whole.last_checkpoint, Some((9, 50)));
-    // A count that does not match what is there.
-    let mut miscounted = original[..line_of(&original, 8)].to_vec();
-    miscounted.push(r#"{"end":{"records":10,"checkpoints":3}}"#.into());
-    assert_eq!(damage(&join(&miscounted)), (8, Damage::Truncated));
-
+    // Cut short, the signed end line kept: it does not match what is left.
+    let mut kept_end = original[..line_of(&original, 8)].to_vec();
+    kept_end.push(original.last().expect("end").clone());
+    assert_eq!(damage(&join(&kept_end)), (8, Damage::Truncated));
     // Records spliced in from another node (whose key signed its own checkpoints).
     let (other, _) = chain(10, "node-b", &key(2));
     let mut spliced = original.clone();
@@ -170,6 +195,180 @@ fn tampering_with_an_export_is_found_and_located() {
     assert_eq!(damage(&join(&trailing)), (10, Damage::Unreadable));
 }
 
+/// The end line of `lines`, as JSON.
+fn end_of(lines: &[String]) -> serde_json::Value {
+    serde_json::from_str(lines.last().expect("end line")).expect("json")
+}
+
+/// The records and checkpoints of `lines` (after the header, up to an end line).
+fn counts(lines: &[String]) -> (usize, usize) {
+    let count = |prefix: &str| lines.iter().filter(|l| l.starts_with(prefix)).count();
+    (count("{\"record\":"), count("{\"checkpoint\":"))
+}
+
+/// `lines` cut after the checkpoint at record `sequence`, with an end line edited to match
+/// what is left (counts, last record, head) and a creation time to match its stored times.
+fn cut_and_refit(original: &[String], sequence: u64) -> Vec<String> {
+    let at = line_of(original, sequence) + 1;
+    assert!(original[at].starts_with("{\"checkpoint\":"));
+    let mut kept = original[..=at].to_vec();
+    let (records, checkpoints) = counts(&kept);
+    let point = serde_json::json!({
+        "sequence": sequence,
+        "hash": encoding::hex(&serde_json::from_str::<ExportLine>(&kept[at - 1])
+            .ok()
+            .and_then(|l| match l { ExportLine::Record(e) => Some(e.hash), _ => None })
+            .expect("record")),
+    });
+    let mut end = end_of(original);
+    end["end"]["records"] = records.into();
+    end["end"]["checkpoints"] = checkpoints.into();
+    end["end"]["last"] = point.clone();
+    end["end"]["head"] = point;
+    let mut header: serde_json::Value = serde_json::from_str(&kept[0]).expect("json");
+    header["created_unix_ms"] = (1_000 + sequence as i64 + 1).into();
+    kept[0] = header.to_string();
+    kept.push(end.to_string());
+    kept
+}
+
+#[test]
+fn an_export_cut_after_a_checkpoint_and_refitted_fails_on_its_frame() {
+    let (entries, checkpoints) = chain(12, NODE, &key(1));
+    let original = lines(&export(&entries, &checkpoints, 0));
+    for sequence in [3, 7] {
+        let cut = cut_and_refit(&original, sequence);
+        assert_eq!(frame_problem(&join(&cut)), FrameProblem::BadSignature);
+    }
+    // Also with the original creation time, or with only the counts fitted.
+    let mut counted = original[..=line_of(&original, 7) + 1].to_vec();
+    let (records, checkpoints) = counts(&counted);
+    let mut end = end_of(&original);
+    end["end"]["records"] = records.into();
+    end["end"]["checkpoints"] = checkpoints.into();
+    counted.push(end.to_string());
+    assert_eq!(frame_problem(&join(&counted)), FrameProblem::BadSignature);
+}
+
+#[test]
+fn a_header_edited_to_hide_a_cut_or_shift_the_range_fails_on_its_frame() {
+    let (entries, checkpoints) = chain(12, NODE, &key(1));
+    let original = lines(&export(&entries, &checkpoints, 4));
+    let changes: [(&str, serde_json::Value); 4] = [
+        ("since_unix_ms", 1_005.into()),
+        ("until_unix_ms", 1_009.into()),
+        ("created_unix_ms", 5_000.into()),
+        ("anchor", serde_json::Value::Null),
+    ];
+    for (field, value) in changes {
+        let mut header: serde_json::Value = serde_json::from_str(&original[0]).expect("json");
+        header[field] = value;
+        let mut edited = original.clone();
+        edited[0] = header.to_string();
+        // Without an anchor the chain no longer starts where it did: that shows first.
+        if field == "anchor" {
+            assert_eq!(damage(&join(&edited)), (0, Damage::Gap));
+        } else {
+            assert_eq!(frame_problem(&join(&edited)), FrameProblem::BadSignature);
+        }
+    }
+
+    // The first records cut off and the anchor moved to the checkpoint before what is
+    // left (a genuine, signed one): the chain verifies from it; the frame does not.
+    let from = line_of(&original, 8);
+    let mut header: serde_json::Value = serde_json::from_str(&original[0]).expect("json");
+    header["anchor"] = serde_json::to_value(&checkpoints[1]).expect("json");
+    assert_eq!(checkpoints[1].sequence, 7);
+    let mut moved = vec![header.to_string()];
+    moved.extend_from_slice(&original[from..original.len() - 1]);
+    let (records, counted) = counts(&moved);
+    let mut end = end_of(&original);
+    end["end"]["records"] = records.into();
+    end["end"]["checkpoints"] = counted.into();
+    moved.push(end.to_string());
+    assert_eq!(frame_problem(&join(&moved)), FrameProblem::BadSignature);
+}
+
+#[test]
+fn a_frame_signed_by_another_key_fails_even_with_the_chain_intact() {
+    let (entries, checkpoints) = chain(8, NODE, &key(1));
+    let original = lines(&export(&entries, &checkpoints, 0));
+    let header: ExportHeader = serde_json::from_str(&original[0]).expect("header");
+    let head = ChainPoint::of(&entries[7]);
+    let forged = ExportEnd::sign(&header, 8, 2, Some(head), head, &key(2));
+    let mut resigned = original.clone();
+    let last = resigned.len() - 1;
+    resigned[last] = serde_json::to_string(&ExportLine::End(forged)).expect("json");
+    assert_eq!(frame_problem(&join(&resigned)), FrameProblem::BadSignature);
+}
+
+/// `n` records of the node, their bodies changed from `fork_at` on, re-chained and signed
+/// again with the node's own key: what root on the node can make of unexported history.
+fn rewritten(n: u64, fork_at: u64) -> (Vec<ChainEntry>, Vec<Checkpoint>) {
+    let (mut entries, _) = chain(n, NODE, &key(1));
+    let mut previous = GENESIS;
+    let mut checkpoints = Vec::new();
+    for entry in &mut entries {
+        let mut body = entry.ciphertext.clone();
+        if entry.sequence >= fork_at {
+            body.extend_from_slice(b" (rewritten)");
+        }
+        *entry = ChainEntry::new(NODE, &previous, entry.sequence, entry.unix_ms, body);
+        previous = entry.hash;
+        if entry.sequence % 4 == 3 || entry.sequence + 1 == n {
+            checkpoints.push(Checkpoint::sign(
+                &key(1),
+                NODE,
+                entry.sequence,
+                entry.hash,
+                50,
+            ));
+        }
+    }
+    (entries, checkpoints)
+}
+
+#[test]
+fn a_later_export_must_extend_the_head_held_from_an_earlier_one() {
+    let (entries, checkpoints) = chain(10, NODE, &key(1));
+    let (held, _) = verify_after(&export(&entries, &checkpoints, 0), None).expect("intact");
+    let held = held.end.head;
+    assert_eq!(held, ChainPoint::of(&entries[9]));
+
+    // The node went on: the same chain, longer; whole or from a checkpoint before the head.
+    let (longer, longer_checkpoints) = chain(16, NODE, &key(1));
+    for from in [0, 8] {
+        let next = export(&longer, &longer_checkpoints, from);
+        assert!(verify_after(&next, Some(held)).is_ok());
+    }
+
+    // An older export handed over as the newer one.
+    let (older, older_checkpoints) = chain(6, NODE, &key(1));
+    let older = export(&older, &older_checkpoints, 0);
+    assert!(verify(&older).is_ok(), "it verifies on its own");
+    assert!(matches!(
+        verify_after(&older, Some(held)),
+        Err(ExportError::Discontinuous(ContinuityError::Older { .. }))
+    ));
+
+    // History from record 5 rewritten, re-chained and re-signed with the node key, then
+    // grown past the held head: it verifies on its own, not as the held chain's sequel.
+    let (fork, fork_checkpoints) = rewritten(14, 5);
+    let forked = export(&fork, &fork_checkpoints, 0);
+    assert!(verify(&forked).is_ok(), "it verifies on its own");
+    match verify_after(&forked, Some(held)) {
+        Err(ExportError::Discontinuous(found)) => assert_eq!(
+            found,
+            ContinuityError::Forked {
+                sequence: 9,
+                held: entries[9].hash,
+                found: fork[9].hash
+            }
+        ),
+        other => panic!("expected a fork, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_forged_anchor_or_foreign_key_is_refused() {
     let (entries, checkpoints) = chain(10, NODE, &key(1));
@@ -182,15 +381,9 @@ fn a_forged_anchor_or_foreign_key_is_refused() {
     assert_eq!(damage(&forged), (3, Damage::BadSignature));
 
     // A prune marker anchors as well as a checkpoint does.
-    header.anchor = Some(Checkpoint::sign_kind(
-        CheckpointKind::Prune,
-        &key(1),
-        NODE,
-        3,
-        entries[3].hash,
-        60,
-    ));
-    let pruned = format!("{}\n{rest}", serde_json::to_string(&header).expect("json"));
+    let marker =
+        Checkpoint::sign_kind(CheckpointKind::Prune, &key(1), NODE, 3, entries[3].hash, 60);
+    let pruned = export_anchored(&entries, &checkpoints, 4, Some(marker));
     assert!(verify(&pruned).is_ok());
 }
 
@@ -205,4 +398,9 @@ fn other_files_are_not_taken_for_exports() {
         Err(ExportError::UnsupportedVersion(9))
     ));
     assert!(matches!(verify(""), Err(ExportError::NotAnExport(_))));
+    // Version 1 had no signed frame: refused, whatever else it holds.
+    assert!(matches!(
+        verify("{\"moat_audit_export\": 1, \"node_id\": \"node-a\"}\n"),
+        Err(ExportError::UnsignedFrame)
+    ));
 }

@@ -259,3 +259,52 @@ fn pruning_keeps_what_no_checkpoint_covers_and_leaves_a_verifiable_rest() {
     let node: NodeInfo = serde_json::from_slice(&node).expect("json");
     assert_eq!(node.node_id, "node-a");
 }
+
+#[test]
+fn an_export_shows_the_chain_up_to_its_snapshot_and_signs_that_head() {
+    use moat_core::audit::ChainPoint;
+    use moat_core::audit::export::select::TimeRange;
+    use moat_core::audit::export::{ExportReader, read_header};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let config = settings(dir.path(), &key);
+    let mut store = Store::open(&config.store_directory, &config.node).expect("opens");
+    let sealed = |n: i64| Sealed {
+        unix_ms: 1_000 + n,
+        ciphertext: format!("body {n}").into_bytes(),
+    };
+    store.append((0..6).map(sealed).collect()).expect("durable");
+    store.checkpoint(&key, 50).expect("signed");
+    let snapshot = store.snapshot(&key);
+    // Records the committer adds while the export runs are not part of it.
+    store.append((6..9).map(sealed).collect()).expect("durable");
+    store.checkpoint(&key, 60).expect("signed");
+
+    let (exported, bytes) = snapshot
+        .write(TimeRange::default(), 2_000, Vec::new(), &mut |_| {})
+        .expect("written");
+    assert_eq!(exported.selection.sequences(), 0..=5);
+    let mut input = bytes.as_slice();
+    let header = read_header(&mut input).expect("header");
+    let verifying = key.verifying_key();
+    let verified = ExportReader::new(input, header, &verifying)
+        .expect("reader")
+        .finish()
+        .expect("the export verifies, frame and all");
+    let fifth = store.reader().records(5..=5).next().expect("record 5");
+    let head = ChainPoint::of(&fifth.expect("readable"));
+    assert_eq!(verified.end.head, head);
+    assert_eq!((verified.end.records, verified.end.checkpoints), (6, 1));
+
+    // A key other than the node's signs nothing.
+    let other = SigningKey::from_bytes(&[8; 32]);
+    let refused =
+        store
+            .snapshot(&other)
+            .write(TimeRange::default(), 2_000, Vec::new(), &mut |_| {});
+    assert!(matches!(
+        refused,
+        Err(moat_core::audit::export::source::WriteExportError::WrongKey { .. })
+    ));
+}
