@@ -18,11 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
-import numpy as np
-import onnxruntime_genai as og
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "model"))
+
+import numpy as np  # noqa: E402
+
+import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
+import onnxruntime_genai as og  # noqa: E402
 
 
 def genai_config(meta: dict, threads: int, max_length: int) -> dict:

@@ -18,6 +18,8 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# ONNX Runtime's own telemetry (and onnxruntime-genai's) stays off in everything this starts.
+export ORT_DISABLE_TELEMETRY=1
 
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "error: no usable NVIDIA GPU here (nvidia-smi -L failed); install the driver first" >&2

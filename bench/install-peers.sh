@@ -13,6 +13,8 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# ONNX Runtime's own telemetry (and onnxruntime-genai's) stays off in everything this starts.
+export ORT_DISABLE_TELEMETRY=1
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
 cache="${MOAT_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moat-bench}"
 mkdir -p "$cache"

@@ -13,6 +13,9 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# ONNX Runtime's own telemetry stays off in everything this starts (moatd sets it itself;
+# this covers the tools and tests that load the library too).
+export ORT_DISABLE_TELEMETRY=1
 local_dir="$root/local"
 venv="$local_dir/venv"
 models="$local_dir/models"
@@ -23,6 +26,22 @@ SMOLLM2_GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea37372811
 MINILM_SAFETENSORS_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 step() { printf '==> %s\n' "$*" >&2; }
+
+step "System tools the tests use (strace, ip)"
+# The telemetry test watches moatd's network calls with strace in a network namespace of its
+# own, whose loopback `ip` brings up; without them (or without root) it is skipped.
+missing=()
+command -v strace >/dev/null || missing+=(strace)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+  else
+    echo "    not root: ${missing[*]} not installed; the telemetry test will be skipped" >&2
+  fi
+fi
 
 step "ONNX Runtime library"
 bash packaging/provision-onnxruntime.sh >/dev/null

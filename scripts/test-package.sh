@@ -233,13 +233,17 @@ step "run moatd and moatctl in the chroot"
 in_chroot /usr/bin/moatd --version >&2 || fail "moatd --version"
 in_chroot /usr/bin/moatctl --help >/dev/null || fail "moatctl --help"
 check_serve_refuses_unconfigured
-# The packaged ONNX Runtime loads from its default place and runs a model as moat.
-in_chroot setpriv --reuid=moat --regid=moat --init-groups \
+# The packaged ONNX Runtime loads from its default place and runs a model as moat, with
+# moat's home as HOME (as systemd sets it for User=) and nothing of ONNX Runtime's in the
+# environment: moatd itself keeps the library's telemetry from queueing under $HOME/.cache.
+in_chroot env HOME=/var/lib/moat setpriv --reuid=moat --regid=moat --init-groups \
   /usr/bin/moatd generate --model /tmp/model --prompt "Hello" --max-tokens 4 \
   >"$work/generate.log" 2>&1 || {
   cat "$work/generate.log" >&2
   fail "moatd generate with the packaged ONNX Runtime"
 }
+[ ! -e "$chroot_dir/var/lib/moat/.cache" ] ||
+  fail "moatd generate wrote /var/lib/moat/.cache (ONNX Runtime's telemetry is on)"
 
 # The admin's part, as docs/operations.md describes it: TLS material and an auditor's key
 # (serve_in_chroot.py sets the listen addresses to the sockets it passes, as moat.socket

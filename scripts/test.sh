@@ -11,6 +11,10 @@ cd "$root"
 # A one-shot run gains nothing from incremental compilation, whose caches would add
 # gigabytes to the build tree; set CARGO_INCREMENTAL=1 to keep them between runs.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+# ONNX Runtime's own telemetry stays off in everything this starts: moatd sets it itself, this
+# covers the test binaries and tools that load the library too. The telemetry test runs moatd
+# without it, to prove moatd needs nobody to set it.
+export ORT_DISABLE_TELEMETRY=1
 
 bash scripts/setup.sh
 # The package test's tools and chroot base come from the registries now, with the rest of

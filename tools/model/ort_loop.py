@@ -23,7 +23,9 @@ import sys
 import time
 
 import numpy as np
-import onnxruntime as ort
+
+import ort_telemetry  # noqa: F401  (first: switches ONNX Runtime's telemetry off)
+import onnxruntime as ort  # noqa: E402
 
 
 def physical_cores() -> int:
