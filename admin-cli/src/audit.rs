@@ -99,11 +99,13 @@ pub enum AuditCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Export a stopped node's audit store to a file an auditor can verify and decrypt.
+    /// Export the node's audit trail to a file an auditor can verify and decrypt.
     ///
     /// Records stay encrypted to the auditors. A time range is widened back to the latest
     /// checkpoint before it (or the chain's start, or the prune marker of a pruned store),
-    /// so that every exported record is vouched for by a signature. The file is written
+    /// so that every exported record is vouched for by a signature. The header and end line
+    /// are signed with the node key (by moatd, or with --store from the key file), so that
+    /// a copy cut short or edited does not verify. The file is written
     /// under a temporary name and renamed into place once complete and synced; the export
     /// is then verified as an auditor would, and damage in the store is reported with the
     /// verify exit status (the file is kept: it is the evidence).
@@ -132,12 +134,13 @@ pub enum AuditCommand {
         #[arg(long, value_name = "FILE", requires = "store")]
         signing_key: Option<PathBuf>,
     },
-    /// Verify an export: chain, signatures, gaps, order, and its end.
+    /// Verify an export: chain, signatures, gaps, order, its signed header and end, and
+    /// (with --after) that it extends the chain you hold.
     ///
-    /// On success prints what the export covers, and warns (without failing) about records
-    /// no checkpoint signs yet and about a last checkpoint older than the export. On
-    /// damage names the first bad record, its line and the kind of damage, and exits with
-    /// the status of that kind.
+    /// On success prints what the export covers and the node's chain head when it was
+    /// made (keep it, or the file, for the next --after), and warns (without failing) when
+    /// the chain went on past the export's last record. On damage names the first bad
+    /// record, its line and the kind of damage, and exits with the status of that kind.
     #[command(after_help = verify::HELP)]
     Verify {
         /// The export file.

@@ -1,6 +1,7 @@
 """The auditor's side of the audit trail, with the real `moatctl audit`: export a stopped
-node's store, verify the export, decrypt it; and the crash drill: load on moatd, kill -9 at
-a random moment, then prove every answer a client saw has its record."""
+node's store or a running one's, verify the export, decrypt it; edit an export as an
+attacker would; and the crash drill: load on moatd, kill -9 at a random moment, then prove
+every answer a client saw has its record."""
 
 import json
 import random
@@ -39,6 +40,49 @@ def verify(export_file: Path) -> str:
     """`moatctl audit verify`'s report of an intact export."""
     result = moatctl("audit", "verify", export_file, timeout=SLOW)
     return result.stdout + result.stderr
+
+
+def export_live(socket: str | Path, out: Path) -> Path:
+    """The running moatd's whole trail, exported through its admin socket: moatd signs it."""
+    moatctl("audit", "export", "--socket", socket, "--out", out, timeout=SLOW)
+    return out
+
+
+def verify_status(export_file: Path, *options: str | Path) -> subprocess.CompletedProcess:
+    """`moatctl audit verify`, whatever its exit status."""
+    return run_moatctl("audit", "verify", export_file, *options)
+
+
+def export_items(export_file: Path) -> list[dict]:
+    """The lines of an export: header, records and checkpoints, end."""
+    return [json.loads(line) for line in export_file.read_text().splitlines()]
+
+
+def write_items(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item, separators=(",", ":")) + "\n" for item in items))
+    return path
+
+
+def refit_end(items: list[dict], end: dict) -> list[dict]:
+    """`items` (header, records and checkpoints) closed by `end` with its counts, last
+    record and head edited to match them, as someone without the node key would."""
+    records = [item["record"] for item in items if "record" in item]
+    last = {"sequence": records[-1]["sequence"], "hash": records[-1]["hash"]}
+    fitted = {**end, "records": len(records), "last": last, "head": last,
+              "checkpoints": sum(1 for item in items if "checkpoint" in item)}
+    return [*items, {"end": fitted}]
+
+
+def cut_after_checkpoint(items: list[dict], sequence: int) -> list[dict]:
+    """The attack on an export: everything after the checkpoint at record `sequence`
+    dropped, the end line made to match what is left, the creation time moved to just
+    after its last record."""
+    at = next(n for n, item in enumerate(items)
+              if item.get("checkpoint", {}).get("sequence") == sequence)
+    kept = [dict(item) for item in items[:at + 1]]
+    last_stored = max(item["record"]["unix_ms"] for item in kept if "record" in item)
+    kept[0]["created_unix_ms"] = last_stored + 1000
+    return refit_end(kept, items[-1]["end"])
 
 
 def decrypt(export_file: Path, identity: Path) -> list[dict]:

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from audit_trail import (check_every_answer_recorded, crash_drill, decrypt, export,
-                         records_of, run_moatctl, store_of, verify)
+from audit_trail import (check_every_answer_recorded, crash_drill, cut_after_checkpoint,
+                         decrypt, export, export_items, export_live, records_of, refit_end,
+                         run_moatctl, store_of, verify, verify_status, write_items)
 from harness import (UNLIMITED_DATA, auditors, binary, binary_for_other_users, policy_dir,
                      running, server_config, sse_events, toml_text, wait_until)
 
@@ -166,6 +167,89 @@ def test_a_tampered_export_is_refused_naming_the_record(tmp_path, pki, alice):
     result = run_moatctl("audit", "verify", deleted)
     assert result.returncode == 11, result.stderr  # gap
     assert "record 1" in result.stderr
+
+
+def test_a_cut_or_edited_export_of_moatd_fails_its_signed_frame(tmp_path, pki, alice):
+    """moatd signs each export's header and end: dropping what follows a checkpoint and
+    editing the end and times to match, or editing the header, does not verify (18)."""
+    config = server_config(pki, FIXTURE, audit={"checkpoint_every_records": 3})
+    with running(tmp_path / "moatd", config) as server:
+        with server.http(pki.ca_cert, alice) as api:
+            for n in range(6):
+                assert api.post("/v1/chat/completions", json=chat(f"q{n}")).status_code == 200
+        whole = export_live(config["admin"]["socket"], tmp_path / "whole.jsonl")
+    items = export_items(whole)
+    pin = ("--node-key", items[0]["node_key"])
+    assert verify_status(whole, *pin).returncode == 0
+    checkpoints = [item["checkpoint"]["sequence"] for item in items if "checkpoint" in item]
+    assert len(checkpoints) >= 3, checkpoints
+
+    def refused(name: str, edited: list[dict]) -> str:
+        result = verify_status(write_items(tmp_path / name, edited), *pin)
+        assert result.returncode == 18, (name, result.stdout, result.stderr)
+        assert "bad_frame" in result.stderr
+        return result.stderr
+
+    for sequence in checkpoints[:-1]:
+        refused(f"cut-{sequence}.jsonl", cut_after_checkpoint(items, sequence))
+    header, body, end = items[0], items[1:-1], items[-1]["end"]
+    stored = [item["record"]["unix_ms"] for item in body if "record" in item]
+    for field, value in [("since_unix_ms", stored[2]), ("until_unix_ms", stored[-2]),
+                         ("created_unix_ms", header["created_unix_ms"] + 3_600_000)]:
+        refused(f"edited-{field}.jsonl", [{**header, field: value}, *body, items[-1]])
+    # The first records dropped and the anchor moved to the genuine checkpoint before the
+    # rest: the chain verifies from there, the frame does not.
+    first = checkpoints[0]
+    at = next(n for n, item in enumerate(body)
+              if item.get("checkpoint", {}).get("sequence") == first)
+    rest = body[at + 1:]
+    counts = {"records": sum("record" in item for item in rest),
+              "checkpoints": sum("checkpoint" in item for item in rest)}
+    moved = [{**header, "anchor": body[at]["checkpoint"]}, *rest, {"end": {**end, **counts}}]
+    refused("moved-anchor.jsonl", moved)
+
+
+def test_verify_after_catches_an_older_export_and_a_rewritten_history(tmp_path, pki, alice):
+    """An auditor keeps each export and verifies the next one --after it: handing over the
+    older one as the newer fails (19); so does a history root rewrote with the node's own
+    key by rolling the store back and letting moatd chain and sign anew (20)."""
+    config = server_config(pki, FIXTURE)
+    socket, store = config["admin"]["socket"], store_of(config)
+
+    def serve(label: str, requests: int) -> Path:
+        with running(tmp_path / "moatd", config) as server:
+            with server.http(pki.ca_cert, alice) as api:
+                for n in range(requests):
+                    response = api.post("/v1/chat/completions", json=chat(f"{label} {n}"))
+                    assert response.status_code == 200
+            return export_live(socket, tmp_path / f"{label}.jsonl")
+
+    serve("first", 2)
+    backup = tmp_path / "audit-backup"
+    shutil.copytree(store, backup)
+    held = serve("held", 3)
+    newer = serve("newer", 2)
+    pin = ("--node-key", export_items(held)[0]["node_key"])
+    head = export_items(held)[-1]["end"]["head"]
+
+    extends = verify_status(newer, *pin, "--after", held)
+    assert extends.returncode == 0, extends.stderr
+    assert f"extends:          the head held, record {head['sequence']}" in extends.stdout
+    older = verify_status(held, *pin, "--after", newer)
+    assert older.returncode == 19, older.stderr
+    assert "older: the export's chain head is record" in older.stderr
+
+    # Root puts the old store back; moatd (same key) goes on from there past the held head.
+    shutil.rmtree(store)
+    shutil.copytree(backup, store)
+    forked = serve("forked", 12)
+    alone = verify_status(forked, *pin)
+    assert alone.returncode == 0, alone.stderr  # signed by the node: it verifies on its own
+    for after in (("--after", held), ("--after-head", f"{head['sequence']}:{head['hash']}")):
+        caught = verify_status(forked, *pin, *after)
+        assert caught.returncode == 20, caught.stderr
+        forked_at = f"forked: at record {head['sequence']} the export's chain has hash"
+        assert forked_at in caught.stderr, caught.stderr
 
 
 def test_kill_9_under_load_loses_no_answered_request(tmp_path, pki, alice):
