@@ -1,6 +1,5 @@
 use super::*;
 use crate::audit::chain::CheckpointKind;
-use crate::audit::encoding;
 use ed25519_dalek::SigningKey;
 
 const NODE: &str = "node-a";
@@ -211,25 +210,11 @@ fn counts(lines: &[String]) -> (usize, usize) {
 fn cut_and_refit(original: &[String], sequence: u64) -> Vec<String> {
     let at = line_of(original, sequence) + 1;
     assert!(original[at].starts_with("{\"checkpoint\":"));
-    let mut kept = original[..=at].to_vec();
-    let (records, checkpoints) = counts(&kept);
-    let point = serde_json::json!({
-        "sequence": sequence,
-        "hash": encoding::hex(&serde_json::from_str::<ExportLine>(&kept[at - 1])
-            .ok()
-            .and_then(|l| match l { ExportLine::Record(e) => Some(e.hash), _ => None })
-            .expect("record")),
-    });
-    let mut end = end_of(original);
-    end["end"]["records"] = records.into();
-    end["end"]["checkpoints"] = checkpoints.into();
-    end["end"]["last"] = point.clone();
-    end["end"]["head"] = point;
-    let mut header: serde_json::Value = serde_json::from_str(&kept[0]).expect("json");
+    let mut cut = refit(&original[..=at], &end_of(original));
+    let mut header: serde_json::Value = serde_json::from_str(&cut[0]).expect("json");
     header["created_unix_ms"] = (1_000 + sequence as i64 + 1).into();
-    kept[0] = header.to_string();
-    kept.push(end.to_string());
-    kept
+    cut[0] = header.to_string();
+    cut
 }
 
 #[test]
@@ -403,4 +388,42 @@ fn other_files_are_not_taken_for_exports() {
         verify("{\"moat_audit_export\": 1, \"node_id\": \"node-a\"}\n"),
         Err(ExportError::UnsignedFrame)
     ));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// However an export is cut short, an end line refitted to what is left (counts, last
+    /// record, head) does not make it verify.
+    #[test]
+    fn no_cut_of_an_export_verifies_whatever_its_end_says(n in 1u64..24, at in 0usize..1000) {
+        let (entries, checkpoints) = chain(n, NODE, &key(1));
+        let original = lines(&export(&entries, &checkpoints, 0));
+        // Keep the header and the body lines before `cut`: at least one body line goes.
+        let cut = 1 + at % (original.len() - 2);
+        let refitted = refit(&original[..cut], &end_of(&original));
+        proptest::prop_assert!(verify(&join(&refitted)).is_err());
+    }
+}
+
+/// `kept` (a header and the lines after it) closed by `end` with its counts, last record
+/// and head edited to match them, as someone without the node key would.
+fn refit(kept: &[String], end: &serde_json::Value) -> Vec<String> {
+    let (records, checkpoints) = counts(kept);
+    let last = kept
+        .iter()
+        .rev()
+        .find_map(|l| match serde_json::from_str(l) {
+            Ok(ExportLine::Record(entry)) => Some(ChainPoint::of(&entry)),
+            _ => None,
+        });
+    let mut end = end.clone();
+    end["end"]["records"] = records.into();
+    end["end"]["checkpoints"] = checkpoints.into();
+    end["end"]["last"] = serde_json::to_value(last).expect("json");
+    if let Some(last) = last {
+        end["end"]["head"] = serde_json::to_value(last).expect("json");
+    }
+    let mut refitted = kept.to_vec();
+    refitted.push(end.to_string());
+    refitted
 }
