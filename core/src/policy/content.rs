@@ -33,6 +33,7 @@ mod email;
 mod iban;
 mod marking;
 mod redact;
+mod stream;
 mod text;
 
 use std::borrow::Cow;
@@ -46,6 +47,7 @@ pub use compile::{
 };
 use detector::Detector;
 pub use marking::DEFAULT_MARKINGS;
+pub use stream::{AnswerStream, Withheld};
 
 /// The most rounds of replacement [`ContentRules::redact`] makes.
 pub const MAX_REDACTION_PASSES: usize = 4;
@@ -246,20 +248,47 @@ impl ContentRules {
         direction: Direction,
         purpose: Purpose,
     ) -> Cow<'t, str> {
+        let whole = redact::Window {
+            from: 0,
+            upto: text.len(),
+        };
+        match self.redact_window(text, direction, purpose, whole) {
+            Ok(None) => Cow::Borrowed(text),
+            Ok(Some(redacted)) => Cow::Owned(redacted.text),
+            // No match ends past the end of the text; were one ever to, nothing unchecked
+            // leaves.
+            Err(redact::Crossed) => Cow::Owned(String::new()),
+        }
+    }
+
+    /// [`ContentRules::redact`] of the matches that start in `window` (from `window.from`;
+    /// the text before it is context), with where `window.upto` lands in the result.
+    /// `Err` when a match, in any round, crosses `window.upto`.
+    fn redact_window(
+        &self,
+        text: &str,
+        direction: Direction,
+        purpose: Purpose,
+        window: redact::Window,
+    ) -> Result<Option<redact::Redacted>, redact::Crossed> {
         let rules = || {
             self.rules_for(direction)
                 .filter(|rule| purpose.redacts(rule.action))
         };
-        let Some(mut redacted) = redact::redact_pass(rules(), text, &[]) else {
-            return Cow::Borrowed(text);
+        let Some(mut redacted) = redact::redact_pass(rules(), text, &[], window)? else {
+            return Ok(None);
         };
         for _ in 1..MAX_REDACTION_PASSES {
-            match redact::redact_pass(rules(), &redacted.text, &redacted.tokens) {
+            let window = redact::Window {
+                from: window.from,
+                upto: redacted.upto,
+            };
+            match redact::redact_pass(rules(), &redacted.text, &redacted.tokens, window)? {
                 Some(again) => redacted = again,
                 None => break,
             }
         }
-        Cow::Owned(redacted.text)
+        Ok(Some(redacted))
     }
 
     fn rules_for(&self, direction: Direction) -> impl Iterator<Item = &CompiledRule> {

@@ -11,13 +11,13 @@ use serde::Serialize;
 
 use std::sync::Arc;
 
-use moat_core::policy::AccessPolicy;
-use moat_core::policy::content::{ContentAction, Direction};
+use moat_core::policy::content::{AnswerStream, Withheld};
+use moat_core::policy::{AccessPolicy, ReasonCode};
 
 use super::audit_trail::AuditNotes;
 use super::error::ApiError;
 use super::generate::{Endpoint, ResponseMeta};
-use super::guard::{self, Admitted};
+use super::guard::Admitted;
 use super::openai::UsageOut;
 use super::service::CLIENT_CLOSED_REQUEST;
 use crate::engine::{AnswerCheck, FinishReason, GenerationEvent, GenerationStream};
@@ -164,8 +164,6 @@ struct StreamState {
     filter: AnswerFilter,
     admitted: Option<Admitted>,
     notes: AuditNotes,
-    /// The whole answer as generated, for the audit record and the answer check.
-    answer: String,
     /// Tokens generated so far.
     tokens: u64,
     check: AnswerCheck,
@@ -198,7 +196,6 @@ pub fn sse_body(
         notes: admitted.notes.clone(),
         admitted: Some(admitted),
         check,
-        answer: String::new(),
         tokens: 0,
         ending: None,
         opened: false,
@@ -237,7 +234,6 @@ impl StreamState {
             Some(GenerationEvent::Token { text, .. }) => {
                 self.timer.token();
                 self.tokens += 1;
-                self.answer.push_str(&text);
                 match self.filter.push(&text) {
                     Ok(released) if released.is_empty() => return false,
                     Ok(released) => self.format.text(&released, out),
@@ -248,12 +244,12 @@ impl StreamState {
                 self.timer.finished(usage);
                 let tokens = usage.completion_tokens as u64;
                 self.notes
-                    .answered(&self.filter.policy, &self.answer, tokens);
+                    .answered(&self.filter.policy, self.filter.answer(), tokens);
                 if let Some(admitted) = self.admitted.take() {
                     admitted.settle(tokens);
                 }
                 if reason == FinishReason::Stop
-                    && let Err(e) = self.check.validate(&self.answer)
+                    && let Err(e) = self.check.validate(self.filter.answer())
                 {
                     self.fail(ApiError::Internal(e.to_string()), out);
                     return true;
@@ -286,8 +282,12 @@ impl StreamState {
         use actix_web::ResponseError as _;
         if let ApiError::AnswerWithheld { reason } = &error {
             // The evidence of what was withheld goes into the record.
-            self.notes
-                .withheld(&self.filter.policy, &self.answer, self.tokens, reason);
+            self.notes.withheld(
+                &self.filter.policy,
+                self.filter.answer(),
+                self.tokens,
+                reason,
+            );
         }
         let status = error.status_code().as_u16();
         self.ending = Some((status, error.detail().code.to_owned()));
@@ -296,113 +296,38 @@ impl StreamState {
     }
 }
 
-/// Holds back the end of a streamed answer that could still grow into a match of an answer
-/// rule, so that a match is complete, and denied or masked, before any of it is sent.
-/// Without answer rules, text passes straight through.
+/// The answer rules on a streamed answer: what may be sent as it grows, checked by the
+/// policy's content rules in `moat-core` (`AnswerStream`), so that nothing of a match leaves
+/// before it is judged. The whole answer is kept there for the audit.
 struct AnswerFilter {
     policy: Arc<AccessPolicy>,
-    active: bool,
-    /// A configured pattern applies to answers: its matches have no known alphabet, so the
-    /// last [`ANSWER_LAG_BYTES`] are always held.
-    patterns: bool,
-    raw: String,
-    released: String,
-}
-
-/// Most of a streamed answer held back at once: a configured pattern matching more text
-/// than this could have its beginning sent before it completes.
-pub const ANSWER_LAG_BYTES: usize = 256;
-
-/// `hold` bytes from the end of `text`, widened to a character boundary.
-fn floor_boundary_from_end(text: &str, hold: usize) -> usize {
-    let mut start = text.len() - hold;
-    while !text.is_char_boundary(start) {
-        start -= 1;
-    }
-    text.len() - start
+    stream: AnswerStream,
 }
 
 impl AnswerFilter {
     fn new(policy: Arc<AccessPolicy>) -> Self {
-        let active = policy.data().content.iter().any(|rule| {
-            rule.applies_to != Direction::Prompt
-                && matches!(rule.action, ContentAction::Deny | ContentAction::Redact)
-        });
-        let patterns = policy.data().content.iter().any(|rule| {
-            rule.applies_to != Direction::Prompt
-                && rule.detector == "regex"
-                && matches!(rule.action, ContentAction::Deny | ContentAction::Redact)
-        });
-        Self {
-            policy,
-            active,
-            patterns,
-            raw: String::new(),
-            released: String::new(),
-        }
+        let stream = policy.content().answer_stream();
+        Self { policy, stream }
     }
 
     /// Adds generated text; returns what may be sent now, or the refusal.
     fn push(&mut self, text: &str) -> Result<String, ApiError> {
-        if !self.active {
-            return Ok(text.to_owned());
-        }
-        self.raw.push_str(text);
-        let safe = self.checked()?;
-        let end = safe.len() - self.hold_back(&safe);
-        self.release(&safe[..end])
-    }
-
-    /// How many bytes at the end of `text` could be the beginning of a match: the trailing
-    /// run of characters a card number, IBAN, e-mail address or marking is made of (none of
-    /// them contains other characters), or the whole lag when a configured pattern applies.
-    fn hold_back(&self, text: &str) -> usize {
-        let limit = text.len().min(ANSWER_LAG_BYTES);
-        if self.patterns {
-            return floor_boundary_from_end(text, limit);
-        }
-        let run = |part_of: fn(char) -> bool| {
-            text.chars()
-                .rev()
-                .take_while(|&c| part_of(c))
-                .map(char::len_utf8)
-                .sum::<usize>()
-        };
-        // Words, e-mail addresses, IBANs and card numbers written without spaces.
-        let word = run(|c| c.is_ascii_alphanumeric() || "._%+@-".contains(c));
-        // Card numbers, IBANs and markings written with spaces, hyphens or slashes.
-        let grouped = run(|c| c.is_ascii_digit() || c.is_ascii_uppercase() || " -/".contains(c));
-        floor_boundary_from_end(text, word.max(grouped).min(limit))
+        self.stream.push(text).map_err(withheld)
     }
 
     /// The answer is complete: the rest, or the refusal.
     fn finish(&mut self) -> Result<String, ApiError> {
-        if !self.active {
-            return Ok(String::new());
-        }
-        let safe = self.checked()?;
-        self.release(&safe)
+        self.stream.finish().map_err(withheld)
     }
 
-    /// The answer so far with answer rules applied: masked, or refused by a deny rule.
-    fn checked(&self) -> Result<String, ApiError> {
-        guard::check_answer(&self.policy, &self.raw)
+    /// The whole answer as generated so far.
+    fn answer(&self) -> &str {
+        self.stream.answer()
     }
+}
 
-    /// Sends the part of `upto` not sent yet. Masking only ever changes text within the
-    /// lag, so what was sent stays a prefix; if it ever did not, the stream stops rather
-    /// than send text that was not checked.
-    fn release(&mut self, upto: &str) -> Result<String, ApiError> {
-        let Some(new) = upto.strip_prefix(self.released.as_str()) else {
-            if upto.len() < self.released.len() && self.released.starts_with(upto) {
-                return Ok(String::new());
-            }
-            return Err(ApiError::AnswerWithheld {
-                reason: "content.inconsistent_masking".to_owned(),
-            });
-        };
-        let new = new.to_owned();
-        self.released.push_str(&new);
-        Ok(new)
+fn withheld(refusal: Withheld) -> ApiError {
+    ApiError::AnswerWithheld {
+        reason: ReasonCode::Content(refusal.detector).as_str(),
     }
 }

@@ -43,8 +43,10 @@ struct DigitRun {
 }
 
 impl<'t> CardNumbers<'t> {
-    pub(super) fn new(text: &'t str) -> Self {
-        CardNumbers { text, pos: 0 }
+    /// The card numbers that start at or after byte `from` (a character boundary); the text
+    /// before it is context only.
+    pub(super) fn starting_at(text: &'t str, from: usize) -> Self {
+        CardNumbers { text, pos: from }
     }
 }
 
@@ -155,7 +157,9 @@ mod tests {
     use super::*;
 
     fn cards(text: &str) -> Vec<&str> {
-        CardNumbers::new(text).map(|r| &text[r]).collect()
+        CardNumbers::starting_at(text, 0)
+            .map(|r| &text[r])
+            .collect()
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 use regex::{Regex, RegexBuilder};
 use thiserror::Error;
 
-use super::detector::Detector;
+use super::detector::{Detector, RegexDetector};
 use super::marking::{DEFAULT_MARKINGS, marking_pattern};
 use super::{CompiledRule, ContentRuleConfig, Direction};
 
@@ -258,15 +258,19 @@ fn pattern_detector(
         report(RuleProblem::MissingPattern);
         return None;
     };
-    let regex = build_regex(pattern).map_err(&mut *report).ok()?;
-    if regex.is_match("") {
+    let checked = check_regex(pattern).map_err(&mut *report).ok()?;
+    if checked.is_match("") {
         report(RuleProblem::PatternMatchesEmpty);
         return None;
     }
-    Some(Detector::Pattern(regex))
+    build_regex(pattern)
+        .map_err(&mut *report)
+        .ok()
+        .map(Detector::Pattern)
 }
 
-fn build_regex(pattern: &str) -> Result<Regex, RuleProblem> {
+/// The pattern as the `regex` crate reads it: its errors are the ones admins are shown.
+fn check_regex(pattern: &str) -> Result<Regex, RuleProblem> {
     RegexBuilder::new(pattern)
         .size_limit(PATTERN_SIZE_LIMIT)
         .build()
@@ -274,6 +278,15 @@ fn build_regex(pattern: &str) -> Result<Regex, RuleProblem> {
             regex::Error::CompiledTooBig(limit) => RuleProblem::PatternTooLarge { limit },
             other => RuleProblem::InvalidPattern(other),
         })
+}
+
+/// The checked pattern, built for scanning (from any place in a text, with the text before
+/// it as context) and for streamed answers.
+fn build_regex(pattern: &str) -> Result<RegexDetector, RuleProblem> {
+    check_regex(pattern)?;
+    RegexDetector::new(pattern, PATTERN_SIZE_LIMIT).ok_or(RuleProblem::PatternTooLarge {
+        limit: PATTERN_SIZE_LIMIT,
+    })
 }
 
 #[cfg(test)]

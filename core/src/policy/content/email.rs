@@ -31,11 +31,13 @@ pub(super) struct EmailAddresses<'t> {
 }
 
 impl<'t> EmailAddresses<'t> {
-    pub(super) fn new(text: &'t str) -> Self {
+    /// The addresses that start at or after byte `from` (a character boundary): a local
+    /// part is never read back past it.
+    pub(super) fn starting_at(text: &'t str, from: usize) -> Self {
         EmailAddresses {
             text,
-            pos: 0,
-            floor: 0,
+            pos: from,
+            floor: from,
         }
     }
 }
@@ -121,7 +123,9 @@ mod tests {
     use super::*;
 
     fn addresses(text: &str) -> Vec<&str> {
-        EmailAddresses::new(text).map(|r| &text[r]).collect()
+        EmailAddresses::starting_at(text, 0)
+            .map(|r| &text[r])
+            .collect()
     }
 
     #[test]

@@ -118,8 +118,10 @@ pub(super) struct Ibans<'t> {
 }
 
 impl<'t> Ibans<'t> {
-    pub(super) fn new(text: &'t str) -> Self {
-        Ibans { text, pos: 0 }
+    /// The IBANs that start at or after byte `from` (a character boundary); the text before
+    /// it is context only.
+    pub(super) fn starting_at(text: &'t str, from: usize) -> Self {
+        Ibans { text, pos: from }
     }
 }
 
@@ -245,7 +247,7 @@ mod tests {
     ];
 
     fn ibans(text: &str) -> Vec<&str> {
-        Ibans::new(text).map(|r| &text[r]).collect()
+        Ibans::starting_at(text, 0).map(|r| &text[r]).collect()
     }
 
     #[test]
