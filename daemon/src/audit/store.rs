@@ -2,7 +2,8 @@
 //! entries by sequence number, checkpoints, the node's identity and the prune marker.
 //!
 //! `sled::Db::flush` does not reach the disk's cache on Linux (it uses `sync_file_range`),
-//! so [`Store::make_durable`] also syncs sled's files and directory: once it returns, what
+//! and sled never syncs the blob files it keeps big pages in ([`blobs`]), so
+//! [`Store::make_durable`] also syncs sled's files and directories: once it returns, what
 //! was written survives a crash or a power cut.
 
 use std::fs::File;
@@ -15,6 +16,9 @@ use moat_core::audit::{ChainEntry, Checkpoint, CheckpointKind, GENESIS};
 
 use super::AuditError;
 use super::reader::{ExportSnapshot, StoreReader};
+use blobs::BlobFiles;
+
+mod blobs;
 
 /// How long opening waits for a store that is still locked.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -48,6 +52,7 @@ pub struct Store {
     records: sled::Tree,
     checkpoints: sled::Tree,
     meta: sled::Tree,
+    blobs: BlobFiles,
     head: ChainHead,
 }
 
@@ -97,6 +102,7 @@ impl Store {
             .flush_every_ms(None)
             .open()
             .map_err(|e| open_error(e.to_string()))?;
+        let blobs = BlobFiles::watch(dir).map_err(|e| open_error(e.to_string()))?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(e.to_string()));
         let records = tree(layout::RECORDS)?;
         let checkpoints = tree(layout::CHECKPOINTS)?;
@@ -129,6 +135,7 @@ impl Store {
             records,
             checkpoints,
             meta,
+            blobs,
             head: ChainHead {
                 next: 0,
                 previous: GENESIS,
@@ -327,11 +334,17 @@ impl Store {
         }))
     }
 
-    /// sled's flush, then fsync of its log file. sled appends to the one file it created
-    /// at open, so syncing that file is enough from then on; [`Store::open`] also syncs
-    /// the configuration file and the directory that names them.
+    /// sled's flush, then fsync of its log file and of every blob file made since the last
+    /// call. sled appends to the one log file it created at open; [`Store::open`] syncs the
+    /// configuration file and the directory that names them.
     pub fn make_durable(&self) -> Result<(), AuditError> {
+        // sled writes a blob while the write that needs it runs, before the log entry
+        // pointing at it is flushed: synced first, it is on disk before that entry can be.
+        self.blobs.sync_new().map_err(write_error)?;
         self.db.flush().map_err(write_error)?;
+        // And any a reader's consolidation of a page made meanwhile, before the caller
+        // acknowledges anything.
+        self.blobs.sync_new().map_err(write_error)?;
         sync_path(&self.dir.join("db")).map_err(write_error)
     }
 
