@@ -408,7 +408,8 @@ fn conditional_oracle(ask: &Ask, rank: usize) -> bool {
         && (ask.hour >= 22 || ask.hour < 6);
     let bob = ask.department == "visitor"
         && ask.subject == "bob"
-        && ask.action == PolicyAction::Embed && model == Some("general");
+        && ask.action == PolicyAction::Embed
+        && model == Some("general");
     let forbidden = rank >= 3 && ask.hour < 6;
     (finance || night || bob) && !forbidden
 }

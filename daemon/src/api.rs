@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod guard;
 pub mod openai;
+pub mod refusals;
 pub mod response_format;
 mod service;
 pub mod stream;
@@ -97,6 +98,8 @@ pub struct AppState {
     pub audit: Arc<crate::audit::AuditLog>,
     /// Names each request's caller from its connection's certificates.
     pub clients: crate::tls::ClientAuthority,
+    /// How often each caller may be refused before it is turned away at once.
+    pub refusals: Arc<refusals::RefusalBudgets>,
 }
 
 /// The model a request named, once it is known to be served (a metrics label, so names
@@ -252,13 +255,39 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes,
     Ok(body.freeze())
 }
 
-/// Reads the body within `limits.max_body_bytes` and parses it as JSON.
+/// Reads the body within `limits.max_body_bytes` and `limits.body_read_timeout_ms` and
+/// parses it as JSON; the request must say its body is JSON (415 otherwise), so that a
+/// browser form or a stray upload is never read as a request.
 pub async fn read_json<T: DeserializeOwned>(
+    http: &HttpRequest,
     payload: web::Payload,
     limits: &LimitsConfig,
 ) -> Result<T, ApiError> {
-    let body = read_body(payload, limits.max_body_bytes).await?;
+    check_json_content_type(http)?;
+    let timeout = std::time::Duration::from_millis(limits.body_read_timeout_ms);
+    let body = actix_web::rt::time::timeout(timeout, read_body(payload, limits.max_body_bytes))
+        .await
+        .map_err(|_| ApiError::BodyTimeout {
+            millis: limits.body_read_timeout_ms,
+        })??;
     parse_json(&body)
+}
+
+/// `content-type: application/json` (parameters such as `charset=utf-8` allowed).
+fn check_json_content_type(http: &HttpRequest) -> Result<(), ApiError> {
+    let found = http
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .map(|value| value.to_str().unwrap_or("(not text)"));
+    let essence = found
+        .and_then(|value| value.split(';').next())
+        .map(str::trim);
+    match essence {
+        Some(essence) if essence.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType {
+            found: found.unwrap_or("(none)").chars().take(64).collect(),
+        }),
+    }
 }
 
 /// Parses a JSON body, with errors that say where and what.

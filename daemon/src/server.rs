@@ -9,9 +9,11 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 
+use crate::api::refusals::RefusalBudgets;
 use crate::api::{self, AppState, ServedModel};
 use crate::audit::log::admin_record;
 use crate::audit::{AuditError, AuditLog};
@@ -296,6 +298,10 @@ impl<'c> Ready<'c> {
             policy: self.policy,
             audit: Arc::clone(&self.audit),
             clients: self.tls_reloader.client_authority(config.identity),
+            refusals: Arc::new(crate::api::refusals::RefusalBudgets::new(
+                config.limits.refusals_per_window,
+                std::time::Duration::from_secs(config.limits.refusal_window_secs),
+            )),
         });
         let reloadable = Reloadable {
             policy: Arc::clone(&state.policy),
@@ -399,6 +405,7 @@ async fn run_servers(
     };
     let audit = Arc::clone(&state.audit);
     let table = Arc::clone(&state.models);
+    let refusals = Arc::clone(&state.refusals);
     // The async handlers take over from `EarlyStop` before the models load: a signal from
     // now on is acted on by them (after READY=1) or ends the start (before it).
     let stop_signals = StopSignals::new().map_err(ServeError::Run)?;
@@ -460,6 +467,12 @@ async fn run_servers(
         server.shutdown_grace_secs,
     ));
     actix_web::rt::spawn(signals::reload_on_hangup(hangups, reloadable, table, early));
+    let window = Duration::from_secs(config.limits.refusal_window_secs);
+    actix_web::rt::spawn(record_refusal_summaries(
+        Arc::clone(&refusals),
+        Arc::clone(&audit),
+        window,
+    ));
     let mut result = Ok(());
     for server in servers {
         let outcome = server
@@ -468,7 +481,29 @@ async fn run_servers(
             .and_then(|r| r);
         result = result.and(outcome);
     }
+    // What the last windows turned away is recorded before the final checkpoint.
+    for summary in refusals.drain(std::time::Instant::now(), true) {
+        let record = summary.record(&audit.node().node_id);
+        if let Err(e) = audit.append(record).await {
+            tracing::error!(error = %e, "a summary of refused requests could not be recorded");
+        }
+    }
     result.map_err(ServeError::Run)
+}
+
+/// Records, once a window has ended, a summary of each caller turned away in it.
+async fn record_refusal_summaries(
+    refusals: Arc<RefusalBudgets>,
+    audit: Arc<AuditLog>,
+    window: Duration,
+) {
+    let mut ticks = actix_web::rt::time::interval(window.div_f32(2.0).max(Duration::from_secs(1)));
+    loop {
+        ticks.tick().await;
+        for summary in refusals.drain(std::time::Instant::now(), false) {
+            audit.submit(summary.record(&audit.node().node_id));
+        }
+    }
 }
 
 /// systemd's status line while serving.

@@ -135,6 +135,46 @@ impl ClientAuthority {
     pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<Identity, IdentityError> {
         self.verifier.identify(chain, &self.mapping)
     }
+
+    /// [`ClientAuthority::identify`] for the requests of one connection: the verdict is
+    /// kept in `memo` and reused while the same CAs and CRLs are in force, for at most
+    /// [`VERDICT_LIFETIME`] (so a CRL or certificate that expires meanwhile still counts),
+    /// which spares each request a signature check.
+    pub fn identify_connection(
+        &self,
+        chain: &[CertificateDer<'_>],
+        memo: &std::cell::RefCell<Option<Verdict>>,
+    ) -> Result<Identity, IdentityError> {
+        let generation = self.verifier.generation();
+        let now = std::time::Instant::now();
+        if let Some(verdict) = memo.borrow().as_ref()
+            && verdict.generation == generation
+            && now < verdict.until
+        {
+            if let Err(error) = &verdict.identity {
+                self.verifier.recount(error);
+            }
+            return verdict.identity.clone();
+        }
+        let identity = self.identify(chain);
+        *memo.borrow_mut() = Some(Verdict {
+            generation,
+            until: now + VERDICT_LIFETIME,
+            identity: identity.clone(),
+        });
+        identity
+    }
+}
+
+/// How long a connection's verdict is reused at most.
+pub const VERDICT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A connection's last verdict on its caller.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    generation: u64,
+    until: std::time::Instant,
+    identity: Result<Identity, IdentityError>,
 }
 
 /// The client certificate verifier: one per department CA, each with every CRL.

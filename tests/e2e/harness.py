@@ -236,6 +236,9 @@ def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
         "audit": {"state_directory": str(state), "node_id": "test-node",
                   "recipients": list(auditors(root / "auditors").recipients)},
         "admin": {"socket": str(state / "admin.sock")},
+        # Tests of other features are refused on purpose, over and over, from one address:
+        # the refusal budgets have tests of their own (test_floods.py).
+        "limits": {"refusals_per_window": 0, "failed_handshakes_per_window": 0},
     }
     for section, keys in sections.items():
         config.setdefault(section, {}).update(keys)

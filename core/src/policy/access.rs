@@ -123,6 +123,9 @@ pub struct AccessPolicy {
     base: Entities,
     /// How many policies each file contributed, in order (for `moatctl policy validate`).
     pub counts: Vec<(String, usize)>,
+    /// Whether any policy mentions the request's token counts (see
+    /// [`AccessPolicy::decides_on_token_counts`]).
+    token_counts: bool,
 }
 
 #[derive(Debug)]
@@ -154,7 +157,10 @@ impl EntityTypes {
 fn subject_uid(types: &EntityTypes, request: &PolicyRequest<'_>) -> EntityUid {
     uid(
         &types.subject,
-        &format!("{}{SUBJECT_SEPARATOR}{}", request.department, request.subject),
+        &format!(
+            "{}{SUBJECT_SEPARATOR}{}",
+            request.department, request.subject
+        ),
     )
 }
 
@@ -219,7 +225,14 @@ impl AccessPolicy {
         if !problems.is_empty() {
             return Err(PolicyError { problems });
         }
+        // Any mention, even in a comment-free string, counts: a false "yes" only means the
+        // decision waits for tokenising.
+        let token_counts = policies.policies().any(|p| {
+            let text = p.to_string();
+            text.contains("prompt_tokens") || text.contains("max_tokens")
+        });
         let mut policy = Self {
+            token_counts,
             schema,
             policies,
             data,
@@ -248,6 +261,13 @@ impl AccessPolicy {
 
     pub fn data(&self) -> &PolicyData {
         &self.data
+    }
+
+    /// Whether a policy may look at `context.prompt_tokens` or `context.max_tokens`. When
+    /// none does, the decision made before the prompt is tokenised (with counts of 0) is the
+    /// decision, and a refused request costs no tokenising, rendering or grammar compiling.
+    pub fn decides_on_token_counts(&self) -> bool {
+        self.token_counts
     }
 
     pub fn content(&self) -> &ContentRules {

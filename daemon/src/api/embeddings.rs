@@ -23,7 +23,7 @@ pub async fn embeddings(
     http: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let request: EmbeddingRequest = read_json(payload, &state.limits).await?;
+    let request: EmbeddingRequest = read_json(&http, payload, &state.limits).await?;
     let (loaded, service) = state.embedder(&request.model, &http, &caller)?;
     let version = loaded.version_text();
     let embedder = &service.embedder;
@@ -62,6 +62,22 @@ pub async fn embeddings(
         .map(|text| guard::redact_for_inference(&policy, text))
         .collect();
     drop(sent);
+    let prompt_text = inputs.join("\n");
+    let mut gate = GateRequest {
+        action: PolicyAction::Embed,
+        model: Some(ModelFacts {
+            name: &request.model,
+            task: ModelTask::Embedding.as_str(),
+            version: &version,
+            ceiling: loaded.classification_ceiling.as_deref(),
+        }),
+        prompt_text: &prompt_text,
+        prompt_scan,
+        prompt_tokens: 0,
+        max_tokens: 0,
+    };
+    // A request the policy refuses costs no tokenising.
+    guard::refuse_early(&state, &policy, &caller, &http, &gate)?;
     let Some(capacity) = service.try_admit() else {
         return Err(ApiError::Overloaded {
             model: request.model,
@@ -76,19 +92,7 @@ pub async fn embeddings(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     let prompt_tokens: usize = tokenized.map_err(embed_error)?.iter().map(Vec::len).sum();
-    let gate = GateRequest {
-        action: PolicyAction::Embed,
-        model: Some(ModelFacts {
-            name: &request.model,
-            task: ModelTask::Embedding.as_str(),
-            version: &version,
-            ceiling: loaded.classification_ceiling.as_deref(),
-        }),
-        prompt_text: &inputs.join("\n"),
-        prompt_scan,
-        prompt_tokens: prompt_tokens as u64,
-        max_tokens: 0,
-    };
+    gate.prompt_tokens = prompt_tokens as u64;
     let admitted = guard::admit(&state, policy, &caller, &http, gate)?;
     // No inference before the admission record is durable.
     admitted.notes.admission().await?;

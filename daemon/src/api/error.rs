@@ -31,6 +31,20 @@ pub enum ApiError {
     /// The body is larger than `limits.max_body_bytes` (413).
     #[error("the request body is larger than the {limit}-byte limit")]
     BodyTooLarge { limit: usize },
+    /// The body did not arrive within `limits.body_read_timeout_ms` (408).
+    #[error("the request body did not arrive within {millis} ms; send it whole and at once")]
+    BodyTimeout { millis: u64 },
+    /// The body is not declared as JSON (415).
+    #[error(
+        "the request body must be JSON, sent with `content-type: application/json` (got {found:?})"
+    )]
+    UnsupportedMediaType { found: String },
+    /// The caller was refused too often in this window (429, with `Retry-After`).
+    #[error(
+        "too many refused requests from this client; it is turned away for {retry_after} s. \
+         Fix what is being refused (see the earlier errors) before retrying"
+    )]
+    RefusalBudgetSpent { retry_after: u64 },
     /// Well-formed, but this model cannot do it (422).
     #[error("{message}")]
     Unsupported {
@@ -116,6 +130,13 @@ impl ApiError {
             ApiError::Unauthenticated(e) => ("authentication_error", None, e.code()),
             ApiError::NotFound { code, .. } => ("invalid_request_error", None, *code),
             ApiError::BodyTooLarge { .. } => ("invalid_request_error", None, "body_too_large"),
+            ApiError::BodyTimeout { .. } => ("invalid_request_error", None, "body_timeout"),
+            ApiError::UnsupportedMediaType { .. } => {
+                ("invalid_request_error", None, "unsupported_media_type")
+            }
+            ApiError::RefusalBudgetSpent { .. } => {
+                ("rate_limit_exceeded", None, super::refusals::BUDGET_SPENT)
+            }
             ApiError::Unsupported { param, code, .. } => ("invalid_request_error", *param, *code),
             ApiError::Overloaded { .. } => ("overloaded_error", None, "queue_full"),
             ApiError::Unavailable { .. } => ("service_unavailable", None, "model_unavailable"),
@@ -144,6 +165,9 @@ impl ResponseError for ApiError {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RefusalBudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unsupported { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded { .. }
             | ApiError::Unavailable { .. }
@@ -169,7 +193,8 @@ impl ResponseError for ApiError {
         if let ApiError::LimitExceeded {
             retry_after: Some(secs),
             ..
-        } = self
+        }
+        | ApiError::RefusalBudgetSpent { retry_after: secs } = self
         {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from(*secs)));
         }

@@ -69,7 +69,7 @@ pub async fn chat_completions(
     http: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let request: ChatCompletionRequest = read_json(payload, &state.limits).await?;
+    let request: ChatCompletionRequest = read_json(&http, payload, &state.limits).await?;
     let (loaded, engine) = state.generator(&request.model, &http, &caller)?;
     let prompt = Prompt::Chat(chat_messages(request.messages, &state.limits)?);
     let exchange = Exchange {
@@ -97,7 +97,7 @@ pub async fn completions(
     http: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let request: CompletionRequest = read_json(payload, &state.limits).await?;
+    let request: CompletionRequest = read_json(&http, payload, &state.limits).await?;
     let (loaded, engine) = state.generator(&request.model, &http, &caller)?;
     let unsupported = |message: &str, param| {
         Err(ApiError::invalid(
@@ -156,19 +156,12 @@ impl Exchange<'_> {
     ) -> Result<HttpResponse, ApiError> {
         let policy = self.state.policy.current();
         let (prompt, prompt_text, prompt_scan) = policy_prompt(&policy, &engine, prompt, &model)?;
-        let mut request =
-            generation_request(prompt, &params, &loaded.sampling, &self.state.limits)?;
-        let check = constrain(&engine, &mut request, &params, &policy, loaded).await?;
-        let ids = tokenize(&engine, &request.prompt, &model).await?;
-        let max_new_tokens = engine
-            .max_new_tokens(ids.len(), request.max_tokens)
-            .map_err(|e| ApiError::from_engine(e, &model))?;
         let version = loaded.version_text();
         let action = match endpoint {
             Endpoint::Chat => PolicyAction::Chat,
             Endpoint::Completion => PolicyAction::Complete,
         };
-        let gate = GateRequest {
+        let mut gate = GateRequest {
             action,
             model: Some(ModelFacts {
                 name: &model,
@@ -178,9 +171,20 @@ impl Exchange<'_> {
             }),
             prompt_text: &prompt_text,
             prompt_scan,
-            prompt_tokens: ids.len() as u64,
-            max_tokens: max_new_tokens as u64,
+            prompt_tokens: 0,
+            max_tokens: 0,
         };
+        // A request the policy refuses costs no rendering, tokenising or grammar compiling.
+        guard::refuse_early(self.state, &policy, self.caller, self.http, &gate)?;
+        let mut request =
+            generation_request(prompt, &params, &loaded.sampling, &self.state.limits)?;
+        let check = constrain(&engine, &mut request, &params, &policy, loaded).await?;
+        let ids = tokenize(&engine, &request.prompt, &model).await?;
+        let max_new_tokens = engine
+            .max_new_tokens(ids.len(), request.max_tokens)
+            .map_err(|e| ApiError::from_engine(e, &model))?;
+        gate.prompt_tokens = ids.len() as u64;
+        gate.max_tokens = max_new_tokens as u64;
         let admitted = guard::admit(self.state, policy, self.caller, self.http, gate)?;
         // No inference before the admission record is durable.
         admitted.notes.admission().await?;

@@ -70,6 +70,26 @@ pub fn redact_for_inference(policy: &AccessPolicy, text: &str) -> String {
         .into_owned()
 }
 
+/// The policy's decision before the prompt is tokenised, rendered or constrained, where it
+/// cannot depend on token counts (no policy mentions them): a refused request then costs
+/// only the decision. `request`'s token counts are not looked at.
+pub fn refuse_early(
+    state: &AppState,
+    policy: &AccessPolicy,
+    caller: &Caller,
+    http: &HttpRequest,
+    request: &GateRequest<'_>,
+) -> Result<(), ApiError> {
+    if policy.decides_on_token_counts() {
+        return Ok(());
+    }
+    let decision = decide(policy, caller, http, request);
+    if decision.reason.is_allow() {
+        return Ok(());
+    }
+    Err(refuse(state, policy, caller, http, request, &decision))
+}
+
 /// Decides and, if allowed, takes the request's place in its department's limits.
 pub fn admit(
     state: &AppState,
@@ -78,56 +98,25 @@ pub fn admit(
     http: &HttpRequest,
     request: GateRequest<'_>,
 ) -> Result<Admitted, ApiError> {
-    let prompt_scan = request.prompt_scan;
-    // A header that is not text names no label on the scale.
-    let classification = http
-        .headers()
-        .get(CLASSIFICATION_HEADER)
-        .map(|value| value.to_str().unwrap_or("\u{fffd}").trim());
-    let unix_time = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let decision = policy.decide(&PolicyRequest {
-        department: &caller.identity.department,
-        subject: &caller.identity.subject,
-        action: request.action,
-        model: request.model,
-        classification,
-        source_ip: http
-            .peer_addr()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip()),
-        unix_time,
-        prompt_tokens: request.prompt_tokens,
-        max_tokens: request.max_tokens,
-        prompt_scan: &prompt_scan,
-    });
-    let model = request.model.map_or("", |m| m.name);
-    // No notes, no record: refuse rather than answer unaudited.
-    let notes = http
-        .extensions()
-        .get::<AuditNotes>()
-        .cloned()
-        .ok_or_else(|| ApiError::AuditUnavailable("the request has no audit notes".into()))?;
+    let decision = decide(&policy, caller, http, &request);
+    if !decision.reason.is_allow() {
+        return Err(refuse(state, &policy, caller, http, &request, &decision));
+    }
+    let notes = audit_notes(http)?;
     notes.decided(
         &policy,
         request.model,
         &decision,
-        &prompt_scan,
+        &request.prompt_scan,
         request.prompt_text,
         request.prompt_tokens,
     );
+    let model = request.model.map_or("", |m| m.name);
     let count = |reason: &ReasonCode| {
         state
             .metrics
             .policy_decision(&reason.as_str(), &caller.identity.department, model);
     };
-    if !decision.reason.is_allow() {
-        count(&decision.reason);
-        tracing::info!(reason = %decision.reason, classification = %decision.classification, "refused by policy");
-        return Err(ApiError::PolicyDenied {
-            reason: decision.reason.as_str(),
-        });
-    }
     let limits = LimitRequest {
         input_tokens: request.prompt_tokens,
         max_output_tokens: request.max_tokens,
@@ -154,10 +143,80 @@ pub fn admit(
     count(&decision.reason);
     Ok(Admitted {
         decision,
-        prompt_scan,
+        prompt_scan: request.prompt_scan,
         policy,
         notes,
         admission: Some(admission),
+    })
+}
+
+/// The request's audit notes. No notes, no record: refuse rather than answer unaudited.
+fn audit_notes(http: &HttpRequest) -> Result<AuditNotes, ApiError> {
+    http.extensions()
+        .get::<AuditNotes>()
+        .cloned()
+        .ok_or_else(|| ApiError::AuditUnavailable("the request has no audit notes".into()))
+}
+
+/// Notes, counts and logs a policy refusal; the error the client gets.
+fn refuse(
+    state: &AppState,
+    policy: &AccessPolicy,
+    caller: &Caller,
+    http: &HttpRequest,
+    request: &GateRequest<'_>,
+    decision: &PolicyDecision,
+) -> ApiError {
+    if let Ok(notes) = audit_notes(http) {
+        notes.decided(
+            policy,
+            request.model,
+            decision,
+            &request.prompt_scan,
+            request.prompt_text,
+            request.prompt_tokens,
+        );
+    }
+    let model = request.model.map_or("", |m| m.name);
+    state.metrics.policy_decision(
+        &decision.reason.as_str(),
+        &caller.identity.department,
+        model,
+    );
+    tracing::info!(reason = %decision.reason, classification = %decision.classification, "refused by policy");
+    ApiError::PolicyDenied {
+        reason: decision.reason.as_str(),
+    }
+}
+
+/// The policy's decision on `request`.
+fn decide(
+    policy: &AccessPolicy,
+    caller: &Caller,
+    http: &HttpRequest,
+    request: &GateRequest<'_>,
+) -> PolicyDecision {
+    // A header that is not text names no label on the scale.
+    let classification = http
+        .headers()
+        .get(CLASSIFICATION_HEADER)
+        .map(|value| value.to_str().unwrap_or("\u{fffd}").trim());
+    let unix_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    policy.decide(&PolicyRequest {
+        department: &caller.identity.department,
+        subject: &caller.identity.subject,
+        action: request.action,
+        model: request.model,
+        classification,
+        source_ip: http
+            .peer_addr()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip()),
+        unix_time,
+        prompt_tokens: request.prompt_tokens,
+        max_tokens: request.max_tokens,
+        prompt_scan: &request.prompt_scan,
     })
 }
 

@@ -15,6 +15,7 @@ use tracing::Instrument as _;
 
 use super::audit_trail::{AuditNotes, RequestOrigin};
 use super::openai::{ModelCard, ModelList};
+use super::refusals::{BUDGET_SPENT, RefusalKey};
 use super::{
     ApiError, AppState, Caller, RequestContext, ServedModelName, embeddings, generate, guard,
 };
@@ -25,10 +26,13 @@ use moat_core::policy::PolicyAction;
 use rustls_pki_types::CertificateDer;
 
 /// The certificate chain (leaf first) a connection presented at its handshake, kept in the
-/// connection's data. Each request names its caller from it again, with the CAs and CRLs in
-/// force at that request.
-#[derive(Debug, Clone)]
-pub struct ConnectionCertificates(pub Arc<[CertificateDer<'static>]>);
+/// connection's data, with the last verdict on it. Each request names its caller from it
+/// again, with the CAs and CRLs in force at that request.
+#[derive(Debug)]
+pub struct ConnectionCertificates {
+    pub chain: Arc<[CertificateDer<'static>]>,
+    pub verdict: std::cell::RefCell<Option<crate::tls::Verdict>>,
+}
 
 /// The caller of one request, as `request_context` named it.
 #[derive(Debug, Clone)]
@@ -61,6 +65,46 @@ pub fn metrics_routes(config: &mut web::ServiceConfig) {
         .default_service(web::to(unknown_route));
 }
 
+/// Who a refusal of this request is charged to: its caller, or its source address.
+fn refusal_key(identity: Option<&Identity>, req: &ServiceRequest) -> Option<RefusalKey> {
+    match identity {
+        Some(identity) => Some(RefusalKey::Caller {
+            department: identity.department.clone(),
+            subject: identity.subject.clone(),
+        }),
+        None => req.peer_addr().map(|peer| RefusalKey::Address(peer.ip())),
+    }
+}
+
+/// The 429 of a caller whose refusal budget is spent: no handler runs and no body is read;
+/// the refusal is counted into the caller's summary record, not recorded on its own.
+fn turn_away(
+    state: &AppState,
+    key: &RefusalKey,
+    endpoint: &'static str,
+    department: &str,
+) -> Option<actix_web::HttpResponse> {
+    let now = Instant::now();
+    let wait = state.refusals.spent(key, now)?;
+    if let Some(summary) = state.refusals.charge(key.clone(), BUDGET_SPENT, true, now) {
+        state
+            .audit
+            .submit(summary.record(&state.audit.node().node_id));
+    }
+    state.metrics.request(RequestLabels {
+        endpoint: endpoint.to_owned(),
+        status: 429,
+        department: department.to_owned(),
+        model: String::new(),
+    });
+    // Logged at debug only: a flood must not fill the journal either.
+    tracing::debug!(?key, "turned away: refusal budget spent");
+    let refusal = ApiError::RefusalBudgetSpent {
+        retry_after: wait.as_secs().max(1),
+    };
+    Some(refusal.error_response())
+}
+
 /// Names the caller of a request from its connection's chain; a connection without one
 /// (or a listener without client certificates) names nobody.
 fn name_caller(
@@ -68,7 +112,9 @@ fn name_caller(
     state: Option<&web::Data<AppState>>,
 ) -> Result<Identity, IdentityError> {
     match (req.conn_data::<ConnectionCertificates>(), state) {
-        (Some(ConnectionCertificates(chain)), Some(state)) => state.clients.identify(chain),
+        (Some(connection), Some(state)) => state
+            .clients
+            .identify_connection(&connection.chain, &connection.verdict),
         _ => Err(IdentityError::NoCertificate),
     }
 }
@@ -89,12 +135,27 @@ pub async fn request_context<B: MessageBody>(
     let span = tracing::info_span!("request", id = %context.id, method = %req.method(), path = %req.path());
     let id = HeaderValue::from_str(&context.id).ok();
     let model = ServedModelName::default();
-    let state = req.app_data::<web::Data<AppState>>();
+    // Held apart from the request, which the handler takes.
+    let shared = req.app_data::<web::Data<AppState>>().cloned();
+    let state = shared.as_ref();
     let named = name_caller(&req, state);
     let identity = named.as_ref().ok();
     let endpoint = endpoint_of(req.path());
     let department = identity.map(|i| i.department.clone()).unwrap_or_default();
     let subject = identity.map(|i| i.subject.clone()).unwrap_or_default();
+    // Probes and metrics are not requests: they are never refused for the budget.
+    let refusal_key = state
+        .filter(|_| !matches!(endpoint, "health" | "metrics"))
+        .and_then(|_| refusal_key(identity, &req));
+    if let (Some(state), Some(key)) = (state, &refusal_key)
+        && let Some(turned_away) = turn_away(state, key, endpoint, &department)
+    {
+        let mut response = req.into_response(turned_away).map_into_right_body();
+        if let Some(id) = id {
+            response.headers_mut().insert(REQUEST_ID_HEADER, id);
+        }
+        return Ok(response);
+    }
     // Every department request is audited; probes and metrics are not requests.
     let audit = state
         .filter(|_| !matches!(endpoint, "health" | "metrics"))
@@ -150,6 +211,21 @@ pub async fn request_context<B: MessageBody>(
         }
     }
     let record = guard.0.take();
+    let status = response.status().as_u16();
+    if let (Some(state), Some(key)) = (state, refusal_key)
+        && (400..CLIENT_CLOSED_REQUEST).contains(&status)
+    {
+        let reason = response
+            .response()
+            .error()
+            .and_then(|e| e.as_error::<ApiError>())
+            .map_or("refused", |e| e.detail().code);
+        if let Some(summary) = state.refusals.charge(key, reason, false, Instant::now()) {
+            state
+                .audit
+                .submit(summary.record(&state.audit.node().node_id));
+        }
+    }
     if let Some(id) = id {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }

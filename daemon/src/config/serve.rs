@@ -233,6 +233,21 @@ pub struct LimitsConfig {
     /// Most chat messages in one request.
     #[serde(default = "default_max_messages")]
     pub max_messages: usize,
+    /// A request body must arrive within this time (408 after it).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Refusals (4xx) one caller (identity, or source address without one) may get per
+    /// `refusal_window_secs`; beyond them it gets 429 at once, and one summary audit
+    /// record per window instead of one each. 0: no budget.
+    #[serde(default = "default_refusals_per_window")]
+    pub refusals_per_window: u32,
+    /// Failed TLS handshakes one source address may make per window; beyond them its
+    /// connections are closed before any TLS work. 0: no budget.
+    #[serde(default = "default_failed_handshakes_per_window")]
+    pub failed_handshakes_per_window: u32,
+    /// The window of both budgets.
+    #[serde(default = "default_refusal_window_secs")]
+    pub refusal_window_secs: u64,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -244,6 +259,18 @@ fn default_max_tokens_limit() -> usize {
 fn default_max_messages() -> usize {
     256
 }
+fn default_body_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_refusals_per_window() -> u32 {
+    60
+}
+fn default_failed_handshakes_per_window() -> u32 {
+    30
+}
+fn default_refusal_window_secs() -> u64 {
+    60
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -251,6 +278,10 @@ impl Default for LimitsConfig {
             max_body_bytes: default_max_body_bytes(),
             max_tokens: default_max_tokens_limit(),
             max_messages: default_max_messages(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            refusals_per_window: default_refusals_per_window(),
+            failed_handshakes_per_window: default_failed_handshakes_per_window(),
+            refusal_window_secs: default_refusal_window_secs(),
         }
     }
 }
@@ -419,6 +450,18 @@ impl LimitsConfig {
                     "{name} must be between {min} and {max}, got {value}"
                 ));
             }
+        }
+        if !(100..=600_000).contains(&self.body_read_timeout_ms) {
+            problems.push(format!(
+                "limits.body_read_timeout_ms must be between 100 and 600000, got {}",
+                self.body_read_timeout_ms
+            ));
+        }
+        if !(1..=86_400).contains(&self.refusal_window_secs) {
+            problems.push(format!(
+                "limits.refusal_window_secs must be between 1 and 86400, got {}",
+                self.refusal_window_secs
+            ));
         }
     }
 }

@@ -7,7 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_http::{HttpService, TlsAcceptorConfig};
-use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _, fn_service, map_config};
+use actix_service::{
+    IntoServiceFactory as _, Service as _, ServiceFactoryExt as _, apply_fn_factory, fn_service,
+    map_config,
+};
+use actix_tls::accept::TlsError;
 use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::dev::{AppConfig, Extensions};
 use actix_web::middleware::from_fn;
@@ -16,6 +20,7 @@ use actix_web::{App, web};
 use ipnet::IpNet;
 
 use super::ServeError;
+use crate::api::refusals::{RefusalBudgets, RefusalKey};
 use crate::api::{self, AppState, ConnectionCertificates};
 use crate::config::{ServerConfig, network_allows};
 
@@ -34,6 +39,12 @@ pub fn api_server(
         builder = builder.workers(workers);
     }
     let handshake = Duration::from_millis(server.tls_handshake_timeout_ms);
+    // Failed handshakes per source address: once its budget is spent, the address's
+    // connections are closed before any TLS work for the rest of the window.
+    let failed_handshakes = Arc::new(RefusalBudgets::new(
+        state.limits.failed_handshakes_per_window,
+        Duration::from_secs(state.limits.refusal_window_secs),
+    ));
     // Listeners are bound in the order of `server.listen`; networks are named by the
     // configured address (which may say port 0).
     for (listener, configured) in listeners.into_iter().zip(&server.listen) {
@@ -42,6 +53,7 @@ pub fn api_server(
         let logged: Vec<String> = networks.iter().map(ToString::to_string).collect();
         let state = state.clone();
         let rustls_config = rustls_config.clone();
+        let failed_handshakes = Arc::clone(&failed_handshakes);
         builder = builder
             .listen(format!("moat-api-{address}"), listener, move || {
                 let app = App::new()
@@ -59,11 +71,32 @@ pub fn api_server(
                     .rustls_0_23_with_config(
                         rustls_config.clone(),
                         TlsAcceptorConfig::default().handshake_timeout(handshake),
-                    )
-                    .map_err(|_| ());
+                    );
+                let charged = Arc::clone(&failed_handshakes);
+                let http = apply_fn_factory(http, move |io: TcpStream, service: &_| {
+                    let peer = io.peer_addr().ok();
+                    let connection = service.call(io);
+                    let charged = Arc::clone(&charged);
+                    async move {
+                        let outcome = connection.await;
+                        if let (Err(TlsError::Timeout | TlsError::Tls(_)), Some(peer)) =
+                            (&outcome, peer)
+                        {
+                            charged.charge(
+                                RefusalKey::Address(peer.ip()),
+                                "failed_handshake",
+                                false,
+                                std::time::Instant::now(),
+                            );
+                        }
+                        outcome
+                    }
+                })
+                .map_err(|_| ());
                 let networks = Arc::clone(&networks);
+                let failed_handshakes = Arc::clone(&failed_handshakes);
                 fn_service(move |io: TcpStream| {
-                    let admitted = source_admitted(&networks, &io, address);
+                    let admitted = source_admitted(&networks, &failed_handshakes, &io, address);
                     async move { if admitted { Ok(io) } else { Err(()) } }
                 })
                 .and_then(http)
@@ -78,17 +111,32 @@ pub fn api_server(
     Ok(builder.run())
 }
 
-/// Whether the connection's source address is in the listener's networks. A refused
-/// connection is closed before a byte of TLS is exchanged.
-fn source_admitted(networks: &[IpNet], io: &TcpStream, listener: SocketAddr) -> bool {
+/// Whether the connection's source address is in the listener's networks and has not
+/// spent its budget of failed handshakes. A refused connection is closed before a byte of
+/// TLS is exchanged.
+fn source_admitted(
+    networks: &[IpNet],
+    failed_handshakes: &RefusalBudgets,
+    io: &TcpStream,
+    listener: SocketAddr,
+) -> bool {
     let Ok(peer) = io.peer_addr() else {
         return false;
     };
-    let admitted = network_allows(networks, peer.ip());
-    if !admitted {
+    if !network_allows(networks, peer.ip()) {
         tracing::info!(%peer, %listener, "connection closed: source address not in the listener's networks");
+        return false;
     }
-    admitted
+    let key = RefusalKey::Address(peer.ip());
+    if failed_handshakes
+        .spent(&key, std::time::Instant::now())
+        .is_some()
+    {
+        // Debug only: a flood of connections must not fill the journal.
+        tracing::debug!(%peer, "connection closed: too many failed handshakes from this address");
+        return false;
+    }
+    true
 }
 
 /// Keeps the client's certificate chain with the connection; each request names its
@@ -101,6 +149,9 @@ fn capture_certificates(stream: &TlsStream<TcpStream>, data: &mut Extensions) {
         .filter(|chain| !chain.is_empty())
     {
         let owned: Vec<_> = chain.iter().map(|c| c.clone().into_owned()).collect();
-        data.insert(ConnectionCertificates(owned.into()));
+        data.insert(ConnectionCertificates {
+            chain: owned.into(),
+            verdict: std::cell::RefCell::new(None),
+        });
     }
 }

@@ -8,6 +8,7 @@
 //! leaf claims must be one its CA may vouch for.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -51,6 +52,8 @@ pub type RefusalObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 pub struct ObservedVerifier {
     inner: RwLock<Arc<DepartmentCas>>,
     observer: RefusalObserver,
+    /// Bumped at each reload: a verdict of an earlier generation is checked again.
+    generation: AtomicU64,
 }
 
 impl ObservedVerifier {
@@ -58,12 +61,19 @@ impl ObservedVerifier {
         Self {
             inner: RwLock::new(inner),
             observer,
+            generation: AtomicU64::new(0),
         }
     }
 
     pub fn replace(&self, inner: Arc<DepartmentCas>) {
         // Replaced in one assignment: a poisoned lock still holds a whole verifier.
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = inner;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Which CAs and CRLs are in force: changes at each reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     fn current(&self) -> Arc<DepartmentCas> {
@@ -94,6 +104,17 @@ impl ObservedVerifier {
             (self.observer)(error.code());
         }
         result
+    }
+
+    /// Counts a refusal again for a later request on the same connection (logged once, when
+    /// the verdict was reached).
+    pub fn recount(&self, error: &IdentityError) {
+        if matches!(
+            error,
+            IdentityError::DepartmentNotAllowedForCa { .. } | IdentityError::CertificateRefused(_)
+        ) {
+            (self.observer)(error.code());
+        }
     }
 
     fn check(
