@@ -63,7 +63,8 @@ def test_every_request_is_recorded_encrypted_to_the_auditors_and_verifies(
                  403, "card")
             sent(api.post("/v1/chat/completions", json=chat("mail me at a.b@example.com")),
                  200, "email")
-            sent(api.post("/v1/chat/completions", content=b"{not json"), 400, "malformed")
+            sent(api.post("/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"}), 400, "malformed")
             sent(api.post("/v1/chat/completions", json={**chat("x"), "model": "nope"}),
                  404, "unknown model")
             sent(api.get("/v1/models"), 200, "list")
