@@ -1,7 +1,9 @@
 //! Prometheus metrics, served as text on the separate metrics listener.
 //!
-//! Labels carry department and model names, never request content. Gauges that mirror
-//! engine state (queue depth, active sequences) are read when scraped.
+//! Labels carry model names, and department names only with `[metrics] per_department =
+//! true` (the listener answers any local user; by default it says nothing of who uses the
+//! node: every department is counted as [`ALL_DEPARTMENTS`]). Never request content. Gauges
+//! that mirror engine state (queue depth, active sequences) are read when scraped.
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -48,6 +50,9 @@ pub struct ModelLabels {
 
 type HistogramFamily = Family<ModelLabels, Histogram, fn() -> Histogram>;
 
+/// The department label of every count without `[metrics] per_department = true`.
+pub const ALL_DEPARTMENTS: &str = "(all)";
+
 /// Every metric moatd exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -61,6 +66,7 @@ pub struct Metrics {
     active_sequences: Family<ModelLabels, Gauge>,
     client_certificates_refused: Family<RefusalLabels, Counter>,
     policy_decisions: Family<DecisionLabels, Counter>,
+    per_department: bool,
 }
 
 fn ttft_histogram() -> Histogram {
@@ -73,14 +79,10 @@ fn itl_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 13))
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// `per_department`: label counts with the caller's department (else
+    /// [`ALL_DEPARTMENTS`]).
+    pub fn new(per_department: bool) -> Self {
         let mut registry = Registry::with_prefix("moat");
         let requests = Family::default();
         registry.register(
@@ -137,6 +139,7 @@ impl Metrics {
             policy_decisions.clone(),
         );
         Self {
+            per_department,
             registry,
             client_certificates_refused,
             policy_decisions,
@@ -151,8 +154,19 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub fn request(&self, labels: RequestLabels) {
+    pub fn request(&self, mut labels: RequestLabels) {
+        if !self.per_department {
+            ALL_DEPARTMENTS.clone_into(&mut labels.department);
+        }
         self.requests.get_or_create(&labels).inc();
+    }
+
+    fn department<'d>(&self, department: &'d str) -> &'d str {
+        if self.per_department {
+            department
+        } else {
+            ALL_DEPARTMENTS
+        }
     }
 
     /// Counts one policy decision.
@@ -160,7 +174,7 @@ impl Metrics {
         self.policy_decisions
             .get_or_create(&DecisionLabels {
                 reason: reason.to_owned(),
-                department: department.to_owned(),
+                department: self.department(department).to_owned(),
                 model: model.to_owned(),
             })
             .inc();
@@ -192,7 +206,7 @@ impl Metrics {
         started: Instant,
     ) -> GenerationTimer {
         let caller = CallerLabels {
-            department: department.to_owned(),
+            department: self.department(department).to_owned(),
             model: model.to_owned(),
         };
         let model = ModelLabels {
@@ -256,8 +270,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_per_department_no_department_is_named() {
+        let metrics = Metrics::new(false);
+        metrics.request(RequestLabels {
+            endpoint: "chat".into(),
+            status: 403,
+            department: "finance".into(),
+            model: "m".into(),
+        });
+        metrics.policy_decision("deny.no_permit", "legal", "m");
+        metrics
+            .generation_timer("research", "m", Instant::now())
+            .finished(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 1,
+            });
+        let text = metrics.encode();
+        for department in ["finance", "legal", "research"] {
+            assert!(!text.contains(department), "{department} in:\n{text}");
+        }
+        assert!(text.contains("department=\"(all)\""), "{text}");
+    }
+
+    #[test]
     fn exposition_names_departments_models_and_latencies() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(true);
         metrics.request(RequestLabels {
             endpoint: "chat".into(),
             status: 200,

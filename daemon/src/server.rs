@@ -272,7 +272,7 @@ impl<'c> Ready<'c> {
         let (Some(server), Some(tls_config)) = (&config.server, &config.tls) else {
             return Err(ServeError::Incomplete("[server] and [tls] are required"));
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(config.metrics.per_department));
         let (rustls_config, tls_reloader) = listener_tls(tls_config, &metrics)?;
         Ok(Self {
             server,

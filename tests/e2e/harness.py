@@ -231,7 +231,8 @@ def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
         "models": {"directory": str(MODELS), "serve": dict(serve),
                    "store": str(state / "models"),
                    "trusted_keys": str(root / "trusted-keys")},
-        "metrics": {"listen": "127.0.0.1:0"},
+        # Tests read counts by department.
+        "metrics": {"listen": "127.0.0.1:0", "per_department": True},
         "policy": {"directory": str(policy_dir(root / "permit-all-policy"))},
         "audit": {"state_directory": str(state), "node_id": "test-node",
                   "recipients": list(auditors(root / "auditors").recipients)},

@@ -30,21 +30,6 @@ use moat_core::policy::{AccessPolicy, ModelFacts, PolicyAction};
 
 use crate::models::serving::LoadedModel;
 
-/// Prompts up to this much text are tokenized on the HTTP worker itself.
-const INLINE_PROMPT_BYTES: usize = 2048;
-
-/// The text a prompt's rendering and tokenizing must go through.
-fn prompt_text_bytes(prompt: &Prompt) -> usize {
-    match prompt {
-        Prompt::Text(text) => text.len(),
-        Prompt::Chat(messages) => messages
-            .iter()
-            .map(|m| m.content.len() + m.role.len())
-            .sum(),
-        Prompt::TokenIds(ids) => ids.len(),
-    }
-}
-
 /// Which endpoint a generation answers, deciding the shape of the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -458,23 +443,19 @@ fn policy_prompt(
     }
 }
 
-/// Renders and tokenizes the prompt: on this worker for short prompts (microseconds, and
-/// two thread hand-offs saved), on a blocking thread for long ones so they never hold up the
-/// other connections of this worker.
+/// Renders and tokenizes the prompt on a blocking thread.
 async fn tokenize(
     engine: &Arc<Engine>,
     prompt: &Prompt,
     model: &str,
 ) -> Result<Vec<u32>, ApiError> {
-    let ids = if prompt_text_bytes(prompt) <= INLINE_PROMPT_BYTES {
-        engine.tokenize_prompt(prompt)
-    } else {
-        let engine = Arc::clone(engine);
-        let prompt = prompt.clone();
-        web::block(move || engine.tokenize_prompt(&prompt))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-    };
+    // Always on a blocking thread: a chat template is a bundle author's code, and even
+    // with its fuel limit it must never hold up the other connections of this worker.
+    let engine = Arc::clone(engine);
+    let prompt = prompt.clone();
+    let ids = web::block(move || engine.tokenize_prompt(&prompt))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     ids.map_err(|e| ApiError::from_engine(e, model))
 }
 

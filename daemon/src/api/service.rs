@@ -370,7 +370,10 @@ async fn healthz() -> HttpResponse {
 
 /// Ready: every model is loaded, warmed (done before the listener opens) and its engine
 /// is healthy.
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+/// Readiness, with each model's status for callers the policy lets list models: the
+/// metrics listener (any local user) and other callers learn only whether the node is
+/// ready, not what it serves.
+async fn readyz(state: web::Data<AppState>, http: HttpRequest) -> HttpResponse {
     let routes = state.models.snapshot();
     let models: serde_json::Map<_, _> = routes
         .iter()
@@ -388,12 +391,47 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         && routes
             .values()
             .all(|route| route.loaded().all(|m| m.served.is_healthy()));
-    let body = json!({"status": if ready { "ready" } else { "not_ready" }, "models": models});
+    let mut body = json!({"status": if ready { "ready" } else { "not_ready" }});
+    if may_list_models(&state, &http) {
+        body["models"] = serde_json::Value::Object(models);
+    }
     if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
+}
+
+/// Whether the request's caller is an identity the policy lets list models (decided
+/// without an audit record: readiness probes are not requests).
+fn may_list_models(state: &AppState, http: &HttpRequest) -> bool {
+    let extensions = http.extensions();
+    let Some(RequestIdentity(Ok(identity))) = extensions.get::<RequestIdentity>() else {
+        return false;
+    };
+    let scan = moat_core::policy::content::ContentScan::default();
+    let decision = state
+        .policy
+        .current()
+        .decide(&moat_core::policy::PolicyRequest {
+            department: &identity.department,
+            subject: &identity.subject,
+            action: PolicyAction::ListModels,
+            model: None,
+            classification: None,
+            source_ip: http
+                .peer_addr()
+                .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
+                    a.ip()
+                }),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            prompt_tokens: 0,
+            max_tokens: 0,
+            prompt_scan: &scan,
+        });
+    decision.reason.is_allow()
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {

@@ -201,6 +201,11 @@ pub struct MetricsConfig {
     /// Required to listen on anything but loopback: metrics name departments and models.
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Label counts with the caller's department. Off by default: any local user can read
+    /// the listener, and who uses the node, how much, and how often they are refused is the
+    /// departments' business.
+    #[serde(default)]
+    pub per_department: bool,
 }
 
 fn default_true() -> bool {
@@ -216,6 +221,7 @@ impl Default for MetricsConfig {
             enabled: true,
             listen: default_metrics_listen(),
             allow_non_loopback: false,
+            per_department: false,
         }
     }
 }

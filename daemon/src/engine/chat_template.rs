@@ -44,6 +44,12 @@ pub enum ChatTemplateError {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Instructions one rendering may run at most. A bundle's template is its author's code: a
+/// loop that never ends, or runs for billions of rounds, must fail the request, not hold an
+/// engine or HTTP thread. Rendering the largest chat a request may send takes a small
+/// fraction of this.
+pub const RENDER_FUEL: u64 = 20_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`. `bos_token` and `eos_token` are the texts the template may insert.
     pub fn compile(
@@ -52,6 +58,7 @@ impl ChatTemplate {
         eos_token: &str,
     ) -> Result<Self, ChatTemplateError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -94,6 +101,22 @@ mod tests {
     use super::*;
 
     const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn a_template_that_would_run_for_ever_is_stopped() {
+        let endless = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+        let template = ChatTemplate::compile(endless, "", "").expect("compiles");
+        let started = std::time::Instant::now();
+        let error = template
+            .render(&[ChatMessage::new("user", "hi")], true)
+            .expect_err("stopped");
+        assert!(matches!(error, ChatTemplateError::Refused(_)), "{error}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        // The largest chat a request may send still renders.
+        let template = ChatTemplate::compile(CHATML, "", "").expect("compiles");
+        let messages = vec![ChatMessage::new("user", "x".repeat(64)); 65_536];
+        template.render(&messages, true).expect("renders");
+    }
 
     #[test]
     fn renders_chatml_with_generation_prompt() {
