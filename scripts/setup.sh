@@ -27,19 +27,22 @@ MINILM_SAFETENSORS_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb
 
 step() { printf '==> %s\n' "$*" >&2; }
 
-step "System tools the tests use (strace, ip)"
+step "System tools the tests use (strace, ip, faketime)"
 # The telemetry test watches moatd's network calls with strace in a network namespace of its
-# own, whose loopback `ip` brings up; without them (or without root) it is skipped.
+# own, whose loopback `ip` brings up; the durability test watches its file syncs with
+# strace; the retention test moves moatd's clock with libfaketime. Without them (or without
+# root) those tests are skipped.
 missing=()
 command -v strace >/dev/null || missing+=(strace)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v faketime >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >&2
     apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
   else
-    echo "    not root: ${missing[*]} not installed; the telemetry test will be skipped" >&2
+    echo "    not root: ${missing[*]} not installed; the tests that need them will be skipped" >&2
   fi
 fi
 

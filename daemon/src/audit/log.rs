@@ -26,6 +26,9 @@ use super::reader::ExportSnapshot;
 use super::store::{Sealed, Store};
 use super::{AuditError, encrypt, parse_recipients, signing_key};
 use crate::config::AuditConfig;
+use retention::{ClockAnchor, PruneClock, PruneHold};
+
+mod retention;
 
 /// Most records committed in one group.
 const MAX_GROUP: usize = 4096;
@@ -135,14 +138,7 @@ impl AuditLog {
         }
         let store = Store::open(&settings.store_directory, &settings.node)?;
         let (sender, receiver) = crossbeam_channel::unbounded();
-        let mut committer = Committer {
-            settings: settings.clone(),
-            key,
-            store: Some(store),
-            unsigned: 0,
-            unsigned_since: None,
-            next_prune: Instant::now(),
-        };
+        let mut committer = Committer::new(settings.clone(), key, store, now_unix_ms());
         committer.prune();
         let thread = std::thread::Builder::new()
             .name("moat-audit".into())
@@ -292,9 +288,28 @@ struct Committer {
     unsigned: u64,
     unsigned_since: Option<Instant>,
     next_prune: Instant,
+    /// The wall clock when the committer started: pruning stops if it is moved forward.
+    started: ClockAnchor,
+    /// Why the last prune was held back, so that a hold is warned about when it begins,
+    /// not every hour it lasts.
+    held: Option<PruneHold>,
 }
 
 impl Committer {
+    /// A committer over `store`, started when the wall clock said `now_ms`.
+    fn new(settings: AuditSettings, key: SigningKey, store: Store, now_ms: i64) -> Self {
+        Self {
+            settings,
+            key,
+            store: Some(store),
+            unsigned: 0,
+            unsigned_since: None,
+            next_prune: Instant::now(),
+            started: ClockAnchor::new(now_ms),
+            held: None,
+        }
+    }
+
     fn run(mut self, receiver: &Receiver<Command>) {
         loop {
             let wait = self
@@ -430,25 +445,54 @@ impl Committer {
         result
     }
 
-    /// Removes records past retention that a checkpoint covers, and records that it did.
+    /// Removes records past retention that a checkpoint covers, judged by the chain's own
+    /// signed time as well as the clock ([`retention`]), and logs what it did or why not.
     fn prune(&mut self) {
         self.next_prune = Instant::now() + PRUNE_INTERVAL;
+        self.prune_at(now_unix_ms(), self.started.expected_ms());
+    }
+
+    /// [`Committer::prune`] with the wall clock at `now_ms`, where the monotonic clock
+    /// expects it at `expected_ms`.
+    fn prune_at(&mut self, now_ms: i64, expected_ms: i64) {
         let Some(retention) = self.settings.retention else {
             return;
         };
-        let now = now_unix_ms();
-        let cutoff = now - retention.as_millis() as i64;
         let key = self.key.clone();
-        let pruned = self
-            .store()
-            .and_then(|store| store.prune(&key, cutoff, now / 1000));
+        let pruned = self.store().and_then(|store| {
+            let clock = PruneClock {
+                now_ms,
+                signed_ms: store.newest_signed_ms()?,
+                expected_ms,
+            };
+            match clock.cutoff(retention) {
+                Ok(cutoff) => store.prune(&key, cutoff, now_ms / 1000).map(Ok),
+                Err(hold) => Ok(Err(hold)),
+            }
+        });
         match pruned {
-            Ok(Some(pruned)) => tracing::info!(
-                through = pruned.through,
-                records = pruned.records,
-                "pruned audit records past their retention"
-            ),
-            Ok(None) => {}
+            Ok(Ok(done)) => {
+                self.held = None;
+                if let Some(done) = done {
+                    tracing::info!(
+                        through = done.through,
+                        records = done.records,
+                        "pruned audit records past their retention"
+                    );
+                }
+            }
+            Ok(Err(PruneHold::NothingSigned)) => {}
+            Ok(Err(hold)) => {
+                let began = self.held.is_none_or(|held| {
+                    std::mem::discriminant(&held) != std::mem::discriminant(&hold)
+                });
+                if began {
+                    tracing::warn!(reason = %hold, "audit records are not pruned");
+                } else {
+                    tracing::debug!(reason = %hold, "audit records are still not pruned");
+                }
+                self.held = Some(hold);
+            }
             Err(e) => {
                 self.store = None;
                 tracing::error!(error = %e, "cannot prune the audit store; will try again");

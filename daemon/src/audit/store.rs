@@ -268,6 +268,14 @@ impl Store {
             .transpose()
     }
 
+    /// The newest time the chain holds signed, in milliseconds since the epoch: its latest
+    /// checkpoint's or its prune marker's, whichever is later. `None` before the first.
+    pub fn newest_signed_ms(&self) -> Result<Option<i64>, AuditError> {
+        let checkpoint = self.latest_checkpoint()?.map(|c| c.unix_time);
+        let marker = self.prune_marker()?.map(|m| m.unix_time);
+        Ok(checkpoint.max(marker).map(|secs| secs.saturating_mul(1000)))
+    }
+
     pub fn prune_marker(&self) -> Result<Option<Checkpoint>, AuditError> {
         ExportSource::prune_marker(&self.reader())
     }

@@ -26,7 +26,8 @@ pub struct AuditConfig {
     #[serde(default = "default_checkpoint_secs")]
     pub checkpoint_every_secs: u64,
     /// Records older than this many days are pruned once a checkpoint covers them; 0 keeps
-    /// everything.
+    /// everything. Age is judged by the newest signed checkpoint's time, never by a clock
+    /// more than a day ahead of it: setting the clock forward deletes nothing early.
     #[serde(default)]
     pub retention_days: u64,
     /// How long a request waits for its record to be durable before it gets 503.

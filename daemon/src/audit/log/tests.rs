@@ -308,3 +308,64 @@ fn an_export_shows_the_chain_up_to_its_snapshot_and_signs_that_head() {
         Err(moat_core::audit::export::source::WriteExportError::WrongKey { .. })
     ));
 }
+
+/// Someone sets the clock forward (an admin, a wrong NTP server) to have records deleted
+/// early: records inside their retention survive it, whether moatd restarts with the new
+/// time or it changes while moatd runs and a checkpoint is signed with it.
+#[test]
+fn a_clock_set_forward_prunes_no_record_inside_its_retention() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let mut config = settings(dir.path(), &key);
+    config.retention = Some(Duration::from_secs(30 * 86_400));
+    let day_ms = 86_400_000;
+    let now = now_unix_ms();
+    let mut store = Store::open(&config.store_directory, &config.node).expect("opens");
+    // One record a day for the last ten days, each signed at its end.
+    for age in (1..=10).rev() {
+        let made = now - age * day_ms;
+        let sealed = Sealed {
+            unix_ms: made,
+            ciphertext: format!("day -{age}").into_bytes(),
+        };
+        store.append(vec![sealed]).expect("durable");
+        store.checkpoint(&key, made / 1000 + 60).expect("signed");
+    }
+    let stored = |committer: &mut Committer| {
+        let store = committer.store().expect("store");
+        store.reader().records(0..=u64::MAX).count()
+    };
+
+    // moatd starts with the clock 400 days on.
+    let forward = now + 400 * day_ms;
+    let mut committer = Committer::new(config.clone(), key.clone(), store, forward);
+    committer.prune_at(forward, forward);
+    assert_eq!(stored(&mut committer), 10);
+    assert!(matches!(
+        committer.held,
+        Some(PruneHold::AheadOfChain { .. })
+    ));
+
+    // moatd started with the clock right; an hour on the clock jumps 400 days and a record
+    // is signed at that time before the next prune.
+    let store = committer.store.take().expect("store");
+    let mut committer = Committer::new(config, key.clone(), store, now);
+    let store = committer.store().expect("store");
+    let sealed = Sealed {
+        unix_ms: forward,
+        ciphertext: b"after the jump".to_vec(),
+    };
+    store.append(vec![sealed]).expect("durable");
+    store.checkpoint(&key, forward / 1000).expect("signed");
+    committer.prune_at(forward + 3_600_000, now + 3_600_000);
+    assert_eq!(stored(&mut committer), 11);
+    assert!(matches!(committer.held, Some(PruneHold::SetForward { .. })));
+    assert!(
+        committer
+            .store()
+            .expect("store")
+            .prune_marker()
+            .expect("read")
+            .is_none()
+    );
+}
