@@ -9,9 +9,17 @@
 //!
 //! The buffers are allocated zeroed and untouched, so the kernel maps pages only as
 //! sequences write positions: resident memory follows the tokens actually cached, not
-//! `slots x capacity`. A reused slot still holds its previous sequence's rows beyond the new
-//! sequence's length; attention reads only the positions below each row's length (taken
-//! from its attention mask), so those rows are never seen.
+//! `slots x capacity`.
+//!
+//! Sequences share the pool, so a slot must carry nothing from one to the next. Attention
+//! reads only the positions below each row's length (taken from its attention mask), but a
+//! kernel bug, a graph that reads further, or anything that later reads the memory would
+//! see what a previous sequence left there. So the pool remembers how far runs may have
+//! written into each slot and zeroes that range when the slot is released: the keys and
+//! values of a finished conversation do not outlive it in memory (zeroing at reuse would
+//! leave them in a free slot for as long as it stays free), and the cost, a write of what
+//! the sequence itself wrote, is paid once per sequence, after its last token
+//! (`benches/kv_zeroing.rs` measures it against a decode step).
 //!
 //! This is the one module with `unsafe` code. Binding a slice of the pool needs a tensor
 //! over memory moat owns (`TensorRefMut::from_raw`) and a binding that does not copy it:
@@ -51,6 +59,9 @@ pub(super) struct KvPool {
     logits: Vec<f32>,
     /// Who holds each slot.
     occupants: Vec<Option<SequenceId>>,
+    /// For each slot, how many positions from the start runs may have written: zeroed when
+    /// the slot is released.
+    written: Vec<usize>,
     kv_heads: usize,
     capacity: usize,
     head_dim: usize,
@@ -83,6 +94,15 @@ impl KvBuffers {
         })
     }
 
+    /// Zeroes the first `positions` positions of every head of row `slot` in every buffer,
+    /// rows being `[kv_heads, capacity, head_dim]`.
+    fn zero_positions(&mut self, slot: usize, positions: usize, shape: [usize; 3]) {
+        match self {
+            Self::Float32(buffers) => zero_positions(buffers, slot, positions, shape),
+            Self::Float16(buffers) => zero_positions(buffers, slot, positions, shape),
+        }
+    }
+
     /// Where element `offset` of pair `pair` lies.
     fn address(&self, pair: usize, offset: usize) -> Option<*const std::ffi::c_void> {
         match self {
@@ -93,9 +113,33 @@ impl KvBuffers {
 }
 
 /// Numbers whose all-zero bit pattern is the value zero.
-trait ZeroBits: Copy {}
+trait ZeroBits: Copy + Default {}
 impl ZeroBits for f32 {}
 impl ZeroBits for u16 {}
+
+fn zero_positions<T: ZeroBits>(
+    buffers: &mut [Vec<T>],
+    slot: usize,
+    positions: usize,
+    [kv_heads, capacity, head_dim]: [usize; 3],
+) {
+    let head_len = capacity * head_dim;
+    let row_len = kv_heads * head_len;
+    let used = positions.min(capacity) * head_dim;
+    if used == 0 {
+        return;
+    }
+    for buffer in buffers {
+        let Some(row) = buffer.get_mut(slot * row_len..(slot + 1) * row_len) else {
+            continue;
+        };
+        // Only the front of each head's block: the pages past it were never written, and
+        // writing them would make them resident.
+        for head in row.chunks_exact_mut(head_len) {
+            head[..used].fill(T::default());
+        }
+    }
+}
 
 /// `len` zeroes from the allocator's zeroed memory: for buffers this large, fresh anonymous
 /// mappings, so nothing is resident until written. Unlike `vec![0; len]`, a refused
@@ -187,6 +231,7 @@ impl KvPool {
             mask: Vec::new(),
             logits: vec![0.0; slots * metadata.vocab_size],
             occupants: vec![None; slots],
+            written: vec![0; slots],
             kv_heads: metadata.num_kv_heads,
             capacity: metadata.context_length,
             head_dim: metadata.head_dim,
@@ -200,17 +245,32 @@ impl KvPool {
     }
 
     /// The lowest free slot, now held by `sequence`; lowest first keeps running batches
-    /// dense at the front, so batched runs cover few idle rows.
+    /// dense at the front, so batched runs cover few idle rows. The slot is all zeroes.
     pub fn acquire(&mut self, sequence: SequenceId) -> Option<usize> {
         let slot = self.occupants.iter().position(Option::is_none)?;
+        // A free slot between busy ones is fed a placeholder at its first position by
+        // batched decodes (see `decode`): that position holds no sequence's data, but the
+        // new occupant starts from zeroes all the same.
+        self.zero(slot);
         self.occupants[slot] = Some(sequence);
         Some(slot)
     }
 
+    /// Frees `slot` and zeroes every position its sequence's runs may have written.
     pub fn release(&mut self, slot: usize) {
         if let Some(occupant) = self.occupants.get_mut(slot) {
             *occupant = None;
+            self.zero(slot);
         }
+    }
+
+    fn zero(&mut self, slot: usize) {
+        let Some(written) = self.written.get_mut(slot) else {
+            return;
+        };
+        let positions = std::mem::take(written);
+        let shape = [self.kv_heads, self.capacity, self.head_dim];
+        self.buffers.zero_positions(slot, positions, shape);
     }
 
     /// Feeds `tokens` to the sequence in `slot`, which has `cached` positions, alone, and
@@ -226,6 +286,12 @@ impl KvPool {
         self.ids.extend(tokens.iter().map(|&t| i64::from(t)));
         self.mask.clear();
         self.mask.resize(cached + tokens.len(), 1);
+        note_written(
+            &mut self.written,
+            slot,
+            cached + tokens.len(),
+            self.capacity,
+        );
         self.run(session, slot..slot + 1, tokens.len(), cached + tokens.len())?;
         Ok(&self.logits[..self.vocab])
     }
@@ -270,6 +336,9 @@ impl KvPool {
         self.mask.resize(rows.len() * width, 0);
         for (slot, mask_row) in rows.clone().zip(self.mask.chunks_mut(width)) {
             mask_row[..=cached(slot)].fill(1);
+        }
+        for slot in rows.clone() {
+            note_written(&mut self.written, slot, cached(slot) + 1, capacity);
         }
         for (slot, token) in decodes {
             self.ids[slot - first] = i64::from(token);
@@ -357,6 +426,14 @@ impl KvPool {
     }
 }
 
+/// Notes in `written` that a run may write `slot`'s positions below `end`. Noted before the
+/// run: a run that fails may still have written some of them.
+fn note_written(written: &mut [usize], slot: usize, end: usize, capacity: usize) {
+    if let Some(written) = written.get_mut(slot) {
+        *written = (*written).max(end.min(capacity));
+    }
+}
+
 /// A tensor over the first elements of a host buffer, in `shape`.
 ///
 /// A binding that receives the tensor keeps pointing at `data` after the borrow ends; only
@@ -396,3 +473,6 @@ fn bind_input_in_place<T: ort::value::ValueTypeMarker + ?Sized>(
     // SAFETY: `status` was just returned by the ONNX Runtime API.
     unsafe { ort::Error::result_from_status(status) }
 }
+
+#[cfg(test)]
+mod tests;
