@@ -5,8 +5,12 @@
 //! of it passes: the signature over the manifest bytes by a trusted key, then the manifest
 //! itself, then every file's size and SHA-256 against the manifest (no file missing, none
 //! unlisted). Anti-rollback (the version must rise) is the registry's check, after these.
+//! The graph itself is the bundle's last check ([`check_graph`]): a signature says who
+//! shipped it, not what it may ask of the node, so its operators and external data files
+//! are held to [`graph`]'s rules at import and at every load.
 
 pub mod archive;
+pub mod graph;
 pub mod manifest;
 pub mod signature;
 
@@ -14,6 +18,7 @@ use std::collections::BTreeMap;
 
 use crate::audit::encoding::hex;
 pub use archive::{Admit, ArchiveError, ReceivedFile, Unpacked};
+pub use graph::{ExternalDataProblem, GRAPH_FILE, GraphError, GraphInventory};
 pub use manifest::{BundleManifest, BundleTask, GoldenExpectation, ManifestError};
 pub use signature::{BundleSignature, SignatureError, TrustedKey};
 
@@ -51,6 +56,13 @@ pub enum BundleError {
         listed: String,
         found: String,
     },
+    #[error("{path}: {source}")]
+    Graph {
+        path: &'static str,
+        /// Boxed: the graph's names make it the largest reason, and it is rare.
+        #[source]
+        source: Box<GraphError>,
+    },
 }
 
 impl BundleError {
@@ -65,6 +77,10 @@ impl BundleError {
             BundleError::MissingFile { .. } => "missing_file",
             BundleError::UnlistedFile { .. } => "unlisted_file",
             BundleError::SizeMismatch { .. } | BundleError::HashMismatch { .. } => "hash_mismatch",
+            BundleError::Graph { source, .. } => match **source {
+                GraphError::ExternalData { .. } => "external_data",
+                _ => "graph_refused",
+            },
         }
     }
 }
@@ -126,6 +142,22 @@ pub fn unpack_verified<R: std::io::Read, W: std::io::Write>(
     let verified = vetted.ok_or(ArchiveError::NoManifest)?;
     check_files(&verified.manifest, &unpacked.files)?;
     Ok((verified, unpacked))
+}
+
+/// Holds a verified bundle's graph (the bytes of its [`GRAPH_FILE`]) to [`graph`]'s rules,
+/// and every external data file it reads to the manifest: listed, and read within its
+/// listed size. Runs after [`check_files`], before the graph reaches ONNX Runtime.
+pub fn check_graph(
+    manifest: &BundleManifest,
+    graph_bytes: &[u8],
+) -> Result<GraphInventory, BundleError> {
+    let refused = |source| BundleError::Graph {
+        path: GRAPH_FILE,
+        source: Box::new(source),
+    };
+    let inventory = graph::inspect(graph_bytes).map_err(refused)?;
+    inventory.check_listed(&manifest.files).map_err(refused)?;
+    Ok(inventory)
 }
 
 /// Every listed file is there with its size and hash, and nothing else is.

@@ -1,7 +1,8 @@
 """Signed model bundles, end to end: packed and signed with moatctl, imported into the
 running moatd over its admin socket, activated after their golden prompts, swapped under
 load without a failed request, canaried at an exact share, rolled back at once, and every
-forged, altered, unsigned, older or hostile bundle refused with the serving model untouched."""
+forged, altered, unsigned, older or hostile bundle refused with the serving model untouched;
+a signed graph reaches no file outside its bundle and no operator moat does not serve."""
 
 import io
 import json
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 
 from audit_trail import records_of, run_moatctl
@@ -44,12 +46,16 @@ def keys(tmp_path_factory) -> dict:
             "trusted": trusted}
 
 
-def bundle(directory: Path, version: str, expect: str, key: Path | None) -> Path:
-    """The fixture model packed as fixture@VERSION (signed with `key` unless None)."""
+def bundle(directory: Path, version: str, expect: str, key: Path | None,
+           files: dict[str, bytes] | None = None) -> Path:
+    """The fixture model packed as fixture@VERSION (signed with `key` unless None), with
+    `files` (name -> bytes) added or put in place of the fixture's."""
     source = directory / f"src-{version}"
     source.mkdir(parents=True, exist_ok=True)
     for name in ("model.onnx", "tokenizer.json", "moat-model.json"):
         shutil.copy(SOURCE / name, source)
+    for name, body in (files or {}).items():
+        (source / name).write_bytes(body)
     (source / "bundle.toml").write_text(
         f'name = "fixture"\nversion = "{version}"\ntask = "chat"\n'
         f'classification_ceiling = "internal"\n\n[sampling]\ntemperature = 0.0\n\n'
@@ -310,3 +316,82 @@ def test_memory_budget_downgrade_and_inspect(pki, alice, keys, tmp_path, golden_
         # A canary must be another version than the active one.
         same = admin(config, "model", "canary", "fixture@1.0.0", "--percent", "5", check=False)
         assert "already active" in same.stderr, same.stderr
+
+
+def graph_reading(location: str) -> tuple[bytes, bytes]:
+    """The fixture's graph with its largest initializer's bytes moved out to `location`
+    (external data, as exporters write for large models), and those bytes."""
+    model = onnx.load(SOURCE / "model.onnx")
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    data = tensor.raw_data
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(len(data)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return model.SerializeToString(), data
+
+
+def test_a_signed_graph_reads_nothing_outside_its_bundle(pki, alice, keys, tmp_path,
+                                                         golden_answer):
+    config = config_for(pki, keys, tmp_path)
+    # The store inside the state directory, as packaged: four levels below the node's key.
+    state = Path(config["audit"]["state_directory"])
+    config["models"]["store"] = str(state / "models")
+    node_key = state / "audit-signing.key"
+    graph, data = graph_reading("model.onnx.data")
+    weights_beside = bundle(tmp_path / "beside", "1.0.0", golden_answer, keys["ml"],
+                            {"model.onnx": graph, "model.onnx.data": data})
+    hostile = {location: bundle(tmp_path / f"hostile-{n}", "1.1.0", golden_answer, keys["ml"],
+                                {"model.onnx": graph_reading(location)[0]})
+               for n, location in enumerate(["../../audit-signing.key",
+                                             "../../../../audit-signing.key",
+                                             str(node_key)])}
+    custom = onnx.load(SOURCE / "model.onnx")
+    custom.opset_import.append(onnx.helper.make_opsetid("ai.custom.ops", 1))
+    custom_op = bundle(tmp_path / "custom", "1.1.0", golden_answer, keys["ml"],
+                       {"model.onnx": custom.SerializeToString()})
+
+    with running(tmp_path / "node", config) as server:
+        assert node_key.is_file()
+        # Weights in a file the signed manifest lists: imported, activated, served.
+        admin(config, "model", "import", weights_beside)
+        admin(config, "model", "activate", "fixture@1.0.0")
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@1.0.0"
+        # Signed by the trusted key, and still refused at import, naming the location.
+        for location, path in hostile.items():
+            result = admin(config, "model", "import", path, check=False)
+            assert result.returncode != 0, f"{location}: imported"
+            assert f'"{location}"' in result.stderr, result.stderr
+            assert "outside" in result.stderr, result.stderr
+        result = admin(config, "model", "import", custom_op, check=False)
+        assert result.returncode != 0 and "ai.custom.ops" in result.stderr, result.stderr
+        assert "custom operator library" in result.stderr, result.stderr
+        listed = json.loads(admin(config, "model", "list", "--json").stdout)
+        assert [v["version"] for v in listed["models"][0]["versions"]] == ["1.0.0"]
+        # A version to stand in for one a build without this check imported.
+        admin(config, "model", "import", bundle(tmp_path / "plain", "1.1.0", golden_answer,
+                                                keys["ml"]))
+
+    # The store is edited while moatd is down: 1.1.0's files become a hostile bundle's,
+    # signed by the trusted key. Loading checks the graph again, before ONNX Runtime.
+    version_dir = state / "models" / "bundles" / "fixture" / "1.1.0"
+    location = "../../../../audit-signing.key"
+    for old in version_dir.iterdir():
+        old.unlink()
+    with tarfile.open(hostile[location]) as tar:
+        tar.extractall(version_dir, filter="data")
+    with running(tmp_path / "node", config) as server:
+        result = admin(config, "model", "activate", "fixture@1.1.0", check=False)
+        assert result.returncode != 0, "activated"
+        assert f'"{location}"' in result.stderr and "outside" in result.stderr, result.stderr
+        assert "did not load" not in result.stderr, "refused by ONNX Runtime, not before it"
+        with server.http(pki.ca_cert, alice) as client:
+            assert version_of(ask(client)) == "fixture@1.0.0"
+
+    records = records_of(config, auditors(pki.dir.parent / "auditors"), tmp_path)
+    denied = [(r["action"], r["model"]) for r in records
+              if r["kind"] == "admin" and r["decision"] == "deny"]
+    assert denied.count(("model.import", "")) == 4, denied
+    assert ("model.activate", "fixture@1.1.0") in denied, denied

@@ -2,9 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
+use moat_core::bundle::graph::{
+    self, ExternalData, ExternalDataProblem, GraphError, GraphInventory,
+};
 use moat_core::{EmbeddingSpec, MetadataError, ModelMetadata, ModelTask};
 
-pub const GRAPH_FILE: &str = "model.onnx";
+pub const GRAPH_FILE: &str = graph::GRAPH_FILE;
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const METADATA_FILE: &str = "moat-model.json";
 
@@ -38,6 +41,13 @@ pub enum ModelDirError {
     BadTokenizer { path: PathBuf, reason: String },
     #[error("model file {path} is not a usable ONNX graph: {reason}")]
     BadGraph { path: PathBuf, reason: String },
+    #[error("model file {path} is refused before ONNX Runtime reads it: {source}")]
+    GraphRefused {
+        path: PathBuf,
+        /// Boxed: the graph's names make it the largest reason, and it is rare.
+        #[source]
+        source: Box<GraphError>,
+    },
     #[error("model file {path} says {field} = {declared}, but model.onnx has {graph}")]
     GraphMismatch {
         path: PathBuf,
@@ -112,6 +122,63 @@ impl ModelDirectory {
             expected: ModelTask::Embedding,
             found: self.metadata.task,
         })
+    }
+
+    /// Reads the graph and holds it to moat's rules before ONNX Runtime sees it: operators
+    /// moat serves only, and external data only from regular files inside this directory,
+    /// reached without a symbolic link, read within their size.
+    pub fn vet_graph(&self) -> Result<GraphInventory, ModelDirError> {
+        let path = self.graph_path();
+        let bytes = std::fs::read(&path).map_err(|source| ModelDirError::Unreadable {
+            path: path.clone(),
+            source,
+        })?;
+        let refused = |source| ModelDirError::GraphRefused {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let inventory = graph::inspect(&bytes).map_err(refused)?;
+        for data in &inventory.external {
+            let size = self
+                .external_file_size(data)?
+                .map_err(|p| refused(data.refused(p)))?;
+            data.check_range(size).map_err(refused)?;
+        }
+        Ok(inventory)
+    }
+
+    /// The size of the file `data` names, walking from the root one component at a time
+    /// so that no symbolic link is followed: a link could point anywhere. (The directory is
+    /// the admin's, or the bundle store's, which only moatd writes; a swap after this check
+    /// would need write access there.)
+    fn external_file_size(
+        &self,
+        data: &ExternalData,
+    ) -> Result<Result<u64, ExternalDataProblem>, ModelDirError> {
+        let mut path = self.root.clone();
+        let mut parts = data.location.split('/').peekable();
+        while let Some(part) = parts.next() {
+            path.push(part);
+            let metadata = match std::fs::symlink_metadata(&path) {
+                Ok(metadata) => metadata,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Err(ExternalDataProblem::Missing));
+                }
+                Err(source) => return Err(ModelDirError::Unreadable { path, source }),
+            };
+            let last = parts.peek().is_none();
+            if metadata.file_type().is_symlink() {
+                return Ok(Err(ExternalDataProblem::Symlink));
+            }
+            if last && metadata.is_file() {
+                return Ok(Ok(metadata.len()));
+            }
+            if last || !metadata.is_dir() {
+                return Ok(Err(ExternalDataProblem::NotAFile));
+            }
+        }
+        // `inspect` accepts no empty location.
+        Ok(Err(ExternalDataProblem::NotPlain))
     }
 
     pub fn graph_path(&self) -> PathBuf {

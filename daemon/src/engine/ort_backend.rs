@@ -108,7 +108,7 @@ impl OrtBackend {
     ) -> Result<Self, LoadError> {
         model_dir.require_task(ModelTask::TextGeneration)?;
         let graph = model_dir.graph_path();
-        let (session, device) = create_session(runtime, &graph, options)?;
+        let (session, device) = create_session(runtime, model_dir, options)?;
         let metadata = model_dir.metadata.clone();
         check_io(&session, &metadata, &graph)?;
         let (past_names, present_names) = kv_names(&metadata);

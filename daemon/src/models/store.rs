@@ -1,7 +1,9 @@
 //! Bundles on disk: `<store>/bundles/<name>/<version>/` holds what an import verified
 //! (`manifest.toml`, `manifest.sig` and the files). An import unpacks into
 //! `<store>/staging/` first and moves into place only once everything checked out; a
-//! version directory is verified again, file by file, every time it is loaded.
+//! version directory is verified again, file by file, every time it is loaded. Both times
+//! the graph is held to the bundle's graph rules (`moat_core::bundle::check_graph`) before
+//! ONNX Runtime can see it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -11,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use moat_core::bundle::archive::hash_reader;
 use moat_core::bundle::{
-    BundleError, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked, VerifiedBundle,
-    unpack_verified, verify,
+    BundleError, GRAPH_FILE, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked, VerifiedBundle,
+    check_graph, unpack_verified, verify,
 };
 
 /// Why a bundle could not be stored or read back.
@@ -39,6 +41,10 @@ pub enum StoreError {
     )]
     FilesMissing { label: String, dir: PathBuf },
     #[error(
+        "{path} is a {kind}, not a regular file: the bundle store was altered; remove the version and import it again with --allow-downgrade"
+    )]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
         "{dir} holds {found}, not {label}: the bundle store was altered; remove the version and import it again with --allow-downgrade"
     )]
     Misplaced {
@@ -57,7 +63,9 @@ impl StoreError {
             StoreError::NoTrustedKeys { .. } | StoreError::BadTrustedKey { .. } => "trusted_keys",
             StoreError::AlreadyImported { .. } => "already_imported",
             StoreError::NotImported { .. } => "not_imported",
-            StoreError::FilesMissing { .. } | StoreError::Misplaced { .. } => "store_damaged",
+            StoreError::FilesMissing { .. }
+            | StoreError::NotAFile { .. }
+            | StoreError::Misplaced { .. } => "store_damaged",
         }
     }
 }
@@ -180,6 +188,11 @@ impl BundleStore {
             SIGNATURE_FILE,
             unpacked.signature.as_deref().unwrap_or_default(),
         )?;
+        let graph = root.join(GRAPH_FILE);
+        check_graph(
+            &verified.manifest,
+            &fs::read(&graph).map_err(io_error(&graph))?,
+        )?;
         Ok(Staged {
             verified,
             dir: Some(dir),
@@ -233,16 +246,33 @@ impl BundleStore {
         let manifest = read(MANIFEST_FILE)?;
         let signature = read(SIGNATURE_FILE)?;
         let mut files = BTreeMap::new();
+        let mut graph = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
             let entry = entry.map_err(io_error(&dir))?;
+            let path = entry.path();
+            // An import writes regular files only; a link here could point anywhere.
+            let kind = entry.file_type().map_err(io_error(&path))?;
+            if !kind.is_file() {
+                let kind = if kind.is_symlink() {
+                    "symbolic link"
+                } else {
+                    "directory or special file"
+                };
+                return Err(StoreError::NotAFile { path, kind });
+            }
             let file_name = entry.file_name().to_string_lossy().into_owned();
             if file_name == MANIFEST_FILE || file_name == SIGNATURE_FILE {
                 continue;
             }
-            let path = entry.path();
-            let hashed = File::open(&path)
-                .and_then(|f| hash_reader(BufReader::new(f)))
-                .map_err(io_error(&path))?;
+            let hashed = if file_name == GRAPH_FILE {
+                // Read once: hashed now, and checked once the manifest is verified.
+                graph = fs::read(&path).map_err(io_error(&path))?;
+                hash_reader(graph.as_slice()).map_err(io_error(&path))?
+            } else {
+                File::open(&path)
+                    .and_then(|f| hash_reader(BufReader::new(f)))
+                    .map_err(io_error(&path))?
+            };
             files.insert(file_name, hashed);
         }
         let unpacked = Unpacked {
@@ -251,6 +281,7 @@ impl BundleStore {
             files,
         };
         let verified = verify(&unpacked, trusted)?;
+        check_graph(&verified.manifest, &graph)?;
         if verified.manifest.name != name || verified.manifest.version != *version {
             return Err(StoreError::Misplaced {
                 label: format!("{name}@{version}"),
@@ -269,3 +300,6 @@ impl BundleStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

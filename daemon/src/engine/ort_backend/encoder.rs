@@ -113,7 +113,7 @@ impl EncoderSession {
     ) -> Result<Self, LoadError> {
         let spec = model_dir.embedding_spec()?;
         let graph = model_dir.graph_path();
-        let (session, device) = create_session(runtime, &graph, options)?;
+        let (session, device) = create_session(runtime, model_dir, options)?;
         let feeds_token_types = check_inputs(&session, &graph)?;
         check_output(&session, spec.dim, &graph)?;
         Ok(Self {

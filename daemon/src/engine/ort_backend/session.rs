@@ -13,7 +13,7 @@ use ort::value::ValueType;
 
 use crate::engine::backend::DeviceKind;
 use crate::engine::cpu_affinity;
-use crate::engine::model_dir::ModelDirError;
+use crate::engine::model_dir::{ModelDirError, ModelDirectory};
 use crate::engine::runtime_library::{LocatedLibrary, RuntimeLibraryError};
 
 /// Which device the operator asked for.
@@ -185,13 +185,17 @@ pub(super) fn kv_names(metadata: &ModelMetadata) -> (Vec<String>, Vec<String>) {
     }
     (past, present)
 }
-/// Creates the session on the preferred device. Only a CUDA failure falls back (for
-/// `auto`); a broken graph is reported as such on every device.
+/// Creates the session on the preferred device, once the graph passed moat's own checks
+/// ([`ModelDirectory::vet_graph`]): ONNX Runtime never reads a graph with an operator moat
+/// does not serve or external data from outside the model. Only a CUDA failure falls back
+/// (for `auto`); a broken graph is reported as such on every device.
 pub(super) fn create_session(
     runtime: &OrtRuntime,
-    graph: &Path,
+    model_dir: &ModelDirectory,
     options: &SessionOptions,
 ) -> Result<(Session, DeviceKind), LoadError> {
+    model_dir.vet_graph()?;
+    let graph = &model_dir.graph_path();
     match options.device {
         DevicePreference::Cpu => Ok((
             build_session(runtime, graph, options, false)?,
