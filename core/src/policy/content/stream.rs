@@ -379,7 +379,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(1000))]
 
         /// For any answer and any split into pieces: what is sent is exactly what the check
         /// of the whole answer sends (so no part of a masked match leaves unmasked), and an
