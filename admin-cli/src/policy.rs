@@ -64,6 +64,15 @@ Example:
   EOF
   moatctl policy test /etc/moat/policies --cases cases.toml";
 
+const RELOAD_HELP: &str = "\
+Exit status: 0 once moatd is signalled; 1 if it is not running or the pid file does not lead
+to it (no pid file, a file nobody holds, a file others could write, a process that is not
+moatd or not its owner's), and nothing is signalled.
+
+Example:
+  moatctl policy validate /etc/moat/policies && moatctl policy reload
+  moatctl policy reload --pid-file /run/moat-test/moatd.pid";
+
 /// `moatctl policy` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -97,12 +106,16 @@ pub enum PolicyCommand {
     /// valid; an invalid policy is refused and logged, and the old one stays in force. Run
     /// `moatctl policy validate DIR` first, then check moatd's log for "policy reloaded" or
     /// "policy reload REFUSED".
-    #[command(after_help = "Example:\n  \
-        moatctl policy validate /etc/moat/policies && moatctl policy reload")]
+    ///
+    /// moatd is found by its pid file, never by process name: the signal goes only to the
+    /// process that holds the file's lock, if the file names it, it is moatd and it runs as
+    /// the file's owner. Under systemd, `systemctl reload moat` does the same.
+    #[command(after_help = RELOAD_HELP)]
     Reload {
-        /// The process to signal; by default the one process named moatd.
-        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
-        pid: Option<i32>,
+        /// moatd's pid file: [admin] pid_file in moat.toml (by default moatd.pid beside
+        /// the admin socket).
+        #[arg(long, env = "MOAT_PID_FILE", default_value = reload::DEFAULT_PID_FILE)]
+        pid_file: PathBuf,
     },
 }
 
@@ -154,8 +167,8 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Test { dir, cases } => test(&dir, &cases),
-        PolicyCommand::Reload { pid } => {
-            signal_daemon(pid)?;
+        PolicyCommand::Reload { pid_file } => {
+            signal_daemon(&pid_file)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -280,25 +293,15 @@ fn test(dir: &Path, cases_path: &Path) -> Result<ExitCode, Error> {
     })
 }
 
-/// `policy reload`: SIGHUP to `pid`, or to the one moatd process.
-fn signal_daemon(pid: Option<i32>) -> Result<(), Error> {
-    let proc_dir = Path::new("/proc");
-    let pid = match pid {
-        Some(pid) => pid,
-        None => reload::find_daemon(proc_dir)?,
-    };
-    let name = reload::process_name(proc_dir, pid);
-    if let Some(name) = name.as_deref().filter(|n| *n != reload::DAEMON_NAME) {
-        eprintln!(
-            "warning: process {pid} is {name:?}, not {}",
-            reload::DAEMON_NAME
-        );
-    }
-    reload::send_hangup(pid)?;
+/// `policy reload`: SIGHUP to the moatd holding `pid_file`.
+fn signal_daemon(pid_file: &Path) -> Result<(), Error> {
+    let daemon = reload::reload(pid_file, Path::new("/proc"))?;
     println!(
-        "sent SIGHUP to {} (pid {pid}): it re-reads its policy directory and puts it in force \
-         only if it is valid.",
-        name.as_deref().unwrap_or(reload::DAEMON_NAME)
+        "sent SIGHUP to {} (pid {}, from {}): it re-reads its policy directory and puts it \
+         in force only if it is valid.",
+        reload::DAEMON_NAME,
+        daemon.pid,
+        pid_file.display()
     );
     println!(
         "Check moatd's log for \"policy reloaded\" (in force) or \"policy reload REFUSED\" \

@@ -2,12 +2,10 @@
 //! in a temporary directory.
 
 use std::fs;
-use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
-const SIGHUP: i32 = 1;
 
 /// Finance may chat with and complete on models tagged "finance"; everyone lists models.
 const FINANCE_POLICIES: &str = r#"
@@ -315,52 +313,4 @@ fn test_refuses_a_bad_cases_file_with_2() {
         2,
     );
     assert!(stderr.contains("absent.toml"), "{stderr}");
-}
-
-/// Whether this process ignores SIGHUP (as under nohup); its children inherit that.
-fn hangups_ignored() -> bool {
-    let status = fs::read_to_string("/proc/self/status").expect("own status");
-    let ignored = status
-        .lines()
-        .find_map(|line| line.strip_prefix("SigIgn:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .expect("SigIgn in /proc/self/status");
-    ignored & (1 << (SIGHUP - 1)) != 0
-}
-
-#[test]
-fn reload_sends_sighup_to_the_named_process() {
-    let mut child = Command::new("sleep").arg("30").spawn().expect("sleep runs");
-    let pid = child.id().to_string();
-    let (stdout, stderr) = expect_status(&["policy", "reload", "--pid", &pid], 0);
-    if hangups_ignored() {
-        child.kill().expect("kill sleep");
-    }
-    let status = child.wait().expect("sleep ends");
-    if !hangups_ignored() {
-        assert_eq!(status.signal(), Some(SIGHUP), "{status:?}");
-    }
-    // Not the name: right after spawn, the child may not have taken its program's name yet.
-    assert!(stdout.contains(&format!("(pid {pid})")), "{stdout}");
-    assert!(stdout.contains("policy reload REFUSED"), "{stdout}");
-    assert!(stderr.contains("not moatd"), "{stderr}");
-}
-
-#[test]
-fn reload_names_a_pid_without_a_process() {
-    // Above every kernel's pid_max, so never a live process.
-    let (_, stderr) = expect_status(&["policy", "reload", "--pid", "2147483647"], 1);
-    assert!(stderr.contains("no process has pid 2147483647"), "{stderr}");
-}
-
-#[test]
-fn reload_refuses_pids_that_name_process_groups() {
-    for pid in ["0", "-1"] {
-        let out = moatctl(&["policy", "reload", "--pid", pid]);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "--pid {pid} must be a usage error"
-        );
-    }
 }

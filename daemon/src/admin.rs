@@ -2,6 +2,9 @@
 //! admin socket (group `moat-admin`) takes every command; the audit socket (group
 //! `moat-audit`) serves auditors the trail's export and nothing else.
 //!
+//! While the sockets are open, moatd holds its pid file ([`pid_file`]), by which
+//! `moatctl policy reload` finds it.
+//!
 //! One request per connection: a JSON line such as `{"command": "audit.export",
 //! "since_unix_ms": null, "until_unix_ms": null}`. The first line of the answer is JSON,
 //! `{"ok": true}` (with a `result` for model commands and status) or `{"error": "..."}`;
@@ -12,6 +15,7 @@
 //! refused, is audited with the peer's uid, gid and pid.
 
 pub mod peer;
+pub mod pid_file;
 
 use std::io::{BufWriter, Read, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
@@ -30,6 +34,7 @@ use crate::audit::log::{admin_record, now_unix_ms};
 use crate::config::AdminConfig;
 use crate::models::{Command, Models, Query};
 use peer::{AdminAccess, Peer};
+use pid_file::{PidFile, PidFileError};
 
 /// Longest request line.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -51,6 +56,8 @@ pub enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    PidFile(#[from] PidFileError),
 }
 
 /// A request on the socket.
@@ -143,6 +150,9 @@ pub struct AdminSocket {
     path: PathBuf,
     access: AdminAccess,
     scope: Scope,
+    /// The admin socket holds moatd's pid file, so that the file lasts as long as moatd
+    /// takes commands.
+    pid_file: Option<PidFile>,
 }
 
 impl Drop for AdminSocket {
@@ -151,16 +161,21 @@ impl Drop for AdminSocket {
     }
 }
 
-/// Binds the admin socket and the audit socket (inside the async runtime).
+/// Binds the admin socket and the audit socket (inside the async runtime), and writes the
+/// pid file.
 pub fn bind(config: &AdminConfig) -> Result<[AdminSocket; 2], AdminError> {
-    Ok([
-        bind_one(config.socket.clone(), &config.group, Scope::Admin)?,
-        bind_one(
-            config.audit_socket_path(),
-            &config.audit_group,
-            Scope::Audit,
-        )?,
-    ])
+    let mut admin = bind_one(config.socket.clone(), &config.group, Scope::Admin)?;
+    let audit = bind_one(
+        config.audit_socket_path(),
+        &config.audit_group,
+        Scope::Audit,
+    )?;
+    // After the sockets: a second moatd on the same paths is refused for the socket, as
+    // before, and never disturbs the first one's pid file.
+    let pid_file = PidFile::create(&config.pid_file_path())?;
+    tracing::info!(path = %pid_file.path().display(), "pid file written");
+    admin.pid_file = Some(pid_file);
+    Ok([admin, audit])
 }
 
 /// Binds one socket: 0660, owned by `group` if it exists. A socket file left by a moatd
@@ -193,6 +208,7 @@ fn bind_one(path: PathBuf, group: &str, scope: Scope) -> Result<AdminSocket, Adm
         path,
         access,
         scope,
+        pid_file: None,
     })
 }
 

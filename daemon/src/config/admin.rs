@@ -1,5 +1,6 @@
 //! `[admin]`: the admin API's Unix sockets, for `moatctl` on this host: the admin socket
-//! for every command, and the audit socket, which serves only the audit trail's export.
+//! for every command, and the audit socket, which serves only the audit trail's export; and
+//! the pid file `moatctl policy reload` finds moatd by.
 
 use std::path::PathBuf;
 
@@ -24,6 +25,11 @@ pub struct AdminConfig {
     /// always.
     #[serde(default = "default_audit_group")]
     pub audit_group: String,
+    /// moatd's pid, written (0644) and locked while it serves, removed when it stops:
+    /// `moatctl policy reload` signals the process that holds it, never one found by name.
+    /// Unset: `moatd.pid` beside `socket`.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
 }
 
 impl AdminConfig {
@@ -32,6 +38,13 @@ impl AdminConfig {
         self.audit_socket
             .clone()
             .unwrap_or_else(|| self.socket.with_file_name("audit.sock"))
+    }
+
+    /// Where the pid file is.
+    pub fn pid_file_path(&self) -> PathBuf {
+        self.pid_file
+            .clone()
+            .unwrap_or_else(|| self.socket.with_file_name("moatd.pid"))
     }
 }
 
@@ -42,6 +55,7 @@ impl Default for AdminConfig {
             group: default_group(),
             audit_socket: None,
             audit_group: default_audit_group(),
+            pid_file: None,
         }
     }
 }
