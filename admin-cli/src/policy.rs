@@ -112,8 +112,8 @@ pub enum PolicyCommand {
     /// the file's owner. Under systemd, `systemctl reload moat` does the same.
     #[command(after_help = RELOAD_HELP)]
     Reload {
-        /// moatd's pid file: [admin] pid_file in moat.toml (by default moatd.pid beside
-        /// the admin socket).
+        /// moatd's pid file: [admin] pid_file in moat.toml, or moatd.pid beside
+        /// [admin] socket where that is unset.
         #[arg(long, env = "MOAT_PID_FILE", default_value = reload::DEFAULT_PID_FILE)]
         pid_file: PathBuf,
     },
