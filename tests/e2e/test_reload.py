@@ -6,6 +6,7 @@ which holds its pid file, reloads."""
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def decoy(tmp_path):
     directory.mkdir()
     program = directory / "moatd"
     shutil.copy(shutil.which("sleep"), program)
-    process = subprocess.Popen([program, "600"])
+    # SIGHUP ends it even where the tests run with it ignored (nohup): a signal shows.
+    process = subprocess.Popen([program, "600"],
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     yield process
     process.kill()
     process.wait(timeout=10)
