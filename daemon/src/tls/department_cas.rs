@@ -83,8 +83,12 @@ impl DepartmentCas {
         }
     }
 
-    fn first(&self) -> Option<&Arc<dyn ClientCertVerifier>> {
-        self.cas.first().map(|ca| &ca.verifier)
+    /// The verifier that checks handshake signatures for all of them.
+    fn first(&self) -> Result<&Arc<dyn ClientCertVerifier>, rustls::Error> {
+        self.cas
+            .first()
+            .map(|ca| &ca.verifier)
+            .ok_or_else(|| rustls::Error::General("no client CA is configured".into()))
     }
 }
 
@@ -119,10 +123,7 @@ impl ClientCertVerifier for DepartmentCas {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        match self.first() {
-            Some(verifier) => verifier.verify_tls12_signature(message, cert, dss),
-            None => Err(rustls::Error::General("no client CA is configured".into())),
-        }
+        self.first()?.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -131,10 +132,7 @@ impl ClientCertVerifier for DepartmentCas {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        match self.first() {
-            Some(verifier) => verifier.verify_tls13_signature(message, cert, dss),
-            None => Err(rustls::Error::General("no client CA is configured".into())),
-        }
+        self.first()?.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

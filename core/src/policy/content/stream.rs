@@ -204,14 +204,11 @@ mod tests {
     use super::super::{ContentRuleConfig, Direction};
     use super::*;
 
+    /// A rule of `detector` on answers.
     fn rule(detector: &str, action: ContentAction) -> ContentRuleConfig {
         ContentRuleConfig {
-            detector: detector.to_owned(),
-            name: None,
-            pattern: None,
-            markings: None,
-            action,
             applies_to: Direction::Answer,
+            ..super::super::tests::rule(detector, action)
         }
     }
 

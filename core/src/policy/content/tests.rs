@@ -6,7 +6,8 @@ const CARD: &str = "4111 1111 1111 1111";
 const IBAN: &str = "DE89 3704 0044 0532 0130 00";
 const EMAIL: &str = "jane.doe@example.com";
 
-fn rule(detector: &str, action: ContentAction) -> ContentRuleConfig {
+/// A rule of `detector` that looks both ways.
+pub(super) fn rule(detector: &str, action: ContentAction) -> ContentRuleConfig {
     ContentRuleConfig {
         detector: detector.to_owned(),
         name: None,
