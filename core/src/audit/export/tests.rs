@@ -205,6 +205,18 @@ fn counts(lines: &[String]) -> (usize, usize) {
     (count("{\"record\":"), count("{\"checkpoint\":"))
 }
 
+/// `kept` (a header and the lines after it) closed by `end` with only its counts edited to
+/// match them.
+fn close_counted(kept: &[String], end: &serde_json::Value) -> Vec<String> {
+    let (records, checkpoints) = counts(kept);
+    let mut end = end.clone();
+    end["end"]["records"] = records.into();
+    end["end"]["checkpoints"] = checkpoints.into();
+    let mut closed = kept.to_vec();
+    closed.push(end.to_string());
+    closed
+}
+
 /// `lines` cut after the checkpoint at record `sequence`, with an end line edited to match
 /// what is left (counts, last record, head) and a creation time to match its stored times.
 fn cut_and_refit(original: &[String], sequence: u64) -> Vec<String> {
@@ -226,12 +238,7 @@ fn an_export_cut_after_a_checkpoint_and_refitted_fails_on_its_frame() {
         assert_eq!(frame_problem(&join(&cut)), FrameProblem::BadSignature);
     }
     // Also with the original creation time, or with only the counts fitted.
-    let mut counted = original[..=line_of(&original, 7) + 1].to_vec();
-    let (records, checkpoints) = counts(&counted);
-    let mut end = end_of(&original);
-    end["end"]["records"] = records.into();
-    end["end"]["checkpoints"] = checkpoints.into();
-    counted.push(end.to_string());
+    let counted = close_counted(&original[..=line_of(&original, 7) + 1], &end_of(&original));
     assert_eq!(frame_problem(&join(&counted)), FrameProblem::BadSignature);
 }
 
@@ -264,13 +271,9 @@ fn a_header_edited_to_hide_a_cut_or_shift_the_range_fails_on_its_frame() {
     let mut header: serde_json::Value = serde_json::from_str(&original[0]).expect("json");
     header["anchor"] = serde_json::to_value(&checkpoints[1]).expect("json");
     assert_eq!(checkpoints[1].sequence, 7);
-    let mut moved = vec![header.to_string()];
-    moved.extend_from_slice(&original[from..original.len() - 1]);
-    let (records, counted) = counts(&moved);
-    let mut end = end_of(&original);
-    end["end"]["records"] = records.into();
-    end["end"]["checkpoints"] = counted.into();
-    moved.push(end.to_string());
+    let mut kept = vec![header.to_string()];
+    kept.extend_from_slice(&original[from..original.len() - 1]);
+    let moved = close_counted(&kept, &end_of(&original));
     assert_eq!(frame_problem(&join(&moved)), FrameProblem::BadSignature);
 }
 
@@ -408,7 +411,6 @@ proptest::proptest! {
 /// `kept` (a header and the lines after it) closed by `end` with its counts, last record
 /// and head edited to match them, as someone without the node key would.
 fn refit(kept: &[String], end: &serde_json::Value) -> Vec<String> {
-    let (records, checkpoints) = counts(kept);
     let last = kept
         .iter()
         .rev()
@@ -417,13 +419,9 @@ fn refit(kept: &[String], end: &serde_json::Value) -> Vec<String> {
             _ => None,
         });
     let mut end = end.clone();
-    end["end"]["records"] = records.into();
-    end["end"]["checkpoints"] = checkpoints.into();
     end["end"]["last"] = serde_json::to_value(last).expect("json");
     if let Some(last) = last {
         end["end"]["head"] = serde_json::to_value(last).expect("json");
     }
-    let mut refitted = kept.to_vec();
-    refitted.push(end.to_string());
-    refitted
+    close_counted(kept, &end)
 }
