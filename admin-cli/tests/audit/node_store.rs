@@ -69,8 +69,6 @@ impl NodeStore {
         std::fs::write(&key_file, format!("{}\n", hex(key.as_bytes()))).expect("key file");
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let db = open(dir);
-        let records_tree = db.open_tree(layout::RECORDS).expect("records tree");
-        let checkpoints = db.open_tree(layout::CHECKPOINTS).expect("checkpoints tree");
         let meta = db.open_tree(layout::META).expect("meta tree");
         let node = NodeInfo {
             node_id: node_id.into(),
@@ -78,50 +76,17 @@ impl NodeStore {
         };
         meta.insert(layout::NODE_KEY, serde_json::to_vec(&node).expect("json"))
             .expect("node identity");
-        let mut previous = GENESIS;
-        let mut records = Vec::new();
-        let mut entries = Vec::new();
-        for sequence in 0..count {
-            let record = record(node_id, sequence);
-            let ciphertext = encrypt(&record.to_bytes(), auditors);
-            let entry = ChainEntry::new(
-                node_id,
-                &previous,
-                sequence,
-                stored_at(sequence),
-                ciphertext,
-            );
-            records_tree
-                .insert(layout::sequence_key(sequence), layout::encode_entry(&entry))
-                .expect("record stored");
-            if sequence % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 || sequence + 1 == count {
-                let checkpoint = Checkpoint::sign(
-                    &key,
-                    node_id,
-                    sequence,
-                    entry.hash,
-                    stored_at(sequence) / 1000,
-                );
-                checkpoints
-                    .insert(
-                        layout::sequence_key(sequence),
-                        serde_json::to_vec(&checkpoint).expect("json"),
-                    )
-                    .expect("checkpoint stored");
-            }
-            previous = entry.hash;
-            records.push(record);
-            entries.push(entry);
-        }
-        drop((records_tree, checkpoints, meta));
+        drop(meta);
         close(db, dir);
-        Self {
+        let mut store = Self {
             dir: dir.to_path_buf(),
             node_id: node_id.into(),
             key,
-            records,
-            entries,
-        }
+            records: Vec::new(),
+            entries: Vec::new(),
+        };
+        store.chain_from(0, count, auditors, "");
+        store
     }
 
     pub fn key_hex(&self) -> String {
@@ -158,8 +123,8 @@ impl NodeStore {
         let mut previous = from
             .checked_sub(1)
             .map_or(GENESIS, |p| self.entries[p as usize].hash);
-        let last = from + count - 1;
-        for sequence in from..=last {
+        let end = from + count;
+        for sequence in from..end {
             let mut record = record(&self.node_id, sequence);
             record.subject = format!("{tag}{}", record.subject);
             let ciphertext = encrypt(&record.to_bytes(), auditors);
@@ -173,7 +138,7 @@ impl NodeStore {
             records
                 .insert(layout::sequence_key(sequence), layout::encode_entry(&entry))
                 .expect("record stored");
-            if sequence % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 || sequence == last {
+            if sequence % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 || sequence + 1 == end {
                 let checkpoint = Checkpoint::sign(
                     &self.key,
                     &self.node_id,
