@@ -166,6 +166,12 @@ fn still_running(child: &mut Running) -> bool {
     true
 }
 
+/// `out` is moatctl refusing to signal, with `reason` in what it says.
+fn assert_refused(out: &Output, reason: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(reason), "{}", text(&out.stderr));
+}
+
 fn run_dir() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let pid_file = tmp.path().join("moatd.pid");
@@ -208,12 +214,7 @@ fn reload_without_a_pid_file_signals_no_process_named_moatd() {
         "the decoy named moatd got the signal: {}",
         text(&out.stdout)
     );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("no pid file"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "no pid file");
 }
 
 #[test]
@@ -228,12 +229,7 @@ fn reload_signals_no_pid_a_left_over_pid_file_names() {
         "the decoy named moatd got the signal: {}",
         text(&out.stdout)
     );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("no process holds the pid file"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "no process holds the pid file");
 }
 
 #[test]
@@ -248,11 +244,9 @@ fn reload_signals_neither_when_the_pid_file_names_another_process_than_its_holde
         Some(&decoy_pid),
     );
     let out = reload(&pid_file);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains(&format!("names pid {decoy_pid}, but pid {}", moatd.id())),
-        "{}",
-        text(&out.stderr)
+    assert_refused(
+        &out,
+        &format!("names pid {decoy_pid}, but pid {}", moatd.id()),
     );
     assert!(
         still_running(&mut decoy),
@@ -266,12 +260,7 @@ fn reload_signals_no_holder_that_is_not_moatd() {
     let (tmp, pid_file) = run_dir();
     let mut other = holder(&tmp.path().join("other"), "not-moatd", &pid_file, None);
     let out = reload(&pid_file);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("\"not-moatd\", not moatd"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "\"not-moatd\", not moatd");
     assert!(
         still_running(&mut other),
         "a process not named moatd got the signal"
