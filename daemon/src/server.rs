@@ -298,9 +298,9 @@ impl<'c> Ready<'c> {
             policy: self.policy,
             audit: Arc::clone(&self.audit),
             clients: self.tls_reloader.client_authority(config.identity),
-            refusals: Arc::new(crate::api::refusals::RefusalBudgets::new(
+            refusals: Arc::new(RefusalBudgets::new(
                 config.limits.refusals_per_window,
-                std::time::Duration::from_secs(config.limits.refusal_window_secs),
+                Duration::from_secs(config.limits.refusal_window_secs),
             )),
         });
         let reloadable = Reloadable {

@@ -142,17 +142,10 @@ impl AuditNotes {
         notes.answer = keep(policy, notes.retention, answer, Direction::Answer);
     }
 
-    /// A content rule withheld the answer generated so far: the record says `deny` with the
-    /// rule's reason, and keeps the answer's findings and the answer itself (masked, as
-    /// retention says) as the evidence of what was withheld.
-    pub fn withheld(
-        &self,
-        policy: &AccessPolicy,
-        answer: &str,
-        completion_tokens: u64,
-        reason: &str,
-    ) {
-        self.answered(policy, answer, completion_tokens);
+    /// A content rule withheld the answer: the record says `deny` with the rule's reason,
+    /// and keeps what [`AuditNotes::answered`] noted (the answer's findings and the answer,
+    /// masked, as retention says) as the evidence of what was withheld.
+    pub fn withheld(&self, reason: &str) {
         let mut notes = self.notes.borrow_mut();
         notes.decision = "deny";
         reason.clone_into(&mut notes.reason);

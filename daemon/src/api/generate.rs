@@ -302,7 +302,8 @@ async fn whole_answer(
                 }
                 let text = guard::check_answer(&policy, &text).inspect_err(|refusal| {
                     if let ApiError::AnswerWithheld { reason } = refusal {
-                        notes.withheld(&policy, &text, usage.completion_tokens as u64, reason);
+                        // The answer and its findings are noted above.
+                        notes.withheld(reason);
                     }
                 })?;
                 let usage = UsageOut::from(usage);

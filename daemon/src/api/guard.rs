@@ -189,8 +189,8 @@ fn refuse(
     }
 }
 
-/// The policy's decision on `request`.
-fn decide(
+/// The policy's decision on `request`, with nothing noted or counted.
+pub(super) fn decide(
     policy: &AccessPolicy,
     caller: &Caller,
     http: &HttpRequest,

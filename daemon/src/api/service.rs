@@ -143,10 +143,9 @@ pub async fn request_context<B: MessageBody>(
     let endpoint = endpoint_of(req.path());
     let department = identity.map(|i| i.department.clone()).unwrap_or_default();
     let subject = identity.map(|i| i.subject.clone()).unwrap_or_default();
-    // Probes and metrics are not requests: they are never refused for the budget.
-    let refusal_key = state
-        .filter(|_| !matches!(endpoint, "health" | "metrics"))
-        .and_then(|_| refusal_key(identity, &req));
+    // Probes and metrics are not requests: neither audited nor refused for the budget.
+    let request_state = state.filter(|_| !matches!(endpoint, "health" | "metrics"));
+    let refusal_key = request_state.and_then(|_| refusal_key(identity, &req));
     if let (Some(state), Some(key)) = (state, &refusal_key)
         && let Some(turned_away) = turn_away(state, key, endpoint, &department)
     {
@@ -156,22 +155,20 @@ pub async fn request_context<B: MessageBody>(
         }
         return Ok(response);
     }
-    // Every department request is audited; probes and metrics are not requests.
-    let audit = state
-        .filter(|_| !matches!(endpoint, "health" | "metrics"))
-        .map(|state| {
-            let origin = RequestOrigin {
-                request_id: context.id.clone(),
-                department: department.clone(),
-                subject: subject.clone(),
-                source_address: req
-                    .peer_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default(),
-                action: audit_action(endpoint),
-            };
-            AuditNotes::new(Arc::clone(&state.audit), origin, context.started)
-        });
+    // Every department request is audited.
+    let audit = request_state.map(|state| {
+        let origin = RequestOrigin {
+            request_id: context.id.clone(),
+            department: department.clone(),
+            subject: subject.clone(),
+            source_address: req
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default(),
+            action: audit_action(endpoint),
+        };
+        AuditNotes::new(Arc::clone(&state.audit), origin, context.started)
+    });
     let record = RequestRecord {
         metrics: state.map(|state| Arc::clone(&state.metrics)),
         endpoint,
@@ -311,16 +308,20 @@ impl RequestRecord {
 
 /// The policy's word on listing models (action `list_models`).
 fn admit_listing(state: &AppState, caller: &Caller, http: &HttpRequest) -> Result<(), ApiError> {
-    let gate = guard::GateRequest {
+    guard::admit(state, state.policy.current(), caller, http, listing())?.settle(0);
+    Ok(())
+}
+
+/// What listing models asks of the gate.
+fn listing() -> guard::GateRequest<'static> {
+    guard::GateRequest {
         action: PolicyAction::ListModels,
         model: None,
         prompt_text: "",
         prompt_scan: Default::default(),
         prompt_tokens: 0,
         max_tokens: 0,
-    };
-    guard::admit(state, state.policy.current(), caller, http, gate)?.settle(0);
-    Ok(())
+    }
 }
 
 async fn list_models(
@@ -369,9 +370,8 @@ async fn healthz() -> HttpResponse {
 }
 
 /// Ready: every model is loaded, warmed (done before the listener opens) and its engine
-/// is healthy.
-/// Readiness, with each model's status for callers the policy lets list models: the
-/// metrics listener (any local user) and other callers learn only whether the node is
+/// is healthy. Each model's status is shown only to callers the policy lets list models:
+/// the metrics listener (any local user) and other callers learn only whether the node is
 /// ready, not what it serves.
 async fn readyz(state: web::Data<AppState>, http: HttpRequest) -> HttpResponse {
     let routes = state.models.snapshot();
@@ -405,33 +405,15 @@ async fn readyz(state: web::Data<AppState>, http: HttpRequest) -> HttpResponse {
 /// Whether the request's caller is an identity the policy lets list models (decided
 /// without an audit record: readiness probes are not requests).
 fn may_list_models(state: &AppState, http: &HttpRequest) -> bool {
-    let extensions = http.extensions();
-    let Some(RequestIdentity(Ok(identity))) = extensions.get::<RequestIdentity>() else {
-        return false;
+    let caller = match http.extensions().get::<RequestIdentity>() {
+        Some(RequestIdentity(Ok(identity))) => Caller {
+            identity: identity.clone(),
+        },
+        _ => return false,
     };
-    let scan = moat_core::policy::content::ContentScan::default();
-    let decision = state
-        .policy
-        .current()
-        .decide(&moat_core::policy::PolicyRequest {
-            department: &identity.department,
-            subject: &identity.subject,
-            action: PolicyAction::ListModels,
-            model: None,
-            classification: None,
-            source_ip: http
-                .peer_addr()
-                .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
-                    a.ip()
-                }),
-            unix_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
-            prompt_tokens: 0,
-            max_tokens: 0,
-            prompt_scan: &scan,
-        });
-    decision.reason.is_allow()
+    guard::decide(&state.policy.current(), &caller, http, &listing())
+        .reason
+        .is_allow()
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {

@@ -237,7 +237,12 @@ impl StreamState {
                 match self.filter.push(&text) {
                     Ok(released) if released.is_empty() => return false,
                     Ok(released) => self.format.text(&released, out),
-                    Err(withheld) => self.fail(withheld, out),
+                    Err(withheld) => {
+                        // Refused before `Finished`: the answer so far is the evidence.
+                        self.notes
+                            .answered(&self.filter.policy, self.filter.answer(), self.tokens);
+                        self.fail(withheld, out);
+                    }
                 }
             }
             Some(GenerationEvent::Finished { reason, usage }) => {
@@ -281,13 +286,8 @@ impl StreamState {
     fn fail(&mut self, error: ApiError, out: &mut Vec<u8>) {
         use actix_web::ResponseError as _;
         if let ApiError::AnswerWithheld { reason } = &error {
-            // The evidence of what was withheld goes into the record.
-            self.notes.withheld(
-                &self.filter.policy,
-                self.filter.answer(),
-                self.tokens,
-                reason,
-            );
+            // The answer noted so far is the evidence of what was withheld.
+            self.notes.withheld(reason);
         }
         let status = error.status_code().as_u16();
         self.ending = Some((status, error.detail().code.to_owned()));
