@@ -295,12 +295,12 @@ fn test(dir: &Path, cases_path: &Path) -> Result<ExitCode, Error> {
 
 /// `policy reload`: SIGHUP to the moatd holding `pid_file`.
 fn signal_daemon(pid_file: &Path) -> Result<(), Error> {
-    let daemon = reload::reload(pid_file, Path::new("/proc"))?;
+    let pid = reload::reload(pid_file, Path::new("/proc"))?;
     println!(
         "sent SIGHUP to {} (pid {}, from {}): it re-reads its policy directory and puts it \
          in force only if it is valid.",
         reload::DAEMON_NAME,
-        daemon.pid,
+        pid,
         pid_file.display()
     );
     println!(

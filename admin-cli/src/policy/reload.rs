@@ -101,42 +101,35 @@ pub enum ReloadError {
     },
 }
 
-/// The moatd a pid file leads to, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Daemon {
-    pub pid: i32,
-    pub uid: u32,
-}
-
 /// Finds the moatd holding `pid_file` (see the module's rules), with the process table at
-/// `proc_dir` (`/proc`), and sends it SIGHUP.
-pub fn reload(pid_file: &Path, proc_dir: &Path) -> Result<Daemon, ReloadError> {
+/// `proc_dir` (`/proc`), and sends it SIGHUP; returns its pid.
+pub fn reload(pid_file: &Path, proc_dir: &Path) -> Result<i32, ReloadError> {
     let (file, owner) = open_pid_file(pid_file)?;
-    let daemon = holder_of(&file, pid_file, owner, proc_dir)?;
-    let pidfd = match pidfd_open(pid(daemon.pid)?, PidfdFlags::empty()) {
+    let moatd = holder_of(&file, pid_file, owner, proc_dir)?;
+    let pidfd = match pidfd_open(pid(moatd)?, PidfdFlags::empty()) {
         Ok(fd) => fd,
-        Err(rustix::io::Errno::SRCH) => return Err(ReloadError::Gone(daemon.pid)),
+        Err(rustix::io::Errno::SRCH) => return Err(ReloadError::Gone(moatd)),
         Err(e) => {
             return Err(ReloadError::Signal {
-                pid: daemon.pid,
+                pid: moatd,
                 source: e.into(),
             });
         }
     };
     // The lock still held by the same pid after the pidfd was opened: the pidfd is that
     // process, not one that took its pid after it exited.
-    if holder_of(&file, pid_file, owner, proc_dir)? != daemon {
-        return Err(ReloadError::Gone(daemon.pid));
+    if holder_of(&file, pid_file, owner, proc_dir)? != moatd {
+        return Err(ReloadError::Gone(moatd));
     }
     pidfd_send_signal(&pidfd, Signal::HUP).map_err(|e| match e {
-        rustix::io::Errno::SRCH => ReloadError::Gone(daemon.pid),
-        rustix::io::Errno::PERM => ReloadError::NotPermitted(daemon.pid),
+        rustix::io::Errno::SRCH => ReloadError::Gone(moatd),
+        rustix::io::Errno::PERM => ReloadError::NotPermitted(moatd),
         e => ReloadError::Signal {
-            pid: daemon.pid,
+            pid: moatd,
             source: e.into(),
         },
     })?;
-    Ok(daemon)
+    Ok(moatd)
 }
 
 fn pid(raw: i32) -> Result<Pid, ReloadError> {
@@ -204,7 +197,7 @@ fn open_pid_file(path: &Path) -> Result<(File, u32), ReloadError> {
 
 /// The process holding the write lock on `file`, if it is the moatd the file names, run by
 /// `owner`.
-fn holder_of(file: &File, path: &Path, owner: u32, proc_dir: &Path) -> Result<Daemon, ReloadError> {
+fn holder_of(file: &File, path: &Path, owner: u32, proc_dir: &Path) -> Result<i32, ReloadError> {
     let named = named_pid(file, path)?;
     let mut lock = libc::flock {
         l_type: libc::F_WRLCK as libc::c_short,
@@ -248,10 +241,7 @@ fn holder_of(file: &File, path: &Path, owner: u32, proc_dir: &Path) -> Result<Da
             owner,
         });
     }
-    Ok(Daemon {
-        pid: named,
-        uid: owner,
-    })
+    Ok(named)
 }
 
 /// The pid the file holds: one decimal number above 1 (1 is init; 0 and below name
