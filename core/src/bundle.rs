@@ -56,9 +56,9 @@ pub enum BundleError {
         listed: String,
         found: String,
     },
-    #[error("{path}: {source}")]
+    /// The bundle's [`GRAPH_FILE`] is refused.
+    #[error("{GRAPH_FILE}: {source}")]
     Graph {
-        path: &'static str,
         /// Boxed: the graph's names make it the largest reason, and it is rare.
         #[source]
         source: Box<GraphError>,
@@ -152,7 +152,6 @@ pub fn check_graph(
     graph_bytes: &[u8],
 ) -> Result<GraphInventory, BundleError> {
     let refused = |source| BundleError::Graph {
-        path: GRAPH_FILE,
         source: Box::new(source),
     };
     let inventory = graph::inspect(graph_bytes).map_err(refused)?;
