@@ -212,15 +212,8 @@ impl Walk {
     }
 
     fn training_info(&mut self, info: Span<'_>) -> Result<(), GraphError> {
-        let mut fields = Fields::new(info);
-        while let Some(field) = fields.next_field() {
-            let field = field?;
-            // The initialization and algorithm graphs.
-            if let 1 | 2 = field.number {
-                self.graph(field.span()?, 0)?;
-            }
-        }
-        Ok(())
+        // The initialization and algorithm graphs.
+        fields_one_and_two(info, |graph| self.graph(graph, 0))
     }
 
     fn graph(&mut self, graph: Span<'_>, depth: usize) -> Result<(), GraphError> {
@@ -283,15 +276,8 @@ impl Walk {
     }
 
     fn sparse_tensor(&mut self, sparse: Span<'_>) -> Result<(), GraphError> {
-        let mut fields = Fields::new(sparse);
-        while let Some(field) = fields.next_field() {
-            let field = field?;
-            // The values and indices tensors.
-            if let 1 | 2 = field.number {
-                self.tensor(field.span()?)?;
-            }
-        }
-        Ok(())
+        // The values and indices tensors.
+        fields_one_and_two(sparse, |tensor| self.tensor(tensor))
     }
 
     fn tensor(&mut self, tensor: Span<'_>) -> Result<(), GraphError> {
@@ -404,6 +390,22 @@ fn decimal(text: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// Calls `visit` with each field numbered 1 or 2 of a message, in order: the two message
+/// fields of a `TrainingInfoProto` or a `SparseTensorProto`.
+fn fields_one_and_two<'a>(
+    message: Span<'a>,
+    mut visit: impl FnMut(Span<'a>) -> Result<(), GraphError>,
+) -> Result<(), GraphError> {
+    let mut fields = Fields::new(message);
+    while let Some(field) = fields.next_field() {
+        let field = field?;
+        if let 1 | 2 = field.number {
+            visit(field.span()?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The last value of string field `number` in a message, or empty bytes.
