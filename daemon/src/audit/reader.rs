@@ -89,11 +89,21 @@ fn damaged(key: &[u8]) -> AuditError {
 }
 
 impl StoreReader {
-    /// The keys of `range` cut at what this reader shows, or `None` if it shows none.
-    fn shown(&self, range: RangeInclusive<u64>) -> Option<RangeInclusive<[u8; 8]>> {
-        let end = (*range.end()).min(self.next.checked_sub(1)?);
-        (*range.start() <= end)
-            .then(|| layout::sequence_key(*range.start())..=layout::sequence_key(end))
+    /// The entries of `tree` (records or checkpoints) in `range`, cut at what this reader
+    /// shows.
+    fn shown(
+        &self,
+        tree: &sled::Tree,
+        range: RangeInclusive<u64>,
+    ) -> impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + use<> {
+        let end = self
+            .next
+            .checked_sub(1)
+            .map(|last| (*range.end()).min(last));
+        end.filter(|end| range.start() <= end)
+            .map(|end| tree.range(layout::sequence_key(*range.start())..=layout::sequence_key(end)))
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -167,12 +177,7 @@ impl ExportSource for StoreReader {
         &self,
         range: RangeInclusive<u64>,
     ) -> impl Iterator<Item = Result<ChainEntry, AuditError>> {
-        let keys = self.shown(range);
-        let items = keys
-            .map(|keys| self.records.range(keys))
-            .into_iter()
-            .flatten();
-        items.map(|item| {
+        self.shown(&self.records, range).map(|item| {
             let (key, value) = item.map_err(read_error)?;
             layout::decode_entry(&key, &value).ok_or_else(|| damaged(&key))
         })
@@ -182,12 +187,7 @@ impl ExportSource for StoreReader {
         &self,
         range: RangeInclusive<u64>,
     ) -> impl Iterator<Item = Result<Checkpoint, AuditError>> {
-        let keys = self.shown(range);
-        let items = keys
-            .map(|keys| self.checkpoints.range(keys))
-            .into_iter()
-            .flatten();
-        items.map(|item| {
+        self.shown(&self.checkpoints, range).map(|item| {
             let (key, value) = item.map_err(read_error)?;
             layout::decode_checkpoint(&value).ok_or_else(|| damaged(&key))
         })
