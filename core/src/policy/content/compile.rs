@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use regex::{Regex, RegexBuilder};
+use regex::RegexBuilder;
 use thiserror::Error;
 
 use super::detector::{Detector, RegexDetector};
@@ -258,32 +258,25 @@ fn pattern_detector(
         report(RuleProblem::MissingPattern);
         return None;
     };
-    let checked = check_regex(pattern).map_err(&mut *report).ok()?;
-    if checked.is_match("") {
+    let detector = build_regex(pattern).map_err(&mut *report).ok()?;
+    if detector.matches_empty_text() {
         report(RuleProblem::PatternMatchesEmpty);
         return None;
     }
-    build_regex(pattern)
-        .map_err(&mut *report)
-        .ok()
-        .map(Detector::Pattern)
+    Some(Detector::Pattern(detector))
 }
 
-/// The pattern as the `regex` crate reads it: its errors are the ones admins are shown.
-fn check_regex(pattern: &str) -> Result<Regex, RuleProblem> {
+/// The pattern built for scanning (from any place in a text, with the text before it as
+/// context) and for streamed answers. It is parsed by the `regex` crate first: its errors
+/// are the ones admins are shown.
+fn build_regex(pattern: &str) -> Result<RegexDetector, RuleProblem> {
     RegexBuilder::new(pattern)
         .size_limit(PATTERN_SIZE_LIMIT)
         .build()
         .map_err(|error| match error {
             regex::Error::CompiledTooBig(limit) => RuleProblem::PatternTooLarge { limit },
             other => RuleProblem::InvalidPattern(other),
-        })
-}
-
-/// The checked pattern, built for scanning (from any place in a text, with the text before
-/// it as context) and for streamed answers.
-fn build_regex(pattern: &str) -> Result<RegexDetector, RuleProblem> {
-    check_regex(pattern)?;
+        })?;
     RegexDetector::new(pattern, PATTERN_SIZE_LIMIT).ok_or(RuleProblem::PatternTooLarge {
         limit: PATTERN_SIZE_LIMIT,
     })

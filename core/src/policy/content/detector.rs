@@ -72,6 +72,11 @@ impl RegexDetector {
         Some(Self { regex, growth })
     }
 
+    /// Whether the pattern matches the empty text (it would fire everywhere).
+    pub(super) fn matches_empty_text(&self) -> bool {
+        self.regex.is_match("")
+    }
+
     /// The earliest place at or after `from` where an anchored match could still be under
     /// way at the end of `text`: the DFA started there has not died. A DFA that gives up
     /// (a Unicode word boundary next to a non-ASCII byte, a full cache) counts as undecided.
