@@ -14,6 +14,7 @@ use moat_core::audit::encoding::{decode_signing_key, hex};
 use moat_core::audit::export::select::TimeRange;
 use moat_core::audit::export::source::{self, ExportProgress, Exported, WriteExportError};
 use moat_core::audit::export::{ExportError, ExportHeader, VerifiedExport};
+use moat_core::audit::layout::SIGNING_KEY_FILE;
 
 use super::staged::StagedFile;
 use super::store::StoppedStore;
@@ -42,9 +43,6 @@ checks the file with `moatctl audit verify FILE --node-key HEX`.
 Export exits 10 if a value in the store cannot be read at all, and with the status of the
 damage if the written export does not verify."
 );
-
-/// The node key's file name in moatd's state directory, of which the store is `audit/`.
-const SIGNING_KEY_FILE: &str = "audit-signing.key";
 
 /// Exports `range` of the store in `dir` to `out`, signed with the key in `signing_key`
 /// (default: [`SIGNING_KEY_FILE`] beside the store).

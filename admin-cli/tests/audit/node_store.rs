@@ -207,7 +207,7 @@ impl NodeStore {
 pub fn signing_key_file(dir: &Path) -> PathBuf {
     dir.parent()
         .expect("a store inside a state directory")
-        .join("audit-signing.key")
+        .join(layout::SIGNING_KEY_FILE)
 }
 
 /// Opens the store in `dir` as moatd does.

@@ -17,6 +17,10 @@ pub const META: &str = "meta";
 pub const NODE_KEY: &str = "node";
 pub const PRUNE_KEY: &str = "prune";
 
+/// The node's checkpoint signing key, in moatd's state directory beside the store: moatd
+/// writes it, moatctl's offline export reads it there.
+pub const SIGNING_KEY_FILE: &str = "audit-signing.key";
+
 const HEADER: usize = 8 + 32;
 
 /// Whether `file_name`, in the store's directory, is a snapshot sled began and never

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use moat_core::audit::layout::SIGNING_KEY_FILE;
 use serde::Deserialize;
 
 /// `[audit]`, required by `moatd serve`: no audit, no answer.
@@ -55,7 +56,7 @@ impl AuditConfig {
     }
 
     pub fn signing_key_file(&self) -> PathBuf {
-        self.state_directory.join("audit-signing.key")
+        self.state_directory.join(SIGNING_KEY_FILE)
     }
 
     pub(super) fn problems(&self, problems: &mut Vec<String>) {
