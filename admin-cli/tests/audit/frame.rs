@@ -27,17 +27,23 @@ fn verify_pinned(fixture: &Fixture, file: &Path, extra: &[&str], code: i32) -> (
     verify(file, &args, code)
 }
 
+/// `original`'s end line with its counts edited to match the records and checkpoints of
+/// `kept` (a header and the lines after it).
+fn end_counting(original: &[String], kept: &[String]) -> serde_json::Value {
+    let count = |prefix: &str| kept[1..].iter().filter(|l| l.starts_with(prefix)).count();
+    let mut end = json(original.last().expect("end line"));
+    end["end"]["records"] = count("{\"record\":").into();
+    end["end"]["checkpoints"] = count("{\"checkpoint\":").into();
+    end
+}
+
 /// The attack: everything after the checkpoint at `sequence` dropped, and the end line and
 /// the creation time made to match what is left, as someone without the node key would do
 /// to hide the records after it.
 fn cut_after_checkpoint(original: &[String], sequence: u64) -> Vec<String> {
     let at = checkpoint_line(original, sequence);
     let mut kept = original[..=at].to_vec();
-    let count = |prefix: &str| kept[1..].iter().filter(|l| l.starts_with(prefix)).count();
-    let (records, checkpoints) = (count("{\"record\":"), count("{\"checkpoint\":"));
-    let mut end = json(original.last().expect("end line"));
-    end["end"]["records"] = records.into();
-    end["end"]["checkpoints"] = checkpoints.into();
+    let mut end = end_counting(original, &kept);
     // Whatever else the end says of the last record, made to match too.
     let last = json(&kept[at - 1]);
     if let Some(fields) = end["end"].as_object_mut() {
@@ -116,10 +122,7 @@ fn a_header_edited_to_shift_the_range_times_or_anchor_does_not_verify() {
     header["anchor"] = json(&original[from])["checkpoint"].clone();
     let mut moved = vec![header.to_string()];
     moved.extend_from_slice(&original[from + 1..original.len() - 1]);
-    let count = |prefix: &str| moved.iter().filter(|l| l.starts_with(prefix)).count();
-    let mut end = json(original.last().expect("end"));
-    end["end"]["records"] = count("{\"record\":").into();
-    end["end"]["checkpoints"] = count("{\"checkpoint\":").into();
+    let end = end_counting(&original, &moved);
     moved.push(end.to_string());
     let file = fixture.file("moved-anchor");
     write_lines(&file, &moved);
