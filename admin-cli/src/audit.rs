@@ -367,21 +367,13 @@ pub fn run(command: AuditCommand) -> Result<ExitCode, Error> {
                     until: format_time(until),
                 });
             }
+            let range = moat_core::audit::export::select::TimeRange {
+                since_unix_ms: since,
+                until_unix_ms: until,
+            };
             match store {
-                Some(store) => {
-                    let range = moat_core::audit::export::select::TimeRange {
-                        since_unix_ms: since,
-                        until_unix_ms: until,
-                    };
-                    export::run(&store, signing_key.as_deref(), &out, range)
-                }
-                None => {
-                    let range = moat_core::audit::export::select::TimeRange {
-                        since_unix_ms: since,
-                        until_unix_ms: until,
-                    };
-                    live::export(&socket.unwrap_or_else(default_socket), &out, range)
-                }
+                Some(store) => export::run(&store, signing_key.as_deref(), &out, range),
+                None => live::export(&socket.unwrap_or_else(default_socket), &out, range),
             }
         }
         AuditCommand::Verify {
