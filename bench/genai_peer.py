@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
+from moat_model import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
 import onnxruntime_genai as og  # noqa: E402
 
 

@@ -46,8 +46,8 @@ cuda_libs="$(find "$(dirname "$site")/nvidia" -maxdepth 2 -type d -name lib | so
 model="smollm2-135m-instruct-float16"
 if [ ! -f "local/models/$model/moat-model.json" ]; then
   echo "==> float16 graph of the demo model" >&2
-  local/venv/bin/python tools/model/convert_gguf.py --gguf local/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-    --out "local/models/$model" --graph fused --variant exact --float16 --name smollm2-135m-instruct
+  local/venv/bin/moat-model convert local/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+    --out "local/models/$model" --variant float16 --name smollm2-135m-instruct
 fi
 
 echo "==> peer benchmark on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" >&2

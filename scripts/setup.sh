@@ -61,6 +61,14 @@ if [ ! -x "$py" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     -r "${reqs[0]}" -r "${reqs[1]}"
   echo "$want" > "$stamp"
 fi
+# moat-model itself, editable: the venv runs the tools straight from tools/model/moat_model
+# (`moat-model`, `python -m moat_model.X`). Its build backend (flit-core) is in the hashed list.
+tool_stamp="$venv/.moat-model-sha256"
+tool_want="$(sha256sum tools/model/pyproject.toml | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/moat-model" ] || [ "$(cat "$tool_stamp" 2>/dev/null)" != "$tool_want" ]; then
+  "$py" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e tools/model
+  echo "$tool_want" > "$tool_stamp"
+fi
 
 step "Demo model GGUF (sha256 check)"
 gguf="$("$py" - <<'PY'
@@ -80,36 +88,48 @@ ln -sf "$gguf" "$models/$SMOLLM2_GGUF"
 # do not invalidate the decoder graphs, and the decoder scripts do not invalidate the encoders.
 decoder_tools_sha() {
   local f files=()
-  for f in tools/model/*.py; do [[ "$f" == *encoder* ]] || files+=("$f"); done
+  for f in tools/model/moat_model/*.py; do [[ "$f" == *encoder* ]] || files+=("$f"); done
   cat "${files[@]}" | sha256sum | cut -d' ' -f1
 }
-encoder_tools_sha() { cat tools/model/*encoder*.py tools/model/onnx_graph.py | sha256sum | cut -d' ' -f1; }
+encoder_tools_sha() {
+  cat tools/model/moat_model/*encoder*.py tools/model/moat_model/{onnx_graph,safetensors_io}.py | sha256sum | cut -d' ' -f1
+}
 
-convert() { # convert GGUF OUT_DIR ARGS...: skipped when OUT_DIR was built from the same inputs
+convert() { # convert SOURCE OUT_DIR ARGS...: skipped when OUT_DIR was built from the same inputs
   local src="$1" out="$2"; shift 2
   local key
-  key="$(cat "$src.sha256" 2>/dev/null || sha256sum "$src" | cut -d' ' -f1) $* $(decoder_tools_sha)"
+  key="$(cat "$src.sha256" 2>/dev/null || { [ -d "$src" ] && cat "$src/.build-key"; } || sha256sum "$src" | cut -d' ' -f1) $* $(decoder_tools_sha)"
   if [ -f "$out/moat-model.json" ] && [ "$(cat "$out/.build-key" 2>/dev/null)" = "$key" ]; then
     return 0
   fi
   rm -rf "$out"
-  "$py" tools/model/convert_gguf.py --gguf "$src" --out "$out" "$@"
+  "$venv/bin/moat-model" convert "$src" --out "$out" "$@"
   echo "$key" > "$out/.build-key"
 }
 
-if [ -f tools/model/convert_gguf.py ]; then
-  step "Fixture models (tiny, random weights)"
-  "$py" tools/model/make_fixture.py --out "$models/fixture.gguf"
-  convert "$models/fixture.gguf" "$models/fixture-fused" --graph fused --variant exact --name fixture-fused
-  convert "$models/fixture.gguf" "$models/fixture-optimum" --graph optimum --variant exact --name fixture-optimum
-  convert "$models/fixture.gguf" "$models/fixture-fused-float16" --graph fused --variant exact --float16 \
-    --name fixture-fused-float16
+step "Fixture models (tiny, random weights)"
+"$py" -m moat_model.make_fixture --out "$models/fixture.gguf"
+convert "$models/fixture.gguf" "$models/fixture-fused" --graph fused --variant exact --name fixture-fused
+convert "$models/fixture.gguf" "$models/fixture-optimum" --graph optimum --variant exact --name fixture-optimum
+convert "$models/fixture.gguf" "$models/fixture-fused-float16" --graph fused --variant float16 \
+  --name fixture-fused-float16
 
-  step "Demo model ONNX graphs (exact and fast)"
-  echo "$SMOLLM2_GGUF_SHA256" > "$models/$SMOLLM2_GGUF.sha256"
-  convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-exact" --graph fused --variant exact --name smollm2-135m-instruct
-  convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-fast" --graph fused --variant fast --name smollm2-135m-instruct
+step "Demo model ONNX graphs (exact and int4-fast)"
+echo "$SMOLLM2_GGUF_SHA256" > "$models/$SMOLLM2_GGUF.sha256"
+convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-exact" --variant exact --name smollm2-135m-instruct
+convert "$models/$SMOLLM2_GGUF" "$models/smollm2-135m-instruct-fast" --variant int4-fast --name smollm2-135m-instruct
+
+step "Demo model as a Hugging Face checkpoint, and its exact graph"
+# What a fine-tune hands over: the GGUF's weights dequantised into safetensors with the
+# config and tokenizer files. Converting it must give what the GGUF's own graph gives.
+hf_key="$SMOLLM2_GGUF_SHA256 $(cat tools/model/moat_model/{gguf_to_hf,gguf_source,gguf_tokenizer,safetensors_io}.py | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$models/smollm2-135m-instruct-hf/.build-key" 2>/dev/null)" != "$hf_key" ]; then
+  rm -rf "$models/smollm2-135m-instruct-hf"
+  "$py" -m moat_model.gguf_to_hf --gguf "$models/$SMOLLM2_GGUF" --out "$models/smollm2-135m-instruct-hf"
+  echo "$hf_key" > "$models/smollm2-135m-instruct-hf/.build-key"
 fi
+convert "$models/smollm2-135m-instruct-hf" "$models/smollm2-135m-instruct-hf-exact" --variant exact \
+  --name smollm2-135m-instruct-hf
 convert_encoder() { # convert_encoder SOURCE_DIR OUT_DIR ARGS...: skipped like convert
   local src="$1" out="$2"; shift 2
   local key
@@ -118,12 +138,12 @@ convert_encoder() { # convert_encoder SOURCE_DIR OUT_DIR ARGS...: skipped like c
     return 0
   fi
   rm -rf "$out"
-  "$py" tools/model/convert_encoder.py --source "$src" --out "$out" "$@"
+  "$py" -m moat_model.convert_encoder --source "$src" --out "$out" "$@"
   echo "$key" > "$out/.build-key"
 }
 
 step "Embedding models (fixture and all-MiniLM-L6-v2)"
-"$py" tools/model/make_encoder_fixture.py --out "$models/fixture-bert-source"
+"$py" -m moat_model.make_encoder_fixture --out "$models/fixture-bert-source"
 convert_encoder "$models/fixture-bert-source" "$models/fixture-embedding" --name fixture-embedding
 minilm="$("$py" - <<'PY'
 import importlib.util, pathlib

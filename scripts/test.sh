@@ -22,6 +22,8 @@ bash scripts/setup.sh
 if [ "$(id -u)" = 0 ]; then
   bash scripts/provision-packaging.sh
 fi
+echo "==> model tool tests (tests/model)" >&2
+local/venv/bin/python -m pytest -q tests/model
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "==> cargo clippy" >&2

@@ -3,7 +3,7 @@
 //!
 //! - single-stream decode tokens/s: moatd end to end over mutual TLS (the real binary, with
 //!   its policy gate and durable audit records) against the bare ONNX Runtime greedy loop in
-//!   Rust (`OrtBackend`, no engine), the Python onnxruntime loop (`tools/model/ort_loop.py`),
+//!   Rust (`OrtBackend`, no engine), the Python onnxruntime loop (`python -m moat_model.ort_loop`),
 //!   onnxruntime-genai running the same graph under its own loop, and llama.cpp's
 //!   `llama-server` on the same SmolLM2 GGUF;
 //! - aggregate tokens/s of moatd and llama-server at 1, 4, 16 and 32 concurrent streams;
@@ -191,7 +191,8 @@ fn main() {
             row.push(python_peer(
                 &bench.root.join("local/venv/bin/python"),
                 &[
-                    bench.root.join("tools/model/ort_loop.py").as_os_str(),
+                    "-m".as_ref(),
+                    "moat_model.ort_loop".as_ref(),
                     "--ignore-eos".as_ref(),
                     "--json".as_ref(),
                 ],

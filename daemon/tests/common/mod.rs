@@ -102,15 +102,15 @@ pub fn collect(stream: &mut moat_daemon::engine::GenerationStream) -> Outcome {
     panic!("stream ended without a final event");
 }
 
-/// Greedy ids from the numpy reference (`tools/model/reference.py`), which reads the GGUF
+/// Greedy ids from the numpy reference (`python -m moat_model.reference`), which reads the GGUF
 /// directly and shares no code with the ONNX graph.
-/// Greedy ids from the plain Python onnxruntime loop (`tools/model/ort_loop.py`) over a
+/// Greedy ids from the plain Python onnxruntime loop (`python -m moat_model.ort_loop`) over a
 /// model directory's own graph, past end-of-sequence.
 pub fn python_ort_greedy(model: &str, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
     let root = repo_root();
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     let output = Command::new(provisioned(root.join("local/venv/bin/python")))
-        .arg(root.join("tools/model/ort_loop.py"))
+        .args(["-m", "moat_model.ort_loop"])
         .arg("--model")
         .arg(model_dir(model))
         .args(["--prompt-ids", &ids.join(",")])
@@ -142,7 +142,7 @@ pub fn reference_greedy(gguf: &str, prompt: &[u32], new_tokens: usize) -> Vec<u3
     let python = provisioned(root.join("local/venv/bin/python"));
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     let output = Command::new(python)
-        .arg(root.join("tools/model/reference.py"))
+        .args(["-m", "moat_model.reference"])
         .arg("--gguf")
         .arg(provisioned(root.join("local/models").join(gguf)))
         .arg("--ids")
@@ -159,7 +159,7 @@ pub fn load_embedder(model: &str) -> Embedder {
         .unwrap_or_else(|e| panic!("loading {model}: {e}"))
 }
 
-/// What the numpy encoder reference (`tools/model/reference_encoder.py`) makes of some texts.
+/// What the numpy encoder reference (`python -m moat_model.reference_encoder`) makes of some texts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReferenceEmbeddings {
     pub token_ids: Vec<Vec<u32>>,
@@ -173,7 +173,7 @@ pub fn reference_embeddings(source: &str, texts: &[&str]) -> ReferenceEmbeddings
     let python = provisioned(root.join("local/venv/bin/python"));
     let mut command = Command::new(python);
     command
-        .arg(root.join("tools/model/reference_encoder.py"))
+        .args(["-m", "moat_model.reference_encoder"])
         .arg("--source")
         .arg(provisioned(root.join("local/models").join(source)));
     for text in texts {

@@ -23,14 +23,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import onnx  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-import encoder_graph  # noqa: E402
-import encoder_source  # noqa: E402
-import onnx_graph  # noqa: E402
+from . import encoder_graph  # noqa: E402
+from . import encoder_source  # noqa: E402
+from . import onnx_graph  # noqa: E402
 
 FORMAT_VERSION = 1
 
@@ -100,7 +99,8 @@ def main(argv=None) -> int:
     onnx.checker.check_model(graph, full_check=True)
 
     os.makedirs(args.out, exist_ok=True)
-    size = onnx_graph.save(graph, os.path.join(args.out, "model.onnx"))
+    written = onnx_graph.save(graph, os.path.join(args.out, "model.onnx"), external="never")
+    size = os.path.getsize(written[0])
     del graph
     tok.save(os.path.join(args.out, "tokenizer.json"))
     meta = metadata(src, args, context_length, inputs, outputs)

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-import ort_telemetry  # noqa: F401  (first: switches ONNX Runtime's telemetry off)
+from . import ort_telemetry  # noqa: F401  (first: switches ONNX Runtime's telemetry off)
 import onnxruntime as ort  # noqa: E402
 
 

@@ -1,115 +1,20 @@
-"""Reads a llama-architecture GGUF into the plain values the graph builders need.
+"""Reads a llama-architecture GGUF into the decoder the graph builders read (decoder.Model).
 
-Weights stay in their GGUF block encoding (`Weight`) so a builder can keep quantised blocks
-as they are, or ask for the float32 matrix when it has no exact quantised form.
+Weights stay in their GGUF block encoding so a builder can keep quantised blocks as they
+are, or ask for the float32 matrix when it has no exact quantised form.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from .decoder import ConversionError, Hyper, Layer, Model, TokenizerSpec, Weight
+
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-
-class ConversionError(Exception):
-    """The GGUF cannot be converted as asked; the message says what and why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Weight:
-    """One matrix [out_features, in_features] as stored in the GGUF.
-
-    `raw` holds one row per output feature: the GGUF block bytes for quantised types, the
-    values themselves for float types.
-    """
-
-    name: str
-    qtype: GGMLQuantizationType
-    raw: np.ndarray
-    in_features: int
-
-    @property
-    def out_features(self) -> int:
-        return self.raw.shape[0]
-
-    def dense(self) -> np.ndarray:
-        """float32 [out_features, in_features], exactly what gguf's dequantize gives."""
-        if self.qtype == GGMLQuantizationType.F32:
-            return np.asarray(self.raw, dtype=np.float32)
-        return dequantize(self.raw, self.qtype).astype(np.float32, copy=False)
-
-    def take_rows(self, order: np.ndarray) -> "Weight":
-        return dataclasses.replace(self, raw=self.raw[order])
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    attn_norm: np.ndarray
-    wq: Weight
-    wk: Weight
-    wv: Weight
-    wo: Weight
-    ffn_norm: np.ndarray
-    w_gate: Weight
-    w_up: Weight
-    w_down: Weight
-
-
-@dataclasses.dataclass(frozen=True)
-class Hyper:
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_size: int
-    vocab_size: int
-    context_length: int
-    rms_eps: float
-    rope_theta: float
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerSpec:
-    model: str
-    tokens: list[str]
-    token_types: list[int]
-    merges: list[str]
-    bos_token_id: int | None
-    eos_token_id: int | None
-    add_bos_token: bool
-    chat_template: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    path: str
-    hyper: Hyper
-    tokenizer: TokenizerSpec
-    token_embd: Weight
-    output: Weight  # token_embd itself when the embeddings are tied
-    output_norm: np.ndarray
-    layers: list[Layer]
-    inv_freq_divisor: np.ndarray | None  # llama.cpp's rope_freqs factors, if any
-
-    @property
-    def tied_embeddings(self) -> bool:
-        return self.output is self.token_embd
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _field(reader: GGUFReader, key: str, default=None):
@@ -240,12 +145,3 @@ def load(path: str) -> Model:
         inv_freq_divisor=freqs,
     )
 
-
-def inv_freq(model: Model) -> np.ndarray:
-    """Rotary frequencies as HF computes them (float32), divided by rope_freqs if present."""
-    d = model.hyper.head_dim
-    exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    f = (np.float32(1.0) / np.power(np.float32(model.hyper.rope_theta), exponent)).astype(np.float32)
-    if model.inv_freq_divisor is not None:
-        f = (f / model.inv_freq_divisor.astype(np.float32)).astype(np.float32)
-    return f

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -77,7 +79,7 @@ class GraphBuilder:
         opsets = [helper.make_opsetid("", OPSET)]
         if use_ms_domain:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-        m = helper.make_model(graph, opset_imports=opsets, producer_name="moat convert_gguf",
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="moat-model",
                               doc_string=doc)
         # ONNX Runtime 1.16+ reads IR 9; newer IR versions would only narrow who can load it.
         m.ir_version = 9
@@ -113,10 +115,43 @@ def decoder_io(num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: in
     return inputs, outputs
 
 
-def save(model: onnx.ModelProto, path: str) -> int:
-    data = model.SerializeToString()
-    if len(data) > MAX_MODEL_BYTES:
-        raise ValueError(f"model is {len(data)} bytes, too large for a single-file ONNX model")
-    with open(path, "wb") as f:
-        f.write(data)
-    return len(data)
+EXTERNAL_DATA_SUFFIX = ".data"
+# Single-file graphs load fastest and are simplest to handle; above this, weights move to
+# `model.onnx.data` (and must, from 2 GiB on: a protobuf cannot be larger).
+EXTERNAL_DATA_ABOVE = 1 << 30
+# Initializers at least this large go to the external file; small ones stay in the graph.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the graph carries (without serialising it, which fails past 2 GiB)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+    return total
+
+
+def save(model: onnx.ModelProto, path: str, external: str = "auto") -> list[str]:
+    """Writes the graph to `path`; returns the files written (the graph first).
+
+    `external`: "auto" (external data above EXTERNAL_DATA_ABOVE), "always" or "never".
+    External data goes to one file beside the graph, `<graph name>.data`, referenced by a
+    relative location, which is what moat's bundles accept.
+    """
+    size = initializer_bytes(model)
+    use_external = external == "always" or (external == "auto" and size > EXTERNAL_DATA_ABOVE)
+    if not use_external:
+        data = model.SerializeToString()
+        if len(data) > MAX_MODEL_BYTES:
+            raise ValueError(f"model is {len(data)} bytes, too large for a single-file ONNX model "
+                             "(write external data)")
+        with open(path, "wb") as f:
+            f.write(data)
+        return [path]
+    location = os.path.basename(path) + EXTERNAL_DATA_SUFFIX
+    data_path = os.path.join(os.path.dirname(path), location)
+    if os.path.exists(data_path):
+        os.remove(data_path)  # onnx appends to an existing file
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=False)
+    return [path, data_path]

@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from encoder_source import EncoderSource
-from onnx_graph import FLOAT, INT64, GraphBuilder, tensor_info
+from .encoder_source import EncoderSource
+from .onnx_graph import FLOAT, INT64, GraphBuilder, tensor_info
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 OUTPUTS = ["last_hidden_state"]

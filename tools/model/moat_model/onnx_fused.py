@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from convert_source import Model, inv_freq
-from onnx_graph import INT32, MS_DOMAIN, GraphBuilder, decoder_io
-from onnx_linear import BLOCK, LinearEmitter, q8_parts
+from .decoder import Model, inv_freq
+from .onnx_graph import INT32, MS_DOMAIN, GraphBuilder, decoder_io
+from .onnx_linear import BLOCK, LinearEmitter, q8_parts
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -39,10 +39,16 @@ def rotary_caches(model: Model) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def build(model: Model, fast: bool):
+def build(model: Model, fast: bool, int4_block: int | None = None):
+    """The fused graph of `model`.
+
+    `fast`: quantised matmuls on int8 activations (and an 8-bit lm_head and embedding for
+    float checkpoints). `int4_block`: float weights quantised to 4 bits per block of that
+    many inputs; the embedding and an unshared lm_head stay float32 unless `fast`.
+    """
     h = model.hyper
     gb = GraphBuilder("moat_fused")
-    lin = LinearEmitter(gb, fast)
+    lin = LinearEmitter(gb, fast, int4_block)
     in_names, out_names = io_names(h.num_layers)
     for n in in_names + out_names:
         gb.reserve(n)
@@ -60,7 +66,9 @@ def build(model: Model, fast: bool):
 
     embd = model.token_embd
     shared_lm_head = None
-    if embd.qtype == Q.Q8_0 and embd.in_features % BLOCK == 0:
+    float_table = None
+    quantised_embedding = embd.in_features % BLOCK == 0 and (embd.qtype == Q.Q8_0 or (embd.is_float and fast))
+    if quantised_embedding:
         q, scales = q8_parts(embd)
         table = gb.const("embed.qweight", q)  # [vocab, blocks, 32], shared with a fast lm_head
         nb = q.shape[1]
@@ -69,11 +77,14 @@ def build(model: Model, fast: bool):
                          name="embed", domain=MS_DOMAIN, bits=8, block_size=BLOCK, gather_axis=0,
                          quantize_axis=2)
         x = gb.op("Reshape", [gathered, gb.ints(0, 0, -1)], name="embed/flatten")
-        if model.tied_embeddings and lin.family(embd) == "q8":
+        if model.tied_embeddings and fast:
             shared_lm_head = (table, gb.const("lm_head.scales", scales))
     else:
-        x = gb.op("Gather", [gb.const("embed.weight", embd.dense()), "input_ids"], name="embed", axis=0)
+        float_table = gb.const("embed.weight", embd.dense())
+        x = gb.op("Gather", [float_table, "input_ids"], name="embed", axis=0)
 
+    q_width, kv_width = h.num_heads * h.head_dim, h.num_kv_heads * h.head_dim
+    local_window = {} if h.sliding_window is None else {"local_window_size": h.sliding_window}
     residual = None
     pending = x  # the sublayer output not yet added to the residual stream
     for i, layer in enumerate(model.layers):
@@ -85,13 +96,24 @@ def build(model: Model, fast: bool):
         else:
             normed, residual = _skip_norm(gb, pending, residual, layer.attn_norm, h.rms_eps, f"{p}/attn_norm")
         qkv = lin.linear(normed, [layer.wq, layer.wk, layer.wv], f"{p}.qkv")
+        if layer.qkv_bias is not None:
+            qkv = gb.op("Add", [qkv, gb.const(f"{p}.qkv.bias", layer.qkv_bias)], name=f"{p}/qkv_bias")
+        if layer.q_norm is not None:
+            q, k, v = gb.op("Split", [qkv, gb.ints(q_width, kv_width, kv_width)], 3, name=f"{p}/qkv_split", axis=-1)
+            q = _head_norm(gb, q, layer.q_norm, h.num_heads, h.head_dim, h.rms_eps, f"{p}/q_norm")
+            k = _head_norm(gb, k, layer.k_norm, h.num_kv_heads, h.head_dim, h.rms_eps, f"{p}/k_norm")
+            qkv = gb.op("Concat", [q, k, v], name=f"{p}/qkv_normed", axis=-1)
+        # GroupQueryAttention reads the head size off the packed width (heads + 2 kv heads).
         attn = gb.op("GroupQueryAttention",
                      [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                       seqlens_k, total_len, cos_name, sin_name],
                      [gb.unique(f"{p}/attn/out"), f"present.{i}.key", f"present.{i}.value"],
                      name=f"{p}/attn", domain=MS_DOMAIN, num_heads=h.num_heads, kv_num_heads=h.num_kv_heads,
-                     scale=float(1.0 / np.sqrt(h.head_dim)), do_rotary=1, rotary_interleaved=0)[0]
+                     scale=float(1.0 / np.sqrt(h.head_dim)), do_rotary=1, rotary_interleaved=0,
+                     **local_window)[0]
         attn_out = lin.linear(attn, [layer.wo], f"{p}.o_proj")
+        if layer.o_bias is not None:
+            attn_out = gb.op("Add", [attn_out, gb.const(f"{p}.o_proj.bias", layer.o_bias)], name=f"{p}/o_bias")
         normed, residual = _skip_norm(gb, attn_out, residual, layer.ffn_norm, h.rms_eps, f"{p}/ffn_norm")
         gate_up = lin.linear(normed, [layer.w_gate, layer.w_up], f"{p}.gate_up")
         gate, up = gb.op("Split", [gate_up, gb.ints(h.ffn_size, h.ffn_size)], 2, name=f"{p}/split", axis=-1)
@@ -101,15 +123,35 @@ def build(model: Model, fast: bool):
     final = gb.op("SkipSimplifiedLayerNormalization",
                   [pending, residual, gb.const("final_norm", model.output_norm)],
                   name="final_norm", domain=MS_DOMAIN, epsilon=h.rms_eps)
+    out = model.output
     if shared_lm_head is not None:
         lin.matmul_nbits(final, *shared_lm_head, bits=8, n=embd.out_features, k=embd.in_features,
                          name="lm_head", out="logits")
+    elif out.is_float and fast and out.in_features % BLOCK == 0:
+        q, scales = q8_parts(out)
+        lin.matmul_nbits(final, gb.const("lm_head.qweight", q), gb.const("lm_head.scales", scales), bits=8,
+                         n=out.out_features, k=out.in_features, name="lm_head", out="logits")
+    elif out.is_float and model.tied_embeddings and float_table is not None:
+        # One copy of the table in the file; ONNX Runtime folds the transpose at load.
+        lm_weight = gb.op("Transpose", [float_table], name="lm_head_weight", perm=[1, 0])
+        gb.op("MatMul", [final, lm_weight], ["logits"], name="lm_head")
+    elif out.is_float:
+        gb.op("MatMul", [final, gb.const("lm_head.weight", out.dense().T)], ["logits"], name="lm_head")
     else:
-        lin.linear(final, [model.output], "lm_head", out="logits")
+        lin.linear(final, [out], "lm_head", out="logits")
 
     inputs, outputs = decoder_io(h.num_layers, h.num_kv_heads, h.head_dim, h.vocab_size,
                                  position_ids=False)
     return gb.model(inputs, outputs, use_ms_domain=True, doc="moat fused graph"), in_names, out_names
+
+
+def _head_norm(gb: GraphBuilder, x: str, gamma: np.ndarray, heads: int, head_dim: int, eps: float,
+               name: str) -> str:
+    """RMSNorm of each head of x [b, s, heads * head_dim] over its head_dim values (Qwen3)."""
+    per_head = gb.op("Reshape", [x, gb.ints(0, 0, heads, head_dim)], name=f"{name}/heads")
+    normed = gb.op("SimplifiedLayerNormalization", [per_head, gb.const(f"{name}.weight", gamma)],
+                   name=name, axis=-1, epsilon=eps, stash_type=1)
+    return gb.op("Reshape", [normed, gb.ints(0, 0, heads * head_dim)], name=f"{name}/merge")
 
 
 def _skip_norm(gb: GraphBuilder, x: str, residual: str, gamma: np.ndarray, eps: float, name: str):

@@ -24,13 +24,12 @@ import string
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from tokenizers import (  # noqa: E402
     AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors)
 
-from encoder_source import write_safetensors  # noqa: E402
+from .safetensors_io import write_safetensors  # noqa: E402
 
 # -- model shape ------------------------------------------------------------------------------
 

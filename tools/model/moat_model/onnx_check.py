@@ -25,17 +25,16 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
+from . import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
 import onnxruntime as ort  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-import convert_source  # noqa: E402
-from onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder, tensor_info  # noqa: E402
-from onnx_linear import BLOCK, LinearEmitter, q8_parts  # noqa: E402
+from . import gguf_source  # noqa: E402
+from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder, tensor_info  # noqa: E402
+from .onnx_linear import BLOCK, LinearEmitter, q8_parts  # noqa: E402
 
 
 # -- greedy -------------------------------------------------------------------------------------
@@ -164,7 +163,7 @@ def _run_single(gb, x_name, x, out_name):
 
 
 def cmd_kernels(args) -> int:
-    model = convert_source.load(args.gguf)
+    model = gguf_source.load(args.gguf)
     layer = model.layers[args.layer]
     rng = np.random.default_rng(0)
     worst = 0.0

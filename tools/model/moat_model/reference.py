@@ -155,8 +155,9 @@ class LlamaReference:
                 "k": [np.zeros(shape, np.float32) for _ in range(self.n_layer)],
                 "v": [np.zeros(shape, np.float32) for _ in range(self.n_layer)]}
 
-    def forward(self, ids: list[int], cache) -> np.ndarray:
-        """Runs ids (appended after what the cache holds); returns the last position's logits."""
+    def forward(self, ids: list[int], cache, all_positions: bool = False) -> np.ndarray:
+        """Runs ids (appended after what the cache holds); returns the last position's logits,
+        or with `all_positions` the logits of every new position [len(ids), vocab]."""
         T = len(ids)
         past = cache["len"]
         total = past + T
@@ -193,6 +194,8 @@ class LlamaReference:
             act = gate / (np.float32(1.0) + np.exp(-gate)) * up  # SwiGLU: silu(gate) * up
             x = x + act @ L["w_down"].T
         cache["len"] = total
+        if all_positions:
+            return self._rmsnorm(x, self.out_norm) @ self.lm_head.T
         last = self._rmsnorm(x[-1:], self.out_norm)
         return (last @ self.lm_head.T)[0]
 

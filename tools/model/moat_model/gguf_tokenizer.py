@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from convert_source import ConversionError, TokenizerSpec
+from .decoder import ConversionError, TokenizerSpec
 
 # gguf's TokenType values.
 TOKEN_CONTROL = 3

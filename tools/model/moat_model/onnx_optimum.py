@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from convert_source import Model, inv_freq
-from onnx_graph import BOOL, FLOAT, GraphBuilder, decoder_io
+from .decoder import Model, inv_freq
+from .onnx_graph import BOOL, FLOAT, GraphBuilder, decoder_io
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -50,6 +50,13 @@ def build(model: Model):
                    name="causal")
     padding = gb.op("Unsqueeze", [gb.op("Cast", ["attention_mask"], name="mask_bool", to=BOOL), gb.ints(1, 2, 3)],
                     name="padding")
+    if h.sliding_window is not None:
+        # Mistral's window: a query sees the `window` most recent positions, itself included.
+        oldest = gb.op("Sub", [query_pos, gb.scalar(h.sliding_window, np.int64)], name="window_start")
+        recent = gb.op("Greater", [gb.op("Unsqueeze", [key_pos, gb.ints(0)], name="key_pos_row_w"),
+                                   gb.op("Unsqueeze", [oldest, gb.ints(1)], name="window_start_col")],
+                       name="in_window")
+        causal = gb.op("And", [causal, recent], name="causal_window")
     allowed = gb.op("And", [causal, padding], name="allowed")
     mask = gb.op("Where", [allowed, gb.scalar(0.0, np.float32),
                            gb.scalar(float(np.finfo(np.float32).min), np.float32)], name="additive_mask")
@@ -78,8 +85,11 @@ def build(model: Model):
         return gb.op("Mul", [gb.op("Mul", [x, inv], name=f"{name}/scaled"), gb.const(f"{name}.weight", gamma)],
                      name=name)
 
-    def linear(x: str, w, name: str) -> str:
-        return gb.op("MatMul", [x, gb.const(f"{name}.weight", w.dense().T)], name=name)
+    def linear(x: str, w, name: str, bias: np.ndarray | None = None) -> str:
+        y = gb.op("MatMul", [x, gb.const(f"{name}.weight", w.dense().T)], name=name)
+        if bias is None:
+            return y
+        return gb.op("Add", [y, gb.const(f"{name}.bias", bias)], name=f"{name}/bias")
 
     embd = gb.const("embed_tokens.weight", model.token_embd.dense())
     x = gb.op("Gather", [embd, "input_ids"], name="embed", axis=0)
@@ -87,12 +97,15 @@ def build(model: Model):
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         normed = rms_norm(x, layer.attn_norm, f"{p}.input_layernorm")
-        q = gb.op("Reshape", [linear(normed, layer.wq, f"{p}.q_proj"), gb.ints(0, 0, h.num_heads, hd)],
+        q = gb.op("Reshape", [linear(normed, layer.wq, f"{p}.q_proj", layer.q_bias), gb.ints(0, 0, h.num_heads, hd)],
                   name=f"{p}/q_heads")
-        k = gb.op("Reshape", [linear(normed, layer.wk, f"{p}.k_proj"), gb.ints(0, 0, h.num_kv_heads, hd)],
-                  name=f"{p}/k_heads")
-        v = gb.op("Reshape", [linear(normed, layer.wv, f"{p}.v_proj"), gb.ints(0, 0, h.num_kv_heads, hd)],
-                  name=f"{p}/v_heads")
+        k = gb.op("Reshape", [linear(normed, layer.wk, f"{p}.k_proj", layer.k_bias),
+                              gb.ints(0, 0, h.num_kv_heads, hd)], name=f"{p}/k_heads")
+        v = gb.op("Reshape", [linear(normed, layer.wv, f"{p}.v_proj", layer.v_bias),
+                              gb.ints(0, 0, h.num_kv_heads, hd)], name=f"{p}/v_heads")
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, f"{p}.q_norm")
+            k = rms_norm(k, layer.k_norm, f"{p}.k_norm")
         q, k = rope(q, f"{p}/q_rope"), rope(k, f"{p}/k_rope")
         k = gb.op("Transpose", [k], name=f"{p}/k_bnsh", perm=[0, 2, 1, 3])
         v = gb.op("Transpose", [v], name=f"{p}/v_bnsh", perm=[0, 2, 1, 3])
@@ -113,7 +126,7 @@ def build(model: Model):
         ctx = gb.op("MatMul", [probs, v5], name=f"{p}/attn_v")  # [b, kv, group, s, d]
         ctx = gb.op("Reshape", [gb.op("Transpose", [ctx], name=f"{p}/ctx_bskgd", perm=[0, 3, 1, 2, 4]),
                                 gb.ints(0, 0, -1)], name=f"{p}/ctx")
-        x = gb.op("Add", [x, linear(ctx, layer.wo, f"{p}.o_proj")], name=f"{p}/attn_residual")
+        x = gb.op("Add", [x, linear(ctx, layer.wo, f"{p}.o_proj", layer.o_bias)], name=f"{p}/attn_residual")
 
         normed = rms_norm(x, layer.ffn_norm, f"{p}.post_attention_layernorm")
         gate = linear(normed, layer.w_gate, f"{p}.gate_proj")

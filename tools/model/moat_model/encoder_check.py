@@ -17,14 +17,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
+from . import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
 import onnxruntime as ort  # noqa: E402
 
-from reference_encoder import BertReference  # noqa: E402
+from .reference_encoder import BertReference  # noqa: E402
 
 DEFAULT_TEXTS = [
     "A man is playing a guitar.",

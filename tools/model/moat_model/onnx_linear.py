@@ -17,7 +17,10 @@ GGUF block formats and how each maps onto `MatMulNBits` (value = scale * (q - ze
   point 128: exact. ONNX Runtime 1.32 has a packed 8-bit CPU kernel only for int8
   activations (accuracy_level 4); with fp32 activations it dequantises the whole matrix per
   call, so the exact variant uses a float32 MatMul instead (d * q is exact in float32).
-- Anything else (F32, F16, BF16, other quantisations): float32 MatMul over gguf's dequantize.
+- Float weights (F32, F16, BF16; Hugging Face checkpoints): float32 MatMul, or, when the
+  variant asks for int4, MatMulNBits over quantize.int4_blocks (per-block scale and 4-bit
+  zero point, block 32 or 64).
+- Anything else (other GGUF quantisations): float32 MatMul over gguf's dequantize.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from convert_source import Weight
-from onnx_graph import MS_DOMAIN, GraphBuilder
+from .decoder import Weight
+from .onnx_graph import MS_DOMAIN, GraphBuilder
+from .quantize import int4_blocks, int8_blocks
 
 BLOCK = 32
 Q4_TYPES = (Q.Q4_0, Q.Q4_1)
@@ -61,7 +65,10 @@ def q4_parts(w: Weight):
 
 
 def q8_parts(w: Weight):
-    """(offset-binary q [N, nb, 32] uint8, scales [N, nb])."""
+    """(offset-binary q [N, nb, 32] uint8, scales [N, nb]): a GGUF Q8_0 weight's own blocks,
+    or a float weight quantised (quantize.int8_blocks)."""
+    if w.is_float:
+        return int8_blocks(w.dense(), BLOCK)
     n, k = w.out_features, w.in_features
     nb = k // BLOCK
     blocks = w.raw.reshape(n, nb, 34)
@@ -151,14 +158,17 @@ def min_extension(d: np.ndarray, zp: np.ndarray, mins: np.ndarray, digits: int =
 
 
 class LinearEmitter:
-    """Emits `x @ W.T` for a row-wise concatenation of GGUF weights sharing one input.
+    """Emits `x @ W.T` for a row-wise concatenation of weights sharing one input.
 
-    `x` is [batch, seq, in_features] (the Q4_1 block sums rely on that rank).
+    `x` is [batch, seq, in_features] (the Q4_1 block sums rely on that rank). `fast` runs the
+    quantised matmuls on int8 activations; `int4_block` quantises float weights to 4 bits
+    with that block size (None keeps them float32).
     """
 
-    def __init__(self, gb: GraphBuilder, fast: bool):
+    def __init__(self, gb: GraphBuilder, fast: bool, int4_block: int | None = None):
         self.gb = gb
         self.fast = fast
+        self.int4_block = int4_block
 
     def family(self, w: Weight) -> str:
         if w.in_features % BLOCK == 0:
@@ -166,6 +176,8 @@ class LinearEmitter:
                 return "q4"
             if w.qtype == Q.Q8_0 and self.fast:
                 return "q8"
+        if w.is_float and self.int4_block and w.in_features % self.int4_block == 0:
+            return "int4"
         return "dense"
 
     def linear(self, x: str, weights: list[Weight], name: str, out: str | None = None) -> str:
@@ -182,6 +194,8 @@ class LinearEmitter:
     def _group(self, x: str, weights: list[Weight], family: str, name: str, out: str | None) -> str:
         if family == "q4":
             return self._q4(x, weights, name, out)
+        if family == "int4":
+            return self._int4(x, weights, name, out)
         if family == "q8":
             q, scales = zip(*(q8_parts(w) for w in weights))
             q, scales = np.concatenate(q), np.concatenate(scales)
@@ -191,10 +205,24 @@ class LinearEmitter:
         return self.gb.op("MatMul", [x, self.gb.const(f"{name}.weight", dense)], _outs(out), name=name)
 
     def matmul_nbits(self, x: str, qweight: str, scales: str, *, bits: int, n: int, k: int, name: str,
-                     zero_points: str | None = None, out: str | None = None) -> str:
+                     zero_points: str | None = None, out: str | None = None, block: int = BLOCK) -> str:
         inputs = [x, qweight, scales] + ([zero_points] if zero_points else [])
         return self.gb.op("MatMulNBits", inputs, _outs(out), name=name, domain=MS_DOMAIN, K=k, N=n, bits=bits,
-                          block_size=BLOCK, accuracy_level=ACCURACY_FAST if self.fast else ACCURACY_EXACT)
+                          block_size=block, accuracy_level=ACCURACY_FAST if self.fast else ACCURACY_EXACT)
+
+    def _int4(self, x: str, weights: list[Weight], name: str, out: str | None) -> str:
+        """Float weights quantised per block (quantize.int4_blocks), one weight at a time so a
+        large model's float32 copies never all exist at once."""
+        block = self.int4_block
+        parts = [int4_blocks(w.dense(), block) for w in weights]
+        q = np.concatenate([p[0] for p in parts])
+        scales = np.concatenate([p[1] for p in parts])
+        zp = np.concatenate([p[2] for p in parts])
+        return self.matmul_nbits(x, self.gb.const(f"{name}.qweight", pack_nibbles(q)),
+                                 self.gb.const(f"{name}.scales", scales), bits=4, n=q.shape[0],
+                                 k=weights[0].in_features, name=name,
+                                 zero_points=self.gb.const(f"{name}.zero_points", pack_nibbles(zp)), out=out,
+                                 block=block)
 
     def _q4(self, x: str, weights: list[Weight], name: str, out: str | None) -> str:
         parts = [q4_parts(w) for w in weights]

@@ -22,12 +22,11 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-import encoder_source  # noqa: E402
+from . import encoder_source  # noqa: E402
 
 _ERF = np.frompyfunc(math.erf, 1, 1)
 

@@ -10,9 +10,7 @@ A source directory holds what a sentence-transformers model repository holds:
     1_Pooling/config.json        optional: the pooling mode (only mean pooling is supported)
     sentence_bert_config.json    optional: max_seq_length, the longest input the model takes
 
-The safetensors file is read without the `safetensors` package: an 8-byte little-endian
-header length, a JSON header (dtype, shape, byte range per tensor), then the raw
-little-endian tensor bytes.
+The safetensors file is read by safetensors_io.
 """
 
 from __future__ import annotations
@@ -21,16 +19,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
 
 import numpy as np
 
-SAFETENSORS_DTYPES = {
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-}
+from .safetensors_io import SafetensorsError, read_safetensors
 
 # Checkpoints saved from BertForXxx carry this prefix on every encoder tensor.
 OPTIONAL_PREFIX = "bert."
@@ -38,53 +30,6 @@ OPTIONAL_PREFIX = "bert."
 
 class SourceError(Exception):
     """The directory cannot be used as asked; the message says what and why."""
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file, as read-only arrays over a memory map."""
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) != 8:
-            raise SourceError(f"{path}: too short for a safetensors file")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > 100 << 20:
-            raise SourceError(f"{path}: implausible header length {header_len}")
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise SourceError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        shape = tuple(int(n) for n in info["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dtype.itemsize or end > data.size:
-            raise SourceError(f"{path}: tensor {name} has a byte range that does not fit its shape")
-        tensors[name] = data[begin:end].view(dtype).reshape(shape)
-    return tensors
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """Writes tensors (float32 or int64) in the layout `read_safetensors` reads, sorted by name."""
-    codes = {np.dtype("float32"): "F32", np.dtype("int64"): "I64"}
-    header, blobs, offset = {}, [], 0
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": codes[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
 
 
 def sha256_of(path: str) -> str:
@@ -201,7 +146,10 @@ def _pooling(root: str) -> tuple[str, bool]:
 
 def load(root: str) -> EncoderSource:
     config = _config(root)
-    tensors = read_safetensors(os.path.join(root, "model.safetensors"))
+    try:
+        tensors = read_safetensors(os.path.join(root, "model.safetensors"))
+    except SafetensorsError as e:
+        raise SourceError(str(e)) from None
     h, ff = config.hidden_size, config.intermediate_size
 
     def weight(name: str, shape: tuple) -> np.ndarray:
