@@ -33,10 +33,14 @@ pub enum RolloutCommand {
         socket: PathBuf,
     },
     /// List imported versions: active, canary, previous, loaded.
-    #[command(after_help = "Example:\n  moatctl model list")]
+    #[command(after_help = "Examples:\n  moatctl model list\n  moatctl model list --details")]
     List {
         #[arg(long)]
         json: bool,
+        /// Also show each version's check figures (`moat-model check`, carried in the
+        /// bundle as check.json): greedy agreement, top-1, logit error, KL divergence.
+        #[arg(long)]
+        details: bool,
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -144,12 +148,16 @@ pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
                 text(&result["model"])
             );
         }
-        RolloutCommand::List { json, socket } => {
+        RolloutCommand::List {
+            json,
+            details,
+            socket,
+        } => {
             let result = request(&socket, &json!({"command": "model.list"}), None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             } else {
-                print_list(&result);
+                print_list(&result, details);
             }
         }
         RolloutCommand::Activate { model, socket } => {
@@ -267,7 +275,37 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn print_list(result: &Value) {
+/// One line of `moat-model check` figures for `model list --details`.
+fn check_line(check: &Value) -> String {
+    if check.is_null() {
+        return "check: none in the bundle (moat-model check DIR --against SRC writes one)".into();
+    }
+    if let Some(file) = check["unreadable"].as_str() {
+        return format!("check: {file} is not valid JSON");
+    }
+    let greedy = &check["greedy"];
+    let tf = &check["teacher_forced"];
+    let number = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.4}"));
+    let passed = match check["passed"].as_bool() {
+        Some(true) => "passed",
+        Some(false) => "FAILED",
+        None => "-",
+    };
+    format!(
+        "check ({}, against {}): {passed}; greedy {}/{} identical; top-1 {}; logit error max {} mean {}; KL mean {} max {}",
+        text(&check["variant"]),
+        text(&check["against"]),
+        text(&greedy["identical_sequences"]),
+        text(&greedy["of"]),
+        number(&tf["top1_agreement"]),
+        number(&tf["max_abs_logit_error"]),
+        number(&tf["mean_abs_logit_error"]),
+        number(&tf["kl_mean"]),
+        number(&tf["kl_max"]),
+    )
+}
+
+fn print_list(result: &Value, details: bool) {
     let Some(models) = result["models"].as_array() else {
         return;
     };
@@ -304,6 +342,9 @@ fn print_list(result: &Value) {
                 text(&version["signer_id"]),
                 marks.join(", ")
             );
+            if details {
+                println!("  {:<14} {}", "", check_line(&version["check"]));
+            }
         }
     }
 }

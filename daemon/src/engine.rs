@@ -220,6 +220,17 @@ pub enum EngineError {
     Inference(String),
 }
 
+/// Whether a tokenizer of `tokenizer_vocab` ids serves a model with `logits_width` rows.
+///
+/// Models pad their embedding beyond the tokenizer (Qwen2: 151,936 rows for 151,665
+/// tokens) so the table divides evenly on accelerators; the padded rows were never trained
+/// and sampling never looks at them (`Sequence::advance` reads only the tokenizer's ids).
+/// A tokenizer with ids beyond the rows, or one covering less than nine tenths of them, was
+/// made for another model.
+fn vocabularies_fit(tokenizer_vocab: usize, logits_width: usize) -> bool {
+    tokenizer_vocab <= logits_width && tokenizer_vocab * 10 >= logits_width * 9
+}
+
 /// The engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -229,7 +240,8 @@ pub enum StartError {
     Model(#[from] ModelDirError),
     #[error(
         "tokenizer and model disagree: {tokenizer} has {tokenizer_vocab} tokens but the model's \
-         logits are {logits_width} wide; the model directory mixes files from different models"
+         logits are {logits_width} wide (a model may pad its vocabulary by at most a tenth); \
+         the model directory mixes files from different models"
     )]
     VocabMismatch {
         tokenizer: String,
@@ -403,7 +415,7 @@ impl Engine {
                 other: format!("{:?}", other.model()),
             });
         }
-        if tokenizer.vocab_size() != backend_model.vocab_size {
+        if !vocabularies_fit(tokenizer.vocab_size(), backend_model.vocab_size) {
             return Err(StartError::VocabMismatch {
                 tokenizer: model.tokenizer_path().display().to_string(),
                 tokenizer_vocab: tokenizer.vocab_size(),
@@ -730,4 +742,18 @@ fn warm_up(backend: &mut dyn Backend) -> Result<(), BackendError> {
     );
     backend.finish_sequence(scratch);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vocabularies_fit;
+
+    #[test]
+    fn a_padded_vocabulary_fits_and_a_foreign_tokenizer_does_not() {
+        assert!(vocabularies_fit(49_152, 49_152));
+        assert!(vocabularies_fit(151_665, 151_936)); // Qwen2's padding
+        assert!(vocabularies_fit(359, 384));
+        assert!(!vocabularies_fit(49_152, 359)); // ids beyond the rows
+        assert!(!vocabularies_fit(32_000, 49_152)); // another model's tokenizer
+    }
 }

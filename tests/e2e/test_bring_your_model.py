@@ -4,9 +4,14 @@ into a graph by `moat-model convert`, served over mutual TLS beside the graph co
 straight from the GGUF. Both are the same weights, so both must answer the same, token for
 token."""
 
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 
-from harness import MODELS, running, server_config
+from harness import MODELS, ONNXRUNTIME, binary, moatctl, running, server_config
 
 SERVED = {"from-gguf": "smollm2-135m-instruct-exact", "from-checkpoint": "smollm2-135m-instruct-hf-exact"}
 CHATS = [
@@ -51,3 +56,58 @@ def test_checkpoint_and_gguf_graphs_complete_alike(client, prompt):
     answers = [client.completions.create(model=m, prompt=prompt, temperature=0, max_tokens=40) for m in SERVED]
     assert answers[0].choices[0].text == answers[1].choices[0].text
     assert answers[0].usage.completion_tokens == answers[1].usage.completion_tokens
+
+
+def test_the_documented_path_from_checkpoint_to_promotion(pki, alice, tmp_path):
+    """docs/bring-your-model.md, command by command: a fine-tuned checkpoint (a tiny Qwen2
+    here) converted, checked, packed, signed, imported, canaried and promoted; the admin
+    sees the check's figures in `moatctl model list --details`."""
+    tool = [sys.executable, "-m", "moat_model"]
+    checkpoint, model = tmp_path / "my-finetune", tmp_path / "my-finetune-int4"
+    subprocess.run([sys.executable, "-m", "moat_model.make_checkpoint", "--arch", "qwen2", "--dtype", "bfloat16",
+                    "--out", checkpoint], check=True, capture_output=True)
+    subprocess.run([*tool, "convert", checkpoint, "--out", model, "--variant", "int4-fast", "--name", "my-finetune"],
+                   check=True, capture_output=True)
+    checked = subprocess.run([*tool, "check", model, "--against", checkpoint], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    report = json.loads((model / "check.json").read_text())
+    assert report["variant"] == "int4-fast" and report["passed"]
+
+    answer = subprocess.run(
+        [binary("moatd"), "generate", "--model", model, "--chat", "Hello", "--max-tokens", "8",
+         "--onnxruntime-library", ONNXRUNTIME], capture_output=True, text=True, timeout=120, check=True)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    moatctl("keys", "generate", "--out", keys / "ml-team", "--comment", "ML team")
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    shutil.copy(keys / "ml-team.pub", trusted)
+    bundles = []
+    for version in ("1.0.0", "1.1.0"):
+        (model / "bundle.toml").write_text(
+            f'name = "my-finetune"\nversion = "{version}"\ntask = "chat"\n'
+            f'classification_ceiling = "internal"\n\n[sampling]\ntemperature = 0.0\n\n'
+            f'[[golden]]\nprompt = "Hello"\nexpect = {json.dumps(answer.stdout.removesuffix(chr(10)))}\n'
+            f'max_tokens = 8\n')
+        out = tmp_path / f"my-finetune-{version}.tar"
+        moatctl("bundle", "pack", model, "--out", out)
+        moatctl("bundle", "sign", out, "--key", keys / "ml-team.key")
+        bundles.append(out)
+
+    config = server_config(pki, {})
+    config["models"] = {"store": str(tmp_path / "store"), "trusted_keys": str(trusted)}
+    socket = ["--socket", config["admin"]["socket"]]
+    with running(tmp_path / "node", config) as server:
+        for out in bundles:
+            moatctl("model", "import", out, *socket, timeout=300)
+        moatctl("model", "activate", "my-finetune@1.0.0", *socket, timeout=300)
+        moatctl("model", "canary", "my-finetune@1.1.0", "--percent", "10", *socket, timeout=300)
+        moatctl("model", "promote", "my-finetune", *socket, timeout=300)
+        listed = moatctl("model", "list", "--details", *socket).stdout
+        assert "check (int4-fast, against my-finetune): passed" in listed, listed
+        assert listed.count("KL mean") == 2
+        with server.http(pki.ca_cert, alice) as client:
+            response = client.post("/v1/chat/completions", json={
+                "model": "my-finetune", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})
+            assert response.status_code == 200, response.text
+            assert response.headers["x-moat-model-version"] == "my-finetune@1.1.0"

@@ -130,6 +130,19 @@ def test_int4_quantiser_is_never_worse_than_round_to_nearest():
         assert np.all(ours[w == 0] == 0)
 
 
+def test_q4_1_quantiser_beats_round_to_nearest_and_recovers_q4_1_grids():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize as gguf_quantize
+    rng = np.random.default_rng(5)
+    w = (rng.standard_t(3, size=(64, 256)) * 0.02).astype(np.float32)
+    ours = dequantize(quantize.q4_1_blocks(w), GGMLQuantizationType.Q4_1)
+    rtn = dequantize(gguf_quantize(w, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+    assert ((ours - w) ** 2).sum() < 0.97 * ((rtn - w) ** 2).sum()
+    # Weights that already sit on a Q4_1 grid (a checkpoint dequantised from a GGUF) come back
+    # exactly.
+    assert np.array_equal(dequantize(quantize.q4_1_blocks(rtn), GGMLQuantizationType.Q4_1), rtn)
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 def _refused(src, tmp_path, **kwargs) -> str:

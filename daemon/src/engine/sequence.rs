@@ -146,6 +146,9 @@ impl Sequence {
         logits: &[f32],
         tokenizer: &TextTokenizer,
     ) -> Result<Advance, AdvanceError> {
+        // Rows past the tokenizer's ids pad the model's vocabulary: never trained, never
+        // chosen (the engine admits at most a tenth of padding at load).
+        let logits = &logits[..tokenizer.vocab_size().min(logits.len())];
         let id = match &mut self.constraint {
             None => self.sampler.sample(logits),
             Some(constraint) => {

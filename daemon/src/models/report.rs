@@ -2,6 +2,8 @@
 //! registry and the serving table as JSON.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
 
 use moat_core::bundle::VerifiedBundle;
 use serde_json::{Value, json};
@@ -35,6 +37,9 @@ impl Models {
                         "canary_percent": entry.canary.as_ref().filter(|c| c.version == *version).map(|c| c.percent),
                         "previous": entry.previous.as_deref() == Some(version.as_str()),
                         "loaded": loaded,
+                        "check": semver::Version::parse(version)
+                            .ok()
+                            .map(|v| check_report(&self.store.version_dir(&name, &v))),
                     })
                 })
                 .collect();
@@ -78,6 +83,39 @@ impl Models {
             "memory_budget_mib": self.memory_budget.map(|b| b >> 20),
         })
     }
+}
+
+/// The file `moat-model check` writes into a model directory; `moatctl bundle pack` carries
+/// it into the bundle like any other file, so it was verified against the signed manifest.
+pub const CHECK_REPORT_FILE: &str = "check.json";
+/// A check report is a few kilobytes; a larger file is not read (it is not shown, not fatal).
+const MAX_CHECK_REPORT_BYTES: u64 = 1 << 20;
+
+/// The figures of a version's check report, or `null` when the bundle carries none (or one
+/// that cannot be read: the list still shows every version).
+fn check_report(dir: &Path) -> Value {
+    let path = dir.join(CHECK_REPORT_FILE);
+    let Ok(file) = std::fs::File::open(&path) else {
+        return Value::Null;
+    };
+    let mut text = String::new();
+    if file
+        .take(MAX_CHECK_REPORT_BYTES)
+        .read_to_string(&mut text)
+        .is_err()
+    {
+        return Value::Null;
+    }
+    let Ok(report) = serde_json::from_str::<Value>(&text) else {
+        return json!({"unreadable": CHECK_REPORT_FILE});
+    };
+    json!({
+        "variant": report["variant"],
+        "against": report["against"],
+        "passed": report["passed"],
+        "greedy": report["greedy"],
+        "teacher_forced": report["teacher_forced"],
+    })
 }
 
 /// What an import registered.

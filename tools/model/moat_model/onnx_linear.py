@@ -18,19 +18,21 @@ GGUF block formats and how each maps onto `MatMulNBits` (value = scale * (q - ze
   activations (accuracy_level 4); with fp32 activations it dequantises the whole matrix per
   call, so the exact variant uses a float32 MatMul instead (d * q is exact in float32).
 - Float weights (F32, F16, BF16; Hugging Face checkpoints): float32 MatMul, or, when the
-  variant asks for int4, MatMulNBits over quantize.int4_blocks (per-block scale and 4-bit
-  zero point, block 32 or 64).
+  variant asks for int4, Q4_1 blocks made by quantize.q4_1_blocks (block 32, then as Q4_1
+  above) or MatMulNBits over quantize.int4_blocks (block 64, integer zero points).
 - Anything else (other GGUF quantisations): float32 MatMul over gguf's dequantize.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from .decoder import Weight
 from .onnx_graph import MS_DOMAIN, GraphBuilder
-from .quantize import int4_blocks, int8_blocks
+from .quantize import int4_blocks, int8_blocks, q4_1_blocks
 
 BLOCK = 32
 Q4_TYPES = (Q.Q4_0, Q.Q4_1)
@@ -211,9 +213,18 @@ class LinearEmitter:
                           block_size=block, accuracy_level=ACCURACY_FAST if self.fast else ACCURACY_EXACT)
 
     def _int4(self, x: str, weights: list[Weight], name: str, out: str | None) -> str:
-        """Float weights quantised per block (quantize.int4_blocks), one weight at a time so a
-        large model's float32 copies never all exist at once."""
+        """Float weights quantised to 4 bits, one weight at a time so a large model's float32
+        copies never all exist at once.
+
+        Block 32: GGUF Q4_1 blocks (quantize.q4_1_blocks: a float16 step and minimum per
+        block) through the Q4_1 path above, exact or fast. Block 64: an integer zero point per
+        block (quantize.int4_blocks), a plain MatMulNBits: smaller and one kernel, but the
+        grid must hold zero, which costs accuracy.
+        """
         block = self.int4_block
+        if block == BLOCK:
+            return self._q4(x, [dataclasses.replace(w, qtype=Q.Q4_1, raw=q4_1_blocks(w.dense()))
+                                for w in weights], name, out)
         parts = [int4_blocks(w.dense(), block) for w in weights]
         q = np.concatenate([p[0] for p in parts])
         scales = np.concatenate([p[1] for p in parts])
