@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Converts a BERT sentence-embedding checkpoint into a moat model directory.
 
-    python tools/model/convert_encoder.py --source DIR --out DIR --name NAME [--context-length N]
+    python -m moat_model.convert_encoder --source DIR --out DIR --name NAME [--context-length N]
 
 DIR is a Hugging Face / sentence-transformers directory (config.json, model.safetensors,
 tokenizer.json, optionally modules.json, 1_Pooling/config.json, sentence_bert_config.json;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks a converted embedding model with onnxruntime (a development tool, not the converter).
 
-    python tools/model/encoder_check.py --model DIR --source DIR [--text TEXT]... [--pair A B]...
+    python -m moat_model.encoder_check --model DIR --source DIR [--text TEXT]... [--pair A B]...
 
 Runs the texts through model.onnx as ONE right-padded batch and compares every real token's
 hidden state with the numpy reference (reference_encoder.py, each text alone, no padding),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes a tiny, random-weight BERT checkpoint that the tests use in place of a real encoder.
 
-    python tools/model/make_encoder_fixture.py --out local/models/fixture-bert-source [--seed 7]
+    python -m moat_model.make_encoder_fixture --out local/models/fixture-bert-source [--seed 7]
 
 The directory is laid out like the sentence-transformers repository of all-MiniLM-L6-v2
 (the model it stands in for): config.json, model.safetensors with the same tensor names,

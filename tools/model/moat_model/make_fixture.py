@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes a tiny, random-weight llama GGUF that the tests use in place of a real model.
 
-    python tools/model/make_fixture.py --out local/models/fixture.gguf [--seed 7]
+    python -m moat_model.make_fixture --out local/models/fixture.gguf [--seed 7]
 
 The file is laid out the way llama.cpp's converter lays out a real llama model (SmolLM2 is
 the model it stands in for): the same metadata keys, a GPT-2 byte-level BPE vocabulary with

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Checks a converted model directory with onnxruntime (a development tool, not the converter).
 
-    python tools/model/onnx_check.py greedy --model DIR [--chat TEXT | --prompt TEXT]...
+    python -m moat_model.onnx_check greedy --model DIR [--chat TEXT | --prompt TEXT]...
         [--max-new-tokens 40] [--system default|none] [--modes plain,shared] [--threads T]
-    python tools/model/onnx_check.py kernels --gguf MODEL.gguf [--layer 0]
-    python tools/model/onnx_check.py tokenizer --model DIR
+    python -m moat_model.onnx_check kernels --gguf MODEL.gguf [--layer 0]
+    python -m moat_model.onnx_check tokenizer --model DIR
 
 greedy    greedy decoding of each prompt; `plain` feeds exact-length past and takes the grown
           present, `shared` binds one preallocated [1, kv_heads, capacity, head_dim] buffer

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Greedy generation with plain Python onnxruntime: the benchmark's Python peer.
 
-    python tools/model/ort_loop.py --model DIR --prompt-ids 1,2,3 --max-new-tokens N \\
+    python -m moat_model.ort_loop --model DIR --prompt-ids 1,2,3 --max-new-tokens N \\
         [--threads T] [--ignore-eos] [--json]
 
 Loads DIR/model.onnx on the CPU execution provider and runs the loop the way a Python user

@@ -2,7 +2,7 @@
 
 Import this module before `onnxruntime` (or `onnxruntime_genai`):
 
-    import ort_telemetry  # noqa: F401  (first: switches ONNX Runtime's telemetry off)
+    from moat_model import ort_telemetry  # noqa: F401  (first: switches ONNX Runtime's telemetry off)
     import onnxruntime as ort
 
 Official ONNX Runtime builds collect telemetry by default on Linux: a device id and a queue

@@ -15,7 +15,7 @@ summation order (relative error ~1e-6). Rather than raising this side to float64
 would still not make near-ties decidable for the engine, every step reports the top1-top2
 logit margin so a test can recognise a step whose choice float noise could flip.
 
-    python tools/model/reference.py --gguf PATH --ids 1,2,3 --max-new-tokens N \
+    python -m moat_model.reference --gguf PATH --ids 1,2,3 --max-new-tokens N \
         [--eos 2,...] [--top-logits K]
 
 prints one JSON line: {"generated_ids": [...], "margins": [...]} (and "top" with

@@ -7,7 +7,7 @@ batch, no padding, no mask), in float32, straight from the source directory's
 model.safetensors, then mean-pooled over its tokens and L2-normalised when the model's
 sentence-transformers pipeline normalises.
 
-    python tools/model/reference_encoder.py --source DIR --text TEXT [--text TEXT]...
+    python -m moat_model.reference_encoder --source DIR --text TEXT [--text TEXT]...
 
 prints one JSON line: {"token_ids": [[...], ...], "embeddings": [[...], ...]}. Token ids
 come from the source's tokenizer.json with its special tokens ([CLS] ... [SEP]) and without
