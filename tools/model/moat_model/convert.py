@@ -23,6 +23,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import onnx
@@ -51,16 +52,18 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
-def check_graph(model: onnx.ModelProto) -> None:
+def check_graph(model: onnx.ModelProto, directory: str | None = None) -> None:
     """onnx.checker, with strict shape inference, over the graph.
 
     SimplifiedLayerNormalization lives in the default domain but its schema comes from ONNX
     Runtime, not onnx, so the checker would reject it: it is checked as a Mul of the same
-    inputs and outputs, then put back. (The checker skips com.microsoft nodes itself.) Graphs
-    past 2 GiB cannot be checked in memory; the checker is skipped for them.
+    inputs and outputs, then put back. (The checker skips com.microsoft nodes itself.)
+
+    The checker works on a serialised copy, so a graph carrying its weights would be held
+    three times over: a graph whose weights went to external data is checked from a
+    weightless copy written beside it (`directory`), the checker reading the data file's
+    references, not its bytes.
     """
-    if onnx_graph.initializer_bytes(model) > onnx_graph.MAX_MODEL_BYTES:
-        return
     swapped = {}
     for i, node in enumerate(model.graph.node):
         if node.domain == "" and node.op_type == "SimplifiedLayerNormalization":
@@ -70,7 +73,13 @@ def check_graph(model: onnx.ModelProto) -> None:
             del node.output[1:]
             node.op_type = "Mul"
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if directory is None:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            with tempfile.NamedTemporaryFile(dir=directory, suffix=".onnx") as skeleton:
+                skeleton.write(model.SerializeToString())
+                skeleton.flush()
+                onnx.checker.check_model(skeleton.name, full_check=True)
     finally:
         for i, original in swapped.items():
             model.graph.node[i].CopyFrom(original)
@@ -144,14 +153,16 @@ def convert(src: str, out: str, *, variant: str = "exact", graph: str = "fused",
         proto, inputs, outputs = onnx_fused.build(model, fast=v.fast, int4_block=int4_block if v.int4 else None)
     else:
         proto, inputs, outputs = onnx_optimum.build(model)
-    check_graph(proto)
     if v.float16:
         proto = onnx_fp16.to_float16(proto)
-        check_graph(proto)
-
     os.makedirs(out, exist_ok=True)
-    written = onnx_graph.save(proto, os.path.join(out, "model.onnx"), external=external)
+    graph_path = os.path.join(out, "model.onnx")
+    if not onnx_graph.goes_external(proto, external):
+        check_graph(proto)
+    written = onnx_graph.save(proto, graph_path, external=external)
     del proto
+    if len(written) > 1:
+        check_graph(onnx.load(graph_path, load_external_data=False), out)
     source.write_tokenizer(os.path.join(out, "tokenizer.json"))
     meta = metadata.text_generation(
         name=name or default_name(src), variant=v.name, architecture=h.architecture, io_contract=graph,

@@ -20,6 +20,7 @@ layers, which says nothing about how int4 treats a trained model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,14 +34,22 @@ from .decoder import TokenizerSpec
 from .safetensors_io import write_safetensors
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The sizes of a generated checkpoint; the defaults make a tiny one (~0.2 M parameters).
+    Large ones (`--layers 30 --hidden 2048 --ffn 5632`: 1.5 B parameters) test that big
+    models convert, pack and import without being held in memory."""
+
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 128
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 TORCH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
-N_LAYER = 2
-D_MODEL = 64
-N_HEAD = 4
-N_KV_HEAD = 2
-D_FFN = 128
 CONTEXT = 256
 # Logits of trained models span tens, not hundreds: the GGUF fixture's output gain (6) makes
 # margins huge for exactness tests, but would make every small weight error look like a
@@ -72,11 +81,20 @@ def tokenizer_files(arch: str):
     return tok, rows
 
 
-def build_weights(arch: str, seed: int, vocab: int, tied: bool, head_dim: int) -> dict[str, np.ndarray]:
+def build_weights(arch: str, seed: int, vocab: int, tied: bool, head_dim: int, shape: Shape,
+                  dtype) -> dict[str, np.ndarray]:
+    """The weights, each generated straight into the stored dtype (a large checkpoint never
+    exists in float32 all at once)."""
     rng = np.random.default_rng(seed)
+    D_MODEL, D_FFN, N_HEAD, N_KV_HEAD = shape.hidden, shape.ffn, shape.heads, shape.kv_heads
 
     def linear(out_dim: int, in_dim: int, gain: float) -> np.ndarray:
-        return (rng.standard_normal((out_dim, in_dim)) * (gain / np.sqrt(in_dim))).astype(np.float32)
+        out = np.empty((out_dim, in_dim), dtype)
+        for i in range(0, out_dim, 256):  # in slices: float64 temporaries stay small
+            rows = min(256, out_dim - i)
+            out[i:i + rows] = (rng.standard_normal((rows, in_dim), dtype=np.float32)
+                               * np.float32(gain / np.sqrt(in_dim))).astype(dtype)
+        return out
 
     def norm(size: int = D_MODEL, gain: float = 1.0) -> np.ndarray:
         return (rng.uniform(0.7, 1.3, size) * gain).astype(np.float32)
@@ -88,7 +106,7 @@ def build_weights(arch: str, seed: int, vocab: int, tied: bool, head_dim: int) -
     embed[:len(make_fixture.CONTROL_TOKENS)] *= make_fixture.CONTROL_ROW_SCALE
     w = {"model.embed_tokens.weight": embed}
     q_width, kv_width = N_HEAD * head_dim, N_KV_HEAD * head_dim
-    for i in range(N_LAYER):
+    for i in range(shape.layers):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         w[p + "input_layernorm.weight"] = norm()
         w[a + "q_proj.weight"] = linear(q_width, D_MODEL, ATTN_QK_GAIN)
@@ -107,21 +125,21 @@ def build_weights(arch: str, seed: int, vocab: int, tied: bool, head_dim: int) -
     w["model.norm.weight"] = norm(gain=OUTPUT_NORM_GAIN)
     if not tied:
         w["lm_head.weight"] = (rng.standard_normal((vocab, D_MODEL)) * make_fixture.EMBED_STD).astype(np.float32)
-    return w
+    return {name: value.astype(dtype, copy=False) for name, value in w.items()}
 
 
 def config(arch: str, vocab: int, tied: bool, dtype: str, head_dim: int, rope_scaling: str | None,
-           sliding_window: int | None) -> dict:
+           sliding_window: int | None, shape: Shape = Shape()) -> dict:
     c = {
         "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
         "model_type": arch,
         "hidden_act": "silu",
-        "hidden_size": D_MODEL,
-        "intermediate_size": D_FFN,
-        "num_hidden_layers": N_LAYER,
-        "num_attention_heads": N_HEAD,
-        "num_key_value_heads": N_KV_HEAD,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.ffn,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
         "max_position_embeddings": CONTEXT,
         "rms_norm_eps": 1e-6 if arch.startswith("qwen") else 1e-5,
         "rope_theta": 1000000.0 if arch.startswith("qwen") else 10000.0,
@@ -138,7 +156,7 @@ def config(arch: str, vocab: int, tied: bool, dtype: str, head_dim: int, rope_sc
     if arch == "qwen3":
         c.update(head_dim=head_dim, attention_bias=False)
     if arch.startswith("qwen"):
-        c.update(use_sliding_window=False, sliding_window=None, max_window_layers=N_LAYER)
+        c.update(use_sliding_window=False, sliding_window=None, max_window_layers=shape.layers)
     if arch == "mistral":
         c["sliding_window"] = sliding_window
     if rope_scaling == "linear":
@@ -150,14 +168,13 @@ def config(arch: str, vocab: int, tied: bool, dtype: str, head_dim: int, rope_sc
 
 
 def write(out: str, arch: str, *, dtype: str = "float32", shards: int = 1, tied: bool = True, seed: int = 11,
-          rope_scaling: str | None = None, sliding_window: int | None = None) -> None:
+          rope_scaling: str | None = None, sliding_window: int | None = None, shape: Shape = Shape()) -> None:
     if arch not in ARCHITECTURES:
         raise ValueError(arch)
     os.makedirs(out, exist_ok=True)
-    head_dim = QWEN3_HEAD_DIM if arch == "qwen3" else D_MODEL // N_HEAD
+    head_dim = QWEN3_HEAD_DIM if arch == "qwen3" else shape.hidden // shape.heads
     tok, vocab = tokenizer_files(arch)
-    weights = build_weights(arch, seed, vocab, tied, head_dim)
-    stored = {name: value.astype(DTYPES[dtype]) for name, value in weights.items()}
+    stored = build_weights(arch, seed, vocab, tied, head_dim, shape, DTYPES[dtype])
 
     names = sorted(stored)
     if shards == 1:
@@ -172,7 +189,7 @@ def write(out: str, arch: str, *, dtype: str = "float32", shards: int = 1, tied:
             total += sum(a.nbytes for a in part.values())
         _json(out, "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
-    _json(out, "config.json", config(arch, vocab, tied, dtype, head_dim, rope_scaling, sliding_window))
+    _json(out, "config.json", config(arch, vocab, tied, dtype, head_dim, rope_scaling, sliding_window, shape))
     tok.save(os.path.join(out, "tokenizer.json"))
     tok_config = {
         "add_prefix_space": False,
@@ -212,9 +229,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--rope-scaling", choices=("linear", "llama3"))
     ap.add_argument("--sliding-window", type=int)
+    default = Shape()
+    for field in dataclasses.fields(Shape):
+        ap.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=getattr(default, field.name))
     args = ap.parse_args(argv)
+    shape = Shape(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)})
     write(args.out, args.arch, dtype=args.dtype, shards=args.shards, tied=not args.untied, seed=args.seed,
-          rope_scaling=args.rope_scaling, sliding_window=args.sliding_window)
+          rope_scaling=args.rope_scaling, sliding_window=args.sliding_window, shape=shape)
     print(f"{args.out}: {args.arch} checkpoint ({args.dtype}, {args.shards} file(s))", file=sys.stderr)
     return 0
 

@@ -19,7 +19,10 @@ class GraphBuilder:
     def __init__(self, name: str):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        # Constants go straight into the model that `model()` returns: protobuf copies a
+        # message whenever it is put inside another, so a list handed to make_graph and then
+        # make_model would hold every weight two or three times at the peak.
+        self._model = onnx.ModelProto()
         self._used: set[str] = set()
         self._scalars: dict[tuple, str] = {}
 
@@ -40,7 +43,7 @@ class GraphBuilder:
 
     def const(self, base: str, array: np.ndarray) -> str:
         name = self.unique(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def ints(self, *values: int) -> str:
@@ -75,12 +78,17 @@ class GraphBuilder:
 
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
               use_ms_domain: bool, doc: str = "") -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, inputs, outputs, self.initializers)
-        opsets = [helper.make_opsetid("", OPSET)]
+        """The finished model. The builder hands over its constants: call this once."""
+        m, self._model = self._model, onnx.ModelProto()
+        m.graph.name = self.name
+        m.graph.node.extend(self.nodes)
+        m.graph.input.extend(inputs)
+        m.graph.output.extend(outputs)
+        m.opset_import.append(helper.make_opsetid("", OPSET))
         if use_ms_domain:
-            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-        m = helper.make_model(graph, opset_imports=opsets, producer_name="moat-model",
-                              doc_string=doc)
+            m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        m.producer_name = "moat-model"
+        m.doc_string = doc
         # ONNX Runtime 1.16+ reads IR 9; newer IR versions would only narrow who can load it.
         m.ir_version = 9
         return m
@@ -131,6 +139,11 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def goes_external(model: onnx.ModelProto, external: str) -> bool:
+    """Whether `save` writes the weights to an external data file."""
+    return external == "always" or (external == "auto" and initializer_bytes(model) > EXTERNAL_DATA_ABOVE)
+
+
 def save(model: onnx.ModelProto, path: str, external: str = "auto") -> list[str]:
     """Writes the graph to `path`; returns the files written (the graph first).
 
@@ -138,9 +151,7 @@ def save(model: onnx.ModelProto, path: str, external: str = "auto") -> list[str]
     External data goes to one file beside the graph, `<graph name>.data`, referenced by a
     relative location, which is what moat's bundles accept.
     """
-    size = initializer_bytes(model)
-    use_external = external == "always" or (external == "auto" and size > EXTERNAL_DATA_ABOVE)
-    if not use_external:
+    if not goes_external(model, external):
         data = model.SerializeToString()
         if len(data) > MAX_MODEL_BYTES:
             raise ValueError(f"model is {len(data)} bytes, too large for a single-file ONNX model "
