@@ -64,10 +64,28 @@ pub enum RolloutCommand {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Make NAME's canary its active version.
-    #[command(after_help = "Example:\n  moatctl model promote smollm2")]
+    /// Make NAME's canary its active version. When the canary's bundle carries an
+    /// evaluation set (eval.jsonl), the canary and the active version both answer it first,
+    /// and a canary scoring below the active version is refused.
+    #[command(
+        after_help = "Examples:\n  moatctl model promote smollm2\n  moatctl model promote smollm2 --force"
+    )]
     Promote {
         name: String,
+        /// Promote even if the canary scores below the active version.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Run NAME@VERSION's evaluation set (eval.jsonl in its bundle) on this node: accuracy,
+    /// format validity, mean output tokens, latency. Loads the version if it is not loaded.
+    #[command(after_help = "Example:\n  moatctl model eval smollm2@1.1.0")]
+    Eval {
+        /// NAME@VERSION
+        model: String,
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -183,13 +201,54 @@ pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
             )?;
             println!("{model} takes {percent}% of the requests");
         }
-        RolloutCommand::Promote { name, socket } => {
+        RolloutCommand::Promote {
+            name,
+            force,
+            socket,
+        } => {
             let result = request(
                 &socket,
-                &json!({"command": "model.promote", "name": name}),
+                &json!({"command": "model.promote", "name": name, "force": force}),
                 None,
             )?;
+            let evaluation = &result["evaluation"];
+            if !evaluation.is_null() {
+                println!("canary:  {}", score_line(&evaluation["canary"]));
+                println!(
+                    "active:  {}  ({})",
+                    score_line(&evaluation["active"]),
+                    text(&evaluation["active_version"])
+                );
+                if evaluation["forced"] == Value::Bool(true) {
+                    println!("promoted despite the lower score (--force)");
+                }
+            }
             println!("{} is active", text(&result["model"]));
+        }
+        RolloutCommand::Eval {
+            model,
+            json,
+            socket,
+        } => {
+            let result = request(
+                &socket,
+                &json!({"command": "model.eval", "model": model}),
+                None,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                let evaluation = &result["evaluation"];
+                println!("{}: {}", text(&result["model"]), score_line(evaluation));
+                for failure in evaluation["failures"].as_array().into_iter().flatten() {
+                    println!(
+                        "  item {}: {:?} answered {:?}",
+                        failure["item"],
+                        text(&failure["prompt"]),
+                        text(&failure["answer"])
+                    );
+                }
+            }
         }
         RolloutCommand::Rollback { name, socket } => {
             let result = request(
@@ -273,6 +332,24 @@ fn text(value: &Value) -> String {
         Value::Null => "-".into(),
         other => other.to_string(),
     }
+}
+
+/// One line of an evaluation's figures.
+fn score_line(score: &Value) -> String {
+    let number = |v: &Value, digits: usize| {
+        v.as_f64()
+            .map_or("-".to_owned(), |x| format!("{x:.digits$}"))
+    };
+    format!(
+        "accuracy {} ({}/{}); format validity {}; mean output tokens {}; latency mean {} ms, p95 {} ms",
+        number(&score["accuracy"], 3),
+        score["correct"],
+        score["items"],
+        number(&score["format_validity"], 3),
+        number(&score["mean_output_tokens"], 1),
+        number(&score["latency_ms"]["mean"], 0),
+        number(&score["latency_ms"]["p95"], 0),
+    )
 }
 
 /// One line of `moat-model check` figures for `model list --details`.

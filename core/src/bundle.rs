@@ -10,6 +10,7 @@
 //! are held to [`graph`]'s rules at import and at every load.
 
 pub mod archive;
+pub mod eval;
 pub mod graph;
 pub mod manifest;
 pub mod signature;

@@ -84,7 +84,14 @@ pub enum AdminRequest {
     #[serde(rename = "model.canary")]
     ModelCanary { model: String, percent: u8 },
     #[serde(rename = "model.promote")]
-    ModelPromote { name: String },
+    ModelPromote {
+        name: String,
+        /// Promote even when the canary scores below the active version on its evaluation set.
+        #[serde(default)]
+        force: bool,
+    },
+    #[serde(rename = "model.eval")]
+    ModelEval { model: String },
     #[serde(rename = "model.rollback")]
     ModelRollback { name: String },
     #[serde(rename = "model.remove")]
@@ -102,6 +109,7 @@ impl AdminRequest {
             AdminRequest::ModelActivate { .. } => "model.activate",
             AdminRequest::ModelCanary { .. } => "model.canary",
             AdminRequest::ModelPromote { .. } => "model.promote",
+            AdminRequest::ModelEval { .. } => "model.eval",
             AdminRequest::ModelRollback { .. } => "model.rollback",
             AdminRequest::ModelRemove { .. } => "model.remove",
             AdminRequest::Status {} => "status",
@@ -362,8 +370,15 @@ impl AdminSocket {
                 };
                 models.command(&peer_text, command).await
             }
-            (AdminRequest::ModelPromote { name }, Some(models)) => {
-                models.command(&peer_text, Command::Promote { name }).await
+            (AdminRequest::ModelPromote { name, force }, Some(models)) => {
+                models
+                    .command(&peer_text, Command::Promote { name, force })
+                    .await
+            }
+            (AdminRequest::ModelEval { model }, Some(models)) => {
+                models
+                    .command(&peer_text, Command::Eval { label: model })
+                    .await
             }
             (AdminRequest::ModelRollback { name }, Some(models)) => {
                 models.command(&peer_text, Command::Rollback { name }).await

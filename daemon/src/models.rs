@@ -7,6 +7,7 @@
 //! is an audit record naming the model as `name@version`.
 
 mod error;
+pub mod eval;
 pub mod golden;
 pub mod loader;
 pub mod registry;
@@ -205,7 +206,8 @@ impl Models {
             match command {
                 Command::Activate { label } => (self.activate(&label).await, label),
                 Command::Canary { label, percent } => (self.canary(&label, percent).await, label),
-                Command::Promote { name } => (self.promote(&name), name),
+                Command::Promote { name, force } => (self.promote(&name, force).await, name),
+                Command::Eval { label } => (self.evaluate(&label).await, label),
                 Command::Rollback { name } => (self.rollback(&name).await, name),
                 Command::Remove { label } => (self.remove(&label), label),
             }
@@ -489,19 +491,20 @@ impl Models {
         Ok(json!({"model": label, "percent": percent}))
     }
 
-    fn promote(&self, name: &str) -> Result<Value, RolloutError> {
+    /// Makes the canary the active version. When the canary's bundle carries an evaluation
+    /// set, both versions answer it first, and a canary scoring below the active version is
+    /// refused unless `force`.
+    async fn promote(&self, name: &str, force: bool) -> Result<Value, RolloutError> {
         let mut entry = self.entry(name)?;
         let Some(canary) = entry.canary.take() else {
             return Err(RolloutError::NoCanary(name.to_owned()));
         };
-        let serving = self
-            .table
-            .snapshot()
-            .get(name)
-            .is_some_and(|route| route.canary.is_some());
-        if !serving {
+        let Some(route) = self.table.snapshot().get(name).cloned() else {
             return Err(RolloutError::NoCanary(name.to_owned()));
-        }
+        };
+        let Some(serving_canary) = route.canary.as_ref() else {
+            return Err(RolloutError::NoCanary(name.to_owned()));
+        };
         // Loaded and checked when the canary began; its signer must still be trusted.
         let trusted = store::trusted_keys(&self.trusted_keys)?;
         let signer = entry.versions.get(&canary.version);
@@ -511,6 +514,15 @@ impl Models {
                 signer: signer.map(|v| v.signer.clone()).unwrap_or_default(),
             });
         }
+        let evaluation = self
+            .eval_gate(
+                name,
+                &canary.version,
+                &serving_canary.model,
+                &route.active,
+                force,
+            )
+            .await?;
         entry.previous = entry.active.replace(canary.version.clone());
         self.registry.put(name, &entry)?;
         // Commands run one at a time, so the canary checked above is still there.
@@ -522,7 +534,11 @@ impl Models {
                 route.standby = Some(old);
             }
         });
-        Ok(json!({"model": format!("{name}@{}", canary.version), "previous": entry.previous}))
+        Ok(json!({
+            "model": format!("{name}@{}", canary.version),
+            "previous": entry.previous,
+            "evaluation": evaluation,
+        }))
     }
 
     /// Ends a canary, or else returns to the previous version: at once when it is still
@@ -594,11 +610,27 @@ impl Models {
 /// A rollout command from the admin socket (imports come with a stream: [`Models::import`]).
 #[derive(Debug)]
 pub enum Command {
-    Activate { label: String },
-    Canary { label: String, percent: u8 },
-    Promote { name: String },
-    Rollback { name: String },
-    Remove { label: String },
+    Activate {
+        label: String,
+    },
+    Canary {
+        label: String,
+        percent: u8,
+    },
+    Promote {
+        name: String,
+        force: bool,
+    },
+    /// Runs a version's evaluation set (loading the version if it is not loaded).
+    Eval {
+        label: String,
+    },
+    Rollback {
+        name: String,
+    },
+    Remove {
+        label: String,
+    },
 }
 
 impl Command {
@@ -607,6 +639,7 @@ impl Command {
             Command::Activate { .. } => "model.activate",
             Command::Canary { .. } => "model.canary",
             Command::Promote { .. } => "model.promote",
+            Command::Eval { .. } => "model.eval",
             Command::Rollback { .. } => "model.rollback",
             Command::Remove { .. } => "model.remove",
         }

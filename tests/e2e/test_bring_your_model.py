@@ -111,3 +111,73 @@ def test_the_documented_path_from_checkpoint_to_promotion(pki, alice, tmp_path):
                 "model": "my-finetune", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})
             assert response.status_code == 200, response.text
             assert response.headers["x-moat-model-version"] == "my-finetune@1.1.0"
+
+
+def test_promotion_is_gated_by_the_evaluation_set(pki, alice, tmp_path):
+    """A canary that answers the bundle's evaluation set worse than the active version is
+    not promoted unless the admin insists; `moatctl model eval` shows both scores first."""
+    tool = [sys.executable, "-m", "moat_model"]
+    prompts = ["Hello", "What is the capital of France?", "Tell me a story."]
+    answers = {}
+    for seed in (11, 12):
+        # Two tiny models of the same shape that answer differently (the GGUF fixture's
+        # generator, whose large gains make varied text).
+        source, model = tmp_path / f"tuned-{seed}.gguf", tmp_path / f"model-{seed}"
+        subprocess.run([sys.executable, "-m", "moat_model.make_fixture", "--seed", str(seed), "--out", source],
+                       check=True, capture_output=True)
+        subprocess.run([*tool, "convert", source, "--out", model, "--name", "tuned"], check=True,
+                       capture_output=True)
+        # Bytes, not text mode: universal newlines would turn a generated "\r" into "\n".
+        answers[seed] = [subprocess.run(
+            [binary("moatd"), "generate", "--model", model, "--chat", prompt, "--max-tokens", "8",
+             "--onnxruntime-library", ONNXRUNTIME], capture_output=True, timeout=120,
+            check=True).stdout.decode().removesuffix("\n") for prompt in prompts]
+    assert answers[11] != answers[12]
+    # The set a good version passes: version 1.0.0's own answers, and a format rule both meet.
+    eval_set = [{"prompt": p, "expect": a, "max_tokens": 8} for p, a in zip(prompts, answers[11])]
+    eval_set.append({"prompt": "Hello", "pattern": "(?s).*", "max_tokens": 4})
+    keys, trusted = tmp_path / "keys", tmp_path / "trusted"
+    keys.mkdir()
+    trusted.mkdir()
+    moatctl("keys", "generate", "--out", keys / "ml")
+    shutil.copy(keys / "ml.pub", trusted)
+    bundles = []
+    for seed, version in ((11, "1.0.0"), (12, "2.0.0")):
+        model = tmp_path / f"model-{seed}"
+        (model / "eval.jsonl").write_text("".join(json.dumps(item) + "\n" for item in eval_set))
+        (model / "bundle.toml").write_text(
+            f'name = "tuned"\nversion = "{version}"\ntask = "chat"\nclassification_ceiling = "internal"\n\n'
+            f'[[golden]]\nprompt = "Hello"\nexpect = {json.dumps(answers[seed][0])}\nmax_tokens = 8\n')
+        out = tmp_path / f"tuned-{version}.tar"
+        moatctl("bundle", "pack", model, "--out", out)
+        moatctl("bundle", "sign", out, "--key", keys / "ml.key")
+        bundles.append(out)
+
+    config = server_config(pki, {})
+    config["models"] = {"store": str(tmp_path / "store"), "trusted_keys": str(trusted)}
+    socket = ["--socket", config["admin"]["socket"]]
+    with running(tmp_path / "node", config):
+        for out in bundles:
+            moatctl("model", "import", out, *socket, timeout=300)
+        moatctl("model", "activate", "tuned@1.0.0", *socket, timeout=300)
+        moatctl("model", "canary", "tuned@2.0.0", "--percent", "10", *socket, timeout=300)
+
+        good = json.loads(moatctl("model", "eval", "tuned@1.0.0", "--json", *socket, timeout=300).stdout)
+        assert good["evaluation"]["accuracy"] == 1.0
+        assert good["evaluation"]["format_validity"] == 1.0
+        assert good["evaluation"]["items"] == 4 and good["evaluation"]["mean_output_tokens"] > 0
+        worse = moatctl("model", "eval", "tuned@2.0.0", *socket, timeout=300).stdout
+        assert "accuracy 0.250 (1/4)" in worse or "accuracy 0.500 (2/4)" in worse, worse
+
+        refused = run_moatctl("model", "promote", "tuned", *socket)
+        assert refused.returncode != 0
+        assert "tuned@2.0.0 scores" in refused.stderr and "below tuned@1.0.0" in refused.stderr, refused.stderr
+        listed = moatctl("model", "list", *socket).stdout
+        assert "1.0.0" in listed.split("active")[0].splitlines()[-1], listed  # still the active one
+
+        forced = moatctl("model", "promote", "tuned", "--force", *socket, timeout=300).stdout
+        assert "promoted despite the lower score (--force)" in forced and "tuned@2.0.0 is active" in forced, forced
+
+
+def run_moatctl(*args):
+    return subprocess.run([binary("moatctl"), *map(str, args)], capture_output=True, text=True, timeout=300)

@@ -83,6 +83,30 @@ pub enum RolloutError {
         needed: u64,
         available: u64,
     },
+    #[error("{0} carries no evaluation set (eval.jsonl in the bundle)")]
+    NoEvalSet(String),
+    #[error("{label}: {source}")]
+    BadEvalSet {
+        label: String,
+        #[source]
+        source: moat_core::bundle::eval::EvalError,
+    },
+    #[error("evaluating {label} failed: {source}")]
+    Eval {
+        label: String,
+        #[source]
+        source: super::eval::EvalRunError,
+    },
+    #[error(
+        "{canary} scores {canary_accuracy:.3} on its evaluation set, below {active} ({active_accuracy:.3}); \
+         promoting it would make answers worse (moatctl model eval shows both; --force promotes anyway)"
+    )]
+    EvalRegression {
+        canary: String,
+        active: String,
+        canary_accuracy: f64,
+        active_accuracy: f64,
+    },
     #[error("the command stopped unexpectedly: {0}")]
     Interrupted(String),
     #[error("{0}")]
@@ -113,6 +137,10 @@ impl RolloutError {
             RolloutError::NoLongerTrusted { .. } => "untrusted_key",
             RolloutError::CanaryIsActive(_) => "bad_request",
             RolloutError::HostMemory { .. } => "memory_budget",
+            RolloutError::NoEvalSet(_) => "no_eval_set",
+            RolloutError::BadEvalSet { .. } => "bad_eval_set",
+            RolloutError::Eval { .. } => "eval_failed",
+            RolloutError::EvalRegression { .. } => "eval_regression",
         }
     }
 }

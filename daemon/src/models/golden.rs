@@ -29,7 +29,7 @@ pub async fn check(manifest: &BundleManifest, model: &ServedModel) -> Result<usi
         };
         match model {
             ServedModel::Generator(engine) => {
-                let answer = generate(engine, manifest, &golden.prompt, golden.max_tokens)
+                let (answer, _) = generate(engine, manifest, &golden.prompt, golden.max_tokens)
                     .await
                     .map_err(fail)?;
                 match &golden.expect {
@@ -68,13 +68,14 @@ pub async fn check(manifest: &BundleManifest, model: &ServedModel) -> Result<usi
     Ok(manifest.golden.len())
 }
 
-/// The greedy answer to one prompt, under the bundle's schema if it has one.
-async fn generate(
+/// The greedy answer to one prompt, under the bundle's schema if it has one, and the
+/// number of tokens it took.
+pub(super) async fn generate(
     engine: &Arc<Engine>,
     manifest: &BundleManifest,
     prompt: &str,
     max_tokens: usize,
-) -> Result<String, String> {
+) -> Result<(String, usize), String> {
     let prompt = match manifest.task {
         BundleTask::Chat => Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
         _ => Prompt::Text(prompt.to_owned()),
@@ -104,7 +105,9 @@ async fn generate(
     while let Some(event) = events.next().await {
         match event {
             GenerationEvent::Token { text, .. } => answer.push_str(&text),
-            GenerationEvent::Finished { .. } => return Ok(answer),
+            GenerationEvent::Finished { usage, .. } => {
+                return Ok((answer, usage.completion_tokens));
+            }
             GenerationEvent::Failed(e) => return Err(e.to_string()),
         }
     }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use moat_core::bundle::archive::hash_reader;
 use moat_core::bundle::{
-    BundleError, GRAPH_FILE, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked, VerifiedBundle,
-    check_graph, unpack_verified, verify,
+    BundleError, BundleManifest, GRAPH_FILE, MANIFEST_FILE, SIGNATURE_FILE, TrustedKey, Unpacked,
+    VerifiedBundle, check_graph, unpack_verified, verify,
 };
 
 /// Why a bundle could not be stored or read back.
@@ -52,6 +52,10 @@ pub enum StoreError {
         found: String,
         dir: PathBuf,
     },
+    #[error(
+        "{path} is not the file its manifest lists (size or SHA-256 differs): the bundle store was altered; remove the version and import it again with --allow-downgrade"
+    )]
+    Altered { path: PathBuf },
 }
 
 impl StoreError {
@@ -65,7 +69,8 @@ impl StoreError {
             StoreError::NotImported { .. } => "not_imported",
             StoreError::FilesMissing { .. }
             | StoreError::NotAFile { .. }
-            | StoreError::Misplaced { .. } => "store_damaged",
+            | StoreError::Misplaced { .. }
+            | StoreError::Altered { .. } => "store_damaged",
         }
     }
 }
@@ -290,6 +295,39 @@ impl BundleStore {
             });
         }
         Ok((verified, dir))
+    }
+
+    /// A stored version's manifest and one of its small files (at most `max_bytes`), checked
+    /// against the size and SHA-256 the manifest lists; `None` when the bundle has no such
+    /// file. For files read after load (the evaluation set), without hashing the weights
+    /// again: the whole version was verified when it was imported and when it loaded.
+    pub fn read_listed(
+        &self,
+        name: &str,
+        version: &semver::Version,
+        file: &str,
+        max_bytes: u64,
+    ) -> Result<(BundleManifest, Option<Vec<u8>>), StoreError> {
+        let dir = self.version_dir(name, version);
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let manifest = fs::read(&manifest_path).map_err(io_error(&manifest_path))?;
+        let manifest = BundleManifest::parse(&manifest).map_err(BundleError::from)?;
+        let Some(entry) = manifest.files.iter().find(|f| f.path == file) else {
+            return Ok((manifest, None));
+        };
+        let path = dir.join(file);
+        if entry.size > max_bytes {
+            return Err(StoreError::Altered { path });
+        }
+        let mut bytes = Vec::new();
+        File::open(&path)
+            .and_then(|f| f.take(max_bytes + 1).read_to_end(&mut bytes))
+            .map_err(io_error(&path))?;
+        let hashed = hash_reader(bytes.as_slice()).map_err(io_error(&path))?;
+        if hashed.size != entry.size || hashed.sha256 != entry.sha256 {
+            return Err(StoreError::Altered { path });
+        }
+        Ok((manifest, Some(bytes)))
     }
 
     pub fn remove(&self, name: &str, version: &semver::Version) -> Result<(), StoreError> {
