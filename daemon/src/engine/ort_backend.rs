@@ -8,10 +8,15 @@
 //! writes the new positions in place. Nothing is reallocated or copied per token. Elsewhere
 //! (CUDA, or more sequences than slots) a fused sequence gets a buffer of its own, bound as
 //! both past and present and run alone. Graphs with the optimum contract concatenate inside
-//! the graph; their present outputs are moved, not copied, into the next step's inputs.
+//! the graph; their present outputs are moved, not copied, into the next step's inputs. A
+//! sequence with the optimum contract runs its prompt alone, then decodes in the backend's
+//! [`DecodeGroup`]: one run a step for every decoding sequence, their caches side by side in
+//! one set of past tensors (see `decode_group` for the layout and what it costs).
 
+mod decode_group;
 pub(super) mod encoder;
 mod kv_pool;
+mod optimum;
 mod session;
 mod telemetry;
 
@@ -19,13 +24,14 @@ use std::collections::HashMap;
 
 use moat_core::{IoContract, KvDtype, ModelMetadata, ModelTask};
 use ort::memory::MemoryInfo;
-use ort::session::{IoBinding, Session, SessionInputValue};
+use ort::session::{IoBinding, Session};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
 
 use super::backend::{
     Backend, BackendError, BackendModel, DeviceKind, LogitsBatch, SequenceId, StepInput,
 };
 use super::model_dir::ModelDirectory;
+use decode_group::{DecodeGroup, GroupDecode};
 use kv_pool::KvPool;
 pub use session::{
     DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK_TOKENS, DevicePreference, LoadError, OrtRuntime,
@@ -49,6 +55,8 @@ enum KvCache {
     },
     /// Optimum contract: the last step's present outputs, fed back as the next past.
     Moved { past: Vec<DynValue> },
+    /// Optimum contract, decoding: a row of the backend's [`DecodeGroup`].
+    Grouped,
 }
 
 struct SequenceState {
@@ -61,6 +69,8 @@ struct SequenceState {
 /// A model loaded into an ONNX Runtime session.
 pub struct OrtBackend {
     pool: Option<KvPool>,
+    /// Optimum contract: the sequences that decode together.
+    group: DecodeGroup,
     session: Session,
     metadata: ModelMetadata,
     model: BackendModel,
@@ -80,6 +90,10 @@ pub struct OrtBackend {
     kv_element: TensorElementType,
     /// (index in the step's batch, slot) of the step's pooled decodes; reused.
     decode_plan: Vec<(usize, usize)>,
+    /// The step's decodes in the group; reused.
+    group_plan: Vec<GroupDecode>,
+    /// Forward passes run so far.
+    session_runs: u64,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -139,6 +153,7 @@ impl OrtBackend {
         };
         Ok(Self {
             pool,
+            group: DecodeGroup::new(&metadata, options.max_batch),
             session,
             metadata,
             model,
@@ -151,7 +166,15 @@ impl OrtBackend {
             prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
             kv_element,
             decode_plan: Vec::with_capacity(pool_slots),
+            group_plan: Vec::new(),
+            session_runs: 0,
         })
+    }
+
+    /// How many forward passes the backend has run: one per batched decode, prompt chunk or
+    /// lone step. Batching shows as fewer runs than sequences stepped.
+    pub fn session_runs(&self) -> u64 {
+        self.session_runs
     }
 
     /// The pool slot of a sequence whose cache lives in the pool.
@@ -173,6 +196,7 @@ impl OrtBackend {
         }
         let pool = self.pool.as_mut().ok_or_else(no_pool)?;
         let sequences = &self.sequences;
+        self.session_runs += 1;
         let decoded = pool.decode(
             &mut self.session,
             self.decode_plan
@@ -211,17 +235,6 @@ impl OrtBackend {
         })
     }
 
-    fn new_moved_cache(&self) -> Result<KvCache, ort::Error> {
-        let m = &self.metadata;
-        let past = (0..self.past_names.len())
-            .map(|_| {
-                Tensor::<f32>::from_array(([1usize, m.num_kv_heads, 0, m.head_dim], Vec::new()))
-                    .map(Tensor::into_dyn)
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(KvCache::Moved { past })
-    }
-
     /// Checks a step input before anything runs, so a bad input fails the step before any
     /// cache has moved.
     fn check_input(&self, input: &StepInput<'_>) -> Result<(), BackendError> {
@@ -250,6 +263,7 @@ impl OrtBackend {
 
     /// Runs one checked sequence's step and copies its last-position logits into `row`.
     fn step_one(&mut self, input: StepInput<'_>, row: &mut [f32]) -> Result<(), BackendError> {
+        self.ungroup(input.sequence)?;
         // A long prompt runs in chunks: the graph returns logits for every position it is
         // given, and a whole prompt's worth (prompt x vocabulary floats) would be a large,
         // pointless allocation when only the last row is used.
@@ -288,6 +302,7 @@ impl OrtBackend {
         match &mut state.cache {
             KvCache::Pooled { slot } => {
                 let pool = self.pool.as_mut().ok_or_else(no_pool)?;
+                self.session_runs += 1;
                 row.copy_from_slice(pool.prefill(&mut self.session, *slot, state.len, tokens)?);
             }
             KvCache::Shared {
@@ -301,6 +316,13 @@ impl OrtBackend {
             KvCache::Moved { past } => {
                 let (ids, mask) = single_row_inputs(tokens, total)?;
                 self.run_moved(past, ids, mask, state.len..total, row)?
+            }
+            // `step_one` takes a sequence out of the group before it runs alone.
+            KvCache::Grouped => {
+                return Err(BackendError::Runtime {
+                    during: "planning a step",
+                    message: "a sequence of the decode group was run alone".to_owned(),
+                });
             }
         };
         state.len = total;
@@ -335,6 +357,7 @@ impl OrtBackend {
             binding.bind_output_to_device("logits", &self.cpu_memory)
         }
         .map_err(runtime_error("binding logits"))?;
+        self.session_runs += 1;
         let outputs = self
             .session
             .run_binding(binding)
@@ -346,44 +369,6 @@ impl OrtBackend {
             *verified = true;
         }
         copy_last_row(output(&outputs, "logits")?, row)
-    }
-
-    fn run_moved(
-        &mut self,
-        past: &mut Vec<DynValue>,
-        ids: Tensor<i64>,
-        mask: Tensor<i64>,
-        positions: std::ops::Range<usize>,
-        row: &mut [f32],
-    ) -> Result<(), BackendError> {
-        let count = positions.len();
-        let positions = Tensor::from_array((
-            [1usize, count],
-            positions.map(|p| p as i64).collect::<Vec<_>>(),
-        ))
-        .map_err(runtime_error("building position_ids"))?;
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + past.len());
-        inputs.push(("input_ids", ids.into()));
-        inputs.push(("attention_mask", mask.into()));
-        inputs.push(("position_ids", positions.into()));
-        for (name, value) in self.past_names.iter().zip(past.iter()) {
-            inputs.push((name.as_str(), value.view().into()));
-        }
-        let mut outputs = self
-            .session
-            .run(inputs)
-            .map_err(runtime_error("the forward pass"))?;
-        copy_last_row(output(&outputs, "logits")?, row)?;
-        let mut present = Vec::with_capacity(self.present_names.len());
-        for name in &self.present_names {
-            present.push(outputs.remove(name).ok_or(BackendError::Runtime {
-                during: "reading the present KV cache",
-                message: format!("output {name} is missing"),
-            })?);
-        }
-        // Replaced only after a successful run, so a failed step keeps the old cache.
-        *past = present;
-        Ok(())
     }
 }
 
@@ -525,10 +510,12 @@ impl Backend for OrtBackend {
                 });
             }
         }
-        // Pooled decodes wait for one batched run; everything else (prompt chunks, and
-        // sequences with caches of their own) runs alone, first.
+        // Pooled decodes and the decode group's wait for one batched run each; everything
+        // else (prompt chunks, and sequences with caches of their own) runs alone, first.
         let mut plan = std::mem::take(&mut self.decode_plan);
         plan.clear();
+        self.group_plan.clear();
+        let mut joining = 0;
         let mut result = Ok(());
         for (index, input) in batch.iter().enumerate() {
             let slot = match input.tokens.len() {
@@ -537,6 +524,8 @@ impl Backend for OrtBackend {
             };
             if let Some(slot) = slot {
                 plan.push((index, slot));
+            } else if input.tokens.len() == 1 && self.plan_grouped(index, input, &mut joining) {
+                // Decodes in the group's run, below.
             } else if let Err(e) = self.step_one(*input, logits.row_mut(index)) {
                 result = Err(e);
                 break;
@@ -544,11 +533,19 @@ impl Backend for OrtBackend {
         }
         self.decode_plan = plan;
         result?;
-        self.decode_pooled(batch, logits)
+        self.decode_pooled(batch, logits)?;
+        self.decode_grouped(logits)
     }
 
     fn finish_sequence(&mut self, sequence: SequenceId) {
         let removed = self.sequences.remove(&sequence);
+        if let Some(SequenceState {
+            cache: KvCache::Grouped,
+            ..
+        }) = removed
+        {
+            self.group.leave(sequence);
+        }
         if let (
             Some(SequenceState {
                 cache: KvCache::Pooled { slot },

@@ -45,8 +45,10 @@ pub struct SessionOptions {
     /// Most prompt tokens fed to the graph in one run; bounds the logits a run returns to
     /// this many rows.
     pub prefill_chunk_tokens: usize,
-    /// Sequences one decode run batches on the CPU: the slots of the KV pool. The engine
-    /// runs at most this many sequences at once (`engine.max_batch`).
+    /// Sequences one decode run batches: on the CPU the slots of the fused contract's KV
+    /// pool, and the rows of the optimum contract's decode group (below 2, optimum-contract
+    /// sequences decode alone). The engine runs at most this many sequences at once
+    /// (`engine.max_batch`).
     pub max_batch: usize,
 }
 
