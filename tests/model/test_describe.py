@@ -128,6 +128,24 @@ def test_variant_is_read_from_the_graph(pristine, tmp_path, variant, kv_dtype):
     assert (meta["io_contract"], meta["variant"], meta["kv_dtype"]) == ("fused", variant, kv_dtype)
 
 
+def test_keys_before_values_as_the_builder_orders_them(genai):
+    """onnxruntime-genai's builder lists every layer's key input before any value input (and
+    the same for its outputs); moatd binds the cache by name, so that order serves too."""
+    def keys_first(m):
+        for values in (m.graph.input, m.graph.output):
+            ordered = sorted(values, key=lambda v: (v.name.endswith(".value"), v.name.startswith(("past", "present"))))
+            copies = [onnx.ValueInfoProto() for _ in ordered]
+            for copy, v in zip(copies, ordered):
+                copy.CopyFrom(v)
+            del values[:]
+            values.extend(copies)
+    edit_graph(genai, keys_first)
+    inputs, _ = graph_io(genai)
+    assert inputs.index("past_key_values.1.key") < inputs.index("past_key_values.0.value")
+    meta = run_describe(genai)
+    assert meta["inputs"] == inputs and meta["io_contract"] == "fused"
+
+
 def test_describe_again_replaces_the_file(optimum):
     first = run_describe(optimum)
     second = run_describe(optimum, name="renamed")
@@ -274,7 +292,9 @@ REFUSALS = [
     refusal("unknown-input", "optimum", _add_input,
             r"model.onnx has input 'use_cache_branch', which moat does not feed"),
     refusal("past-misnamed", "genai", _rename_input("past_key_values.1.key", "past_key_values.2.key"),
-            r"cache input 2 is past_key_values.2.key, where past_key_values.1.key belongs"),
+            r"lacks cache input past_key_values.1.key"),
+    refusal("past-missing", "genai", _rename_input("past_key_values.1.key", "past_key_values.1.keys"),
+            r"has input 'past_key_values.1.keys'"),
     refusal("past-one-layer-short", "genai", _drop_layer,
             r"cache inputs for 1 layer, but genai_config.json model.decoder.num_hidden_layers is 2"),
     refusal("mixed-kv-types", "optimum", _retype(KV_16, TensorProto.FLOAT16),

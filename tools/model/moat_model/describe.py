@@ -417,19 +417,23 @@ def check_io(model: onnx.ModelProto, expected: Expected) -> tuple[str, str, list
                                   "and present.{i}.key/value)")
     present = [v for v in outputs if PRESENT.fullmatch(v.name)]
     layers = expected.num_layers
-    for kind, values, template in (("input", past, "past_key_values.{}.{}"), ("output", present, "present.{}.{}")):
-        names = [v.name for v in values]
-        wanted = [template.format(i, part) for i in range(len(names) // 2 + len(names) % 2)
-                  for part in ("key", "value")]
-        for position, (got, want) in enumerate(zip(names, wanted)):
-            if got != want:
-                raise ConversionError(f"{GRAPH_FILE} cache {kind} {position} is {got}, where {want} belongs (one "
-                                      "key and one value per layer, layers in order from 0)")
-        if len(names) != len(wanted):
-            raise ConversionError(f"{GRAPH_FILE} lacks cache {kind} {wanted[-1]}")
-        found = len(names) // 2
-        if found != layers:
-            raise ConversionError(f"{GRAPH_FILE} has cache {kind}s for {found} layer{'' if found == 1 else 's'}, "
+    # By name, not position: onnxruntime-genai's builder lists every layer's key before any
+    # value, optimum alternates them; moatd binds them by name either way.
+    for kind, values, pattern, template in (("input", past, PAST, "past_key_values.{}.{}"),
+                                             ("output", present, PRESENT, "present.{}.{}")):
+        names = {v.name for v in values}
+        if len(names) != len(values):
+            twice = next(v.name for v in values if [w.name for w in values].count(v.name) > 1)
+            raise ConversionError(f"{GRAPH_FILE} has cache {kind} {twice} twice")
+        found = {int(pattern.fullmatch(n).group(1)) for n in names}
+        count = max(found) + 1 if found else 0
+        for i in range(count):
+            for part in ("key", "value"):
+                if template.format(i, part) not in names:
+                    raise ConversionError(f"{GRAPH_FILE} lacks cache {kind} {template.format(i, part)} (one key and "
+                                          "one value per layer, layers numbered from 0)")
+        if count != layers:
+            raise ConversionError(f"{GRAPH_FILE} has cache {kind}s for {count} layer{'' if count == 1 else 's'}, "
                                   f"but {expected.where['num_layers']} is {layers}")
 
     logits = outputs_by_name.get("logits")
