@@ -2,13 +2,15 @@
 """Greedy generation with onnxruntime-genai on a moat model directory: a benchmark peer.
 
     python bench/genai_peer.py --model DIR --prompt-ids 1,2,3 --max-new-tokens N \\
-        [--threads T]
+        [--threads T] [--own-config]
 
 Runs in the `peers` environment of bench/install-peers.sh. onnxruntime-genai reads its own
 `genai_config.json`; this writes one for the moat graph (same model.onnx, linked, in a
 temporary directory) from moat-model.json: the fused graph's I/O is the one genai's model
 builder produces (input_ids, attention_mask, past_key_values.N.key/value -> logits,
-present.N.key/value), with the past and present buffers shared as genai does. Feeds the
+present.N.key/value), with the past and present buffers shared as genai does. With
+`--own-config` the directory is an export of genai's model builder and its own
+genai_config.json is used as the builder wrote it, but for the thread count. Feeds the
 prompt ids, decodes greedily past end-of-sequence, and prints one JSON line:
 {"generated_ids", "ttft_ms", "decode_tokens_per_s", "prompt_tokens"}.
 """
@@ -79,25 +81,39 @@ def genai_config(meta: dict, threads: int, max_length: int) -> dict:
     }
 
 
+def own_config(model_dir: str, threads: int, max_length: int) -> dict:
+    """The builder's genai_config.json, with `threads` intra-op threads and room for the run."""
+    with open(os.path.join(model_dir, "genai_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    config["search"]["max_length"] = max_length
+    return config
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompt-ids", required=True)
     ap.add_argument("--max-new-tokens", type=int, required=True)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--own-config", action="store_true",
+                    help="DIR is a model builder export: use its genai_config.json")
     args = ap.parse_args()
     prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-    with open(os.path.join(args.model, "moat-model.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    max_length = len(prompt) + args.max_new_tokens
+    if args.own_config:
+        config = own_config(args.model, args.threads, max_length)
+        linked = [n for n in os.listdir(args.model) if n != "genai_config.json"]
+    else:
+        with open(os.path.join(args.model, "moat-model.json"), encoding="utf-8") as f:
+            config = genai_config(json.load(f), args.threads, max_length)
+        linked = ["model.onnx", "tokenizer.json"]
 
     with tempfile.TemporaryDirectory() as work:
-        os.symlink(os.path.abspath(os.path.join(args.model, "model.onnx")),
-                   os.path.join(work, "model.onnx"))
-        os.symlink(os.path.abspath(os.path.join(args.model, "tokenizer.json")),
-                   os.path.join(work, "tokenizer.json"))
-        max_length = len(prompt) + args.max_new_tokens
+        for name in linked:
+            os.symlink(os.path.abspath(os.path.join(args.model, name)), os.path.join(work, name))
         with open(os.path.join(work, "genai_config.json"), "w", encoding="utf-8") as f:
-            json.dump(genai_config(meta, args.threads, max_length), f)
+            json.dump(config, f)
         model = og.Model(work)
         params = og.GeneratorParams(model)
         # min_length keeps end-of-sequence from ending the run: every engine generates the
@@ -107,6 +123,8 @@ def main() -> int:
         generator = og.Generator(model, params)
         start = time.perf_counter()
         generator.append_tokens(np.array([prompt], dtype=np.int32))
+        # Until a token is generated, get_next_tokens() answers the prompt's last token.
+        generator.generate_next_token()
         generated = [int(generator.get_next_tokens()[0])]
         first = time.perf_counter()
         # End-of-sequence is not a reason to stop: every engine generates the same count.

@@ -3,14 +3,34 @@
 # cache outside the clone, all from PyPI, pinned by version and hash:
 #
 #   peers/                   onnxruntime-genai and matplotlib (bench/requirements.txt)
-#   llama-server-<v>/        llama.cpp's own server (parallel slots, continuous batching),
-#                            built for this CPU from the llama.cpp sources that the
-#                            llama-cpp-python <v> sdist on PyPI vendors
+#   llama-server-<v>/        llama.cpp's own server (parallel slots, continuous batching)
+#                            and llama-quantize, built for this CPU from the llama.cpp
+#                            sources that the llama-cpp-python <v> sdist on PyPI vendors
 #
-# Slow the first time (~15 min on 2 cores, most of it building llama.cpp), which is why the
-# test command never runs it. Idempotent: finished parts are reused. Prints the cache
-# directory.
+# With --converters (for `cargo bench -p moat-daemon --bench conversions`), also:
+#
+#   converters/              torch, transformers 5.x, onnx_ir and onnxruntime-genai
+#                            (bench/converters-requirements.txt; ~5.8 GB, CUDA wheels included)
+#   llama.cpp-src-<v>/       the sdist's convert_hf_to_gguf.py with its gguf-py
+#   conversions/builder-int4/          onnxruntime-genai's model builder, int4 for the CPU
+#   conversions/llama.cpp-q4_0.gguf    convert_hf_to_gguf.py (f32), then llama-quantize Q4_0
+#
+# both made from the demo model's Hugging Face checkpoint (local/models/
+# smollm2-135m-instruct-hf, or MOAT_BENCH_CHECKPOINT), offline and, where `unshare` can, in
+# a network namespace of their own; redone when the checkpoint's files change.
+#
+# Slow the first time (~15 min on 2 cores, most of it building llama.cpp; the converters add
+# a few GB of downloads and a few minutes), which is why the test command never runs it.
+# Idempotent: finished parts are reused. Prints the cache directory.
 set -euo pipefail
+
+converters=false
+for arg in "$@"; do
+  case "$arg" in
+    --converters) converters=true ;;
+    *) echo "usage: bash bench/install-peers.sh [--converters]" >&2; exit 64 ;;
+  esac
+done
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # ONNX Runtime's own telemetry (and onnxruntime-genai's) stays off in everything this starts.
@@ -37,8 +57,8 @@ if [ ! -f "$sdist" ]; then
 fi
 
 server="$cache/llama-server-$LLAMA_CPP_PYTHON_VERSION"
-if [ ! -x "$server/bin/llama-server" ]; then
-  echo "==> llama-server (built from the sdist's llama.cpp, ~12 min)" >&2
+if [ ! -x "$server/bin/llama-server" ] || [ ! -x "$server/bin/llama-quantize" ]; then
+  echo "==> llama-server and llama-quantize (built from the sdist's llama.cpp, ~12 min)" >&2
   tools="$cache/build-tools"
   if [ ! -x "$tools/bin/cmake" ]; then
     python3 -m venv "$tools"
@@ -54,9 +74,79 @@ if [ ! -x "$server/bin/llama-server" ]; then
     -DCMAKE_MAKE_PROGRAM="$tools/bin/ninja" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
-  "$tools/bin/cmake" --build "$work/build" --target llama-server -j "$(nproc)" >&2
+  "$tools/bin/cmake" --build "$work/build" --target llama-server llama-quantize \
+    -j "$(nproc)" >&2
   mkdir -p "$server/bin"
-  cp "$work/build/bin/llama-server" "$server/bin/llama-server"
+  cp "$work/build/bin/llama-server" "$work/build/bin/llama-quantize" "$server/bin/"
+fi
+
+if $converters; then
+  # Nothing a converter runs may reach the network: the hub is never asked, and where this
+  # shell may make a network namespace, none is there to reach.
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+  offline() {
+    if unshare --net true 2>/dev/null; then unshare --net "$@"; else "$@"; fi
+  }
+
+  conv="$cache/converters"
+  if ! "$conv/bin/python" -c 'import torch, transformers, onnx_ir, onnxruntime_genai, yaml, sentencepiece' \
+      2>/dev/null; then
+    echo "==> converters: torch, transformers, onnxruntime-genai ($conv, ~5.8 GB)" >&2
+    wheels="$cache/downloads/converters"
+    mkdir -p "$wheels"
+    # Wheels already downloaded (and matching their hashes) are not fetched again.
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --require-hashes \
+      -r "$root/bench/converters-requirements.txt" -d "$wheels" >&2
+    rm -rf "$conv"
+    python3 -m venv "$conv"
+    "$conv/bin/pip" install --quiet --no-index --find-links "$wheels" --require-hashes \
+      --no-deps -r "$root/bench/converters-requirements.txt" >&2
+  fi
+
+  llama_src="$cache/llama.cpp-src-$LLAMA_CPP_PYTHON_VERSION"
+  if [ ! -f "$llama_src/convert_hf_to_gguf.py" ]; then
+    echo "==> llama.cpp's convert_hf_to_gguf.py and gguf-py (from the sdist)" >&2
+    rm -rf "$llama_src"
+    mkdir -p "$llama_src"
+    vendored="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+    tar -xzf "$sdist" -C "$llama_src" --strip-components=3 "$vendored/convert_hf_to_gguf.py" \
+      "$vendored/conversion" "$vendored/gguf-py"
+  fi
+
+  checkpoint="${MOAT_BENCH_CHECKPOINT:-$root/local/models/smollm2-135m-instruct-hf}"
+  [ -f "$checkpoint/config.json" ] || {
+    echo "no Hugging Face checkpoint at $checkpoint: run scripts/setup.sh first" >&2
+    exit 1
+  }
+  # What the conversions were made from: they are redone when this changes.
+  key="$(cd "$checkpoint" && sha256sum config.json tokenizer.json ./*.safetensors | sha256sum)"
+  conversions="$cache/conversions"
+  mkdir -p "$conversions"
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "${work:-}" "$scratch"' EXIT
+
+  builder="$conversions/builder-int4"
+  if [ "$(cat "$builder.key" 2>/dev/null)" != "$key" ]; then
+    echo "==> onnxruntime-genai model builder, int4 for the CPU ($builder)" >&2
+    rm -rf "$builder" "$builder.key"
+    (cd "$scratch" && offline "$conv/bin/python" -m onnxruntime_genai.models.builder \
+      -i "$checkpoint" -o "$scratch/builder" -p int4 -e cpu -c "$scratch/builder-cache" >&2)
+    mv "$scratch/builder" "$builder"
+    echo "$key" >"$builder.key"
+  fi
+
+  gguf="$conversions/llama.cpp-q4_0.gguf"
+  if [ "$(cat "$gguf.key" 2>/dev/null)" != "$key" ]; then
+    echo "==> llama.cpp: convert_hf_to_gguf.py (f32), llama-quantize Q4_0 ($gguf)" >&2
+    rm -f "$gguf" "$gguf.key"
+    PYTHONPATH="$llama_src/gguf-py" offline "$conv/bin/python" \
+      "$llama_src/convert_hf_to_gguf.py" "$checkpoint" --outtype f32 \
+      --outfile "$scratch/model-f32.gguf" >&2
+    offline "$server/bin/llama-quantize" "$scratch/model-f32.gguf" "$scratch/model-q4_0.gguf" \
+      Q4_0 "$(nproc)" >&2
+    mv "$scratch/model-q4_0.gguf" "$gguf"
+    echo "$key" >"$gguf.key"
+  fi
 fi
 
 echo "$cache"
