@@ -52,12 +52,19 @@ def test_the_checkpoints_graph_decodes_as_the_ggufs(runners):
     assert from_checkpoint.greedy(france, 40, eos) == [504, 3575, 282, 4649, 314, 7042, 30, 2]
 
 
-@pytest.mark.parametrize("variant, min_top1, max_kl", [("int4", 0.999, 1e-6), ("int4-fast", 0.95, 0.01)])
-def test_int4_variants_of_the_demo_checkpoint(tmp_path, variant, min_top1, max_kl):
-    # The checkpoint's weights are a Q4_1 GGUF's, dequantised: Q4_1-style re-quantisation
-    # (block 32, float minimums) finds the original blocks again, so int4 is exact here and
-    # int4-fast costs only its int8 activations. Trained float weights lose more; see the docs.
-    convert.convert(CHECKPOINT, str(tmp_path), variant=variant, name="smollm2", log=lambda _: None)
+@pytest.mark.parametrize("variant, minimums, min_top1, max_kl", [
+    ("int4", None, 0.999, 1e-6),
+    ("int4-fast", None, 0.5, 0.5),
+    ("int4-fast", "float", 0.8, 0.06),
+])
+def test_int4_variants_of_the_demo_checkpoint(tmp_path, variant, minimums, min_top1, max_kl):
+    # The checkpoint's weights are a Q4_1 GGUF's, dequantised: re-quantised with float
+    # minimums (int4's default) they come back exactly, so int4 is exact here; int4-fast's
+    # integer zero points cannot sit on that grid and round every block again (measured KL
+    # 0.34, against 0.41 for onnxruntime-genai's builder on the same checkpoint), and with
+    # float minimums it costs its int8 activations and 4-bit lm_head (KL 0.045).
+    convert.convert(CHECKPOINT, str(tmp_path), variant=variant, int4_minimums=minimums, name="smollm2",
+                    log=lambda _: None)
     report = check.check(str(tmp_path), CHECKPOINT, [{"text": t} for t in check.DEFAULT_PROMPTS], 16)
     tf = report["teacher_forced"]
     assert tf["top1_agreement"] >= min_top1, tf

@@ -38,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="model name in moat-model.json (default: the source's name)")
     c.add_argument("--int4-block", type=int, choices=(32, 64), default=32,
                    help="inputs per int4 quantisation block (default 32)")
+    c.add_argument("--int4-minimums", choices=("float", "integer"),
+                   help="int4 blocks with a float minimum (Q4_1's form, more accurate; the default of int4) or "
+                        "an integer zero point (one plain kernel, faster; the default of int4-fast and "
+                        "int4-float16)")
     c.add_argument("--context-length", type=int, help="cap on positions (default: the config's)")
     c.add_argument("--no-chat-template", action="store_true",
                    help="accept a model without a chat template (plain completions only)")

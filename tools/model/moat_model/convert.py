@@ -6,10 +6,11 @@ moat-model.json. Variants (see docs/bring-your-model.md):
     exact         the source's weights as they are (float32 MatMul, or a GGUF's quantised
                   blocks kept exactly), float32 activations: computes what the checkpoint
                   computes. The reference for every other variant.
-    int4          float weights quantised to 4 bits per block (quantize.int4_blocks); float32
-                  activations, float32 embedding and lm_head.
-    int4-fast     int4 weights, int8 activations (accuracy_level 4), 8-bit embedding and
-                  lm_head: the CPU variant.
+    int4          float weights quantised to 4 bits per block of 32 with float minimums
+                  (quantize.q4_1_blocks); float32 activations, float32 embedding and lm_head.
+    int4-fast     int4 weights with integer zero points (quantize.int4_blocks), int8
+                  activations (accuracy_level 4), 8-bit embedding, 4-bit lm_head: the CPU
+                  variant. `--int4-minimums float` trades ~13% of its speed for Q4_1's form.
     float16       exact weights and activations in float16: the GPU variant for quality.
     int4-float16  int4 weights, float16 activations: the GPU variant for speed.
 
@@ -41,15 +42,19 @@ class Variant:
     fast: bool  # int8 activations in the quantised matmuls
     int4: bool  # float weights quantised to 4 bits
     float16: bool  # activations and KV cache in float16
+    # int4 blocks with a float minimum (Q4_1's form: more accurate, one more input column per
+    # block to carry it) rather than an integer zero point (one plain kernel, faster).
+    float_minimums: bool = True
 
 
 VARIANTS = {v.name: v for v in (
     Variant("exact", fast=False, int4=False, float16=False),
-    Variant("int4", fast=False, int4=True, float16=False),
-    Variant("int4-fast", fast=True, int4=True, float16=False),
+    Variant("int4", fast=False, int4=True, float16=False, float_minimums=True),
+    Variant("int4-fast", fast=True, int4=True, float16=False, float_minimums=False),
     Variant("float16", fast=False, int4=False, float16=True),
-    Variant("int4-float16", fast=False, int4=True, float16=True),
+    Variant("int4-float16", fast=False, int4=True, float16=True, float_minimums=False),
 )}
+INT4_MINIMUMS = ("float", "integer")
 
 
 def check_graph(model: onnx.ModelProto, directory: str | None = None) -> None:
@@ -129,8 +134,8 @@ def read_source(path: str, require_chat_template: bool) -> Source:
 
 
 def convert(src: str, out: str, *, variant: str = "exact", graph: str = "fused", name: str | None = None,
-            int4_block: int = 32, context_length: int | None = None, require_chat_template: bool = True,
-            external: str = "auto", log=print) -> dict:
+            int4_block: int = 32, int4_minimums: str | None = None, context_length: int | None = None,
+            require_chat_template: bool = True, external: str = "auto", log=print) -> dict:
     """Converts `src` into the model directory `out`; returns its moat-model.json."""
     v = VARIANTS[variant]
     if graph == "optimum" and v.name != "exact":
@@ -150,7 +155,12 @@ def convert(src: str, out: str, *, variant: str = "exact", graph: str = "fused",
         raise ConversionError(f"head_dim {h.head_dim} is not a multiple of 16, which ONNX Runtime's "
                               "GroupQueryAttention needs; convert with --graph optimum instead")
     if graph == "fused":
-        proto, inputs, outputs = onnx_fused.build(model, fast=v.fast, int4_block=int4_block if v.int4 else None)
+        float_minimums = v.float_minimums if int4_minimums is None else int4_minimums == "float"
+        if float_minimums and int4_block != 32 and v.int4:
+            raise ConversionError("float minimums come in blocks of 32 (Q4_1's form): use --int4-block 32 or "
+                                  "--int4-minimums integer")
+        proto, inputs, outputs = onnx_fused.build(model, fast=v.fast, int4_block=int4_block if v.int4 else None,
+                                                  float_minimums=float_minimums)
     else:
         proto, inputs, outputs = onnx_optimum.build(model)
     if v.float16:
@@ -185,7 +195,7 @@ def default_name(src: str) -> str:
 def run(args) -> int:
     try:
         convert(args.src, args.out, variant=args.variant, graph=args.graph, name=args.name,
-                int4_block=args.int4_block, context_length=args.context_length,
+                int4_block=args.int4_block, int4_minimums=args.int4_minimums, context_length=args.context_length,
                 require_chat_template=not args.no_chat_template, external=args.external_data,
                 log=lambda line: print(line, file=sys.stderr))
     except ConversionError as e:

@@ -39,16 +39,17 @@ def rotary_caches(model: Model) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def build(model: Model, fast: bool, int4_block: int | None = None):
+def build(model: Model, fast: bool, int4_block: int | None = None, float_minimums: bool = True):
     """The fused graph of `model`.
 
-    `fast`: quantised matmuls on int8 activations (and an 8-bit lm_head and embedding for
-    float checkpoints). `int4_block`: float weights quantised to 4 bits per block of that
-    many inputs; the embedding and an unshared lm_head stay float32 unless `fast`.
+    `fast`: quantised matmuls on int8 activations (and, for float checkpoints, an 8-bit
+    embedding and a 4-bit lm_head). `int4_block`: float weights quantised to 4 bits per
+    block of that many inputs, with float minimums (Q4_1's form) or integer zero points
+    (`float_minimums`); the embedding and lm_head stay float32 unless `fast`.
     """
     h = model.hyper
     gb = GraphBuilder("moat_fused")
-    lin = LinearEmitter(gb, fast, int4_block)
+    lin = LinearEmitter(gb, fast, int4_block, float_minimums)
     in_names, out_names = io_names(h.num_layers)
     for n in in_names + out_names:
         gb.reserve(n)
@@ -77,7 +78,7 @@ def build(model: Model, fast: bool, int4_block: int | None = None):
                          name="embed", domain=MS_DOMAIN, bits=8, block_size=BLOCK, gather_axis=0,
                          quantize_axis=2)
         x = gb.op("Reshape", [gathered, gb.ints(0, 0, -1)], name="embed/flatten")
-        if model.tied_embeddings and fast:
+        if model.tied_embeddings and fast and not (embd.is_float and int4_block):
             shared_lm_head = (table, gb.const("lm_head.scales", scales))
     else:
         float_table = gb.const("embed.weight", embd.dense())
@@ -127,6 +128,10 @@ def build(model: Model, fast: bool, int4_block: int | None = None):
     if shared_lm_head is not None:
         lin.matmul_nbits(final, *shared_lm_head, bits=8, n=embd.out_features, k=embd.in_features,
                          name="lm_head", out="logits")
+    elif out.is_float and fast and int4_block and out.in_features % int4_block == 0:
+        # The lm_head is a sixth of a small model's weights, read for every token: in 4 bits
+        # it reads half the bytes of an 8-bit one.
+        lin.linear(final, [out], "lm_head", out="logits")
     elif out.is_float and fast and out.in_features % BLOCK == 0:
         q, scales = q8_parts(out)
         lin.matmul_nbits(final, gb.const("lm_head.qweight", q), gb.const("lm_head.scales", scales), bits=8,

@@ -164,13 +164,15 @@ class LinearEmitter:
 
     `x` is [batch, seq, in_features] (the Q4_1 block sums rely on that rank). `fast` runs the
     quantised matmuls on int8 activations; `int4_block` quantises float weights to 4 bits
-    with that block size (None keeps them float32).
+    with that block size (None keeps them float32), with a float minimum per block (Q4_1's
+    form, block 32) or, without `float_minimums`, an integer zero point.
     """
 
-    def __init__(self, gb: GraphBuilder, fast: bool, int4_block: int | None = None):
+    def __init__(self, gb: GraphBuilder, fast: bool, int4_block: int | None = None, float_minimums: bool = True):
         self.gb = gb
         self.fast = fast
         self.int4_block = int4_block
+        self.float_minimums = float_minimums
 
     def family(self, w: Weight) -> str:
         if w.in_features % BLOCK == 0:
@@ -216,13 +218,14 @@ class LinearEmitter:
         """Float weights quantised to 4 bits, one weight at a time so a large model's float32
         copies never all exist at once.
 
-        Block 32: GGUF Q4_1 blocks (quantize.q4_1_blocks: a float16 step and minimum per
-        block) through the Q4_1 path above, exact or fast. Block 64: an integer zero point per
-        block (quantize.int4_blocks), a plain MatMulNBits: smaller and one kernel, but the
-        grid must hold zero, which costs accuracy.
+        Float minimums (block 32): GGUF Q4_1 blocks (quantize.q4_1_blocks: a float16 step and
+        minimum per block) through the Q4_1 path above, exact or fast. Otherwise an integer
+        zero point per block (quantize.int4_blocks): a plain MatMulNBits, one kernel and no
+        extra columns, so faster with int8 activations, but the grid must hold zero, which
+        costs accuracy.
         """
         block = self.int4_block
-        if block == BLOCK:
+        if block == BLOCK and self.float_minimums:
             return self._q4(x, [dataclasses.replace(w, qtype=Q.Q4_1, raw=q4_1_blocks(w.dense()))
                                 for w in weights], name, out)
         parts = [int4_blocks(w.dense(), block) for w in weights]
