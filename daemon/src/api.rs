@@ -1,8 +1,9 @@
 //! The OpenAI-compatible HTTP API (actix-web), served behind mutual TLS.
 //!
 //! Knows nothing of ONNX: it validates requests, resolves the model by name, and talks to
-//! the engine through [`Engine`] and [`Embedder`]. Every error leaves through
-//! [`ApiError`], the one place statuses are decided.
+//! the engine through [`Engine`] and [`Embedder`](crate::engine::Embedder). Every error
+//! leaves through [`ApiError`], the one place statuses are decided. What is served (the
+//! models and their serving types) belongs to `models`, which knows nothing of HTTP.
 
 pub mod audit_trail;
 mod embeddings;
@@ -32,50 +33,11 @@ pub use service::{
 };
 
 use crate::config::LimitsConfig;
-use crate::engine::{Embedder, Engine};
+use crate::engine::Engine;
 use crate::metrics::Metrics;
+pub use crate::models::serving::{EmbeddingService, ServedModel};
 use crate::models::serving::{LoadedModel, ServingTable};
 use crate::tls::{Identity, IdentityError};
-
-/// A model moatd serves, by what it does.
-#[derive(Debug, Clone)]
-pub enum ServedModel {
-    /// Chat and completions.
-    Generator(Arc<Engine>),
-    /// Embeddings.
-    Embedder(Arc<EmbeddingService>),
-}
-
-/// An embedding model with a bound on the requests in its hands: it runs on blocking
-/// threads, one batch at a time, and past `capacity` requests more get 503 instead of
-/// piling up threads.
-#[derive(Debug)]
-pub struct EmbeddingService {
-    pub embedder: Embedder,
-    admissions: Arc<tokio::sync::Semaphore>,
-    capacity: usize,
-}
-
-impl EmbeddingService {
-    pub fn new(embedder: Embedder, capacity: usize) -> Self {
-        let capacity = capacity.max(1);
-        Self {
-            embedder,
-            admissions: Arc::new(tokio::sync::Semaphore::new(capacity)),
-            capacity,
-        }
-    }
-
-    /// A place for one request, or `None` when `capacity` requests are already in.
-    pub fn try_admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        Arc::clone(&self.admissions).try_acquire_owned().ok()
-    }
-
-    /// Requests admitted and not yet answered.
-    pub fn in_flight(&self) -> usize {
-        self.capacity - self.admissions.available_permits()
-    }
-}
 
 impl ServedModel {
     pub fn is_healthy(&self) -> bool {

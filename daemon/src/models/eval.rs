@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use moat_core::bundle::eval::{EVAL_FILE, MAX_EVAL_BYTES, parse};
 
 use super::serving::LoadedModel;
+use super::serving::ServedModel;
 use super::{Models, RolloutError, golden, parse_label};
-use crate::api::ServedModel;
 
 /// Items answered at once: enough to fill a batch on small models, few enough that the
 /// latency figures are not mostly queueing.

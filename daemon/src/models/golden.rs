@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use moat_core::bundle::{BundleManifest, BundleTask, GoldenExpectation};
 
-use crate::api::ServedModel;
+use super::serving::ServedModel;
 use crate::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, ResponseFormat, SamplingParams,
 };

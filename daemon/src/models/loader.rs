@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use moat_core::{KvDtype, ModelMetadata, ModelTask};
 
-use crate::api::{EmbeddingService, ServedModel};
+use super::serving::{EmbeddingService, ServedModel};
 use crate::config::Config;
 use crate::engine::{Embedder, Engine, ModelDirectory, OrtRuntime, StartError};
 

@@ -1,5 +1,6 @@
 //! What is served right now, by name: the active version, an optional canary taking a
-//! share of the requests, and the previous version kept loaded for an instant rollback.
+//! share of the requests, and the previous version kept loaded for an instant rollback;
+//! and what a served model is ([`ServedModel`]: a generator or an embedding service).
 //!
 //! A request resolves its model once and holds that `Arc` to the end, so a swap never
 //! touches a request in flight: it finishes on the version it started on, and the old
@@ -11,7 +12,47 @@ use std::sync::{Arc, RwLock};
 
 use moat_core::bundle::manifest::SamplingDefaults;
 
-use crate::api::ServedModel;
+use crate::engine::{Embedder, Engine};
+
+/// A model moatd serves, by what it does.
+#[derive(Debug, Clone)]
+pub enum ServedModel {
+    /// Chat and completions.
+    Generator(Arc<Engine>),
+    /// Embeddings.
+    Embedder(Arc<EmbeddingService>),
+}
+
+/// An embedding model with a bound on the requests in its hands: it runs on blocking
+/// threads, one batch at a time, and past `capacity` requests more get 503 instead of
+/// piling up threads.
+#[derive(Debug)]
+pub struct EmbeddingService {
+    pub embedder: Embedder,
+    admissions: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+impl EmbeddingService {
+    pub fn new(embedder: Embedder, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            embedder,
+            admissions: Arc::new(tokio::sync::Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// A place for one request, or `None` when `capacity` requests are already in.
+    pub fn try_admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.admissions).try_acquire_owned().ok()
+    }
+
+    /// Requests admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.admissions.available_permits()
+    }
+}
 
 /// One loaded model version and the terms its bundle sets.
 #[derive(Debug)]

@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::ServedModel;
 use crate::audit::AuditLog;
 use crate::engine::WorkerProgress;
+use crate::models::serving::ServedModel;
 use crate::models::serving::ServingTable;
 
 /// Pings while the checks pass. Returns only if nothing watches.
