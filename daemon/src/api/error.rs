@@ -9,6 +9,10 @@ use serde::Serialize;
 use crate::engine::EngineError;
 use crate::tls::IdentityError;
 
+/// Status counted for a request whose client went away before the answer was ready (the
+/// handler was dropped, and with it the generation), as nginx counts it.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// Seconds a client is asked to wait after a 503 for a full queue.
 pub const RETRY_AFTER_SECS: u32 = 1;
 

@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::guard::{self, Admitted, GateRequest};
 use super::openai::{
-    ChatCompletionRequest, ChatMessageIn, CompletionPrompt, CompletionRequest, GenerationParams,
-    MessageContent, UsageOut,
+    ChatCompletionRequest, ChatMessageIn, CompletionPrompt, CompletionRequest, Endpoint,
+    GenerationParams, MessageContent, ResponseMeta, UsageOut,
 };
 use super::stream::{self, StreamFormat};
 use super::{AppState, Caller, RequestContext, read_json, response_format};
@@ -29,23 +29,6 @@ use moat_core::policy::content::ContentScan;
 use moat_core::policy::{AccessPolicy, ModelFacts, PolicyAction};
 
 use crate::models::serving::LoadedModel;
-
-/// Which endpoint a generation answers, deciding the shape of the response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Chat,
-    Completion,
-}
-
-/// What the response needs to know besides the generated text.
-#[derive(Debug, Clone)]
-pub struct ResponseMeta {
-    pub id: String,
-    pub created: u64,
-    pub model: String,
-    pub endpoint: Endpoint,
-    pub include_usage: bool,
-}
 
 pub async fn chat_completions(
     state: web::Data<AppState>,

@@ -180,3 +180,20 @@ pub struct EmbeddingResponse<'a> {
     pub model: &'a str,
     pub usage: EmbeddingUsage,
 }
+
+/// Which endpoint a generation answers, deciding the shape of the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// What the response needs to know besides the generated text.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub endpoint: Endpoint,
+    pub include_usage: bool,
+}

@@ -14,6 +14,7 @@ use serde_json::json;
 use tracing::Instrument as _;
 
 use super::audit_trail::{AuditNotes, RequestOrigin};
+use super::error::CLIENT_CLOSED_REQUEST;
 use super::openai::{ModelCard, ModelList};
 use super::refusals::{BUDGET_SPENT, RefusalKey};
 use super::{
@@ -118,10 +119,6 @@ fn name_caller(
         _ => Err(IdentityError::NoCertificate),
     }
 }
-
-/// Status counted for a request whose client went away before the answer was ready (the
-/// handler was dropped, and with it the generation), as nginx counts it.
-pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// Gives each request an id and a tracing span, returns the id in `x-request-id`, counts
 /// the request by endpoint, status, department and model, and stores its final audit

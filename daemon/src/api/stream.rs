@@ -16,10 +16,9 @@ use moat_core::policy::{AccessPolicy, ReasonCode};
 
 use super::audit_trail::AuditNotes;
 use super::error::ApiError;
-use super::generate::{Endpoint, ResponseMeta};
+use super::error::CLIENT_CLOSED_REQUEST;
 use super::guard::Admitted;
-use super::openai::UsageOut;
-use super::service::CLIENT_CLOSED_REQUEST;
+use super::openai::{Endpoint, ResponseMeta, UsageOut};
 use crate::engine::{AnswerCheck, FinishReason, GenerationEvent, GenerationStream};
 use crate::metrics::GenerationTimer;
 
