@@ -246,6 +246,33 @@ def server_config(pki: Pki, serve: dict[str, str], **sections: dict) -> dict:
     return config
 
 
+def signing_key(directory: Path, name: str = "ml-team") -> tuple[Path, Path]:
+    """A bundle signing key made with moatctl under `directory`: (secret key, a trusted-keys
+    directory holding its public half)."""
+    keys, trusted = directory / "keys", directory / "trusted"
+    keys.mkdir()
+    trusted.mkdir()
+    moatctl("keys", "generate", "--out", keys / name)
+    shutil.copy(keys / f"{name}.pub", trusted)
+    return keys / f"{name}.key", trusted
+
+
+def signed_bundle(model: Path, bundle_toml: str, out: Path, key: Path) -> Path:
+    """`model` packed with `bundle_toml` and signed with `key`, as the ML team ships it."""
+    (model / "bundle.toml").write_text(bundle_toml)
+    moatctl("bundle", "pack", model, "--out", out)
+    moatctl("bundle", "sign", out, "--key", key)
+    return out
+
+
+def store_config(pki: Pki, directory: Path, trusted: Path) -> dict:
+    """A serving config with no model directory: what serves comes from bundles imported into
+    a store under `directory`, signed by a key in `trusted`."""
+    config = server_config(pki, {})
+    config["models"] = {"store": str(directory / "store"), "trusted_keys": str(trusted)}
+    return config
+
+
 class Moatd:
     """One `moatd serve` process. Its stderr is read by a thread as it is written, so the
     log never fills a pipe and readiness is seen the moment it is logged."""

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import ONNXRUNTIME, Moatd, binary, moatctl, server_config
+from harness import ONNXRUNTIME, Moatd, binary, moatctl, signing_key, store_config
 
 # The bound on what handling a bundle of any size may add to moatctl or moatd.
 STREAMING_BOUND_BYTES = 200 << 20
@@ -115,23 +115,18 @@ def drill(work: Path, pki, client, shape: Shape, log=print) -> dict:
         'name = "large"\nversion = "1.0.0"\ntask = "chat"\nclassification_ceiling = "internal"\n\n'
         '[sampling]\ntemperature = 0.0\n\n'
         f'[[golden]]\nprompt = "Hello"\nexpect = {json.dumps(answer.stdout.removesuffix(chr(10)))}\nmax_tokens = 2\n')
-    keys, trusted = work / "keys", work / "trusted"
-    keys.mkdir()
-    trusted.mkdir()
-    moatctl("keys", "generate", "--out", keys / "ml")
-    shutil.copy(keys / "ml.pub", trusted)
+    key, trusted = signing_key(work)
 
+    # Packed and signed as signed_bundle does, each step measured.
     bundle = work / "large-1.0.0.tar"
     started = time.monotonic()
     _, figures["pack_peak_bytes"] = run_measured([binary("moatctl"), "bundle", "pack", model, "--out", bundle], 3600)
     figures["pack_seconds"] = round(time.monotonic() - started, 1)
     shutil.rmtree(model)
-    _, figures["sign_peak_bytes"] = run_measured([binary("moatctl"), "bundle", "sign", bundle, "--key",
-                                                  keys / "ml.key"], 3600)
+    _, figures["sign_peak_bytes"] = run_measured([binary("moatctl"), "bundle", "sign", bundle, "--key", key], 3600)
     figures["bundle_bytes"] = bundle.stat().st_size
 
-    config = server_config(pki, {})
-    config["models"] = {"store": str(work / "store"), "trusted_keys": str(trusted)}
+    config = store_config(pki, work, trusted)
     socket = ["--socket", config["admin"]["socket"]]
     server = Moatd.start(work / "node", config)
     try:

@@ -5,13 +5,14 @@ straight from the GGUF. Both are the same weights, so both must answer the same,
 token."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from harness import MODELS, ONNXRUNTIME, binary, moatctl, running, server_config
+from audit_trail import run_moatctl
+from harness import (MODELS, ONNXRUNTIME, binary, moatctl, running, server_config, signed_bundle, signing_key,
+                     store_config)
 
 SERVED = {"from-gguf": "smollm2-135m-instruct-exact", "from-checkpoint": "smollm2-135m-instruct-hf-exact"}
 CHATS = [
@@ -76,26 +77,16 @@ def test_the_documented_path_from_checkpoint_to_promotion(pki, alice, tmp_path):
     answer = subprocess.run(
         [binary("moatd"), "generate", "--model", model, "--chat", "Hello", "--max-tokens", "8",
          "--onnxruntime-library", ONNXRUNTIME], capture_output=True, text=True, timeout=120, check=True)
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    moatctl("keys", "generate", "--out", keys / "ml-team", "--comment", "ML team")
-    trusted = tmp_path / "trusted"
-    trusted.mkdir()
-    shutil.copy(keys / "ml-team.pub", trusted)
-    bundles = []
-    for version in ("1.0.0", "1.1.0"):
-        (model / "bundle.toml").write_text(
-            f'name = "my-finetune"\nversion = "{version}"\ntask = "chat"\n'
-            f'classification_ceiling = "internal"\n\n[sampling]\ntemperature = 0.0\n\n'
-            f'[[golden]]\nprompt = "Hello"\nexpect = {json.dumps(answer.stdout.removesuffix(chr(10)))}\n'
-            f'max_tokens = 8\n')
-        out = tmp_path / f"my-finetune-{version}.tar"
-        moatctl("bundle", "pack", model, "--out", out)
-        moatctl("bundle", "sign", out, "--key", keys / "ml-team.key")
-        bundles.append(out)
+    key, trusted = signing_key(tmp_path)
+    bundles = [signed_bundle(
+        model,
+        f'name = "my-finetune"\nversion = "{version}"\ntask = "chat"\n'
+        f'classification_ceiling = "internal"\n\n[sampling]\ntemperature = 0.0\n\n'
+        f'[[golden]]\nprompt = "Hello"\nexpect = {json.dumps(answer.stdout.removesuffix(chr(10)))}\n'
+        f'max_tokens = 8\n',
+        tmp_path / f"my-finetune-{version}.tar", key) for version in ("1.0.0", "1.1.0")]
 
-    config = server_config(pki, {})
-    config["models"] = {"store": str(tmp_path / "store"), "trusted_keys": str(trusted)}
+    config = store_config(pki, tmp_path, trusted)
     socket = ["--socket", config["admin"]["socket"]]
     with running(tmp_path / "node", config) as server:
         for out in bundles:
@@ -136,25 +127,18 @@ def test_promotion_is_gated_by_the_evaluation_set(pki, alice, tmp_path):
     # The set a good version passes: version 1.0.0's own answers, and a format rule both meet.
     eval_set = [{"prompt": p, "expect": a, "max_tokens": 8} for p, a in zip(prompts, answers[11])]
     eval_set.append({"prompt": "Hello", "pattern": "(?s).*", "max_tokens": 4})
-    keys, trusted = tmp_path / "keys", tmp_path / "trusted"
-    keys.mkdir()
-    trusted.mkdir()
-    moatctl("keys", "generate", "--out", keys / "ml")
-    shutil.copy(keys / "ml.pub", trusted)
+    key, trusted = signing_key(tmp_path)
     bundles = []
     for seed, version in ((11, "1.0.0"), (12, "2.0.0")):
         model = tmp_path / f"model-{seed}"
         (model / "eval.jsonl").write_text("".join(json.dumps(item) + "\n" for item in eval_set))
-        (model / "bundle.toml").write_text(
+        bundles.append(signed_bundle(
+            model,
             f'name = "tuned"\nversion = "{version}"\ntask = "chat"\nclassification_ceiling = "internal"\n\n'
-            f'[[golden]]\nprompt = "Hello"\nexpect = {json.dumps(answers[seed][0])}\nmax_tokens = 8\n')
-        out = tmp_path / f"tuned-{version}.tar"
-        moatctl("bundle", "pack", model, "--out", out)
-        moatctl("bundle", "sign", out, "--key", keys / "ml.key")
-        bundles.append(out)
+            f'[[golden]]\nprompt = "Hello"\nexpect = {json.dumps(answers[seed][0])}\nmax_tokens = 8\n',
+            tmp_path / f"tuned-{version}.tar", key))
 
-    config = server_config(pki, {})
-    config["models"] = {"store": str(tmp_path / "store"), "trusted_keys": str(trusted)}
+    config = store_config(pki, tmp_path, trusted)
     socket = ["--socket", config["admin"]["socket"]]
     with running(tmp_path / "node", config):
         for out in bundles:
@@ -177,7 +161,3 @@ def test_promotion_is_gated_by_the_evaluation_set(pki, alice, tmp_path):
 
         forced = moatctl("model", "promote", "tuned", "--force", *socket, timeout=300).stdout
         assert "promoted despite the lower score (--force)" in forced and "tuned@2.0.0 is active" in forced, forced
-
-
-def run_moatctl(*args):
-    return subprocess.run([binary("moatctl"), *map(str, args)], capture_output=True, text=True, timeout=300)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -20,6 +22,24 @@ FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizat
 
 class ConversionError(Exception):
     """The source cannot be converted as asked; the message says what and why."""
+
+
+def read_json_object(directory: str, name: str, required: bool = True) -> dict | None:
+    """A model directory's JSON file (config.json, tokenizer_config.json, ...) as a dict;
+    `None` when it is absent and not `required`. Refusals name the file."""
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        if required:
+            raise ConversionError(f"{name} is missing")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{name} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{name} is not a JSON object")
+    return value
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:

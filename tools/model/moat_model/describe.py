@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import re
 import stat
@@ -39,7 +38,7 @@ import onnx
 from onnx import TensorProto
 
 from . import hf_tokenizer, metadata
-from .decoder import ConversionError, sha256_of
+from .decoder import ConversionError, read_json_object, sha256_of
 
 GRAPH_FILE = "model.onnx"
 HF_CONFIG = "config.json"
@@ -119,20 +118,6 @@ class Value:
 
 
 # --- the export's config -----------------------------------------------------------------
-
-def _load_json(src: str, name: str) -> dict | None:
-    path = os.path.join(src, name)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{name} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{name} is not a JSON object")
-    return value
-
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -237,10 +222,10 @@ def _genai_config(genai: dict) -> Expected:
 def read_config(src: str) -> Expected:
     """The export's own description of its graph: genai_config.json when the builder made
     it (its config.json, when there is one, is the checkpoint's), else config.json."""
-    genai = _load_json(src, GENAI_CONFIG)
+    genai = read_json_object(src, GENAI_CONFIG, required=False)
     if genai is not None:
         return _genai_config(genai)
-    config = _load_json(src, HF_CONFIG)
+    config = read_json_object(src, HF_CONFIG, required=False)
     if config is not None:
         return _optimum_config(config)
     raise ConversionError(f"neither {GENAI_CONFIG} (onnxruntime-genai's model builder) nor {HF_CONFIG} "

@@ -13,13 +13,12 @@ config that does not match its weights fails here, naming the tensor and both sh
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .decoder import ConversionError, Hyper, Layer, Model, RopeScaling, Weight
+from .decoder import ConversionError, Hyper, Layer, Model, RopeScaling, Weight, read_json_object
 from .safetensors_io import SafetensorsError, read_safetensors
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -33,17 +32,6 @@ QTYPES = {
 
 # Buffers some exporters save beside the weights; the graph computes them itself.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{os.path.basename(path)} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{os.path.basename(path)} is not a JSON object")
-    return value
 
 
 def _config_value(config: dict, key: str, kind, default=None, required=False):
@@ -147,7 +135,7 @@ def weight_files(root: str) -> list[str]:
     """The safetensors files of the checkpoint: the index's shards, or the single file."""
     index = os.path.join(root, INDEX_FILE)
     if os.path.exists(index):
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json_object(root, INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConversionError(f"{INDEX_FILE} has no weight_map")
         shards = sorted(set(weight_map.values()))
@@ -184,10 +172,9 @@ def load_tensors(root: str) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def load(root: str) -> Model:
-    config_path = os.path.join(root, "config.json")
-    if not os.path.exists(config_path):
+    if not os.path.exists(os.path.join(root, "config.json")):
         raise ConversionError("config.json is missing (not a Hugging Face checkpoint directory)")
-    config = read_json(config_path)
+    config = read_json_object(root, "config.json")
     h = hyper_from_config(config)
     tensors = load_tensors(root)
     used: set[str] = set()

@@ -13,12 +13,11 @@ token its text names, a tokenizer larger than the model's vocabulary, or one muc
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from tokenizers import Tokenizer
 
-from .decoder import ConversionError
+from .decoder import ConversionError, read_json_object
 
 TEMPLATE_FILE = "chat_template.jinja"
 # Models pad their embedding tables (Qwen2 by ~2%); a tokenizer covering less than this share
@@ -34,20 +33,6 @@ class TextSpec:
     eos_token_ids: list[int]
     bos_token_id: int | None
     add_bos_token: bool
-
-
-def _json(root: str, name: str) -> dict:
-    path = os.path.join(root, name)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{name} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{name} is not a JSON object")
-    return value
 
 
 def _token_text(value) -> str | None:
@@ -107,9 +92,9 @@ def read(root: str, vocab_size: int, *, require_chat_template: bool = True,
         raise ConversionError(f"tokenizer.json has {size} tokens, but the model has {vocab_size} vocabulary "
                               "rows (config.json vocab_size): a tokenizer from another model?")
 
-    tok_config = _json(root, "tokenizer_config.json")
-    config = _json(root, "config.json")
-    gen_config = _json(root, "generation_config.json")
+    tok_config = read_json_object(root, "tokenizer_config.json", required=False) or {}
+    config = read_json_object(root, "config.json", required=False) or {}
+    gen_config = read_json_object(root, "generation_config.json", required=False) or {}
 
     def resolve(field: str) -> int | None:
         text = _token_text(tok_config.get(field))
