@@ -29,56 +29,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from moat_model import ort_telemetry  # noqa: E402, F401  (first: switches ONNX Runtime's telemetry off)
+from moat_model.genai_config import config as genai_config_of  # noqa: E402
 import onnxruntime_genai as og  # noqa: E402
 
 
 def genai_config(meta: dict, threads: int, max_length: int) -> dict:
-    return {
-        "model": {
-            "type": "llama",
-            "bos_token_id": meta.get("bos_token_id") or 1,
-            "eos_token_id": meta["eos_token_ids"],
-            "pad_token_id": meta["eos_token_ids"][0],
-            "vocab_size": meta["vocab_size"],
-            "context_length": meta["context_length"],
-            "decoder": {
-                "filename": "model.onnx",
-                "head_size": meta["head_dim"],
-                "hidden_size": meta["hidden_size"],
-                "num_attention_heads": meta["num_attention_heads"],
-                "num_key_value_heads": meta["num_kv_heads"],
-                "num_hidden_layers": meta["num_layers"],
-                "session_options": {
-                    "log_id": "onnxruntime-genai",
-                    "intra_op_num_threads": threads,
-                    "provider_options": [],
-                },
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
-        },
-        "search": {
-            "do_sample": False,
-            "max_length": max_length,
-            "min_length": 0,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": True,
-            "repetition_penalty": 1.0,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-        },
-    }
+    return genai_config_of(
+        model_type="llama", num_layers=meta["num_layers"], num_heads=meta["num_attention_heads"],
+        num_kv_heads=meta["num_kv_heads"], head_size=meta["head_dim"], hidden_size=meta["hidden_size"],
+        vocab_size=meta["vocab_size"], context_length=meta["context_length"], eos_token_id=meta["eos_token_ids"],
+        bos_token_id=meta.get("bos_token_id") or 1, pad_token_id=meta["eos_token_ids"][0],
+        session_options={"intra_op_num_threads": threads},
+        search={"max_length": max_length, "min_length": 0, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                "temperature": 1.0, "top_p": 1.0})
 
 
 def own_config(model_dir: str, threads: int, max_length: int) -> dict:

@@ -22,6 +22,7 @@ import os
 import shutil
 
 from moat_model import convert, make_checkpoint
+from moat_model.genai_config import config as make_genai_config
 
 OPTIMUM_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json")
@@ -69,38 +70,12 @@ def genai_config(ckpt_config: dict, eos=GENAI_EOS) -> dict:
     """genai_config.json as the model builder writes it for a CPU int4 export."""
     c = ckpt_config
     heads = c["num_attention_heads"]
-    return {
-        "model": {
-            "bos_token_id": c["bos_token_id"],
-            "context_length": c["max_position_embeddings"],
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": "model.onnx",
-                "head_size": c.get("head_dim") or c["hidden_size"] // heads,
-                "hidden_size": c["hidden_size"],
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-                "num_attention_heads": heads,
-                "num_hidden_layers": c["num_hidden_layers"],
-                "num_key_value_heads": c["num_key_value_heads"],
-            },
-            "eos_token_id": eos,
-            "pad_token_id": 2,
-            "type": c["model_type"],
-            "vocab_size": c["vocab_size"],
-        },
-        "search": {"do_sample": False, "max_length": c["max_position_embeddings"], "num_beams": 1,
-                   "past_present_share_buffer": True, "top_k": 1},
-    }
+    return make_genai_config(
+        model_type=c["model_type"], num_layers=c["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=c["num_key_value_heads"], head_size=c.get("head_dim") or c["hidden_size"] // heads,
+        hidden_size=c["hidden_size"], vocab_size=c["vocab_size"], context_length=c["max_position_embeddings"],
+        eos_token_id=eos, bos_token_id=c["bos_token_id"], pad_token_id=2, session_options={},
+        search={"max_length": c["max_position_embeddings"]})
 
 
 def genai_export(ckpt: str, out: str, variant: str = "int4") -> str:

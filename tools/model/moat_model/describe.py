@@ -37,7 +37,7 @@ import sys
 import onnx
 from onnx import TensorProto
 
-from . import hf_tokenizer, metadata
+from . import genai_config, hf_tokenizer, metadata
 from .decoder import ConversionError, read_json_object, sha256_of
 
 GRAPH_FILE = "model.onnx"
@@ -71,16 +71,11 @@ INT8_ACTIVATIONS = 4
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
-# The cache names moatd binds (daemon/src/engine/ort_backend), as genai_config.json spells them.
+# The names moatd binds, as genai_config.json spells them (position_ids: optimum-contract graphs).
 GENAI_NAMES = {
-    ("inputs", "input_ids"): "input_ids",
-    ("inputs", "attention_mask"): "attention_mask",
+    **{("inputs", key): name for key, name in genai_config.DECODER_INPUTS.items()},
     ("inputs", "position_ids"): "position_ids",
-    ("inputs", "past_key_names"): "past_key_values.%d.key",
-    ("inputs", "past_value_names"): "past_key_values.%d.value",
-    ("outputs", "logits"): "logits",
-    ("outputs", "present_key_names"): "present.%d.key",
-    ("outputs", "present_value_names"): "present.%d.value",
+    **{("outputs", key): name for key, name in genai_config.DECODER_OUTPUTS.items()},
 }
 
 
