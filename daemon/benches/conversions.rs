@@ -34,12 +34,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
-use moat_daemon::engine::sampler;
-use moat_daemon::engine::{ChatMessage, ModelDirectory, OrtBackend, Prompt, SessionOptions};
+use moat_daemon::engine::{ChatMessage, Prompt};
 use serde_json::{Value, json};
 
 mod common;
+use common::peers::{BareLoop, Single, machine, peers_cache};
 
 const THREADS: usize = 2;
 const NEW_TOKENS: usize = 128;
@@ -56,13 +55,6 @@ const BUILDER: &str = "builder: genai builder int4, genai's loop (its genai_conf
 const LLAMA: &str = "llama.cpp: convert_hf_to_gguf + Q4_0, llama-server";
 const OURS_GENAI: &str = "cross: moat-model int4-fast, genai's loop";
 const BUILDER_MOAT: &str = "cross: genai builder int4, moat's loop (Rust, OrtBackend)";
-
-/// One decode of `NEW_TOKENS` tokens after the prompt.
-#[derive(Debug, Clone, Copy)]
-struct Single {
-    ttft_ms: f64,
-    decode_tokens_per_s: f64,
-}
 
 /// Where the three conversions are, and which of them exist.
 struct Conversions {
@@ -94,51 +86,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// ONNX Runtime and nothing else: prefill, then one greedy step per token.
-struct BareLoop {
-    backend: OrtBackend,
-    logits: LogitsBatch,
-}
-
-impl BareLoop {
-    fn load(bench: &common::CpuBench, model_dir: &Path) -> Self {
-        let dir = ModelDirectory::open(model_dir).expect("model directory");
-        let options = SessionOptions {
-            max_batch: 1,
-            ..bench.options.clone()
-        };
-        Self {
-            backend: OrtBackend::load(&bench.runtime, &dir, &options).expect("model loads"),
-            logits: LogitsBatch::default(),
-        }
-    }
-
-    fn run(&mut self, prompt: &[u32]) -> Single {
-        let sequence = SequenceId(1);
-        self.backend
-            .start_sequence(sequence, prompt.len() + NEW_TOKENS)
-            .expect("sequence starts");
-        let mut feed = |tokens: &[u32]| {
-            self.backend
-                .step(&[StepInput { sequence, tokens }], &mut self.logits)
-                .expect("step runs");
-            sampler::argmax(self.logits.row(0))
-        };
-        let start = Instant::now();
-        let mut token = feed(prompt);
-        let first = Instant::now();
-        for _ in 1..NEW_TOKENS {
-            token = feed(&[token]);
-        }
-        let end = Instant::now();
-        self.backend.finish_sequence(sequence);
-        Single {
-            ttft_ms: (first - start).as_secs_f64() * 1e3,
-            decode_tokens_per_s: (NEW_TOKENS - 1) as f64 / (end - first).as_secs_f64(),
-        }
     }
 }
 
@@ -293,7 +240,7 @@ fn measure_speed(bench: &common::CpuBench, cache: &Path, conv: &Conversions) -> 
         .as_ref()
         .and_then(|g| start_llama_server(cache, g));
 
-    let mut contenders = vec![Contender::new(OURS, || ours.run(&prompt))];
+    let mut contenders = vec![Contender::new(OURS, || ours.run(&prompt, NEW_TOKENS))];
     if let (Some(python), Some(dir)) = (&genai, &conv.builder) {
         contenders.push(Contender::new(BUILDER, || {
             genai_run(python, &script, dir, &ids_arg, true)
@@ -308,7 +255,9 @@ fn measure_speed(bench: &common::CpuBench, cache: &Path, conv: &Conversions) -> 
         }));
     }
     if let Some(bare) = builder_bare.as_mut() {
-        contenders.push(Contender::new(BUILDER_MOAT, || bare.run(&prompt)));
+        contenders.push(Contender::new(BUILDER_MOAT, || {
+            bare.run(&prompt, NEW_TOKENS)
+        }));
     }
     let load_before = load_average();
     for round in 0..=ROUNDS {
@@ -599,36 +548,12 @@ fn measure_quality(root: &Path, conv: &Conversions) -> Value {
     Value::Array(rows)
 }
 
-fn peers_cache() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MOAT_BENCH_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("moat-bench")
-}
-
 /// The 1, 5 and 15 minute load averages: the machine is shared, so the report says how
 /// busy it was.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".to_owned())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
 }
 
 /// The middle of sorted values (the mean of the two middle ones for an even count).

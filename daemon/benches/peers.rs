@@ -20,17 +20,17 @@
 //! `bench/gpu.sh`); `MOAT_BENCH_CACHE` is where install-peers.sh put the peers.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
-use moat_daemon::engine::sampler;
-use moat_daemon::engine::{ChatMessage, ModelDirectory, OrtBackend, Prompt, SessionOptions};
+use moat_daemon::engine::{ChatMessage, Prompt};
 use serde_json::{Value, json};
 
 mod common;
+use common::peers::{BareLoop, Single, machine, peers_cache};
 use common::sse::{Streamed, stream};
 use common::tls::{Pki, client, make_pki, write_permissive_policy};
 
@@ -48,13 +48,6 @@ const SHORT_ANSWER: usize = 4;
 const STORY: &str = "Write a short story about a lighthouse keeper.";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const LLAMA_CPP_VERSION: &str = "0.3.36";
-
-/// One single-stream measurement.
-#[derive(Debug, Clone, Copy)]
-struct Single {
-    ttft_ms: f64,
-    decode_tokens_per_s: f64,
-}
 
 /// One concurrency level of one server.
 #[derive(Debug, Clone)]
@@ -550,56 +543,6 @@ fn single(answer: &Streamed) -> Single {
     }
 }
 
-/// ONNX Runtime and nothing else: prefill, then one greedy step per token.
-struct BareLoop {
-    backend: OrtBackend,
-    logits: LogitsBatch,
-}
-
-impl BareLoop {
-    fn load(bench: &common::CpuBench, model_dir: &Path) -> Self {
-        Self::load_with(bench, model_dir, 1)
-    }
-
-    fn load_with(bench: &common::CpuBench, model_dir: &Path, max_batch: usize) -> Self {
-        let dir = ModelDirectory::open(model_dir).expect("model directory");
-        let options = SessionOptions {
-            max_batch,
-            ..bench.options.clone()
-        };
-        Self {
-            backend: OrtBackend::load(&bench.runtime, &dir, &options).expect("model loads"),
-            logits: LogitsBatch::default(),
-        }
-    }
-
-    fn run(&mut self, prompt: &[u32], new_tokens: usize) -> Single {
-        let sequence = SequenceId(1);
-        self.backend
-            .start_sequence(sequence, prompt.len() + new_tokens)
-            .expect("sequence starts");
-        let start = Instant::now();
-        let mut token = [0u32];
-        let feed = |backend: &mut OrtBackend, logits: &mut LogitsBatch, tokens: &[u32]| {
-            backend
-                .step(&[StepInput { sequence, tokens }], logits)
-                .expect("step runs");
-            sampler::argmax(logits.row(0))
-        };
-        token[0] = feed(&mut self.backend, &mut self.logits, prompt);
-        let first = Instant::now();
-        for _ in 1..new_tokens {
-            token[0] = feed(&mut self.backend, &mut self.logits, &token);
-        }
-        let end = Instant::now();
-        self.backend.finish_sequence(sequence);
-        Single {
-            ttft_ms: (first - start).as_secs_f64() * 1e3,
-            decode_tokens_per_s: (new_tokens - 1) as f64 / (end - first).as_secs_f64(),
-        }
-    }
-}
-
 /// The time of one decode step over the KV pool with `batch` sequences (after their
 /// prompts), for batch sizes 1 to 32: how the graph's kernels scale with the batch, apart
 /// from serving.
@@ -613,11 +556,11 @@ fn batched_steps(bench: &common::CpuBench, model_dir: &Path, prompt: &[u32]) -> 
             let ids: Vec<SequenceId> = (0..batch as u64).map(SequenceId).collect();
             for &id in &ids {
                 pooled
-                    .backend
+                    .backend()
                     .start_sequence(id, prompt.len() + STEPS + 1)
                     .expect("sequence starts");
                 pooled
-                    .backend
+                    .backend()
                     .step(
                         &[StepInput {
                             sequence: id,
@@ -638,13 +581,13 @@ fn batched_steps(bench: &common::CpuBench, model_dir: &Path, prompt: &[u32]) -> 
             let start = Instant::now();
             for _ in 0..STEPS {
                 pooled
-                    .backend
+                    .backend()
                     .step(&inputs, &mut logits)
                     .expect("step runs");
             }
             let ms = start.elapsed().as_secs_f64() * 1e3 / STEPS as f64;
             for &id in &ids {
-                pooled.backend.finish_sequence(id);
+                pooled.backend().finish_sequence(id);
             }
             (batch, ms)
         })
@@ -806,17 +749,6 @@ fn start_llama_server(cache: &Path, root: &Path, threads: usize) -> Option<Serve
     })
 }
 
-fn peers_cache() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MOAT_BENCH_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("moat-bench")
-}
-
 /// The graph and any external weight files of a model directory.
 fn weights_bytes(model_dir: &Path) -> u64 {
     std::fs::read_dir(model_dir)
@@ -835,19 +767,6 @@ fn weights_bytes(model_dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
 }
 
 fn median_single(samples: &[Single]) -> Single {

@@ -4,6 +4,7 @@
 // Each bench compiles this module on its own and uses a part of it.
 #![allow(dead_code)]
 
+pub mod peers;
 pub mod sse;
 pub mod tls;
 
