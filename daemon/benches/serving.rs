@@ -123,7 +123,9 @@ fn greedy(content: &str, max_tokens: usize) -> GenerationRequest {
 
 /// Decode tokens/s of one in-process generation (first token to last).
 fn in_process_decode(engine: &Engine, max_tokens: usize) -> f64 {
-    let mut stream = engine.submit(greedy(STORY, max_tokens)).expect("accepted");
+    let mut stream = engine
+        .generate(greedy(STORY, max_tokens))
+        .expect("accepted");
     let (mut first, mut last, mut tokens) = (None, Instant::now(), 0usize);
     while let Some(event) = stream.next_blocking() {
         match event {
@@ -141,7 +143,7 @@ fn in_process_decode(engine: &Engine, max_tokens: usize) -> f64 {
 
 fn in_process_one_token(engine: &Engine) -> f64 {
     let start = Instant::now();
-    let mut stream = engine.submit(greedy(SHORT, 1)).expect("accepted");
+    let mut stream = engine.generate(greedy(SHORT, 1)).expect("accepted");
     while let Some(event) = stream.next_blocking() {
         if matches!(event, GenerationEvent::Finished { .. }) {
             break;

@@ -69,7 +69,7 @@ fn generate(engine: &Engine, constrained: bool, max_tokens: usize) -> (Vec<u32>,
     if constrained {
         request.constraint = Some(engine.constrain(&format()).expect("compiles"));
     }
-    let mut stream = engine.submit(request).expect("submits");
+    let mut stream = engine.generate(request).expect("submits");
     let mut ids = Vec::new();
     let mut first = None;
     while let Some(event) = stream.next_blocking() {

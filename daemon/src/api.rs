@@ -5,15 +5,18 @@
 //! leaves through [`ApiError`], the one place statuses are decided. What is served (the
 //! models and their serving types) belongs to `models`, which knows nothing of HTTP.
 
+mod answer;
 pub mod audit_trail;
 mod embeddings;
 pub mod error;
 pub mod generate;
 pub mod guard;
+mod inference;
+pub mod middleware;
 pub mod openai;
 pub mod refusals;
 pub mod response_format;
-mod service;
+pub mod routes;
 pub mod stream;
 
 use std::cell::RefCell;
@@ -28,12 +31,11 @@ use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
-pub use service::{
-    ConnectionCertificates, RequestIdentity, metrics_routes, request_context, routes,
-};
+pub use inference::{Embedding, Generator};
+pub use middleware::{ConnectionCertificates, RequestIdentity};
+pub use routes::{metrics_routes, routes};
 
 use crate::config::LimitsConfig;
-use crate::engine::Engine;
 use crate::metrics::Metrics;
 pub use crate::models::serving::{EmbeddingService, ServedModel};
 use crate::models::serving::{LoadedModel, ServingTable};
@@ -91,12 +93,12 @@ impl AppState {
         name: &str,
         http: &HttpRequest,
         _caller: &Caller,
-    ) -> Result<(Arc<LoadedModel>, Arc<Engine>), ApiError> {
+    ) -> Result<(Arc<LoadedModel>, Generator), ApiError> {
         let model = self.find(name, http)?;
         match &model.served {
             ServedModel::Generator(engine) => {
-                let engine = Arc::clone(engine);
-                Ok((model, engine))
+                let generator = Generator::new(Arc::clone(engine));
+                Ok((model, generator))
             }
             ServedModel::Embedder(_) => Err(ApiError::unsupported(
                 format!("the model {name} is an embedding model; use /v1/embeddings"),
@@ -112,12 +114,12 @@ impl AppState {
         name: &str,
         http: &HttpRequest,
         _caller: &Caller,
-    ) -> Result<(Arc<LoadedModel>, Arc<EmbeddingService>), ApiError> {
+    ) -> Result<(Arc<LoadedModel>, Embedding), ApiError> {
         let model = self.find(name, http)?;
         match &model.served {
             ServedModel::Embedder(service) => {
-                let service = Arc::clone(service);
-                Ok((model, service))
+                let embedding = Embedding::new(Arc::clone(service));
+                Ok((model, embedding))
             }
             ServedModel::Generator(_) => Err(ApiError::unsupported(
                 format!(

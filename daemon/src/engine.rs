@@ -100,6 +100,30 @@ impl GenerationRequest {
     }
 }
 
+/// A request the engine has checked, rendered and tokenised ([`Engine::prepare`]), ready
+/// to queue ([`Engine::submit`]).
+#[derive(Debug)]
+pub struct Prepared {
+    spec: SequenceSpec,
+    department: String,
+}
+
+impl Prepared {
+    /// The prompt as the model will read it.
+    pub fn token_ids(&self) -> &[u32] {
+        &self.spec.prompt
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.spec.prompt.len()
+    }
+
+    /// New tokens at most: what was asked, or the engine's default, within the context.
+    pub fn max_new_tokens(&self) -> usize {
+        self.spec.max_new_tokens
+    }
+}
+
 /// What a generation reports, in order: tokens, then exactly one `Finished` or `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
@@ -603,38 +627,14 @@ impl Engine {
             .map_err(|e| EngineError::Tokenize(e.to_string()))
     }
 
-    /// Validates a request and queues it; events arrive on the returned stream.
+    /// Checks a request, renders and tokenises its prompt once, and fixes its token budget:
+    /// everything a request costs before it runs, and everything the policy needs to know
+    /// of it ([`Prepared::prompt_tokens`], [`Prepared::max_new_tokens`]).
     ///
-    /// Rendering and tokenizing the prompt happen on the calling thread (milliseconds for
-    /// long prompts); async callers should call this from a blocking-capable context.
-    pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
-        let department = request.department.clone();
-        let spec = self.prepare(request)?;
-        let prompt_tokens = spec.prompt.len();
-        let id = SequenceId(self.next_sequence.fetch_add(1, Ordering::Relaxed));
-        let (events, receiver) = mpsc::unbounded_channel();
-        let admission = worker::Admission {
-            sequence: Sequence::new(id, spec),
-            events,
-        };
-        if self.workers.iter().all(|(thread, _)| thread.is_finished()) {
-            return Err(EngineError::ShutDown);
-        }
-        self.lock_queue()
-            .push(&department, admission)
-            .map_err(|(full, _)| match full {
-                QueueFull::Engine => EngineError::Overloaded,
-                QueueFull::Department => EngineError::DepartmentOverloaded,
-            })?;
-        // A full channel means every worker already has a token to wake with.
-        let _ = self.wake.try_send(());
-        Ok(GenerationStream {
-            events: receiver,
-            prompt_tokens,
-        })
-    }
-
-    fn prepare(&self, request: GenerationRequest) -> Result<SequenceSpec, EngineError> {
+    /// Rendering a chat template and tokenising a long prompt take milliseconds and run a
+    /// bundle author's template: call this off the async workers (the API does so on the
+    /// blocking pool).
+    pub fn prepare(&self, request: GenerationRequest) -> Result<Prepared, EngineError> {
         let shared = &self.shared;
         let vocab_size = shared.model.vocab_size;
         request.sampling.validate()?;
@@ -667,15 +667,52 @@ impl Engine {
         if !request.ignore_eos {
             stop_token_ids.extend(shared.metadata.eos_token_ids.iter().copied());
         }
-        Ok(SequenceSpec {
-            prompt,
-            max_new_tokens,
-            stop_token_ids,
-            sampler: sampler::Sampler::new(request.sampling),
-            stop_strings: request.stop,
-            prefill_chunk: shared.settings.prefill_chunk_tokens,
-            constraint: request.constraint,
+        Ok(Prepared {
+            spec: SequenceSpec {
+                prompt,
+                max_new_tokens,
+                stop_token_ids,
+                sampler: sampler::Sampler::new(request.sampling),
+                stop_strings: request.stop,
+                prefill_chunk: shared.settings.prefill_chunk_tokens,
+                constraint: request.constraint,
+            },
+            department: request.department,
         })
+    }
+
+    /// Queues a prepared request; events arrive on the returned stream. Does no work of
+    /// the request's own, so it is safe on an async worker.
+    pub fn submit(&self, prepared: Prepared) -> Result<GenerationStream, EngineError> {
+        let Prepared { spec, department } = prepared;
+        let prompt_tokens = spec.prompt.len();
+        let id = SequenceId(self.next_sequence.fetch_add(1, Ordering::Relaxed));
+        let (events, receiver) = mpsc::unbounded_channel();
+        let admission = worker::Admission {
+            sequence: Sequence::new(id, spec),
+            events,
+        };
+        if self.workers.iter().all(|(thread, _)| thread.is_finished()) {
+            return Err(EngineError::ShutDown);
+        }
+        self.lock_queue()
+            .push(&department, admission)
+            .map_err(|(full, _)| match full {
+                QueueFull::Engine => EngineError::Overloaded,
+                QueueFull::Department => EngineError::DepartmentOverloaded,
+            })?;
+        // A full channel means every worker already has a token to wake with.
+        let _ = self.wake.try_send(());
+        Ok(GenerationStream {
+            events: receiver,
+            prompt_tokens,
+        })
+    }
+
+    /// [`Engine::prepare`] then [`Engine::submit`], for callers already off the async
+    /// workers that answer no department (golden checks, evaluations, the command line).
+    pub fn generate(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+        self.submit(self.prepare(request)?)
     }
 
     /// The constraint that enforces `format` on an answer of this model (compiling may

@@ -390,7 +390,7 @@ fn generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
     let stats_json = args.stats_json;
     let request = build_request(args)?;
     let started = Instant::now();
-    let mut stream = engine.submit(request)?;
+    let mut stream = engine.generate(request)?;
     let result = stream_to_stdout(&mut stream, started, stats_json);
     drop(stream);
     engine.shutdown();

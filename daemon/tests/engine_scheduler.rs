@@ -155,14 +155,14 @@ fn a_full_queue_is_refused_as_overloaded() {
         ..EngineSettings::default()
     });
     h.mode.store(WAIT, Ordering::SeqCst);
-    let mut running = h.engine.submit(request(2)).expect("accepted");
+    let mut running = h.engine.generate(request(2)).expect("accepted");
     // Wait until the engine thread holds the first request inside a step.
     wait_until("the first request to be admitted", || {
         h.engine.live_sequences() == 1
     });
-    let mut queued = h.engine.submit(request(2)).expect("queued");
+    let mut queued = h.engine.generate(request(2)).expect("queued");
     assert_eq!(
-        h.engine.submit(request(2)).map(|_| ()),
+        h.engine.generate(request(2)).map(|_| ()),
         Err(EngineError::Overloaded)
     );
     h.mode.store(NORMAL, Ordering::SeqCst);
@@ -186,7 +186,7 @@ fn batches_never_exceed_max_batch() {
     // Steps wait for the gate, so all five requests are queued before the second step.
     h.mode.store(WAIT, Ordering::SeqCst);
     let mut streams: Vec<_> = (0..5)
-        .map(|_| h.engine.submit(request(6)).expect("accepted"))
+        .map(|_| h.engine.generate(request(6)).expect("accepted"))
         .collect();
     for _ in 0..100 {
         h.open_gate.send(()).expect("gate");
@@ -209,7 +209,7 @@ fn batches_never_exceed_max_batch() {
 fn a_failed_step_fails_its_generations_and_health_recovers() {
     let h = start(EngineSettings::default());
     h.mode.store(FAIL, Ordering::SeqCst);
-    let mut failing = h.engine.submit(request(4)).expect("accepted");
+    let mut failing = h.engine.generate(request(4)).expect("accepted");
     match last_event(&mut failing) {
         GenerationEvent::Failed(EngineError::Inference(message)) => {
             assert!(message.contains("scripted failure"), "{message}")
@@ -218,7 +218,7 @@ fn a_failed_step_fails_its_generations_and_health_recovers() {
     }
     assert!(!h.engine.is_healthy());
     h.mode.store(NORMAL, Ordering::SeqCst);
-    let mut ok = h.engine.submit(request(3)).expect("accepted");
+    let mut ok = h.engine.generate(request(3)).expect("accepted");
     assert!(matches!(
         last_event(&mut ok),
         GenerationEvent::Finished { .. }
@@ -230,7 +230,7 @@ fn a_failed_step_fails_its_generations_and_health_recovers() {
 fn a_panicking_backend_fails_generations_instead_of_hanging_them() {
     let h = start(EngineSettings::default());
     h.mode.store(PANIC, Ordering::SeqCst);
-    let mut stream = h.engine.submit(request(4)).expect("accepted");
+    let mut stream = h.engine.generate(request(4)).expect("accepted");
     assert!(matches!(
         last_event(&mut stream),
         GenerationEvent::Failed(EngineError::Inference(_))
@@ -239,7 +239,7 @@ fn a_panicking_backend_fails_generations_instead_of_hanging_them() {
     // The thread is gone; new work is refused rather than queued forever.
     wait_until("the engine to refuse work", || {
         matches!(
-            h.engine.submit(request(1)).map(|_| ()),
+            h.engine.generate(request(1)).map(|_| ()),
             Err(EngineError::ShutDown)
         )
     });
@@ -263,7 +263,7 @@ fn a_panicking_worker_leaves_the_queue_to_its_siblings() {
     doomed_mode.store(WAIT, Ordering::SeqCst);
     healthy_mode.store(WAIT, Ordering::SeqCst);
     let mut streams: Vec<_> = (0..12)
-        .map(|_| engine.submit(request(3)).expect("accepted"))
+        .map(|_| engine.generate(request(3)).expect("accepted"))
         .collect();
     wait_until("both workers to hold a request", || {
         engine.live_sequences() == 2
@@ -296,11 +296,11 @@ fn a_long_prompt_is_fed_in_chunks_between_other_decodes() {
     // Steps wait for the gate, so both requests are queued before the short one can run
     // far ahead; the gate then lets every step through.
     h.mode.store(WAIT, Ordering::SeqCst);
-    let mut short = h.engine.submit(request(40)).expect("accepted");
+    let mut short = h.engine.generate(request(40)).expect("accepted");
     let long_prompt: Vec<u32> = (10..40).collect();
     let mut long = GenerationRequest::new(Prompt::TokenIds(long_prompt));
     long.max_tokens = Some(2);
-    let mut long = h.engine.submit(long).expect("accepted");
+    let mut long = h.engine.generate(long).expect("accepted");
     for _ in 0..200 {
         h.open_gate.send(()).expect("gate");
     }
@@ -337,7 +337,7 @@ fn one_slot_held(queue_capacity: usize) -> (Harness, GenerationStream) {
         ..EngineSettings::default()
     });
     h.mode.store(WAIT, Ordering::SeqCst);
-    let running = h.engine.submit(from("a", 1)).expect("accepted");
+    let running = h.engine.generate(from("a", 1)).expect("accepted");
     wait_until("the first request to run", || {
         h.engine.live_sequences() == 1
     });
@@ -350,10 +350,10 @@ fn a_department_flooding_the_queue_does_not_starve_another() {
     let (h, running) = one_slot_held(32);
     let mut streams = vec![running];
     for _ in 0..10 {
-        streams.push(h.engine.submit(from("a", 1)).expect("accepted"));
+        streams.push(h.engine.generate(from("a", 1)).expect("accepted"));
     }
     // Sequence ids follow submission: a's are 0 to 10, b's is 11.
-    streams.push(h.engine.submit(from("b", 1)).expect("accepted"));
+    streams.push(h.engine.generate(from("b", 1)).expect("accepted"));
     h.mode.store(NORMAL, Ordering::SeqCst);
     h.open_gate.send(()).expect("gate");
     for mut stream in streams {
@@ -384,17 +384,17 @@ fn a_department_may_hold_only_its_share_of_the_queue() {
     let (h, _running) = one_slot_held(4);
     // Half of the four places: two.
     let _waiting: Vec<_> = (0..2)
-        .map(|_| h.engine.submit(from("a", 1)).expect("its share"))
+        .map(|_| h.engine.generate(from("a", 1)).expect("its share"))
         .collect();
     assert!(matches!(
-        h.engine.submit(from("a", 1)),
+        h.engine.generate(from("a", 1)),
         Err(EngineError::DepartmentOverloaded)
     ));
     let _others: Vec<_> = (0..2)
-        .map(|_| h.engine.submit(from("b", 1)).expect("b's own share"))
+        .map(|_| h.engine.generate(from("b", 1)).expect("b's own share"))
         .collect();
     assert!(matches!(
-        h.engine.submit(from("c", 1)),
+        h.engine.generate(from("c", 1)),
         Err(EngineError::Overloaded)
     ));
     h.mode.store(NORMAL, Ordering::SeqCst);
@@ -417,7 +417,7 @@ fn prompt_chunks_wait_for_room_while_running_answers_keep_their_pace() {
         request
     };
     let mut streams: Vec<_> = (0..4)
-        .map(|_| h.engine.submit(long_prompt(6)).expect("accepted"))
+        .map(|_| h.engine.generate(long_prompt(6)).expect("accepted"))
         .collect();
     h.mode.store(NORMAL, Ordering::SeqCst);
     h.open_gate.send(()).expect("gate");

@@ -3,20 +3,27 @@
 //! The request middleware starts an [`AuditNotes`] for every department request; the
 //! policy gate adds the decision, the classification, the findings and the prompt (as the
 //! department's retention keeps it); the handlers add token counts and the answer. Before
-//! any inference runs, the gate's [`AuditNotes::admission`] record must be durable; the
-//! middleware writes the final [`RecordKind::Request`] record before the response leaves,
-//! except for a stream, which writes it itself before its last event.
+//! any inference runs, the gate's [`AuditNotes::admission`] record must be durable (the
+//! gate's `Admitted` is the proof).
+//!
+//! The final [`RecordKind::Request`] record has one writer at a time: whoever holds the
+//! request's [`FinalRecord`]. The audit middleware holds it while the handler runs and
+//! writes it with the response's status before the response leaves; a streamed answer
+//! takes it ([`FinalRecordSlot::take`]) and writes it before its last event; whoever holds
+//! it when the request is cancelled (the client went away) hands it in as abandoned by
+//! dropping it. Written or dropped, it is gone: a request cannot have two final records.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use actix_web::{HttpMessage as _, HttpRequest};
 use moat_core::audit::{AuditRecord, Finding, RecordKind, RetainedText, Retention};
 use moat_core::policy::content::{ContentScan, Direction, Purpose};
 use moat_core::policy::{AccessPolicy, ModelFacts, PolicyDecision};
 
-use super::error::ApiError;
+use super::error::{ApiError, CLIENT_CLOSED_REQUEST};
 use crate::audit::AuditLog;
 use crate::audit::log::now_unix_ms;
 
@@ -46,10 +53,6 @@ struct Notes {
     retention: Retention,
     prompt: Option<RetainedText>,
     answer: Option<RetainedText>,
-    /// The final record is the stream's to write.
-    stream_writes_final: bool,
-    /// The final record was written (or handed in).
-    finished: bool,
 }
 
 /// A request's audit notes, shared between the middleware, the handler and its stream
@@ -151,15 +154,6 @@ impl AuditNotes {
         reason.clone_into(&mut notes.reason);
     }
 
-    /// The stream, not the middleware, writes the final record.
-    pub fn stream_writes_final(&self) {
-        self.notes.borrow_mut().stream_writes_final = true;
-    }
-
-    pub fn is_streams_to_write(&self) -> bool {
-        self.notes.borrow().stream_writes_final
-    }
-
     /// Stores the admission record; until it is durable no inference may run.
     pub async fn admission(&self) -> Result<(), ApiError> {
         let record = self.record(RecordKind::Admission, 0, "");
@@ -168,33 +162,6 @@ impl AuditNotes {
             .await
             .map(drop)
             .map_err(|e| ApiError::AuditUnavailable(e.to_string()))
-    }
-
-    /// Stores the final record with the status the client gets; `error_code` is the
-    /// refusal's code when the policy never decided. Written once.
-    pub async fn finish(&self, status: u16, error_code: &str) -> Result<(), ApiError> {
-        let Some(record) = self.final_record(status, error_code) else {
-            return Ok(());
-        };
-        self.log
-            .append(record)
-            .await
-            .map(drop)
-            .map_err(|e| ApiError::AuditUnavailable(e.to_string()))
-    }
-
-    /// Hands the final record in without waiting: the client is gone.
-    pub fn finish_abandoned(&self, status: u16) {
-        if let Some(record) = self.final_record(status, "") {
-            self.log.submit(record);
-        }
-    }
-
-    fn final_record(&self, status: u16, error_code: &str) -> Option<AuditRecord> {
-        if std::mem::replace(&mut self.notes.borrow_mut().finished, true) {
-            return None;
-        }
-        Some(self.record(RecordKind::Request, status, error_code))
     }
 
     fn record(&self, kind: RecordKind, status: u16, error_code: &str) -> AuditRecord {
@@ -242,6 +209,70 @@ impl AuditNotes {
             },
             detail: None,
         }
+    }
+}
+
+/// A request's final record, not yet written. Its holder is the one writer of the record
+/// (see the module's documentation); dropped unwritten, it is handed in as abandoned, with
+/// the status of a request whose client closed it.
+#[derive(Debug)]
+pub struct FinalRecord {
+    notes: Option<AuditNotes>,
+}
+
+impl FinalRecord {
+    pub fn new(notes: AuditNotes) -> Self {
+        Self { notes: Some(notes) }
+    }
+
+    /// Stores the final record with the status the client gets; `error_code` is the
+    /// refusal's code when the policy never decided.
+    pub async fn write(mut self, status: u16, error_code: &str) -> Result<(), ApiError> {
+        let Some(notes) = self.notes.take() else {
+            return Ok(());
+        };
+        let record = notes.record(RecordKind::Request, status, error_code);
+        notes
+            .log
+            .append(record)
+            .await
+            .map(drop)
+            .map_err(|e| ApiError::AuditUnavailable(e.to_string()))
+    }
+}
+
+impl Drop for FinalRecord {
+    fn drop(&mut self) {
+        if let Some(notes) = self.notes.take() {
+            let record = notes.record(RecordKind::Request, CLIENT_CLOSED_REQUEST, "");
+            // The client is gone: nobody waits for it to be durable.
+            notes.log.submit(record);
+        }
+    }
+}
+
+/// Where a request's [`FinalRecord`] waits while the handler runs, shared by the audit
+/// middleware and the handler (in the request's extensions).
+#[derive(Debug, Clone, Default)]
+pub struct FinalRecordSlot(Rc<RefCell<Option<FinalRecord>>>);
+
+impl FinalRecordSlot {
+    pub fn new(record: FinalRecord) -> Self {
+        Self(Rc::new(RefCell::new(Some(record))))
+    }
+
+    /// Takes the final record and with it the duty to write it; `None` once taken.
+    pub fn take(&self) -> Option<FinalRecord> {
+        self.0.borrow_mut().take()
+    }
+
+    /// Takes a request's final record from its extensions, for a handler that answers
+    /// past the middleware (a stream). No record, no answer.
+    pub fn take_from(http: &HttpRequest) -> Result<FinalRecord, ApiError> {
+        http.extensions()
+            .get::<FinalRecordSlot>()
+            .and_then(FinalRecordSlot::take)
+            .ok_or_else(|| ApiError::AuditUnavailable("the request has no final record".into()))
     }
 }
 

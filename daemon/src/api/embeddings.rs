@@ -1,7 +1,5 @@
 //! `POST /v1/embeddings`: mean-pooled sentence vectors from an embedding model.
 
-use std::sync::Arc;
-
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 
@@ -12,7 +10,7 @@ use super::openai::{
     EmbeddingVector,
 };
 use super::{AppState, Caller, RequestContext, read_json};
-use crate::engine::{EmbedError, Usage};
+use crate::engine::Usage;
 use moat_core::ModelTask;
 use moat_core::policy::{ModelFacts, PolicyAction};
 
@@ -24,9 +22,8 @@ pub async fn embeddings(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request: EmbeddingRequest = read_json(&http, payload, &state.limits).await?;
-    let (loaded, service) = state.embedder(&request.model, &http, &caller)?;
+    let (loaded, embedding) = state.embedder(&request.model, &http, &caller)?;
     let version = loaded.version_text();
-    let embedder = &service.embedder;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -39,13 +36,13 @@ pub async fn embeddings(
         }
     };
     if let Some(asked) = request.dimensions
-        && asked != embedder.dimensions() as u64
+        && asked != embedding.dimensions() as u64
     {
         return Err(ApiError::invalid(
             format!(
                 "dimensions is {asked}, but the model {} gives {}-wide vectors and cannot shorten them",
                 request.model,
-                embedder.dimensions()
+                embedding.dimensions()
             ),
             Some("dimensions"),
             "invalid_value",
@@ -78,32 +75,16 @@ pub async fn embeddings(
     };
     // A request the policy refuses costs no tokenising.
     guard::refuse_early(&state, &policy, &caller, &http, &gate)?;
-    let Some(capacity) = service.try_admit() else {
+    let Some(place) = embedding.try_admit() else {
         return Err(ApiError::Overloaded {
             model: request.model,
         });
     };
     // Tokens are counted before the policy decides: limits charge them.
-    let counting = Arc::clone(&service);
-    let (inputs, tokenized) = web::block(move || {
-        let tokenized = counting.embedder.tokenize(&inputs);
-        (inputs, tokenized)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let prompt_tokens: usize = tokenized.map_err(embed_error)?.iter().map(Vec::len).sum();
+    let (inputs, prompt_tokens) = embedding.count_tokens(inputs).await?;
     gate.prompt_tokens = prompt_tokens as u64;
-    let admitted = guard::admit(&state, policy, &caller, &http, gate)?;
-    // No inference before the admission record is durable.
-    admitted.notes.admission().await?;
-    let running = Arc::clone(&service);
-    let embedded = web::block(move || {
-        let _capacity = capacity;
-        running.embedder.embed(&inputs)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(embed_error)?;
+    let mut admitted = guard::admit(&state, policy, &caller, &http, gate).await?;
+    let embedded = embedding.embed(inputs, place, &admitted).await?;
     admitted.settle(0);
     state
         .metrics
@@ -143,13 +124,6 @@ pub async fn embeddings(
 fn encode_base64(vector: &[f32]) -> String {
     let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn embed_error(error: EmbedError) -> ApiError {
-    match error {
-        EmbedError::Inference(reason) => ApiError::Internal(reason),
-        other => ApiError::invalid(other.to_string(), Some("input"), "invalid_input"),
-    }
 }
 
 #[cfg(test)]

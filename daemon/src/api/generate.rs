@@ -2,15 +2,17 @@
 //! the model's engine from a blocking thread, then answer whole or as a server-sent event
 //! stream.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use serde::Serialize;
 
+use super::answer::Answering;
+use super::audit_trail::FinalRecordSlot;
 use super::error::ApiError;
-use super::guard::{self, Admitted, GateRequest};
+use super::guard::{self, GateRequest};
+use super::inference::Generator;
 use super::openai::{
     ChatCompletionRequest, ChatMessageIn, CompletionPrompt, CompletionRequest, Endpoint,
     GenerationParams, MessageContent, ResponseMeta, UsageOut,
@@ -19,10 +21,9 @@ use super::stream::{self, StreamFormat};
 use super::{AppState, Caller, RequestContext, read_json, response_format};
 use crate::config::LimitsConfig;
 use crate::engine::{
-    AnswerCheck, ChatMessage, Engine, FinishReason, GenerationEvent, GenerationRequest,
-    GenerationStream, Prompt, SamplingParams,
+    ChatMessage, GenerationEvent, GenerationRequest, GenerationStream, Prompt, ResponseFormat,
+    SamplingParams,
 };
-use crate::metrics::GenerationTimer;
 use moat_core::ModelTask;
 use moat_core::bundle::manifest::SamplingDefaults;
 use moat_core::policy::content::ContentScan;
@@ -38,7 +39,7 @@ pub async fn chat_completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request: ChatCompletionRequest = read_json(&http, payload, &state.limits).await?;
-    let (loaded, engine) = state.generator(&request.model, &http, &caller)?;
+    let (loaded, generator) = state.generator(&request.model, &http, &caller)?;
     let prompt = Prompt::Chat(chat_messages(request.messages, &state.limits)?);
     let exchange = Exchange {
         state: &state,
@@ -49,7 +50,7 @@ pub async fn chat_completions(
     exchange
         .generate(
             &loaded,
-            engine,
+            &generator,
             prompt,
             request.model,
             request.params,
@@ -66,7 +67,7 @@ pub async fn completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request: CompletionRequest = read_json(&http, payload, &state.limits).await?;
-    let (loaded, engine) = state.generator(&request.model, &http, &caller)?;
+    let (loaded, generator) = state.generator(&request.model, &http, &caller)?;
     let unsupported = |message: &str, param| {
         Err(ApiError::invalid(
             message,
@@ -93,7 +94,7 @@ pub async fn completions(
     exchange
         .generate(
             &loaded,
-            engine,
+            &generator,
             prompt,
             request.model,
             request.params,
@@ -116,14 +117,14 @@ impl Exchange<'_> {
     async fn generate(
         &self,
         loaded: &LoadedModel,
-        engine: Arc<Engine>,
+        generator: &Generator,
         prompt: Prompt,
         model: String,
         params: GenerationParams,
         endpoint: Endpoint,
     ) -> Result<HttpResponse, ApiError> {
         let policy = self.state.policy.current();
-        let (prompt, prompt_text, prompt_scan) = policy_prompt(&policy, &engine, prompt, &model)?;
+        let (prompt, prompt_text, prompt_scan) = policy_prompt(&policy, generator, prompt, &model)?;
         let version = loaded.version_text();
         let action = match endpoint {
             Endpoint::Chat => PolicyAction::Chat,
@@ -146,58 +147,42 @@ impl Exchange<'_> {
         guard::refuse_early(self.state, &policy, self.caller, self.http, &gate)?;
         let mut request =
             generation_request(prompt, &params, &loaded.sampling, &self.state.limits)?;
-        let check = constrain(&engine, &mut request, &params, &policy, loaded).await?;
-        let ids = tokenize(&engine, &request.prompt, &model).await?;
-        let max_new_tokens = engine
-            .max_new_tokens(ids.len(), request.max_tokens)
-            .map_err(|e| ApiError::from_engine(e, &model))?;
-        gate.prompt_tokens = ids.len() as u64;
-        gate.max_tokens = max_new_tokens as u64;
-        let admitted = guard::admit(self.state, policy, self.caller, self.http, gate)?;
-        // No inference before the admission record is durable.
-        admitted.notes.admission().await?;
-        request.prompt = Prompt::TokenIds(ids);
-        request.max_tokens = Some(max_new_tokens);
         // The engine serves departments in turn.
         request
             .department
             .clone_from(&self.caller.identity.department);
-        let meta = response_meta(self.context, model, endpoint, &params);
-        let mut response = self
-            .answer(engine, request, meta, params.stream, admitted, check)
-            .await?;
-        super::name_version(&mut response, loaded);
-        Ok(response)
-    }
-
-    /// Submits the tokenized request and answers whole or streamed.
-    async fn answer(
-        &self,
-        engine: Arc<Engine>,
-        request: GenerationRequest,
-        meta: ResponseMeta,
-        streamed: bool,
-        admitted: Admitted,
-        check: AnswerCheck,
-    ) -> Result<HttpResponse, ApiError> {
-        let events = engine
-            .submit(request)
-            .map_err(|e| ApiError::from_engine(e, &meta.model))?;
+        let format = response_format(&request, &params, &policy, loaded)?;
+        let (prepared, check) = generator.prepare(request, format, &model).await?;
+        gate.prompt_tokens = prepared.prompt_tokens() as u64;
+        gate.max_tokens = prepared.max_new_tokens() as u64;
+        let admitted = guard::admit(self.state, policy, self.caller, self.http, gate).await?;
+        let events = generator
+            .submit(prepared, &admitted)
+            .map_err(|e| ApiError::from_engine(e, &model))?;
         let timer = self.state.metrics.generation_timer(
             &self.caller.identity.department,
-            &meta.model,
+            &model,
             self.context.started,
         );
-        if streamed {
-            admitted.notes.stream_writes_final();
-            let format = StreamFormat::new(meta);
-            Ok(HttpResponse::Ok()
+        let meta = response_meta(self.context, model, endpoint, &params);
+        let mut response = if params.stream {
+            // The stream writes the request's final record before its last event.
+            let record = FinalRecordSlot::take_from(self.http)?;
+            let answer = Answering::streamed(admitted, timer, check);
+            HttpResponse::Ok()
                 .content_type("text/event-stream")
                 .insert_header(("cache-control", "no-cache"))
-                .streaming(stream::sse_body(events, format, timer, admitted, check)))
+                .streaming(stream::sse_body(
+                    events,
+                    StreamFormat::new(meta),
+                    answer,
+                    record,
+                ))
         } else {
-            whole_answer(events, meta, timer, admitted, check).await
-        }
+            whole_answer(events, meta, Answering::whole(admitted, timer, check)).await?
+        };
+        super::name_version(&mut response, loaded);
+        Ok(response)
     }
 }
 
@@ -260,35 +245,15 @@ struct WholeResponse<'a, C> {
 async fn whole_answer(
     mut events: GenerationStream,
     meta: ResponseMeta,
-    mut timer: GenerationTimer,
-    admitted: Admitted,
-    check: AnswerCheck,
+    mut answer: Answering,
 ) -> Result<HttpResponse, ApiError> {
-    let mut text = String::new();
     while let Some(event) = events.next().await {
         match event {
-            GenerationEvent::Token { text: piece, .. } => {
-                timer.token();
-                text.push_str(&piece);
+            GenerationEvent::Token { text, .. } => {
+                answer.token(&text)?;
             }
             GenerationEvent::Finished { reason, usage } => {
-                timer.finished(usage);
-                let policy = Arc::clone(&admitted.policy);
-                let notes = admitted.notes.clone();
-                notes.answered(&policy, &text, usage.completion_tokens as u64);
-                admitted.settle(usage.completion_tokens as u64);
-                if reason == FinishReason::Stop {
-                    // The constraint made it so; this proves it before anyone relies on it.
-                    check
-                        .validate(&text)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?;
-                }
-                let text = guard::check_answer(&policy, &text).inspect_err(|refusal| {
-                    if let ApiError::AnswerWithheld { reason } = refusal {
-                        // The answer and its findings are noted above.
-                        notes.withheld(reason);
-                    }
-                })?;
+                let text = answer.finished(reason, usage)?;
                 let usage = UsageOut::from(usage);
                 let finish_reason = reason.as_str();
                 let response = match meta.endpoint {
@@ -328,24 +293,21 @@ async fn whole_answer(
                     .body(Bytes::from(response)));
             }
             GenerationEvent::Failed(error) => {
-                return Err(ApiError::from_engine(error, &meta.model));
+                return Err(answer.failed(ApiError::from_engine(error, &meta.model)));
             }
         }
     }
-    Err(ApiError::Unavailable { model: meta.model })
+    Err(answer.failed(ApiError::Unavailable { model: meta.model }))
 }
 
-/// Compiles the response format the request (or the policy or the model's bundle) asks
-/// for into the request's constraint, off the async worker; returns the check of the
-/// finished answer. The policy's schema for the model, if it fixes one, comes before the
-/// bundle's.
-async fn constrain(
-    engine: &Arc<Engine>,
-    request: &mut GenerationRequest,
+/// The response format the answer must have: the request's, unless the policy or the
+/// model's bundle fixes one (the policy's schema for the model comes before the bundle's).
+fn response_format(
+    request: &GenerationRequest,
     params: &GenerationParams,
     policy: &AccessPolicy,
     loaded: &LoadedModel,
-) -> Result<AnswerCheck, ApiError> {
+) -> Result<Option<ResponseFormat>, ApiError> {
     let model = loaded.name.as_str();
     let requested = response_format::parse(params.response_format.as_ref())?;
     let mandated = policy
@@ -354,10 +316,8 @@ async fn constrain(
         .response_schema
         .as_ref()
         .or(loaded.response_schema.as_ref());
-    let Some(format) = response_format::effective(requested, mandated, model)? else {
-        return Ok(AnswerCheck::default());
-    };
-    if !request.stop.is_empty() {
+    let format = response_format::effective(requested, mandated, model)?;
+    if format.is_some() && !request.stop.is_empty() {
         // A stop string could cut the answer short of its shape.
         return Err(ApiError::invalid(
             "stop cannot be combined with a response_format: the format decides where the answer ends",
@@ -365,14 +325,7 @@ async fn constrain(
             "unsupported_parameter",
         ));
     }
-    let compiling = Arc::clone(engine);
-    let constraint = web::block(move || compiling.constrain(&format))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(response_format::refused)?;
-    let check = constraint.answer_check();
-    request.constraint = Some(constraint);
-    Ok(check)
+    Ok(format)
 }
 
 /// The prompt as inference will see it (`redact` rules masked), its masked text for the
@@ -381,7 +334,7 @@ async fn constrain(
 /// so ids cannot carry what text may not.
 fn policy_prompt(
     policy: &AccessPolicy,
-    engine: &Engine,
+    generator: &Generator,
     prompt: Prompt,
     model: &str,
 ) -> Result<(Prompt, String, ContentScan), ApiError> {
@@ -413,9 +366,7 @@ fn policy_prompt(
             Ok((Prompt::Text(redacted.clone()), redacted, scan))
         }
         Prompt::TokenIds(ids) => {
-            let text = engine
-                .decode(&ids)
-                .map_err(|e| ApiError::from_engine(e, model))?;
+            let text = generator.decode(&ids, model)?;
             let scan = guard::scan_prompt(policy, &text);
             let redacted = guard::redact_for_inference(policy, &text);
             if redacted == text {
@@ -425,22 +376,6 @@ fn policy_prompt(
             }
         }
     }
-}
-
-/// Renders and tokenizes the prompt on a blocking thread.
-async fn tokenize(
-    engine: &Arc<Engine>,
-    prompt: &Prompt,
-    model: &str,
-) -> Result<Vec<u32>, ApiError> {
-    // Always on a blocking thread: a chat template is a bundle author's code, and even
-    // with its fuel limit it must never hold up the other connections of this worker.
-    let engine = Arc::clone(engine);
-    let prompt = prompt.clone();
-    let ids = web::block(move || engine.tokenize_prompt(&prompt))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    ids.map_err(|e| ApiError::from_engine(e, model))
 }
 
 /// Checks the fields shared by chat and completions and builds the engine request.

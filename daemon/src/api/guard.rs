@@ -20,25 +20,43 @@ use super::{AppState, Caller};
 /// Header in which a request states its data classification.
 pub const CLASSIFICATION_HEADER: &str = "x-moat-classification";
 
-/// A request the policy let through: its decision (for the audit), and its hold on the
-/// department's limits, released when the answer is done.
+/// A request the policy let through, whose admission record is durable: the only value
+/// the API's inference entry points ([`Generator::submit`](super::inference::Generator::submit),
+/// [`Embedding::embed`](super::inference::Embedding::embed)) accept, so no model runs for a
+/// request the audit has not recorded. Made only by [`admit`]. It holds the policy the
+/// decision was made under, the request's audit notes (the answer goes into them) and its
+/// hold on the department's limits, released by [`Admitted::settle`] (or when dropped).
 #[derive(Debug)]
 pub struct Admitted {
-    pub decision: PolicyDecision,
-    pub prompt_scan: ContentScan,
-    pub policy: Arc<AccessPolicy>,
-    /// The request's audit notes: the answer goes into them.
-    pub notes: AuditNotes,
+    policy: Arc<AccessPolicy>,
+    notes: AuditNotes,
     admission: Option<Admission>,
 }
 
 impl Admitted {
+    /// The policy the request was admitted under: its answer is checked by the same.
+    pub fn policy(&self) -> &Arc<AccessPolicy> {
+        &self.policy
+    }
+
+    /// The request's audit notes.
+    pub fn notes(&self) -> &AuditNotes {
+        &self.notes
+    }
+
     /// The answer is done with this many output tokens: unused reserved tokens go back.
-    pub fn settle(mut self, output_tokens: u64) {
+    pub fn settle(&mut self, output_tokens: u64) {
         if let Some(admission) = self.admission.take() {
             admission.settle(output_tokens, Instant::now());
         }
     }
+}
+
+/// A request the policy allowed and the limits took, not yet recorded as admitted.
+struct Cleared {
+    policy: Arc<AccessPolicy>,
+    notes: AuditNotes,
+    admission: Admission,
 }
 
 /// What a request asks for, as the gate needs it.
@@ -90,14 +108,52 @@ pub fn refuse_early(
     Err(refuse(state, policy, caller, http, request, &decision))
 }
 
-/// Decides and, if allowed, takes the request's place in its department's limits.
-pub fn admit(
+/// Decides, takes the request's place in its department's limits, and makes its admission
+/// record durable: until that record is stored no inference may run, and the [`Admitted`]
+/// this returns is what inference asks for.
+pub async fn admit(
     state: &AppState,
     policy: Arc<AccessPolicy>,
     caller: &Caller,
     http: &HttpRequest,
     request: GateRequest<'_>,
 ) -> Result<Admitted, ApiError> {
+    let Cleared {
+        policy,
+        notes,
+        admission,
+    } = clear(state, policy, caller, http, request)?;
+    // Dropped on failure, the admission gives the limits back.
+    notes.admission().await?;
+    Ok(Admitted {
+        policy,
+        notes,
+        admission: Some(admission),
+    })
+}
+
+/// The policy's word on a request that runs no model (listing models): decided, noted and
+/// charged to the limits like any other, with nothing to record before answering.
+pub fn permit(
+    state: &AppState,
+    policy: Arc<AccessPolicy>,
+    caller: &Caller,
+    http: &HttpRequest,
+    request: GateRequest<'_>,
+) -> Result<(), ApiError> {
+    let cleared = clear(state, policy, caller, http, request)?;
+    cleared.admission.settle(0, Instant::now());
+    Ok(())
+}
+
+/// Decides and, if allowed, takes the request's place in its department's limits.
+fn clear(
+    state: &AppState,
+    policy: Arc<AccessPolicy>,
+    caller: &Caller,
+    http: &HttpRequest,
+    request: GateRequest<'_>,
+) -> Result<Cleared, ApiError> {
     let decision = decide(&policy, caller, http, &request);
     if !decision.reason.is_allow() {
         return Err(refuse(state, &policy, caller, http, &request, &decision));
@@ -141,12 +197,10 @@ pub fn admit(
             }
         };
     count(&decision.reason);
-    Ok(Admitted {
-        decision,
-        prompt_scan: request.prompt_scan,
+    Ok(Cleared {
         policy,
         notes,
-        admission: Some(admission),
+        admission,
     })
 }
 

@@ -9,18 +9,11 @@ use actix_web::web::Bytes;
 use futures_util::Stream;
 use serde::Serialize;
 
-use std::sync::Arc;
-
-use moat_core::policy::content::{AnswerStream, Withheld};
-use moat_core::policy::{AccessPolicy, ReasonCode};
-
-use super::audit_trail::AuditNotes;
+use super::answer::Answering;
+use super::audit_trail::FinalRecord;
 use super::error::ApiError;
-use super::error::CLIENT_CLOSED_REQUEST;
-use super::guard::Admitted;
 use super::openai::{Endpoint, ResponseMeta, UsageOut};
-use crate::engine::{AnswerCheck, FinishReason, GenerationEvent, GenerationStream};
-use crate::metrics::GenerationTimer;
+use crate::engine::{GenerationEvent, GenerationStream};
 
 /// Writes the chunks of one response.
 #[derive(Debug)]
@@ -159,43 +152,28 @@ fn chat_choice<'a>(delta: ChatDelta<'a>, finish: Option<&'static str>) -> ChatCh
 struct StreamState {
     events: GenerationStream,
     format: StreamFormat,
-    timer: GenerationTimer,
-    filter: AnswerFilter,
-    admitted: Option<Admitted>,
-    notes: AuditNotes,
-    /// Tokens generated so far.
-    tokens: u64,
-    check: AnswerCheck,
+    answer: Answering,
+    /// The request's final record, written before the last event; dropped with the stream
+    /// (the client went away) it is recorded as abandoned.
+    record: Option<FinalRecord>,
     /// How the stream ended (status and error code), until its record is stored.
     ending: Option<(u16, String)>,
     opened: bool,
     done: bool,
 }
 
-impl Drop for StreamState {
-    /// A stream dropped before its end: the client went away.
-    fn drop(&mut self) {
-        self.notes.finish_abandoned(CLIENT_CLOSED_REQUEST);
-    }
-}
-
 /// The response body: one chunk per event that releases text, then the final chunks.
 pub fn sse_body(
     events: GenerationStream,
     format: StreamFormat,
-    timer: GenerationTimer,
-    admitted: Admitted,
-    check: AnswerCheck,
+    answer: Answering,
+    record: FinalRecord,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
     let state = StreamState {
         events,
         format,
-        timer,
-        filter: AnswerFilter::new(Arc::clone(&admitted.policy)),
-        notes: admitted.notes.clone(),
-        admitted: Some(admitted),
-        check,
-        tokens: 0,
+        answer,
+        record: Some(record),
         ending: None,
         opened: false,
         done: false,
@@ -214,9 +192,11 @@ pub fn sse_body(
             if !state.step(event, &mut out) {
                 continue;
             }
-            if let Some((status, code)) = state.ending.take() {
+            if let Some((status, code)) = state.ending.take()
+                && let Some(record) = state.record.take()
+            {
                 // The last events go out only once the request's record is durable.
-                if let Err(refusal) = state.notes.finish(status, &code).await {
+                if let Err(refusal) = record.write(status, &code).await {
                     out.clear();
                     state.format.failure(refusal, &mut out);
                 }
@@ -230,35 +210,13 @@ impl StreamState {
     /// Handles one event; false when it released nothing to send yet.
     fn step(&mut self, event: Option<GenerationEvent>, out: &mut Vec<u8>) -> bool {
         match event {
-            Some(GenerationEvent::Token { text, .. }) => {
-                self.timer.token();
-                self.tokens += 1;
-                match self.filter.push(&text) {
-                    Ok(released) if released.is_empty() => return false,
-                    Ok(released) => self.format.text(&released, out),
-                    Err(withheld) => {
-                        // Refused before `Finished`: the answer so far is the evidence.
-                        self.notes
-                            .answered(&self.filter.policy, self.filter.answer(), self.tokens);
-                        self.fail(withheld, out);
-                    }
-                }
-            }
+            Some(GenerationEvent::Token { text, .. }) => match self.answer.token(&text) {
+                Ok(released) if released.is_empty() => return false,
+                Ok(released) => self.format.text(&released, out),
+                Err(refusal) => self.end(refusal, out),
+            },
             Some(GenerationEvent::Finished { reason, usage }) => {
-                self.timer.finished(usage);
-                let tokens = usage.completion_tokens as u64;
-                self.notes
-                    .answered(&self.filter.policy, self.filter.answer(), tokens);
-                if let Some(admitted) = self.admitted.take() {
-                    admitted.settle(tokens);
-                }
-                if reason == FinishReason::Stop
-                    && let Err(e) = self.check.validate(self.filter.answer())
-                {
-                    self.fail(ApiError::Internal(e.to_string()), out);
-                    return true;
-                }
-                match self.filter.finish() {
+                match self.answer.finished(reason, usage) {
                     Ok(rest) => {
                         if !rest.is_empty() {
                             self.format.text(&rest, out);
@@ -267,66 +225,29 @@ impl StreamState {
                         self.ending = Some((200, String::new()));
                         self.done = true;
                     }
-                    Err(withheld) => self.fail(withheld, out),
+                    Err(refusal) => self.end(refusal, out),
                 }
             }
             Some(GenerationEvent::Failed(error)) => {
-                let model = self.format.meta.model.clone();
-                self.fail(ApiError::from_engine(error, &model), out);
+                let error = ApiError::from_engine(error, &self.format.meta.model);
+                let error = self.answer.failed(error);
+                self.end(error, out);
             }
             None => {
                 let model = self.format.meta.model.clone();
-                self.fail(ApiError::Unavailable { model }, out);
+                let error = self.answer.failed(ApiError::Unavailable { model });
+                self.end(error, out);
             }
         }
         true
     }
 
-    fn fail(&mut self, error: ApiError, out: &mut Vec<u8>) {
+    /// Ends the stream with `error` (already noted by the answer).
+    fn end(&mut self, error: ApiError, out: &mut Vec<u8>) {
         use actix_web::ResponseError as _;
-        if let ApiError::AnswerWithheld { reason } = &error {
-            // The answer noted so far is the evidence of what was withheld.
-            self.notes.withheld(reason);
-        }
         let status = error.status_code().as_u16();
         self.ending = Some((status, error.detail().code.to_owned()));
         self.format.failure(error, out);
         self.done = true;
-    }
-}
-
-/// The answer rules on a streamed answer: what may be sent as it grows, checked by the
-/// policy's content rules in `moat-core` (`AnswerStream`), so that nothing of a match leaves
-/// before it is judged. The whole answer is kept there for the audit.
-struct AnswerFilter {
-    policy: Arc<AccessPolicy>,
-    stream: AnswerStream,
-}
-
-impl AnswerFilter {
-    fn new(policy: Arc<AccessPolicy>) -> Self {
-        let stream = policy.content().answer_stream();
-        Self { policy, stream }
-    }
-
-    /// Adds generated text; returns what may be sent now, or the refusal.
-    fn push(&mut self, text: &str) -> Result<String, ApiError> {
-        self.stream.push(text).map_err(withheld)
-    }
-
-    /// The answer is complete: the rest, or the refusal.
-    fn finish(&mut self) -> Result<String, ApiError> {
-        self.stream.finish().map_err(withheld)
-    }
-
-    /// The whole answer as generated so far.
-    fn answer(&self) -> &str {
-        self.stream.answer()
-    }
-}
-
-fn withheld(refusal: Withheld) -> ApiError {
-    ApiError::AnswerWithheld {
-        reason: ReasonCode::Content(refusal.detector).as_str(),
     }
 }

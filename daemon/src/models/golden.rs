@@ -100,7 +100,7 @@ pub(super) async fn generate(
             .map_err(|e| format!("the bundle's response schema does not compile: {e}"))?;
         request.constraint = Some(constraint);
     }
-    let mut events = engine.submit(request).map_err(|e| e.to_string())?;
+    let mut events = engine.generate(request).map_err(|e| e.to_string())?;
     let mut answer = String::new();
     while let Some(event) = events.next().await {
         match event {

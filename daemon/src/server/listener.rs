@@ -58,7 +58,12 @@ pub fn api_server(
             .listen(format!("moat-api-{address}"), listener, move || {
                 let app = App::new()
                     .app_data(state.clone())
-                    .wrap(from_fn(api::request_context))
+                    // The request layers, innermost first (the last wrapped runs first);
+                    // see `api::middleware`.
+                    .wrap(from_fn(api::middleware::audit))
+                    .wrap(from_fn(api::middleware::metrics))
+                    .wrap(from_fn(api::middleware::refusals))
+                    .wrap(from_fn(api::middleware::context))
                     .configure(api::routes)
                     .into_factory()
                     .map_err(|err: actix_web::Error| err.error_response());
@@ -140,7 +145,7 @@ fn source_admitted(
 }
 
 /// Keeps the client's certificate chain with the connection; each request names its
-/// caller from it (`api::request_context`). A connection without one gets 401 at every
+/// caller from it (`api::middleware::context`). A connection without one gets 401 at every
 /// request.
 fn capture_certificates(stream: &TlsStream<TcpStream>, data: &mut Extensions) {
     let (_, session) = stream.get_ref();

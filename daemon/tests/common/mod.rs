@@ -75,7 +75,7 @@ impl Outcome {
 }
 
 pub fn run(engine: &Engine, request: GenerationRequest) -> Outcome {
-    let mut stream = engine.submit(request).expect("request accepted");
+    let mut stream = engine.generate(request).expect("request accepted");
     collect(&mut stream)
 }
 
