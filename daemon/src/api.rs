@@ -6,18 +6,18 @@
 //! models and their serving types) belongs to `models`, which knows nothing of HTTP.
 
 mod answer;
-pub mod audit_trail;
+mod audit_trail;
 mod embeddings;
-pub mod error;
-pub mod generate;
-pub mod guard;
+mod error;
+mod generate;
+mod guard;
 mod inference;
-pub mod middleware;
-pub mod openai;
-pub mod refusals;
-pub mod response_format;
-pub mod routes;
-pub mod stream;
+pub(crate) mod middleware;
+mod openai;
+pub(crate) mod refusals;
+mod response_format;
+mod routes;
+mod stream;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -28,11 +28,11 @@ use actix_web::dev::Payload;
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{FromRequest, HttpMessage as _, HttpRequest};
 use futures_util::StreamExt as _;
+use rustls_pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
 pub use inference::{Embedding, Generator};
-pub use middleware::{ConnectionCertificates, RequestIdentity};
 pub use routes::{metrics_routes, routes};
 
 use crate::config::LimitsConfig;
@@ -50,6 +50,19 @@ impl ServedModel {
         }
     }
 }
+
+/// The certificate chain (leaf first) a connection presented at its handshake, kept in the
+/// connection's data, with the last verdict on it. Each request names its caller from it
+/// again, with the CAs and CRLs in force at that request.
+#[derive(Debug)]
+pub struct ConnectionCertificates {
+    pub chain: Arc<[CertificateDer<'static>]>,
+    pub verdict: std::cell::RefCell<Option<crate::tls::Verdict>>,
+}
+
+/// The caller of one request, as the request's first layer named it ([`middleware::context`]).
+#[derive(Debug, Clone)]
+pub struct RequestIdentity(pub Result<Identity, IdentityError>);
 
 /// What every handler shares.
 #[derive(Debug)]

@@ -344,6 +344,19 @@ impl Config {
     }
 }
 
+/// Pushes a problem for each file that is not a readable regular file.
+fn check_file(problems: &mut Vec<String>, field: &str, path: &Path) {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(format!("{field}: cannot read {}: {e}", path.display()));
+            }
+        }
+        Ok(_) => problems.push(format!("{field}: {} is not a file", path.display())),
+        Err(e) => problems.push(format!("{field}: {}: {e}", path.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ pub mod embedder;
 pub mod fair_queue;
 pub mod model_dir;
 pub mod ort_backend;
-pub mod runtime_library;
+pub use ort_backend::runtime_library;
 pub mod sampler;
 pub mod sequence;
 pub mod stop;

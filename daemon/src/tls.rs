@@ -26,8 +26,8 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
-pub use identity::{Identity, IdentityError, identity_from_leaf};
-pub use verifier::{RefusalObserver, refusal_reason};
+pub use identity::{Identity, IdentityError};
+pub use verifier::RefusalObserver;
 
 use crate::config::{IdentityConfig, TlsConfig};
 

@@ -21,11 +21,11 @@ use super::{AppState, Caller};
 pub const CLASSIFICATION_HEADER: &str = "x-moat-classification";
 
 /// A request the policy let through, whose admission record is durable: the only value
-/// the API's inference entry points ([`Generator::submit`](super::inference::Generator::submit),
-/// [`Embedding::embed`](super::inference::Embedding::embed)) accept, so no model runs for a
-/// request the audit has not recorded. Made only by [`admit`]. It holds the policy the
-/// decision was made under, the request's audit notes (the answer goes into them) and its
-/// hold on the department's limits, released by [`Admitted::settle`] (or when dropped).
+/// the API's inference entry points (`Generator::submit`, `Embedding::embed`) accept, so
+/// no model runs for a request the audit has not recorded. Made only by [`admit`]. It
+/// holds the policy the decision was made under, the request's audit notes (the answer
+/// goes into them) and its hold on the department's limits, released by
+/// [`Admitted::settle`] (or when dropped).
 #[derive(Debug)]
 pub struct Admitted {
     policy: Arc<AccessPolicy>,

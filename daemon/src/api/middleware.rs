@@ -22,29 +22,17 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage as _, web};
-use rustls_pki_types::CertificateDer;
 use tracing::Instrument as _;
 
 use super::audit_trail::{AuditNotes, FinalRecord, FinalRecordSlot, RequestOrigin};
 use super::error::CLIENT_CLOSED_REQUEST;
 use super::refusals::{BUDGET_SPENT, RefusalKey};
 use super::routes::RouteKind;
-use super::{ApiError, AppState, RequestContext, ServedModelName};
+use super::{
+    ApiError, AppState, ConnectionCertificates, RequestContext, RequestIdentity, ServedModelName,
+};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::tls::{Identity, IdentityError};
-
-/// The certificate chain (leaf first) a connection presented at its handshake, kept in the
-/// connection's data, with the last verdict on it. Each request names its caller from it
-/// again, with the CAs and CRLs in force at that request.
-#[derive(Debug)]
-pub struct ConnectionCertificates {
-    pub chain: Arc<[CertificateDer<'static>]>,
-    pub verdict: std::cell::RefCell<Option<crate::tls::Verdict>>,
-}
-
-/// The caller of one request, as [`context`] named it.
-#[derive(Debug, Clone)]
-pub struct RequestIdentity(pub Result<Identity, IdentityError>);
 
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -7,9 +7,10 @@ use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, web};
 use moat_core::policy::PolicyAction;
 use serde_json::json;
 
-use super::middleware::RequestIdentity;
 use super::openai::{ModelCard, ModelList};
-use super::{ApiError, AppState, Caller, ServedModel, embeddings, generate, guard};
+use super::{
+    ApiError, AppState, Caller, RequestIdentity, ServedModel, embeddings, generate, guard,
+};
 
 /// What a route serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -136,7 +136,7 @@ impl ClientCa {
     /// Problems with this entry (`index` counts from 1, as an admin reads the file).
     pub(super) fn problems(&self, index: usize, problems: &mut Vec<String>) {
         let field = format!("tls.client_ca[{index}]");
-        super::serve::check_file(problems, &format!("{field}.file"), &self.file);
+        super::check_file(problems, &format!("{field}.file"), &self.file);
         if let DepartmentScope::Only(names) = &self.departments {
             if names.is_empty() {
                 problems.push(format!(

@@ -292,19 +292,6 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Pushes a problem for each file that is not a readable regular file.
-pub(super) fn check_file(problems: &mut Vec<String>, field: &str, path: &Path) {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => {
-            if let Err(e) = std::fs::File::open(path) {
-                problems.push(format!("{field}: cannot read {}: {e}", path.display()));
-            }
-        }
-        Ok(_) => problems.push(format!("{field}: {} is not a file", path.display())),
-        Err(e) => problems.push(format!("{field}: {}: {e}", path.display())),
-    }
-}
-
 impl ServerConfig {
     pub(super) fn problems(&self, problems: &mut Vec<String>) {
         if self.listen.is_empty() {
@@ -332,8 +319,8 @@ impl ServerConfig {
 
 impl TlsConfig {
     pub(super) fn problems(&self, problems: &mut Vec<String>) {
-        check_file(problems, "tls.certificate", &self.certificate);
-        check_file(problems, "tls.private_key", &self.private_key);
+        super::check_file(problems, "tls.certificate", &self.certificate);
+        super::check_file(problems, "tls.private_key", &self.private_key);
         if self.client_ca.is_empty() {
             // Without a CA nobody could connect; an empty list is a mistake, not a policy.
             problems.push(
@@ -346,7 +333,7 @@ impl TlsConfig {
             ca.problems(index + 1, problems);
         }
         for crl in &self.crl {
-            check_file(problems, "tls.crl", crl);
+            super::check_file(problems, "tls.crl", crl);
         }
     }
 

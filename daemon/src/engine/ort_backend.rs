@@ -17,6 +17,7 @@ mod decode_group;
 pub(super) mod encoder;
 mod kv_pool;
 mod optimum;
+pub mod runtime_library;
 mod session;
 mod telemetry;
 

@@ -11,10 +11,10 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::ValueType;
 
+use super::runtime_library::{LocatedLibrary, RuntimeLibraryError};
 use crate::engine::backend::DeviceKind;
 use crate::engine::cpu_affinity;
 use crate::engine::model_dir::{ModelDirError, ModelDirectory};
-use crate::engine::runtime_library::{LocatedLibrary, RuntimeLibraryError};
 
 /// Which device the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]

@@ -58,7 +58,7 @@ pub enum RuntimeLibraryError {
     },
     /// Loading it now would turn its telemetry on.
     #[error(transparent)]
-    TelemetryOn(#[from] super::ort_backend::TelemetryOn),
+    TelemetryOn(#[from] super::TelemetryOn),
 }
 
 const HOW_TO_FIX: &str = "Fix: run `packaging/provision-onnxruntime.sh` (it fetches the pinned \
