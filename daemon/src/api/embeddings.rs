@@ -4,7 +4,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 
 use super::error::ApiError;
-use super::guard::{self, GateRequest};
+use super::guard::{self, Gate, GateRequest};
 use super::openai::{
     EmbeddingData, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
     EmbeddingVector,
@@ -74,7 +74,12 @@ pub async fn embeddings(
         max_tokens: 0,
     };
     // A request the policy refuses costs no tokenising.
-    guard::refuse_early(&state, &policy, &caller, &http, &gate)?;
+    let guard = Gate {
+        state: &state,
+        caller: &caller,
+        http: &http,
+    };
+    guard.refuse_early(&policy, &gate)?;
     let Some(place) = embedding.try_admit() else {
         return Err(ApiError::Overloaded {
             model: request.model,
@@ -83,7 +88,7 @@ pub async fn embeddings(
     // Tokens are counted before the policy decides: limits charge them.
     let (inputs, prompt_tokens) = embedding.count_tokens(inputs).await?;
     gate.prompt_tokens = prompt_tokens as u64;
-    let mut admitted = guard::admit(&state, policy, &caller, &http, gate).await?;
+    let mut admitted = guard.admit(policy, gate).await?;
     let embedded = embedding.embed(inputs, place, &admitted).await?;
     admitted.settle(0);
     state

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::answer::Answering;
 use super::audit_trail::FinalRecordSlot;
 use super::error::ApiError;
-use super::guard::{self, GateRequest};
+use super::guard::{self, Gate, GateRequest};
 use super::inference::Generator;
 use super::openai::{
     ChatCompletionRequest, ChatMessageIn, CompletionPrompt, CompletionRequest, Endpoint,
@@ -42,10 +42,12 @@ pub async fn chat_completions(
     let (loaded, generator) = state.generator(&request.model, &http, &caller)?;
     let prompt = Prompt::Chat(chat_messages(request.messages, &state.limits)?);
     let exchange = Exchange {
-        state: &state,
-        caller: &caller,
+        gate: Gate {
+            state: &state,
+            caller: &caller,
+            http: &http,
+        },
         context: &context,
-        http: &http,
     };
     exchange
         .generate(
@@ -86,10 +88,12 @@ pub async fn completions(
     }
     let prompt = completion_prompt(request.prompt)?;
     let exchange = Exchange {
-        state: &state,
-        caller: &caller,
+        gate: Gate {
+            state: &state,
+            caller: &caller,
+            http: &http,
+        },
         context: &context,
-        http: &http,
     };
     exchange
         .generate(
@@ -103,12 +107,11 @@ pub async fn completions(
         .await
 }
 
-/// One request being answered: who asked, and the server's shared state.
+/// One request being answered: the gate it meets (who asked, the server's shared state)
+/// and its id.
 struct Exchange<'a> {
-    state: &'a AppState,
-    caller: &'a Caller,
+    gate: Gate<'a>,
     context: &'a RequestContext,
-    http: &'a HttpRequest,
 }
 
 impl Exchange<'_> {
@@ -123,7 +126,7 @@ impl Exchange<'_> {
         params: GenerationParams,
         endpoint: Endpoint,
     ) -> Result<HttpResponse, ApiError> {
-        let policy = self.state.policy.current();
+        let policy = self.gate.state.policy.current();
         let (prompt, prompt_text, prompt_scan) = policy_prompt(&policy, generator, prompt, &model)?;
         let version = loaded.version_text();
         let action = match endpoint {
@@ -144,30 +147,30 @@ impl Exchange<'_> {
             max_tokens: 0,
         };
         // A request the policy refuses costs no rendering, tokenising or grammar compiling.
-        guard::refuse_early(self.state, &policy, self.caller, self.http, &gate)?;
+        self.gate.refuse_early(&policy, &gate)?;
         let mut request =
-            generation_request(prompt, &params, &loaded.sampling, &self.state.limits)?;
+            generation_request(prompt, &params, &loaded.sampling, &self.gate.state.limits)?;
         // The engine serves departments in turn.
         request
             .department
-            .clone_from(&self.caller.identity.department);
+            .clone_from(&self.gate.caller.identity.department);
         let format = response_format(&request, &params, &policy, loaded)?;
         let (prepared, check) = generator.prepare(request, format, &model).await?;
         gate.prompt_tokens = prepared.prompt_tokens() as u64;
         gate.max_tokens = prepared.max_new_tokens() as u64;
-        let admitted = guard::admit(self.state, policy, self.caller, self.http, gate).await?;
+        let admitted = self.gate.admit(policy, gate).await?;
         let events = generator
             .submit(prepared, &admitted)
             .map_err(|e| ApiError::from_engine(e, &model))?;
-        let timer = self.state.metrics.generation_timer(
-            &self.caller.identity.department,
+        let timer = self.gate.state.metrics.generation_timer(
+            &self.gate.caller.identity.department,
             &model,
             self.context.started,
         );
         let meta = response_meta(self.context, model, endpoint, &params);
         let mut response = if params.stream {
             // The stream writes the request's final record before its last event.
-            let record = FinalRecordSlot::take_from(self.http)?;
+            let record = FinalRecordSlot::take_from(self.gate.http)?;
             let answer = Answering::streamed(admitted, timer, check);
             HttpResponse::Ok()
                 .content_type("text/event-stream")

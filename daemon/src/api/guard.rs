@@ -88,105 +88,94 @@ pub fn redact_for_inference(policy: &AccessPolicy, text: &str) -> String {
         .into_owned()
 }
 
-/// The policy's decision before the prompt is tokenised, rendered or constrained, where it
-/// cannot depend on token counts (no policy mentions them): a refused request then costs
-/// only the decision. `request`'s token counts are not looked at.
-pub fn refuse_early(
-    state: &AppState,
-    policy: &AccessPolicy,
-    caller: &Caller,
-    http: &HttpRequest,
-    request: &GateRequest<'_>,
-) -> Result<(), ApiError> {
-    if policy.decides_on_token_counts() {
-        return Ok(());
-    }
-    let decision = decide(policy, caller, http, request);
-    if decision.reason.is_allow() {
-        return Ok(());
-    }
-    Err(refuse(state, policy, caller, http, request, &decision))
+/// The gate as one request meets it: the server's state, the caller, the HTTP request.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a> {
+    pub state: &'a AppState,
+    pub caller: &'a Caller,
+    pub http: &'a HttpRequest,
 }
 
-/// Decides, takes the request's place in its department's limits, and makes its admission
-/// record durable: until that record is stored no inference may run, and the [`Admitted`]
-/// this returns is what inference asks for.
-pub async fn admit(
-    state: &AppState,
-    policy: Arc<AccessPolicy>,
-    caller: &Caller,
-    http: &HttpRequest,
-    request: GateRequest<'_>,
-) -> Result<Admitted, ApiError> {
-    let Cleared {
-        policy,
-        notes,
-        admission,
-    } = clear(state, policy, caller, http, request)?;
-    // Dropped on failure, the admission gives the limits back.
-    notes.admission().await?;
-    Ok(Admitted {
-        policy,
-        notes,
-        admission: Some(admission),
-    })
-}
-
-/// The policy's word on a request that runs no model (listing models): decided, noted and
-/// charged to the limits like any other, with nothing to record before answering.
-pub fn permit(
-    state: &AppState,
-    policy: Arc<AccessPolicy>,
-    caller: &Caller,
-    http: &HttpRequest,
-    request: GateRequest<'_>,
-) -> Result<(), ApiError> {
-    let cleared = clear(state, policy, caller, http, request)?;
-    cleared.admission.settle(0, Instant::now());
-    Ok(())
-}
-
-/// Decides and, if allowed, takes the request's place in its department's limits.
-fn clear(
-    state: &AppState,
-    policy: Arc<AccessPolicy>,
-    caller: &Caller,
-    http: &HttpRequest,
-    request: GateRequest<'_>,
-) -> Result<Cleared, ApiError> {
-    let decision = decide(&policy, caller, http, &request);
-    if !decision.reason.is_allow() {
-        return Err(refuse(state, &policy, caller, http, &request, &decision));
+impl Gate<'_> {
+    /// The policy's decision before the prompt is tokenised, rendered or constrained,
+    /// where it cannot depend on token counts (no policy mentions them): a refused request
+    /// then costs only the decision. `request`'s token counts are not looked at.
+    pub fn refuse_early(
+        &self,
+        policy: &AccessPolicy,
+        request: &GateRequest<'_>,
+    ) -> Result<(), ApiError> {
+        if policy.decides_on_token_counts() {
+            return Ok(());
+        }
+        let decision = decide(policy, self.caller, self.http, request);
+        if decision.reason.is_allow() {
+            return Ok(());
+        }
+        Err(self.refuse(policy, request, &decision))
     }
-    let notes = audit_notes(http)?;
-    notes.decided(
-        &policy,
-        request.model,
-        &decision,
-        &request.prompt_scan,
-        request.prompt_text,
-        request.prompt_tokens,
-    );
-    let model = request.model.map_or("", |m| m.name);
-    let count = |reason: &ReasonCode| {
-        state
-            .metrics
-            .policy_decision(&reason.as_str(), &caller.identity.department, model);
-    };
-    let limits = LimitRequest {
-        input_tokens: request.prompt_tokens,
-        max_output_tokens: request.max_tokens,
-    };
-    let admission =
-        match state
+
+    /// Decides, takes the request's place in its department's limits, and makes its
+    /// admission record durable: until that record is stored no inference may run, and
+    /// the [`Admitted`] this returns is what inference asks for.
+    pub async fn admit(
+        &self,
+        policy: Arc<AccessPolicy>,
+        request: GateRequest<'_>,
+    ) -> Result<Admitted, ApiError> {
+        let Cleared {
+            policy,
+            notes,
+            admission,
+        } = self.clear(policy, request)?;
+        // Dropped on failure, the admission gives the limits back.
+        notes.admission().await?;
+        Ok(Admitted {
+            policy,
+            notes,
+            admission: Some(admission),
+        })
+    }
+
+    /// The policy's word on a request that runs no model (listing models): decided, noted
+    /// and charged to the limits like any other, with nothing to record before answering.
+    pub fn permit(
+        &self,
+        policy: Arc<AccessPolicy>,
+        request: GateRequest<'_>,
+    ) -> Result<(), ApiError> {
+        let cleared = self.clear(policy, request)?;
+        cleared.admission.settle(0, Instant::now());
+        Ok(())
+    }
+
+    /// Decides and, if allowed, takes the request's place in its department's limits.
+    fn clear(
+        &self,
+        policy: Arc<AccessPolicy>,
+        request: GateRequest<'_>,
+    ) -> Result<Cleared, ApiError> {
+        let decision = decide(&policy, self.caller, self.http, &request);
+        if !decision.reason.is_allow() {
+            return Err(self.refuse(&policy, &request, &decision));
+        }
+        let notes = audit_notes(self.http)?;
+        note_decision(&notes, &policy, &request, &decision);
+        let department = &self.caller.identity.department;
+        let limits = LimitRequest {
+            input_tokens: request.prompt_tokens,
+            max_output_tokens: request.max_tokens,
+        };
+        let admission = match self
+            .state
             .policy
             .limiter()
-            .admit(&caller.identity.department, limits, Instant::now())
+            .admit(department, limits, Instant::now())
         {
             Ok(admission) => admission,
             Err(refusal) => {
                 let reason = ReasonCode::Limit(refusal.limit);
-                count(&reason);
+                self.count(&reason, &request);
                 notes.refused_by_limit(reason.as_str());
                 tracing::info!(%reason, "refused by a limit");
                 return Err(ApiError::LimitExceeded {
@@ -196,12 +185,40 @@ fn clear(
                 });
             }
         };
-    count(&decision.reason);
-    Ok(Cleared {
-        policy,
-        notes,
-        admission,
-    })
+        self.count(&decision.reason, &request);
+        Ok(Cleared {
+            policy,
+            notes,
+            admission,
+        })
+    }
+
+    /// Notes, counts and logs a policy refusal; the error the client gets.
+    fn refuse(
+        &self,
+        policy: &AccessPolicy,
+        request: &GateRequest<'_>,
+        decision: &PolicyDecision,
+    ) -> ApiError {
+        if let Ok(notes) = audit_notes(self.http) {
+            note_decision(&notes, policy, request, decision);
+        }
+        self.count(&decision.reason, request);
+        tracing::info!(reason = %decision.reason, classification = %decision.classification, "refused by policy");
+        ApiError::PolicyDenied {
+            reason: decision.reason.as_str(),
+        }
+    }
+
+    /// Counts a decision in the metrics.
+    fn count(&self, reason: &ReasonCode, request: &GateRequest<'_>) {
+        let model = request.model.map_or("", |m| m.name);
+        self.state.metrics.policy_decision(
+            &reason.as_str(),
+            &self.caller.identity.department,
+            model,
+        );
+    }
 }
 
 /// The request's audit notes. No notes, no record: refuse rather than answer unaudited.
@@ -212,35 +229,21 @@ fn audit_notes(http: &HttpRequest) -> Result<AuditNotes, ApiError> {
         .ok_or_else(|| ApiError::AuditUnavailable("the request has no audit notes".into()))
 }
 
-/// Notes, counts and logs a policy refusal; the error the client gets.
-fn refuse(
-    state: &AppState,
+/// Notes the policy's decision on `request`, and its prompt, for the audit.
+fn note_decision(
+    notes: &AuditNotes,
     policy: &AccessPolicy,
-    caller: &Caller,
-    http: &HttpRequest,
     request: &GateRequest<'_>,
     decision: &PolicyDecision,
-) -> ApiError {
-    if let Ok(notes) = audit_notes(http) {
-        notes.decided(
-            policy,
-            request.model,
-            decision,
-            &request.prompt_scan,
-            request.prompt_text,
-            request.prompt_tokens,
-        );
-    }
-    let model = request.model.map_or("", |m| m.name);
-    state.metrics.policy_decision(
-        &decision.reason.as_str(),
-        &caller.identity.department,
-        model,
+) {
+    notes.decided(
+        policy,
+        request.model,
+        decision,
+        &request.prompt_scan,
+        request.prompt_text,
+        request.prompt_tokens,
     );
-    tracing::info!(reason = %decision.reason, classification = %decision.classification, "refused by policy");
-    ApiError::PolicyDenied {
-        reason: decision.reason.as_str(),
-    }
 }
 
 /// The policy's decision on `request`, with nothing noted or counted.

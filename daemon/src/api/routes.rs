@@ -56,22 +56,16 @@ const DEPARTMENT_ROUTES: &[Route] = &[
         path: "/v1/models/{model}",
         kind: RouteKind::GetModel,
     },
-    Route {
-        path: "/healthz",
-        kind: RouteKind::Live,
-    },
-    Route {
-        path: "/readyz",
-        kind: RouteKind::Ready,
-    },
 ];
 
-/// The metrics listener's routes (plain HTTP, loopback by default).
-const METRICS_ROUTES: &[Route] = &[
-    Route {
-        path: "/metrics",
-        kind: RouteKind::Metrics,
-    },
+/// The metrics listener's own routes (plain HTTP, loopback by default).
+const METRICS_ROUTES: &[Route] = &[Route {
+    path: "/metrics",
+    kind: RouteKind::Metrics,
+}];
+
+/// The probes, on both listeners.
+const PROBE_ROUTES: &[Route] = &[
     Route {
         path: "/healthz",
         kind: RouteKind::Live,
@@ -88,6 +82,7 @@ impl RouteKind {
         DEPARTMENT_ROUTES
             .iter()
             .chain(METRICS_ROUTES)
+            .chain(PROBE_ROUTES)
             .find(|route| route.matches(path))
             .map_or(RouteKind::Unknown, |route| route.kind)
     }
@@ -151,16 +146,16 @@ impl Route {
 
 /// Registers the department-facing routes.
 pub fn routes(config: &mut web::ServiceConfig) {
-    register(config, DEPARTMENT_ROUTES);
+    register(config, &[DEPARTMENT_ROUTES, PROBE_ROUTES]);
 }
 
 /// Registers the metrics listener's routes.
 pub fn metrics_routes(config: &mut web::ServiceConfig) {
-    register(config, METRICS_ROUTES);
+    register(config, &[METRICS_ROUTES, PROBE_ROUTES]);
 }
 
-fn register(config: &mut web::ServiceConfig, routes: &[Route]) {
-    for route in routes {
+fn register(config: &mut web::ServiceConfig, tables: &[&[Route]]) {
+    for route in tables.iter().copied().flatten() {
         config.route(route.path, route.kind.route());
     }
     config.default_service(RouteKind::Unknown.route());
@@ -168,7 +163,12 @@ fn register(config: &mut web::ServiceConfig, routes: &[Route]) {
 
 /// The policy's word on listing models (action `list_models`).
 fn permit_listing(state: &AppState, caller: &Caller, http: &HttpRequest) -> Result<(), ApiError> {
-    guard::permit(state, state.policy.current(), caller, http, listing())
+    let gate = guard::Gate {
+        state,
+        caller,
+        http,
+    };
+    gate.permit(state.policy.current(), listing())
 }
 
 /// What listing models asks of the gate.
