@@ -34,7 +34,7 @@ pub use backend::{
 };
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use constraint::{AnswerCheck, Constraint, ConstraintError, ConstraintFailure, ResponseFormat};
-pub use embedder::{EmbedError, Embedder, Embeddings};
+pub use embedder::{EmbedError, Embedder, Embeddings, PreparedInputs};
 use fair_queue::{FairQueue, QueueFull};
 pub use model_dir::{ModelDirError, ModelDirectory};
 pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};

@@ -86,8 +86,8 @@ pub async fn embeddings(
         });
     };
     // Tokens are counted before the policy decides: limits charge them.
-    let (inputs, prompt_tokens) = embedding.count_tokens(inputs).await?;
-    gate.prompt_tokens = prompt_tokens as u64;
+    let inputs = embedding.prepare(inputs).await?;
+    gate.prompt_tokens = inputs.tokens() as u64;
     let mut admitted = guard.admit(policy, gate).await?;
     let embedded = embedding.embed(inputs, place, &admitted).await?;
     admitted.settle(0);

@@ -14,7 +14,7 @@ use super::guard::Admitted;
 use super::response_format;
 use crate::engine::{
     AnswerCheck, EmbedError, Embeddings, Engine, EngineError, GenerationRequest, GenerationStream,
-    Prepared, ResponseFormat,
+    Prepared, PreparedInputs, ResponseFormat,
 };
 use crate::models::serving::EmbeddingService;
 
@@ -106,35 +106,28 @@ impl Embedding {
         self.service.try_admit()
     }
 
-    /// The inputs' length in tokens, counted on the blocking pool (limits charge them
-    /// before the policy's decision is final); hands the inputs back.
-    pub async fn count_tokens(
-        &self,
-        inputs: Vec<String>,
-    ) -> Result<(Vec<String>, usize), ApiError> {
+    /// Checks and tokenises the inputs once, on the blocking pool (limits charge their
+    /// tokens before the policy's decision is final).
+    pub async fn prepare(&self, inputs: Vec<String>) -> Result<PreparedInputs, ApiError> {
         let service = Arc::clone(&self.service);
-        let (inputs, tokenized) = web::block(move || {
-            let tokenized = service.embedder.tokenize(&inputs);
-            (inputs, tokenized)
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let tokens = tokenized.map_err(embed_error)?.iter().map(Vec::len).sum();
-        Ok((inputs, tokens))
+        web::block(move || service.embedder.prepare(&inputs))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(embed_error)
     }
 
     /// Embeds an admitted request's inputs on the blocking pool, holding its place until
     /// the vectors are ready.
     pub async fn embed(
         &self,
-        inputs: Vec<String>,
+        inputs: PreparedInputs,
         place: OwnedSemaphorePermit,
         _admitted: &Admitted,
     ) -> Result<Embeddings, ApiError> {
         let service = Arc::clone(&self.service);
         web::block(move || {
             let _place = place;
-            service.embedder.embed(&inputs)
+            service.embedder.embed_prepared(&inputs)
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?

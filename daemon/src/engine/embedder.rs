@@ -93,6 +93,17 @@ impl From<BackendError> for EmbedError {
     }
 }
 
+/// Inputs an embedder checked and tokenised ([`Embedder::prepare`]).
+#[derive(Debug, Clone)]
+pub struct PreparedInputs(Vec<Vec<u32>>);
+
+impl PreparedInputs {
+    /// Their length in tokens, all inputs together.
+    pub fn tokens(&self) -> usize {
+        self.0.iter().map(Vec::len).sum()
+    }
+}
+
 impl Embedder {
     /// Loads an embedding model directory into ONNX Runtime on the preferred device, checks
     /// that tokenizer, graph and metadata agree, and runs one warm-up input. Refuses a
@@ -202,13 +213,24 @@ impl Embedder {
             .collect()
     }
 
+    /// The inputs checked and tokenised once ([`Embedder::tokenize`]), ready for
+    /// [`Embedder::embed_prepared`] on this embedder.
+    pub fn prepare(&self, inputs: &[String]) -> Result<PreparedInputs, EmbedError> {
+        self.tokenize(inputs).map(PreparedInputs)
+    }
+
     /// One vector per input, in input order. Blocks for the duration of the session runs:
     /// call it from a thread that may block, never from an async worker.
     pub fn embed(&self, inputs: &[String]) -> Result<Embeddings, EmbedError> {
-        let ids = self.tokenize(inputs)?;
-        let prompt_tokens = ids.iter().map(Vec::len).sum();
+        self.embed_prepared(&self.prepare(inputs)?)
+    }
+
+    /// [`Embedder::embed`] of inputs this embedder prepared.
+    pub fn embed_prepared(&self, inputs: &PreparedInputs) -> Result<Embeddings, EmbedError> {
+        let ids = &inputs.0;
+        let prompt_tokens = inputs.tokens();
         let mut vectors = vec![Vec::new(); ids.len()];
-        for batch in batches(&ids) {
+        for batch in batches(ids) {
             let rows: Vec<&[u32]> = batch.iter().map(|&i| ids[i].as_slice()).collect();
             let pooled = self.run_batch(&PaddedBatch::new(&rows))?;
             for (&index, vector) in batch.iter().zip(pooled) {
