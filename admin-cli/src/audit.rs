@@ -54,6 +54,7 @@ use indicatif::{ProgressBar, ProgressBarIter, ProgressStyle};
 use moat_core::audit::encoding::{hex, unhex};
 use moat_core::audit::export::{ContinuityError, ExportError, ExportHeader, read_header};
 use moat_core::audit::{ChainPoint, Checkpoint, CheckpointKind, Damage};
+use moat_store::audit::ReadError;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -311,7 +312,9 @@ impl Error {
             }
             Error::Frame { .. } => status::BAD_FRAME,
             Error::Discontinuous { source, .. } => continuity_code(source),
-            Error::Store(StoreError::Unreadable { .. }) => damage_code(Damage::Unreadable),
+            Error::Store(StoreError::Read(ReadError::Unreadable { .. })) => {
+                damage_code(Damage::Unreadable)
+            }
             _ => 1,
         }
     }
@@ -510,11 +513,6 @@ fn describe_anchor(anchor: Option<&Checkpoint>) -> String {
             anchor.sequence
         ),
     }
-}
-
-/// The current time in milliseconds since the Unix epoch.
-fn now_unix_ms() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

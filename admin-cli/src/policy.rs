@@ -5,7 +5,6 @@
 //! and reports.
 
 mod cases;
-mod files;
 mod reload;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use moat_core::policy::data::PolicyData;
 use time::OffsetDateTime;
 
 use cases::CasesError;
-use files::{PolicyFiles, ReadError};
+use moat_store::policy::{PolicyFiles, ReadError};
 use reload::ReloadError;
 
 const TEST_HELP: &str = "\

@@ -6,9 +6,14 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Subcommand;
-use serde_json::{Value, json};
+use moat_core::admin::{
+    Activated, AnswerError, CanaryStarted, CheckFigures, CheckReport, EvalScore, Evaluated,
+    ImportSummary, ModelList, Promoted, Removed, Request, RequestLine, RolledBack, Status,
+    read_answer,
+};
+use serde::de::DeserializeOwned;
 
 use crate::audit::bytes_bar;
 use crate::bundle::Source;
@@ -106,15 +111,20 @@ pub enum RolloutCommand {
     },
 }
 
-/// Sends one request and returns moatd's `result`; moatd's refusal is the error.
-fn request(socket: &Path, request: &Value, body: Option<&Source>) -> anyhow::Result<Value> {
+/// Sends one request and returns moatd's result; moatd's refusal is the error.
+fn request<T: DeserializeOwned>(
+    socket: &Path,
+    request: Request,
+    body: Option<&Source>,
+) -> anyhow::Result<T> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach moatd's admin socket {}: is moatd running, and are you root or in the moat-admin group?",
             socket.display()
         )
     })?;
-    stream.write_all(format!("{request}\n").as_bytes())?;
+    let line = serde_json::to_string(&RequestLine::new(request))?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
     if let Some(body) = body {
         let mut file = body.file()?;
         let bar = bytes_bar("sending");
@@ -130,12 +140,10 @@ fn request(socket: &Path, request: &Value, body: Option<&Source>) -> anyhow::Res
     BufReader::new(&stream)
         .read_line(&mut line)
         .context("moatd closed the admin connection without answering")?;
-    let answer: Value = serde_json::from_str(&line)
-        .with_context(|| format!("moatd's answer is not JSON: {line:?}"))?;
-    if let Some(message) = answer.get("error").and_then(Value::as_str) {
-        bail!("moatd refused: {message}");
-    }
-    Ok(answer.get("result").cloned().unwrap_or(Value::Null))
+    read_answer(&line).map_err(|e| match e {
+        AnswerError::Refused(refusal) => anyhow::anyhow!("moatd refused: {}", refusal.error),
+        other => other.into(),
+    })
 }
 
 pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
@@ -147,31 +155,28 @@ pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
         } => {
             let source = Source::open(&bundle)?;
             let size = source.file()?.metadata()?.len();
-            let result = request(
-                &socket,
-                &json!({"command": "model.import", "size": size, "allow_downgrade": allow_downgrade}),
-                Some(&source),
-            )?;
+            let request_line = Request::ModelImport {
+                size,
+                allow_downgrade,
+            };
+            let result: ImportSummary = request(&socket, request_line, Some(&source))?;
             println!(
                 "imported {} ({} files, {} bytes, signed by {} key {}, {} golden prompt(s))",
-                text(&result["model"]),
-                result["files"],
-                result["bytes"],
-                text(&result["signer"]),
-                text(&result["signer_id"]),
-                result["golden_prompts"]
+                result.model,
+                result.files,
+                result.bytes,
+                result.signer,
+                result.signer_id,
+                result.golden_prompts
             );
-            println!(
-                "serve it with `moatctl model activate {}`",
-                text(&result["model"])
-            );
+            println!("serve it with `moatctl model activate {}`", result.model);
         }
         RolloutCommand::List {
             json,
             details,
             socket,
         } => {
-            let result = request(&socket, &json!({"command": "model.list"}), None)?;
+            let result: ModelList = request(&socket, Request::ModelList {}, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             } else {
@@ -179,14 +184,13 @@ pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
             }
         }
         RolloutCommand::Activate { model, socket } => {
-            let result = request(
-                &socket,
-                &json!({"command": "model.activate", "model": model}),
-                None,
-            )?;
+            let request_line = Request::ModelActivate {
+                model: model.clone(),
+            };
+            let result: Activated = request(&socket, request_line, None)?;
             println!(
                 "{model} is active (previous: {})",
-                text(&result["previous"])
+                or_dash(result.previous.as_deref())
             );
         }
         RolloutCommand::Canary {
@@ -194,11 +198,11 @@ pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
             percent,
             socket,
         } => {
-            request(
-                &socket,
-                &json!({"command": "model.canary", "model": model, "percent": percent}),
-                None,
-            )?;
+            let request_line = Request::ModelCanary {
+                model: model.clone(),
+                percent,
+            };
+            let _: CanaryStarted = request(&socket, request_line, None)?;
             println!("{model} takes {percent}% of the requests");
         }
         RolloutCommand::Promote {
@@ -206,70 +210,53 @@ pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
             force,
             socket,
         } => {
-            let result = request(
-                &socket,
-                &json!({"command": "model.promote", "name": name, "force": force}),
-                None,
-            )?;
-            let evaluation = &result["evaluation"];
-            if !evaluation.is_null() {
-                println!("canary:  {}", score_line(&evaluation["canary"]));
+            let result: Promoted = request(&socket, Request::ModelPromote { name, force }, None)?;
+            if let Some(evaluation) = &result.evaluation {
+                println!("canary:  {}", score_line(&evaluation.canary));
                 println!(
                     "active:  {}  ({})",
-                    score_line(&evaluation["active"]),
-                    text(&evaluation["active_version"])
+                    score_line(&evaluation.active),
+                    evaluation.active_version
                 );
-                if evaluation["forced"] == Value::Bool(true) {
+                if evaluation.forced {
                     println!("promoted despite the lower score (--force)");
                 }
             }
-            println!("{} is active", text(&result["model"]));
+            println!("{} is active", result.model);
         }
         RolloutCommand::Eval {
             model,
             json,
             socket,
         } => {
-            let result = request(
-                &socket,
-                &json!({"command": "model.eval", "model": model}),
-                None,
-            )?;
+            let result: Evaluated = request(&socket, Request::ModelEval { model }, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             } else {
-                let evaluation = &result["evaluation"];
-                println!("{}: {}", text(&result["model"]), score_line(evaluation));
-                for failure in evaluation["failures"].as_array().into_iter().flatten() {
+                let evaluation = &result.evaluation;
+                println!("{}: {}", result.model, score_line(evaluation));
+                for failure in &evaluation.failures {
                     println!(
                         "  item {}: {:?} answered {:?}",
-                        failure["item"],
-                        text(&failure["prompt"]),
-                        text(&failure["answer"])
+                        failure.item, failure.prompt, failure.answer
                     );
                 }
             }
         }
         RolloutCommand::Rollback { name, socket } => {
-            let result = request(
-                &socket,
-                &json!({"command": "model.rollback", "name": name}),
-                None,
-            )?;
-            match result.get("ended_canary") {
-                Some(canary) => println!(
-                    "canary {} ended; all requests go to the active version",
-                    text(canary)
-                ),
-                None => println!("{} is active again", text(&result["model"])),
+            let result: RolledBack = request(&socket, Request::ModelRollback { name }, None)?;
+            match result {
+                RolledBack::EndedCanary { ended_canary } => {
+                    println!("canary {ended_canary} ended; all requests go to the active version")
+                }
+                RolledBack::Returned { model, .. } => println!("{model} is active again"),
             }
         }
         RolloutCommand::Remove { model, socket } => {
-            request(
-                &socket,
-                &json!({"command": "model.remove", "model": model}),
-                None,
-            )?;
+            let request_line = Request::ModelRemove {
+                model: model.clone(),
+            };
+            let _: Removed = request(&socket, request_line, None)?;
             println!("{model} removed");
         }
     }
@@ -278,149 +265,149 @@ pub fn run(command: RolloutCommand) -> anyhow::Result<()> {
 
 /// `moatctl status`.
 pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let result = request(socket, &json!({"command": "status"}), None)?;
+    let result: Status = request(socket, Request::Status {}, None)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
     }
     println!(
         "moatd {} on node {}, up {} s",
-        text(&result["moatd"]),
-        text(&result["node_id"]),
-        result["uptime_secs"]
+        result.moatd, result.node_id, result.uptime_secs
     );
     println!(
         "memory: {} MiB estimated for loaded models (budget: {})",
-        result["memory_estimate_mib"],
-        match &result["memory_budget_mib"] {
-            Value::Null => "what the host has available".to_owned(),
-            mib => format!("{mib} MiB"),
+        result.memory_estimate_mib,
+        match result.memory_budget_mib {
+            None => "what the host has available".to_owned(),
+            Some(mib) => format!("{mib} MiB"),
         }
     );
-    if let Some(models) = result["models"].as_object() {
-        if models.is_empty() {
-            println!("no model is served: moatctl model import, then moatctl model activate");
+    if result.models.is_empty() {
+        println!("no model is served: moatctl model import, then moatctl model activate");
+    }
+    for (name, model) in &result.models {
+        let version = match model.active.as_str() {
+            "" => "(unsigned directory)",
+            v => v,
+        };
+        let mut line = format!("  {name}: {version}");
+        if !model.healthy {
+            line.push_str(" FAILING");
         }
-        for (name, model) in models {
-            let version = match text(&model["active"]).as_str() {
-                "" => "(unsigned directory)".to_owned(),
-                v => v.to_owned(),
-            };
-            let mut line = format!("  {name}: {version}");
-            if model["healthy"] == Value::Bool(false) {
-                line.push_str(" FAILING");
-            }
-            if let Some(canary) = model["canary"].as_object() {
-                line.push_str(&format!(
-                    ", canary {} at {}%",
-                    text(&canary["version"]),
-                    canary["percent"]
-                ));
-            }
-            if let Some(standby) = model["standby"].as_str() {
-                line.push_str(&format!(", {standby} loaded for rollback"));
-            }
-            println!("{line}");
+        if let Some(canary) = &model.canary {
+            line.push_str(&format!(
+                ", canary {} at {}%",
+                canary.version, canary.percent
+            ));
         }
+        if let Some(standby) = &model.standby {
+            line.push_str(&format!(", {standby} loaded for rollback"));
+        }
+        println!("{line}");
     }
     Ok(())
 }
 
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+/// A value that may be absent, as a table shows it.
+fn or_dash(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_owned()
+}
+
+/// A figure with `digits` decimals, `-` when absent.
+fn figure(value: Option<f64>, digits: usize) -> String {
+    value.map_or("-".to_owned(), |x| format!("{x:.digits$}"))
 }
 
 /// One line of an evaluation's figures.
-fn score_line(score: &Value) -> String {
-    let number = |v: &Value, digits: usize| {
-        v.as_f64()
-            .map_or("-".to_owned(), |x| format!("{x:.digits$}"))
-    };
+fn score_line(score: &EvalScore) -> String {
     format!(
         "accuracy {} ({}/{}); format validity {}; mean output tokens {}; latency mean {} ms, p95 {} ms",
-        number(&score["accuracy"], 3),
-        score["correct"],
-        score["items"],
-        number(&score["format_validity"], 3),
-        number(&score["mean_output_tokens"], 1),
-        number(&score["latency_ms"]["mean"], 0),
-        number(&score["latency_ms"]["p95"], 0),
+        figure(Some(score.accuracy), 3),
+        score.correct,
+        score.items,
+        figure(score.format_validity, 3),
+        figure(Some(score.mean_output_tokens), 1),
+        figure(Some(score.latency_ms.mean), 0),
+        figure(Some(score.latency_ms.p95), 0),
     )
 }
 
 /// One line of `moat-model check` figures for `model list --details`.
-fn check_line(check: &Value) -> String {
-    if check.is_null() {
-        return "check: none in the bundle (moat-model check DIR --against SRC writes one)".into();
-    }
-    if let Some(file) = check["unreadable"].as_str() {
-        return format!("check: {file} is not valid JSON");
-    }
-    let greedy = &check["greedy"];
-    let tf = &check["teacher_forced"];
-    let number = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.4}"));
-    let passed = match check["passed"].as_bool() {
+fn check_line(check: Option<&CheckReport>) -> String {
+    let figures: &CheckFigures = match check {
+        None => {
+            return "check: none in the bundle (moat-model check DIR --against SRC writes one)"
+                .into();
+        }
+        Some(CheckReport::Unreadable { unreadable }) => {
+            return format!("check: {unreadable} is not valid JSON");
+        }
+        Some(CheckReport::Figures(figures)) => figures,
+    };
+    let count = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
+    let greedy = figures.greedy.as_ref();
+    let tf = figures.teacher_forced.as_ref();
+    let number = |pick: fn(&moat_core::admin::TeacherForcedFigures) -> Option<f64>| {
+        figure(tf.and_then(pick), 4)
+    };
+    let passed = match figures.passed {
         Some(true) => "passed",
         Some(false) => "FAILED",
         None => "-",
     };
     format!(
         "check ({}, against {}): {passed}; greedy {}/{} identical; top-1 {}; logit error max {} mean {}; KL mean {} max {}",
-        text(&check["variant"]),
-        text(&check["against"]),
-        text(&greedy["identical_sequences"]),
-        text(&greedy["of"]),
-        number(&tf["top1_agreement"]),
-        number(&tf["max_abs_logit_error"]),
-        number(&tf["mean_abs_logit_error"]),
-        number(&tf["kl_mean"]),
-        number(&tf["kl_max"]),
+        or_dash(figures.variant.as_deref()),
+        or_dash(figures.against.as_deref()),
+        count(greedy.and_then(|g| g.identical_sequences)),
+        count(greedy.and_then(|g| g.of)),
+        number(|t| t.top1_agreement),
+        number(|t| t.max_abs_logit_error),
+        number(|t| t.mean_abs_logit_error),
+        number(|t| t.kl_mean),
+        number(|t| t.kl_max),
     )
 }
 
-fn print_list(result: &Value, details: bool) {
-    let Some(models) = result["models"].as_array() else {
-        return;
-    };
-    if models.is_empty() {
+fn print_list(result: &ModelList, details: bool) {
+    if result.models.is_empty() {
         println!("no bundle imported");
     }
-    for model in models {
-        let name = text(&model["name"]);
-        if model["unsigned_directory"] == Value::Bool(true) {
+    for model in &result.models {
+        let name = &model.name;
+        if model.unsigned_directory {
             println!("{name}  (unsigned model directory, from models.directory)");
             continue;
         }
-        println!("{name}  (highest imported: {})", text(&model["highest"]));
-        for version in model["versions"].as_array().into_iter().flatten() {
+        println!(
+            "{name}  (highest imported: {})",
+            or_dash(model.highest.as_deref())
+        );
+        for version in &model.versions {
             let mut marks = Vec::new();
-            if version["active"] == Value::Bool(true) {
+            if version.active {
                 marks.push("active".to_owned());
             }
-            if let Some(percent) = version["canary_percent"].as_u64() {
+            if let Some(percent) = version.canary_percent {
                 marks.push(format!("canary {percent}%"));
             }
-            if version["previous"] == Value::Bool(true) {
+            if version.previous {
                 marks.push("previous".to_owned());
             }
-            if version["loaded"] == Value::Bool(true) {
+            if version.loaded {
                 marks.push("loaded".to_owned());
             }
             println!(
                 "  {:<14} {:<10} {:>12} bytes  signed by {} ({})  {}",
-                text(&version["version"]),
-                text(&version["task"]),
-                version["bytes"],
-                text(&version["signer"]),
-                text(&version["signer_id"]),
+                version.version,
+                version.task,
+                version.bytes,
+                version.signer,
+                version.signer_id,
                 marks.join(", ")
             );
             if details {
-                println!("  {:<14} {}", "", check_line(&version["check"]));
+                println!("  {:<14} {}", "", check_line(version.check.as_ref()));
             }
         }
     }

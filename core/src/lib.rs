@@ -2,10 +2,11 @@
 //!
 //! It owns plain data formats and the rules over them: today the model metadata that a
 //! model directory carries (`moat-model.json`), the bundle manifest and its signature,
-//! policy evaluation and the audit chain. It must not depend on tokio, actix, ONNX Runtime, sled or
-//! anything else that touches the network, the disk or hardware: callers read the bytes and
-//! hand them in.
+//! policy evaluation, the audit chain and the admin socket's protocol ([`admin`]). It must
+//! not depend on tokio, actix, ONNX Runtime, sled or anything else that touches the network,
+//! the disk or hardware: callers read the bytes and hand them in.
 
+pub mod admin;
 pub mod audit;
 pub mod bundle;
 pub mod model_metadata;

@@ -5,12 +5,13 @@
 //! While the sockets are open, moatd holds its pid file ([`pid_file`]), by which
 //! `moatctl policy reload` finds it.
 //!
-//! One request per connection: a JSON line such as `{"command": "audit.export",
+//! One request per connection, in the protocol `moat_core::admin` defines for moatd and
+//! moatctl alike: a JSON line such as `{"protocol": 1, "command": "audit.export",
 //! "since_unix_ms": null, "until_unix_ms": null}`. The first line of the answer is JSON,
 //! `{"ok": true}` (with a `result` for model commands and status) or `{"error": "..."}`;
 //! an export follows it line by line (or, for a range without records, one more
 //! `{"error": ...}` line). `model.import` sends `size` bytes of bundle tar right after its
-//! line. Every
+//! line. A request in another protocol is refused with both versions named. Every
 //! connection's peer is checked ([`peer::AdminAccess`]) and every command, allowed or
 //! refused, is audited with the peer's uid, gid and pid.
 
@@ -23,16 +24,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use moat_core::admin::{
+    Hello, PROTOCOL_VERSION, Refusal, Request, RequestLine, accepted_line, answer_line,
+};
 use moat_core::audit::export::select::TimeRange;
 use moat_core::audit::export::source::WriteExportError;
-use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::audit::AuditLog;
 use crate::audit::log::{admin_record, now_unix_ms};
 use crate::config::AdminConfig;
-use crate::models::{Command, Models, Query};
+use crate::models::{Command, Models, RolloutError};
 use peer::{AdminAccess, Peer};
 use pid_file::{PidFile, PidFileError};
 
@@ -58,63 +61,6 @@ pub enum AdminError {
     },
     #[error(transparent)]
     PidFile(#[from] PidFileError),
-}
-
-/// A request on the socket.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "command", deny_unknown_fields)]
-pub enum AdminRequest {
-    /// The audit trail (or a time range of it) as an export file.
-    #[serde(rename = "audit.export")]
-    AuditExport {
-        since_unix_ms: Option<i64>,
-        until_unix_ms: Option<i64>,
-    },
-    /// A bundle tar of `size` bytes follows the request line.
-    #[serde(rename = "model.import")]
-    ModelImport {
-        size: u64,
-        #[serde(default)]
-        allow_downgrade: bool,
-    },
-    #[serde(rename = "model.list")]
-    ModelList {},
-    #[serde(rename = "model.activate")]
-    ModelActivate { model: String },
-    #[serde(rename = "model.canary")]
-    ModelCanary { model: String, percent: u8 },
-    #[serde(rename = "model.promote")]
-    ModelPromote {
-        name: String,
-        /// Promote even when the canary scores below the active version on its evaluation set.
-        #[serde(default)]
-        force: bool,
-    },
-    #[serde(rename = "model.eval")]
-    ModelEval { model: String },
-    #[serde(rename = "model.rollback")]
-    ModelRollback { name: String },
-    #[serde(rename = "model.remove")]
-    ModelRemove { model: String },
-    #[serde(rename = "status")]
-    Status {},
-}
-
-impl AdminRequest {
-    fn action(&self) -> &'static str {
-        match self {
-            AdminRequest::AuditExport { .. } => "audit.export",
-            AdminRequest::ModelImport { .. } => "model.import",
-            AdminRequest::ModelList {} => "model.list",
-            AdminRequest::ModelActivate { .. } => "model.activate",
-            AdminRequest::ModelCanary { .. } => "model.canary",
-            AdminRequest::ModelPromote { .. } => "model.promote",
-            AdminRequest::ModelEval { .. } => "model.eval",
-            AdminRequest::ModelRollback { .. } => "model.rollback",
-            AdminRequest::ModelRemove { .. } => "model.remove",
-            AdminRequest::Status {} => "status",
-        }
-    }
 }
 
 /// A bundle read from the socket (what the request line's reader had buffered, then the
@@ -143,10 +89,10 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn allows(self, request: &AdminRequest) -> bool {
+    fn allows(self, request: &Request) -> bool {
         match self {
             Scope::Admin => true,
-            Scope::Audit => matches!(request, AdminRequest::AuditExport { .. }),
+            Scope::Audit => matches!(request, Request::AuditExport { .. }),
         }
     }
 }
@@ -277,13 +223,12 @@ impl AdminSocket {
         let buffered = stream.buffer().to_vec();
         let mut stream = stream.into_inner();
         if !matches!(read, Ok(Ok(n)) if n > 0) {
-            return answer(&mut stream, Err("send one JSON request line")).await;
+            let refusal = Refusal::new("send one JSON request line");
+            return answer(&mut stream, Err(refusal)).await;
         }
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        let request: Result<AdminRequest, _> = serde_json::from_str(&line);
-        let action = request
-            .as_ref()
-            .map_or("admin.unknown", AdminRequest::action);
+        let request = serde_json::from_str::<RequestLine>(&line).map(|line| line.request);
+        let action = request.as_ref().map_or("admin.unknown", Request::action);
         let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
         let refusal = if !self.access.allows(peer, &passwd, &groups) {
             Some(format!(
@@ -309,19 +254,27 @@ impl AdminSocket {
             );
             // Refused either way; the record says someone tried.
             let _ = audit.append(record).await;
-            return answer(&mut stream, Err(&format!("permission denied: {reason}"))).await;
+            let refusal = Refusal::new(format!("permission denied: {reason}"));
+            return answer(&mut stream, Err(refusal)).await;
+        }
+        // Another protocol is named as such, before its request is judged as this one's.
+        if let Some(client) = Hello::protocol_of(&line)
+            && client != PROTOCOL_VERSION
+        {
+            tracing::warn!(%peer, client, "admin socket: a client of another protocol");
+            return answer(&mut stream, Err(Refusal::protocol_mismatch(client))).await;
         }
         let request = match request {
             Ok(request) => request,
             Err(e) => {
                 let message = format!("not a request this moatd knows: {e}");
-                return answer(&mut stream, Err(&message)).await;
+                return answer(&mut stream, Err(Refusal::new(message))).await;
             }
         };
         let peer_text = peer.to_string();
-        let outcome = match (request, models) {
+        let (request, models) = match (request, models) {
             (
-                AdminRequest::AuditExport {
+                Request::AuditExport {
                     since_unix_ms,
                     until_unix_ms,
                 },
@@ -334,80 +287,46 @@ impl AdminSocket {
                 return export(stream, range, peer, audit).await;
             }
             (_, None) => {
-                return answer(
-                    &mut stream,
-                    Err("this moatd serves fixed models; model commands are not available"),
-                )
-                .await;
+                let refusal = Refusal::new(
+                    "this moatd serves fixed models; model commands are not available",
+                );
+                return answer(&mut stream, Err(refusal)).await;
             }
-            (
-                AdminRequest::ModelImport {
-                    size,
-                    allow_downgrade,
-                },
-                Some(models),
-            ) => {
+            (request, Some(models)) => (request, models),
+        };
+        let line = match request {
+            Request::ModelImport {
+                size,
+                allow_downgrade,
+            } => {
                 let (bundle, mut answer_stream) = bundle_reader(buffered, stream, size)?;
                 let outcome = models.import(&peer_text, bundle, allow_downgrade).await;
                 // One short line on a socket the client is waiting to read.
                 let line = result_line(outcome);
                 return answer_stream.write_all(format!("{line}\n").as_bytes());
             }
-            (AdminRequest::Status {}, Some(models)) => {
-                models.query(&peer_text, Query::Status).await
-            }
-            (AdminRequest::ModelList {}, Some(models)) => {
-                models.query(&peer_text, Query::List).await
-            }
-            (AdminRequest::ModelActivate { model }, Some(models)) => {
-                let command = Command::Activate { label: model };
-                models.command(&peer_text, command).await
-            }
-            (AdminRequest::ModelCanary { model, percent }, Some(models)) => {
-                let command = Command::Canary {
-                    label: model,
-                    percent,
-                };
-                models.command(&peer_text, command).await
-            }
-            (AdminRequest::ModelPromote { name, force }, Some(models)) => {
-                models
-                    .command(&peer_text, Command::Promote { name, force })
-                    .await
-            }
-            (AdminRequest::ModelEval { model }, Some(models)) => {
-                models
-                    .command(&peer_text, Command::Eval { label: model })
-                    .await
-            }
-            (AdminRequest::ModelRollback { name }, Some(models)) => {
-                models.command(&peer_text, Command::Rollback { name }).await
-            }
-            (AdminRequest::ModelRemove { model }, Some(models)) => {
-                let command = Command::Remove { label: model };
-                models.command(&peer_text, command).await
-            }
+            Request::Status {} => result_line(models.status(&peer_text).await),
+            Request::ModelList {} => result_line(models.list(&peer_text).await),
+            request => match Command::of(request) {
+                Some(command) => result_line(models.command(&peer_text, command).await),
+                None => answer_line(&Err::<(), _>(Refusal::new("not a rollout command"))),
+            },
         };
-        let line = result_line(outcome);
         stream.write_all(format!("{line}\n").as_bytes()).await?;
         stream.flush().await
     }
 }
 
-fn result_line(
-    outcome: Result<serde_json::Value, crate::models::RolloutError>,
-) -> serde_json::Value {
-    match outcome {
-        Ok(result) => serde_json::json!({"ok": true, "result": result}),
-        Err(e) => serde_json::json!({"error": e.to_string(), "code": e.code()}),
-    }
+/// A model command's answer line: its result, or its refusal with the refusal's code.
+fn result_line<T: serde::Serialize>(outcome: Result<T, RolloutError>) -> String {
+    answer_line(&outcome.map_err(|e| Refusal::with_code(e.to_string(), e.code())))
 }
 
 /// Writes the answer's first line.
-async fn answer(stream: &mut UnixStream, outcome: Result<(), &str>) -> std::io::Result<()> {
+async fn answer(stream: &mut UnixStream, outcome: Result<(), Refusal>) -> std::io::Result<()> {
     let line = match outcome {
-        Ok(()) => serde_json::json!({"ok": true}),
-        Err(message) => serde_json::json!({"error": message}),
+        Ok(()) => accepted_line(),
+        Err(refusal) => answer_line(&Err::<(), _>(refusal)),
     };
     stream.write_all(format!("{line}\n").as_bytes()).await?;
     stream.flush().await
@@ -441,7 +360,7 @@ async fn export(
         Ok(snapshot) => snapshot,
         Err(e) => {
             let message = format!("the audit trail cannot be exported now: {e}");
-            return answer(&mut stream, Err(&message)).await;
+            return answer(&mut stream, Err(Refusal::new(message))).await;
         }
     };
     answer(&mut stream, Ok(())).await?;
@@ -453,8 +372,9 @@ async fn export(
         match snapshot.write(range, now_unix_ms(), out, &mut |_| {}) {
             Ok((exported, mut out)) => out.flush().map(|()| Some(exported)),
             Err(WriteExportError::Empty) => {
-                let line =
-                    serde_json::json!({"error": "the audit trail holds no record in the range"});
+                let line = answer_line(&Err::<(), _>(Refusal::new(
+                    "the audit trail holds no record in the range",
+                )));
                 (&stream)
                     .write_all(format!("{line}\n").as_bytes())
                     .map(|()| None)

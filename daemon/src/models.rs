@@ -22,8 +22,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use moat_core::admin::{
+    Activated, CanaryStarted, ImportSummary, ModelList, Promoted, Removed, Request, RolledBack,
+    RolloutResult, Status,
+};
 use moat_core::bundle::VerifiedBundle;
-use serde_json::{Value, json};
 
 use crate::audit::AuditLog;
 use crate::audit::log::{admin_record, now_unix_ms};
@@ -185,7 +188,7 @@ impl Models {
         peer: &str,
         bundle: Box<dyn Read + Send>,
         allow_downgrade: bool,
-    ) -> Result<Value, RolloutError> {
+    ) -> Result<ImportSummary, RolloutError> {
         let outcome = match self.receive(bundle).await {
             Ok(staged) => {
                 let _one_at_a_time = self.commands.lock().await;
@@ -199,46 +202,71 @@ impl Models {
     }
 
     /// Runs a command, one at a time, and audits it with the admin's identity.
-    pub async fn command(&self, peer: &str, command: Command) -> Result<Value, RolloutError> {
+    pub async fn command(
+        &self,
+        peer: &str,
+        command: Command,
+    ) -> Result<RolloutResult, RolloutError> {
         let action = command.action();
         let (outcome, named) = {
             let _one_at_a_time = self.commands.lock().await;
             match command {
-                Command::Activate { label } => (self.activate(&label).await, label),
-                Command::Canary { label, percent } => (self.canary(&label, percent).await, label),
-                Command::Promote { name, force } => (self.promote(&name, force).await, name),
-                Command::Eval { label } => (self.evaluate(&label).await, label),
-                Command::Rollback { name } => (self.rollback(&name).await, name),
-                Command::Remove { label } => (self.remove(&label), label),
+                Command::Activate { label } => {
+                    let outcome = self.activate(&label).await;
+                    (outcome.map(RolloutResult::Activated), label)
+                }
+                Command::Canary { label, percent } => {
+                    let outcome = self.canary(&label, percent).await;
+                    (outcome.map(RolloutResult::CanaryStarted), label)
+                }
+                Command::Promote { name, force } => {
+                    let outcome = self.promote(&name, force).await;
+                    (outcome.map(RolloutResult::Promoted), name)
+                }
+                Command::Eval { label } => {
+                    let outcome = self.evaluate(&label).await;
+                    (outcome.map(RolloutResult::Evaluated), label)
+                }
+                Command::Rollback { name } => {
+                    let outcome = self.rollback(&name).await;
+                    (outcome.map(RolloutResult::RolledBack), name)
+                }
+                Command::Remove { label } => {
+                    let outcome = self.remove(&label);
+                    (outcome.map(RolloutResult::Removed), label)
+                }
             }
         };
         self.audited(action, peer, named, outcome).await
     }
 
-    /// Answers a query (`status`, `model.list`), audited like a command.
-    pub async fn query(&self, peer: &str, query: Query) -> Result<Value, RolloutError> {
-        let (action, outcome) = match query {
-            Query::Status => ("status", Ok(self.status())),
-            Query::List => ("model.list", self.list()),
-        };
-        self.audited(action, peer, String::new(), outcome).await
+    /// `status`, audited like a command.
+    pub async fn status(&self, peer: &str) -> Result<Status, RolloutError> {
+        let outcome = Ok(self.status_report());
+        self.audited("status", peer, String::new(), outcome).await
+    }
+
+    /// `model.list`, audited like a command.
+    pub async fn list(&self, peer: &str) -> Result<ModelList, RolloutError> {
+        let outcome = self.list_report();
+        self.audited("model.list", peer, String::new(), outcome)
+            .await
     }
 
     /// Audits what `action` came to for `peer`, naming the version it ended on where the
     /// result names one (else `named`); an answer whose record failed is an error that
     /// says whether the action was done.
-    async fn audited(
+    async fn audited<T: NamesModel>(
         &self,
         action: &'static str,
         peer: &str,
         named: String,
-        outcome: Result<Value, RolloutError>,
-    ) -> Result<Value, RolloutError> {
+        outcome: Result<T, RolloutError>,
+    ) -> Result<T, RolloutError> {
         let model = outcome
             .as_ref()
             .ok()
-            .and_then(|result| result.get("model"))
-            .and_then(Value::as_str)
+            .and_then(NamesModel::model)
             .map_or(named, str::to_owned);
         if let Err(e) = self
             .record(action, peer, &model, outcome.as_ref().map(|_| ()))
@@ -433,7 +461,7 @@ impl Models {
         Ok(())
     }
 
-    async fn activate(&self, label: &str) -> Result<Value, RolloutError> {
+    async fn activate(&self, label: &str) -> Result<Activated, RolloutError> {
         let (name, version) = parse_label(label)?;
         if self.is_unsigned(&name) {
             return Err(RolloutError::Unsigned(name));
@@ -443,7 +471,11 @@ impl Models {
         if entry.active.as_deref() == Some(version.as_str())
             && self.table.snapshot().contains_key(&name)
         {
-            return Ok(json!({"model": label, "note": "already active"}));
+            return Ok(Activated {
+                model: label.to_owned(),
+                previous: None,
+                note: Some("already active".to_owned()),
+            });
         }
         let model = self.prepare(&name, &version).await?;
         // The registry first: if it cannot be written, nothing changes.
@@ -459,10 +491,14 @@ impl Models {
             route.standby = old.map(|old| old.active);
             routes.insert(name.clone(), route);
         });
-        Ok(json!({"model": label, "previous": entry.previous}))
+        Ok(Activated {
+            model: label.to_owned(),
+            previous: entry.previous,
+            note: None,
+        })
     }
 
-    async fn canary(&self, label: &str, percent: u8) -> Result<Value, RolloutError> {
+    async fn canary(&self, label: &str, percent: u8) -> Result<CanaryStarted, RolloutError> {
         if !(1..=99).contains(&percent) {
             return Err(RolloutError::BadPercent(percent));
         }
@@ -488,13 +524,16 @@ impl Models {
                 });
             }
         });
-        Ok(json!({"model": label, "percent": percent}))
+        Ok(CanaryStarted {
+            model: label.to_owned(),
+            percent,
+        })
     }
 
     /// Makes the canary the active version. When the canary's bundle carries an evaluation
     /// set, both versions answer it first, and a canary scoring below the active version is
     /// refused unless `force`.
-    async fn promote(&self, name: &str, force: bool) -> Result<Value, RolloutError> {
+    async fn promote(&self, name: &str, force: bool) -> Result<Promoted, RolloutError> {
         let mut entry = self.entry(name)?;
         let Some(canary) = entry.canary.take() else {
             return Err(RolloutError::NoCanary(name.to_owned()));
@@ -534,16 +573,16 @@ impl Models {
                 route.standby = Some(old);
             }
         });
-        Ok(json!({
-            "model": format!("{name}@{}", canary.version),
-            "previous": entry.previous,
-            "evaluation": evaluation,
-        }))
+        Ok(Promoted {
+            model: format!("{name}@{}", canary.version),
+            previous: entry.previous,
+            evaluation,
+        })
     }
 
     /// Ends a canary, or else returns to the previous version: at once when it is still
     /// loaded (it is, unless moatd restarted since), else after loading and checking it.
-    async fn rollback(&self, name: &str) -> Result<Value, RolloutError> {
+    async fn rollback(&self, name: &str) -> Result<RolledBack, RolloutError> {
         let mut entry = self.entry(name)?;
         if let Some(canary) = entry.canary.take() {
             self.registry.put(name, &entry)?;
@@ -552,7 +591,9 @@ impl Models {
                     route.canary = None;
                 }
             });
-            return Ok(json!({"ended_canary": format!("{name}@{}", canary.version)}));
+            return Ok(RolledBack::EndedCanary {
+                ended_canary: format!("{name}@{}", canary.version),
+            });
         }
         let Some(previous) = entry.previous.clone() else {
             return Err(RolloutError::NoPrevious(name.to_owned()));
@@ -566,10 +607,13 @@ impl Models {
             route.standby = standby;
             routes.insert(name.to_owned(), route);
         });
-        Ok(json!({"model": format!("{name}@{previous}"), "previous": entry.previous}))
+        Ok(RolledBack::Returned {
+            model: format!("{name}@{previous}"),
+            previous: entry.previous,
+        })
     }
 
-    fn remove(&self, label: &str) -> Result<Value, RolloutError> {
+    fn remove(&self, label: &str) -> Result<Removed, RolloutError> {
         let (name, version) = parse_label(label)?;
         let mut entry = self.entry(&name)?;
         let text = version.to_string();
@@ -603,7 +647,9 @@ impl Models {
             entry.previous = None;
         }
         self.registry.put(&name, &entry)?;
-        Ok(json!({"removed": label}))
+        Ok(Removed {
+            removed: label.to_owned(),
+        })
     }
 }
 
@@ -634,6 +680,25 @@ pub enum Command {
 }
 
 impl Command {
+    /// The rollout command a request asks for; `None` for the other requests.
+    pub fn of(request: Request) -> Option<Self> {
+        Some(match request {
+            Request::ModelActivate { model } => Command::Activate { label: model },
+            Request::ModelCanary { model, percent } => Command::Canary {
+                label: model,
+                percent,
+            },
+            Request::ModelPromote { name, force } => Command::Promote { name, force },
+            Request::ModelEval { model } => Command::Eval { label: model },
+            Request::ModelRollback { name } => Command::Rollback { name },
+            Request::ModelRemove { model } => Command::Remove { label: model },
+            Request::AuditExport { .. }
+            | Request::ModelImport { .. }
+            | Request::ModelList {}
+            | Request::Status {} => return None,
+        })
+    }
+
     pub fn action(&self) -> &'static str {
         match self {
             Command::Activate { .. } => "model.activate",
@@ -646,9 +711,31 @@ impl Command {
     }
 }
 
-/// A read-only question from the admin socket.
-#[derive(Debug, Clone, Copy)]
-pub enum Query {
-    Status,
-    List,
+/// An answer that may name the version it concerns (`name@version`), for its audit record.
+trait NamesModel {
+    fn model(&self) -> Option<&str>;
+}
+
+impl NamesModel for RolloutResult {
+    fn model(&self) -> Option<&str> {
+        RolloutResult::model(self)
+    }
+}
+
+impl NamesModel for ImportSummary {
+    fn model(&self) -> Option<&str> {
+        Some(&self.model)
+    }
+}
+
+impl NamesModel for Status {
+    fn model(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl NamesModel for ModelList {
+    fn model(&self) -> Option<&str> {
+        None
+    }
 }

@@ -9,22 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use moat_core::policy::limits::Limiter;
-use moat_core::policy::{AccessPolicy, PolicyError, PolicySource, SourceFile};
-
-pub const SCHEMA_FILE: &str = "schema.cedarschema";
-pub const DATA_FILE: &str = "moat-policy.toml";
+use moat_core::policy::{AccessPolicy, PolicyError};
+use moat_store::policy::{PolicyFiles, ReadError};
 
 /// Why a policy directory could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyLoadError {
-    #[error("cannot read the policy directory {dir}: {source}")]
-    Read {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the policy directory {dir} holds no .cedar file")]
-    NoPolicies { dir: PathBuf },
+    /// A file is missing or unreadable, or the directory holds no policy.
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error("the policy in {dir} is invalid: {source}")]
     Invalid {
         dir: PathBuf,
@@ -37,58 +30,6 @@ pub enum PolicyLoadError {
         model: String,
         reason: String,
     },
-}
-
-/// The texts of a policy directory, read in a stable order.
-#[derive(Debug)]
-pub struct PolicyFiles {
-    schema: (String, String),
-    policies: Vec<(String, String)>,
-    data: (String, String),
-}
-
-impl PolicyFiles {
-    /// Reads `schema.cedarschema`, every `*.cedar` (by name) and `moat-policy.toml`.
-    pub fn read(dir: &Path) -> Result<Self, PolicyLoadError> {
-        let read_error = |source| PolicyLoadError::Read {
-            dir: dir.to_path_buf(),
-            source,
-        };
-        let read = |name: &Path| -> Result<(String, String), PolicyLoadError> {
-            let text = std::fs::read_to_string(name).map_err(read_error)?;
-            Ok((name.display().to_string(), text))
-        };
-        let mut cedar: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(read_error)?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| path.extension().is_some_and(|e| e == "cedar") && path.is_file())
-            .collect();
-        cedar.sort();
-        if cedar.is_empty() {
-            return Err(PolicyLoadError::NoPolicies {
-                dir: dir.to_path_buf(),
-            });
-        }
-        Ok(Self {
-            schema: read(&dir.join(SCHEMA_FILE))?,
-            policies: cedar.iter().map(|p| read(p)).collect::<Result<_, _>>()?,
-            data: read(&dir.join(DATA_FILE))?,
-        })
-    }
-
-    pub fn source(&self) -> PolicySource<'_> {
-        fn file((name, text): &(String, String)) -> SourceFile<'_> {
-            SourceFile {
-                name: name.as_str(),
-                text: text.as_str(),
-            }
-        }
-        PolicySource {
-            schema: file(&self.schema),
-            policies: self.policies.iter().map(file).collect(),
-            data: file(&self.data),
-        }
-    }
 }
 
 /// Reads and validates a policy directory.
@@ -187,6 +128,7 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moat_store::policy::{DATA_FILE, SCHEMA_FILE};
 
     fn directory(data: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("temp dir");

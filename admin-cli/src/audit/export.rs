@@ -15,10 +15,12 @@ use moat_core::audit::export::select::TimeRange;
 use moat_core::audit::export::source::{self, ExportProgress, Exported, WriteExportError};
 use moat_core::audit::export::{ExportError, ExportHeader, VerifiedExport};
 use moat_core::audit::layout::SIGNING_KEY_FILE;
+use moat_store::audit::AuditReader;
+use moat_store::time::now_unix_ms;
 
 use super::staged::StagedFile;
-use super::store::StoppedStore;
-use super::{Error, describe_anchor, describe_range, format_time, now_unix_ms, progress_bar};
+use super::store::{StoreError, open_stopped};
+use super::{Error, describe_anchor, describe_range, format_time, progress_bar};
 
 pub const HELP: &str = concat!(
     "Examples:
@@ -52,7 +54,7 @@ pub fn run(
     out: &Path,
     range: TimeRange,
 ) -> Result<ExitCode, Error> {
-    let store = StoppedStore::open(dir)?;
+    let store = open_stopped(dir)?;
     let key_path = signing_key.map_or_else(|| default_signing_key(dir), Path::to_path_buf);
     let key = read_signing_key(&key_path)?;
     let output_error = |source| Error::Output {
@@ -87,7 +89,7 @@ fn read_signing_key(path: &Path) -> Result<SigningKey, Error> {
 /// Selects what to export of `range` and writes it to `staged`, signed with `key` (read
 /// from the file named with it), with progress bars.
 fn write_export(
-    store: &StoppedStore,
+    store: &AuditReader,
     range: TimeRange,
     (key_path, key): (&Path, &SigningKey),
     staged: &mut StagedFile,
@@ -119,7 +121,7 @@ fn write_export(
     };
     let (exported, mut buffered) = match written {
         Ok(written) => written,
-        Err(WriteExportError::Source(e)) => return Err(e.into()),
+        Err(WriteExportError::Source(e)) => return Err(StoreError::Read(e).into()),
         Err(WriteExportError::Empty) => {
             return Err(Error::NothingToExport {
                 dir: store.dir().to_path_buf(),

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
 
+use moat_core::admin::{AnswerError, Request, RequestLine, read_acceptance, refusal_in};
 use moat_core::audit::encoding::hex;
 use moat_core::audit::export::select::TimeRange;
 
@@ -21,11 +22,12 @@ pub fn fetch(socket: &Path, range: TimeRange, out: &mut impl std::io::Write) -> 
         source,
     };
     let mut stream = UnixStream::connect(socket).map_err(socket_error)?;
-    let request = serde_json::json!({
-        "command": "audit.export",
-        "since_unix_ms": range.since_unix_ms,
-        "until_unix_ms": range.until_unix_ms,
+    let request = RequestLine::new(Request::AuditExport {
+        since_unix_ms: range.since_unix_ms,
+        until_unix_ms: range.until_unix_ms,
     });
+    // A request of plain fields always serializes.
+    let request = serde_json::to_string(&request).unwrap_or_default();
     stream
         .write_all(format!("{request}\n").as_bytes())
         .map_err(socket_error)?;
@@ -38,18 +40,22 @@ pub fn fetch(socket: &Path, range: TimeRange, out: &mut impl std::io::Write) -> 
         if input.read_line(&mut line).map_err(socket_error)? == 0 {
             break;
         }
-        // moatd's answer line, or (first payload line) its word that the range is empty.
-        if let Ok(serde_json::Value::Object(answer)) = serde_json::from_str(&line)
-            && let Some(message) = answer.get("error").and_then(|e| e.as_str())
-        {
-            return Err(Error::Refused {
-                path: socket.to_path_buf(),
-                message: message.to_owned(),
-            });
-        }
+        let refused = |message: String| Error::Refused {
+            path: socket.to_path_buf(),
+            message,
+        };
         if first {
-            first = false; // {"ok": true}
-            continue;
+            // moatd's answer line: {"ok": true}, or why not.
+            first = false;
+            match read_acceptance(&line) {
+                Ok(()) => continue,
+                Err(AnswerError::Refused(refusal)) => return Err(refused(refusal.error)),
+                Err(other) => return Err(refused(other.to_string())),
+            }
+        }
+        // The first payload line may be moatd's word that the range is empty.
+        if let Some(refusal) = refusal_in(&line) {
+            return Err(refused(refusal.error));
         }
         out.write_all(line.as_bytes())
             .map_err(|source| Error::Output {

@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ed25519_dalek::SigningKey;
@@ -26,6 +26,8 @@ use super::reader::ExportSnapshot;
 use super::store::{Sealed, Store};
 use super::{AuditError, encrypt, parse_recipients, signing_key};
 use crate::config::AuditConfig;
+/// The clock both binaries stamp records and exports with (callers import it from here).
+pub use moat_store::time::now_unix_ms;
 use retention::{ClockAnchor, PruneClock, PruneHold};
 
 mod retention;
@@ -100,13 +102,6 @@ impl std::fmt::Debug for AuditLog {
             .field("recipients", &self.recipients.len())
             .finish_non_exhaustive()
     }
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl AuditLog {

@@ -14,8 +14,10 @@ use moat_core::audit::export::source::ExportSource;
 use moat_core::audit::layout::{self, NodeInfo};
 use moat_core::audit::{ChainEntry, Checkpoint, CheckpointKind, GENESIS};
 
+use moat_store::audit::{AuditReader, ReadError, StoredItem, remove_unfinished_snapshots};
+
 use super::AuditError;
-use super::reader::{ExportSnapshot, StoreReader};
+use super::reader::ExportSnapshot;
 use blobs::BlobFiles;
 
 mod blobs;
@@ -94,7 +96,10 @@ impl Store {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
+        remove_unfinished_snapshots(dir, &mut |file| {
+            tracing::warn!(file = %file.display(), "removing an unfinished sled snapshot");
+        })
+        .map_err(|e| open_error(e.to_string()))?;
         let db = sled::Config::new()
             .path(dir)
             // moatd flushes (and syncs) at every commit; a background flusher would only
@@ -179,24 +184,19 @@ impl Store {
     }
 
     /// Read handles on everything stored, now and later.
-    pub fn reader(&self) -> StoreReader {
-        StoreReader {
-            node: self.node.clone(),
-            records: self.records.clone(),
-            checkpoints: self.checkpoints.clone(),
-            meta: self.meta.clone(),
-            next: u64::MAX,
-        }
+    pub fn reader(&self) -> AuditReader {
+        AuditReader::from_trees(
+            &self.dir,
+            self.records.clone(),
+            self.checkpoints.clone(),
+            self.meta.clone(),
+        )
     }
 
     /// The view an export signed with `key` takes, beside the committer: what is stored up
     /// to the chain head now (durable, since the committer only moves the head once it is).
     pub fn snapshot(&self, key: &SigningKey) -> ExportSnapshot {
-        let reader = StoreReader {
-            next: self.head.next,
-            ..self.reader()
-        };
-        ExportSnapshot::new(reader, key.clone())
+        ExportSnapshot::new(self.reader().before(self.head.next), key.clone())
     }
 
     /// Chains `batch` after the head and makes it durable; returns the first sequence
@@ -277,7 +277,7 @@ impl Store {
     }
 
     pub fn prune_marker(&self) -> Result<Option<Checkpoint>, AuditError> {
-        ExportSource::prune_marker(&self.reader())
+        ExportSource::prune_marker(&self.reader()).map_err(AuditError::from)
     }
 
     /// Removes the records made before `cutoff_ms` that a checkpoint covers: everything up
@@ -374,23 +374,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// Removes snapshots sled began and never finished (see
-/// [`layout::is_unfinished_snapshot`]); sled rebuilds its snapshot from the log.
-fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(layout::is_unfinished_snapshot)
-        {
-            tracing::warn!(file = %entry.path().display(), "removing an unfinished sled snapshot");
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
-}
-
 fn sync_path(path: &Path) -> std::io::Result<()> {
     match File::open(path) {
         Ok(file) => file.sync_all(),
@@ -416,4 +399,21 @@ fn decode_checkpoint(key: &[u8], value: &[u8]) -> Result<Checkpoint, AuditError>
     layout::decode_checkpoint(value).ok_or(AuditError::Damaged {
         sequence: layout::decode_sequence(key).unwrap_or(u64::MAX),
     })
+}
+
+impl From<ReadError> for AuditError {
+    /// Damage keeps its sequence number; anything else is a failure to read.
+    fn from(error: ReadError) -> Self {
+        match error {
+            ReadError::Unreadable {
+                what: StoredItem::Record(sequence) | StoredItem::Checkpoint(sequence),
+                ..
+            } => AuditError::Damaged { sequence },
+            ReadError::Unreadable {
+                what: StoredItem::PruneMarker,
+                ..
+            } => AuditError::Damaged { sequence: 0 },
+            other => AuditError::Write(format!("cannot read the audit store: {other}")),
+        }
+    }
 }

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
+use moat_core::admin::{EvalFailure, Evaluated, LatencyMs, PromotionEvaluation};
 use moat_core::bundle::BundleManifest;
 use moat_core::bundle::eval::{EvalItem, Scoring};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use moat_core::bundle::eval::{EVAL_FILE, MAX_EVAL_BYTES, parse};
 
@@ -67,24 +68,32 @@ impl EvalScore {
             .unwrap_or(0.0)
     }
 
-    pub fn to_json(&self) -> Value {
+    /// The score as the admin protocol reports it.
+    pub fn report(&self) -> moat_core::admin::EvalScore {
         let (well_formed, of) = self.format;
-        json!({
-            "items": self.items,
-            "correct": self.correct,
-            "accuracy": self.accuracy(),
-            "format_validity": (of > 0).then(|| well_formed as f64 / of as f64),
-            "format_checked_items": of,
-            "mean_output_tokens": self.output_tokens as f64 / self.items.max(1) as f64,
-            "latency_ms": {
-                "mean": 1000.0 * self.latencies.iter().sum::<f64>() / self.items.max(1) as f64,
-                "p50": 1000.0 * self.percentile(0.5),
-                "p95": 1000.0 * self.percentile(0.95),
+        let items = self.items.max(1) as f64;
+        moat_core::admin::EvalScore {
+            items: self.items,
+            correct: self.correct,
+            accuracy: self.accuracy(),
+            format_validity: (of > 0).then(|| well_formed as f64 / of as f64),
+            format_checked_items: of,
+            mean_output_tokens: self.output_tokens as f64 / items,
+            latency_ms: LatencyMs {
+                mean: 1000.0 * self.latencies.iter().sum::<f64>() / items,
+                p50: 1000.0 * self.percentile(0.5),
+                p95: 1000.0 * self.percentile(0.95),
             },
-            "failures": self.failures.iter().map(|(index, prompt, answer)| {
-                json!({"item": index + 1, "prompt": prompt, "answer": answer})
-            }).collect::<Vec<_>>(),
-        })
+            failures: self
+                .failures
+                .iter()
+                .map(|(index, prompt, answer)| EvalFailure {
+                    item: index + 1,
+                    prompt: prompt.clone(),
+                    answer: answer.clone(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -214,7 +223,7 @@ impl Models {
     }
 
     /// `moatctl model eval NAME@VERSION`: the version's evaluation set, answered by it.
-    pub(super) async fn evaluate(&self, label: &str) -> Result<Value, RolloutError> {
+    pub(super) async fn evaluate(&self, label: &str) -> Result<Evaluated, RolloutError> {
         let (name, version) = parse_label(label)?;
         if self.is_unsigned(&name) {
             return Err(RolloutError::Unsigned(name));
@@ -239,12 +248,15 @@ impl Models {
                 label: label.to_owned(),
                 source,
             })?;
-        Ok(json!({"model": label, "evaluation": score.to_json()}))
+        Ok(Evaluated {
+            model: label.to_owned(),
+            evaluation: score.report(),
+        })
     }
 
     /// Promotion's gate: with an evaluation set in the canary's bundle, the canary and the
     /// active version both answer it (each with its own bundle's terms); the canary may not
-    /// score lower unless `force`. Returns the two scores (`null` without a set).
+    /// score lower unless `force`. Returns the two scores (`None` without a set).
     pub(super) async fn eval_gate(
         &self,
         name: &str,
@@ -252,12 +264,12 @@ impl Models {
         canary: &LoadedModel,
         active: &LoadedModel,
         force: bool,
-    ) -> Result<Value, RolloutError> {
+    ) -> Result<Option<PromotionEvaluation>, RolloutError> {
         let canary_label = format!("{name}@{canary_version}");
         let version = semver::Version::parse(canary_version)
             .map_err(|_| RolloutError::BadLabel(canary_label.clone()))?;
         let (canary_manifest, Some(items)) = self.eval_set(name, &version)? else {
-            return Ok(Value::Null);
+            return Ok(None);
         };
         let active_label = active.label();
         let active_manifest = match &active.version {
@@ -286,11 +298,11 @@ impl Models {
                 active_accuracy: active_score.accuracy(),
             });
         }
-        Ok(json!({
-            "canary": canary_score.to_json(),
-            "active": active_score.to_json(),
-            "active_version": active_label,
-            "forced": force && canary_score.accuracy() < active_score.accuracy(),
+        Ok(Some(PromotionEvaluation {
+            canary: canary_score.report(),
+            active: active_score.report(),
+            forced: force && canary_score.accuracy() < active_score.accuracy(),
+            active_version: active_label,
         }))
     }
 }

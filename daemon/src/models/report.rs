@@ -1,18 +1,20 @@
 //! What `moatctl model list`, `moatctl status` and `moatctl model import` print: the
-//! registry and the serving table as JSON.
+//! the registry and the serving table as the admin protocol's answers.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+use moat_core::admin::{
+    CanaryStatus, CheckFigures, CheckReport, ImportSummary, ListedModel, ListedVersion, ModelList,
+    ServedStatus, Status,
+};
 use moat_core::bundle::VerifiedBundle;
-use serde_json::{Value, json};
 
 use super::{Models, RolloutError};
 
 impl Models {
     /// Every imported version and what serves, for `moatctl model list`.
-    pub fn list(&self) -> Result<Value, RolloutError> {
+    pub(super) fn list_report(&self) -> Result<ModelList, RolloutError> {
         let routes = self.table.snapshot();
         let mut models = Vec::new();
         for (name, entry) in self.registry.all()? {
@@ -20,68 +22,78 @@ impl Models {
             // In version order (1.10.0 after 1.9.0), not text order.
             let mut ordered: Vec<_> = entry.versions.iter().collect();
             ordered.sort_by_key(|(version, _)| semver::Version::parse(version).ok());
-            let versions: Vec<Value> = ordered
+            let versions = ordered
                 .into_iter()
                 .map(|(version, info)| {
-                    let loaded = route.is_some_and(|r| {
-                        r.loaded().any(|m| m.version_text() == *version)
-                    });
-                    json!({
-                        "version": version,
-                        "task": info.task,
-                        "bytes": info.bytes,
-                        "signer": info.signer,
-                        "signer_id": info.signer_id,
-                        "imported_unix_ms": info.imported_unix_ms,
-                        "active": entry.active.as_deref() == Some(version.as_str()),
-                        "canary_percent": entry.canary.as_ref().filter(|c| c.version == *version).map(|c| c.percent),
-                        "previous": entry.previous.as_deref() == Some(version.as_str()),
-                        "loaded": loaded,
-                        "check": semver::Version::parse(version)
+                    let loaded =
+                        route.is_some_and(|r| r.loaded().any(|m| m.version_text() == *version));
+                    ListedVersion {
+                        version: version.clone(),
+                        task: info.task.clone(),
+                        bytes: info.bytes,
+                        signer: info.signer.clone(),
+                        signer_id: info.signer_id.clone(),
+                        imported_unix_ms: info.imported_unix_ms,
+                        active: entry.active.as_deref() == Some(version.as_str()),
+                        canary_percent: entry
+                            .canary
+                            .as_ref()
+                            .filter(|c| c.version == *version)
+                            .map(|c| c.percent),
+                        previous: entry.previous.as_deref() == Some(version.as_str()),
+                        loaded,
+                        check: semver::Version::parse(version)
                             .ok()
-                            .map(|v| check_report(&self.store.version_dir(&name, &v))),
-                    })
+                            .and_then(|v| check_report(&self.store.version_dir(&name, &v))),
+                    }
                 })
                 .collect();
-            models.push(json!({
-                "name": name,
-                "highest": self.registry.highest(&name)?.map(|v| v.to_string()),
-                "versions": versions,
-            }));
+            models.push(ListedModel {
+                highest: self.registry.highest(&name)?.map(|v| v.to_string()),
+                name,
+                unsigned_directory: false,
+                versions,
+            });
         }
         for (name, route) in routes.iter() {
             if route.active.version.is_none() {
-                models.push(json!({"name": name, "unsigned_directory": true, "versions": []}));
+                models.push(ListedModel {
+                    name: name.clone(),
+                    unsigned_directory: true,
+                    highest: None,
+                    versions: Vec::new(),
+                });
             }
         }
-        Ok(json!({"models": models}))
+        Ok(ModelList { models })
     }
 
     /// What this moatd serves, for `moatctl status`.
-    pub fn status(&self) -> Value {
+    pub(super) fn status_report(&self) -> Status {
         let routes = self.table.snapshot();
-        let served: BTreeMap<&String, Value> = routes
+        let models = routes
             .iter()
             .map(|(name, route)| {
-                (
-                    name,
-                    json!({
-                        "active": route.active.version_text(),
-                        "healthy": route.active.served.is_healthy(),
-                        "canary": route.canary.as_ref().map(|c| json!({"version": c.model.version_text(), "percent": c.share.percent})),
-                        "standby": route.standby.as_ref().map(|m| m.version_text()),
+                let served = ServedStatus {
+                    active: route.active.version_text(),
+                    healthy: route.active.served.is_healthy(),
+                    canary: route.canary.as_ref().map(|c| CanaryStatus {
+                        version: c.model.version_text(),
+                        percent: c.share.percent,
                     }),
-                )
+                    standby: route.standby.as_ref().map(|m| m.version_text()),
+                };
+                (name.clone(), served)
             })
             .collect();
-        json!({
-            "moatd": env!("CARGO_PKG_VERSION"),
-            "node_id": self.audit.node().node_id,
-            "uptime_secs": self.started.elapsed().as_secs(),
-            "models": served,
-            "memory_estimate_mib": self.table.memory_bytes() >> 20,
-            "memory_budget_mib": self.memory_budget.map(|b| b >> 20),
-        })
+        Status {
+            moatd: env!("CARGO_PKG_VERSION").to_owned(),
+            node_id: self.audit.node().node_id.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            models,
+            memory_estimate_mib: self.table.memory_bytes() >> 20,
+            memory_budget_mib: self.memory_budget.map(|b| b >> 20),
+        }
     }
 }
 
@@ -91,43 +103,35 @@ pub const CHECK_REPORT_FILE: &str = "check.json";
 /// A check report is a few kilobytes; a larger file is not read (it is not shown, not fatal).
 const MAX_CHECK_REPORT_BYTES: u64 = 1 << 20;
 
-/// The figures of a version's check report, or `null` when the bundle carries none (or one
+/// The figures of a version's check report, or `None` when the bundle carries none (or one
 /// that cannot be read: the list still shows every version).
-fn check_report(dir: &Path) -> Value {
+fn check_report(dir: &Path) -> Option<CheckReport> {
     let path = dir.join(CHECK_REPORT_FILE);
-    let Ok(file) = std::fs::File::open(&path) else {
-        return Value::Null;
-    };
+    let file = std::fs::File::open(&path).ok()?;
     let mut text = String::new();
-    if file
-        .take(MAX_CHECK_REPORT_BYTES)
+    file.take(MAX_CHECK_REPORT_BYTES)
         .read_to_string(&mut text)
-        .is_err()
-    {
-        return Value::Null;
-    }
-    let Ok(report) = serde_json::from_str::<Value>(&text) else {
-        return json!({"unreadable": CHECK_REPORT_FILE});
+        .ok()?;
+    let unreadable = || CheckReport::Unreadable {
+        unreadable: CHECK_REPORT_FILE.to_owned(),
     };
-    json!({
-        "variant": report["variant"],
-        "against": report["against"],
-        "passed": report["passed"],
-        "greedy": report["greedy"],
-        "teacher_forced": report["teacher_forced"],
-    })
+    // The report's other fields (per prompt, versions) are not shown.
+    Some(
+        serde_json::from_str::<CheckFigures>(&text)
+            .map_or_else(|_| unreadable(), CheckReport::Figures),
+    )
 }
 
 /// What an import registered.
-pub(super) fn import_summary(verified: &VerifiedBundle) -> Value {
+pub(super) fn import_summary(verified: &VerifiedBundle) -> ImportSummary {
     let manifest = &verified.manifest;
-    json!({
-        "model": manifest.label(),
-        "task": manifest.task.as_str(),
-        "files": manifest.files.len(),
-        "bytes": manifest.total_bytes(),
-        "signer": verified.signer,
-        "signer_id": verified.signer_id,
-        "golden_prompts": manifest.golden.len(),
-    })
+    ImportSummary {
+        model: manifest.label(),
+        task: manifest.task.as_str().to_owned(),
+        files: manifest.files.len(),
+        bytes: manifest.total_bytes(),
+        signer: verified.signer.clone(),
+        signer_id: verified.signer_id.clone(),
+        golden_prompts: manifest.golden.len(),
+    }
 }

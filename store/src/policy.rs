@@ -1,5 +1,5 @@
-//! Reading a policy directory the way moatd reads it: `schema.cedarschema`, every `*.cedar`
-//! file in name order, and `moat-policy.toml`.
+//! A policy directory, read the one way moatd loads it and moatctl checks it:
+//! `schema.cedarschema`, every `*.cedar` file in name order, and `moat-policy.toml`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -67,15 +67,14 @@ impl PolicyFiles {
             .filter(|path| path.extension().is_some_and(|e| e == "cedar") && path.is_file())
             .collect();
         cedar.sort();
-        // The schema first: without it nothing else can be checked.
-        let schema = read_text(&dir.join(SCHEMA_FILE))?;
+        // A directory without policies is not a policy directory, whatever else it holds.
         if cedar.is_empty() {
             return Err(ReadError::NoPolicies {
                 dir: dir.to_path_buf(),
             });
         }
         Ok(Self {
-            schema,
+            schema: read_text(&dir.join(SCHEMA_FILE))?,
             policies: cedar
                 .iter()
                 .map(|path| read_text(path))
@@ -148,6 +147,13 @@ mod tests {
         let error = PolicyFiles::read(tmp.path()).expect_err("no data file");
         assert!(matches!(&error, ReadError::Missing { path } if path.ends_with(DATA_FILE)));
         assert!(error.to_string().contains(DATA_FILE), "{error}");
+    }
+
+    #[test]
+    fn a_directory_without_policies_is_refused_before_its_files_are_read() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let error = PolicyFiles::read(tmp.path()).expect_err("nothing there");
+        assert!(matches!(error, ReadError::NoPolicies { .. }), "{error}");
     }
 
     #[test]
