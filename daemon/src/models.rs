@@ -4,7 +4,8 @@
 //! Rollout commands run one at a time. A version loads beside the one serving, answers
 //! its golden prompts, and only then takes traffic, in one atomic swap of the serving
 //! table; if anything fails the serving version stays as it was. Every command's outcome
-//! is an audit record naming the model as `name@version`.
+//! is an audit record naming the model as `name@version`. Each command's change to the
+//! registry and the serving table is one transition (`rollout`), applied in one commit.
 
 mod error;
 pub mod eval;
@@ -12,6 +13,7 @@ pub mod golden;
 pub mod loader;
 pub mod registry;
 mod report;
+mod rollout;
 pub mod serving;
 pub mod store;
 
@@ -22,10 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use moat_core::admin::{
-    Activated, CanaryStarted, ImportSummary, ModelList, Promoted, Removed, Request, RolledBack,
-    RolloutResult, Status,
-};
+use moat_core::admin::{ImportSummary, ModelList, Request, RolloutResult, Status};
 use moat_core::bundle::VerifiedBundle;
 
 use crate::audit::AuditLog;
@@ -33,7 +32,7 @@ use crate::audit::log::{admin_record, now_unix_ms};
 use crate::config::Config;
 use crate::engine::{ModelDirectory, OrtRuntime};
 use crate::policy::PolicyStore;
-use registry::{CanaryEntry, ModelEntry, Registry, VersionEntry};
+use registry::{ModelEntry, Registry, VersionEntry};
 use serving::{Canary, LoadedModel, Route, ServingTable, Share};
 use store::BundleStore;
 
@@ -211,30 +210,15 @@ impl Models {
         let (outcome, named) = {
             let _one_at_a_time = self.commands.lock().await;
             match command {
-                Command::Activate { label } => {
-                    let outcome = self.activate(&label).await;
-                    (outcome.map(RolloutResult::Activated), label)
-                }
-                Command::Canary { label, percent } => {
-                    let outcome = self.canary(&label, percent).await;
-                    (outcome.map(RolloutResult::CanaryStarted), label)
-                }
-                Command::Promote { name, force } => {
-                    let outcome = self.promote(&name, force).await;
-                    (outcome.map(RolloutResult::Promoted), name)
-                }
+                Command::Activate { label } => (self.activate(&label).await, label),
+                Command::Canary { label, percent } => (self.canary(&label, percent).await, label),
+                Command::Promote { name, force } => (self.promote(&name, force).await, name),
                 Command::Eval { label } => {
                     let outcome = self.evaluate(&label).await;
                     (outcome.map(RolloutResult::Evaluated), label)
                 }
-                Command::Rollback { name } => {
-                    let outcome = self.rollback(&name).await;
-                    (outcome.map(RolloutResult::RolledBack), name)
-                }
-                Command::Remove { label } => {
-                    let outcome = self.remove(&label);
-                    (outcome.map(RolloutResult::Removed), label)
-                }
+                Command::Rollback { name } => (self.rollback(&name).await, name),
+                Command::Remove { label } => (self.remove(&label), label),
             }
         };
         self.audited(action, peer, named, outcome).await
@@ -459,197 +443,6 @@ impl Models {
             });
         }
         Ok(())
-    }
-
-    async fn activate(&self, label: &str) -> Result<Activated, RolloutError> {
-        let (name, version) = parse_label(label)?;
-        if self.is_unsigned(&name) {
-            return Err(RolloutError::Unsigned(name));
-        }
-        let mut entry = self.entry(&name)?;
-        let version = version.to_string();
-        if entry.active.as_deref() == Some(version.as_str())
-            && self.table.snapshot().contains_key(&name)
-        {
-            return Ok(Activated {
-                model: label.to_owned(),
-                previous: None,
-                note: Some("already active".to_owned()),
-            });
-        }
-        let model = self.prepare(&name, &version).await?;
-        // The registry first: if it cannot be written, nothing changes.
-        if entry.active.as_deref() != Some(version.as_str()) {
-            entry.previous = entry.active.take();
-        }
-        entry.active = Some(version);
-        entry.canary = None;
-        self.registry.put(&name, &entry)?;
-        self.table.update(|routes| {
-            let old = routes.remove(&name);
-            let mut route = Route::new(model);
-            route.standby = old.map(|old| old.active);
-            routes.insert(name.clone(), route);
-        });
-        Ok(Activated {
-            model: label.to_owned(),
-            previous: entry.previous,
-            note: None,
-        })
-    }
-
-    async fn canary(&self, label: &str, percent: u8) -> Result<CanaryStarted, RolloutError> {
-        if !(1..=99).contains(&percent) {
-            return Err(RolloutError::BadPercent(percent));
-        }
-        let (name, version) = parse_label(label)?;
-        let mut entry = self.entry(&name)?;
-        if entry.active.is_none() || !self.table.snapshot().contains_key(&name) {
-            return Err(RolloutError::NothingActive(name));
-        }
-        if entry.active.as_deref() == Some(version.to_string().as_str()) {
-            return Err(RolloutError::CanaryIsActive(label.to_owned()));
-        }
-        let model = self.prepare(&name, &version.to_string()).await?;
-        entry.canary = Some(CanaryEntry {
-            version: version.to_string(),
-            percent,
-        });
-        self.registry.put(&name, &entry)?;
-        self.table.update(|routes| {
-            if let Some(route) = routes.get_mut(&name) {
-                route.canary = Some(Canary {
-                    model,
-                    share: Share::new(percent),
-                });
-            }
-        });
-        Ok(CanaryStarted {
-            model: label.to_owned(),
-            percent,
-        })
-    }
-
-    /// Makes the canary the active version. When the canary's bundle carries an evaluation
-    /// set, both versions answer it first, and a canary scoring below the active version is
-    /// refused unless `force`.
-    async fn promote(&self, name: &str, force: bool) -> Result<Promoted, RolloutError> {
-        let mut entry = self.entry(name)?;
-        let Some(canary) = entry.canary.take() else {
-            return Err(RolloutError::NoCanary(name.to_owned()));
-        };
-        let Some(route) = self.table.snapshot().get(name).cloned() else {
-            return Err(RolloutError::NoCanary(name.to_owned()));
-        };
-        let Some(serving_canary) = route.canary.as_ref() else {
-            return Err(RolloutError::NoCanary(name.to_owned()));
-        };
-        // Loaded and checked when the canary began; its signer must still be trusted.
-        let trusted = store::trusted_keys(&self.trusted_keys)?;
-        let signer = entry.versions.get(&canary.version);
-        if !signer.is_some_and(|v| trusted.iter().any(|k| k.id() == v.signer_id)) {
-            return Err(RolloutError::NoLongerTrusted {
-                label: format!("{name}@{}", canary.version),
-                signer: signer.map(|v| v.signer.clone()).unwrap_or_default(),
-            });
-        }
-        let evaluation = self
-            .eval_gate(
-                name,
-                &canary.version,
-                &serving_canary.model,
-                &route.active,
-                force,
-            )
-            .await?;
-        entry.previous = entry.active.replace(canary.version.clone());
-        self.registry.put(name, &entry)?;
-        // Commands run one at a time, so the canary checked above is still there.
-        self.table.update(|routes| {
-            if let Some(route) = routes.get_mut(name)
-                && let Some(canary) = route.canary.take()
-            {
-                let old = std::mem::replace(&mut route.active, canary.model);
-                route.standby = Some(old);
-            }
-        });
-        Ok(Promoted {
-            model: format!("{name}@{}", canary.version),
-            previous: entry.previous,
-            evaluation,
-        })
-    }
-
-    /// Ends a canary, or else returns to the previous version: at once when it is still
-    /// loaded (it is, unless moatd restarted since), else after loading and checking it.
-    async fn rollback(&self, name: &str) -> Result<RolledBack, RolloutError> {
-        let mut entry = self.entry(name)?;
-        if let Some(canary) = entry.canary.take() {
-            self.registry.put(name, &entry)?;
-            self.table.update(|routes| {
-                if let Some(route) = routes.get_mut(name) {
-                    route.canary = None;
-                }
-            });
-            return Ok(RolledBack::EndedCanary {
-                ended_canary: format!("{name}@{}", canary.version),
-            });
-        }
-        let Some(previous) = entry.previous.clone() else {
-            return Err(RolloutError::NoPrevious(name.to_owned()));
-        };
-        let model = self.prepare(name, &previous).await?;
-        entry.previous = entry.active.replace(previous.clone());
-        self.registry.put(name, &entry)?;
-        self.table.update(|routes| {
-            let standby = routes.remove(name).map(|old| old.active);
-            let mut route = Route::new(model);
-            route.standby = standby;
-            routes.insert(name.to_owned(), route);
-        });
-        Ok(RolledBack::Returned {
-            model: format!("{name}@{previous}"),
-            previous: entry.previous,
-        })
-    }
-
-    fn remove(&self, label: &str) -> Result<Removed, RolloutError> {
-        let (name, version) = parse_label(label)?;
-        let mut entry = self.entry(&name)?;
-        let text = version.to_string();
-        if !entry.versions.contains_key(&text) {
-            return Err(RolloutError::UnknownVersion {
-                name,
-                label: label.to_owned(),
-            });
-        }
-        if entry.active.as_deref() == Some(text.as_str()) {
-            return Err(RolloutError::RemoveActive(label.to_owned()));
-        }
-        if entry.canary.as_ref().is_some_and(|c| c.version == text) {
-            return Err(RolloutError::RemoveCanary(label.to_owned()));
-        }
-        self.table.update(|routes| {
-            if let Some(route) = routes.get_mut(&name)
-                && route
-                    .standby
-                    .as_ref()
-                    .is_some_and(|m| m.version.as_ref() == Some(&version))
-            {
-                route.standby = None;
-            }
-        });
-        // Files first: a version whose files are gone cannot load, while files without a
-        // registry entry are cleared by the next import of that version.
-        self.store.remove(&name, &version)?;
-        entry.versions.remove(&text);
-        if entry.previous.as_deref() == Some(text.as_str()) {
-            entry.previous = None;
-        }
-        self.registry.put(&name, &entry)?;
-        Ok(Removed {
-            removed: label.to_owned(),
-        })
     }
 }
 

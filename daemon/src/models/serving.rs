@@ -88,10 +88,11 @@ impl LoadedModel {
     }
 }
 
-/// A version taking a share of a name's requests.
+/// A version taking a share of a name's requests. `M` is how a version is held: a loaded
+/// model when served, anything that names a version in the rollout's own tests.
 #[derive(Debug, Clone)]
-pub struct Canary {
-    pub model: Arc<LoadedModel>,
+pub struct Canary<M = Arc<LoadedModel>> {
+    pub model: M,
     pub share: Share,
 }
 
@@ -123,15 +124,15 @@ impl Share {
 
 /// How one name is served.
 #[derive(Debug, Clone)]
-pub struct Route {
-    pub active: Arc<LoadedModel>,
-    pub canary: Option<Canary>,
+pub struct Route<M = Arc<LoadedModel>> {
+    pub active: M,
+    pub canary: Option<Canary<M>>,
     /// The version active before this one, still loaded: rollback swaps it back at once.
-    pub standby: Option<Arc<LoadedModel>>,
+    pub standby: Option<M>,
 }
 
-impl Route {
-    pub fn new(active: Arc<LoadedModel>) -> Self {
+impl<M> Route<M> {
+    pub fn new(active: M) -> Self {
         Self {
             active,
             canary: None,
@@ -140,7 +141,7 @@ impl Route {
     }
 
     /// Every loaded version of the route.
-    pub fn loaded(&self) -> impl Iterator<Item = &Arc<LoadedModel>> {
+    pub fn loaded(&self) -> impl Iterator<Item = &M> {
         std::iter::once(&self.active)
             .chain(self.canary.as_ref().map(|c| &c.model))
             .chain(self.standby.as_ref())
