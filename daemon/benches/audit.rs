@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use moat_core::audit::layout::NodeInfo;
 use moat_core::audit::{AuditRecord, Finding, RecordKind, RetainedText, Retention};
-use moat_daemon::audit::log::now_unix_ms;
 use moat_daemon::audit::store::{Sealed, Store};
 use moat_daemon::audit::{AuditLog, AuditSettings, encrypt};
+use moat_store::time::now_unix_ms;
 
 const GROUP_WRITERS: usize = 64;
 const GROUP_RECORDS: usize = 20_000;

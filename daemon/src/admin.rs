@@ -33,9 +33,10 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::audit::AuditLog;
-use crate::audit::log::{admin_record, now_unix_ms};
+use crate::audit::log::admin_record;
 use crate::config::AdminConfig;
 use crate::models::{Command, Models, RolloutError};
+use moat_store::time::now_unix_ms;
 use peer::{AdminAccess, Peer};
 use pid_file::{PidFile, PidFileError};
 

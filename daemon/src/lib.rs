@@ -31,8 +31,11 @@
 //! submits it; the answer is finished in one place and its final record written by its
 //! one owner.
 //!
-//! It depends on `moat-core` for shared formats; nothing depends on it. Modules are public
-//! only where `moatd`'s own binary, the tests or the benchmarks use them.
+//! Under all the rooms lie two crates it shares with `moatctl`: `moat-core` (formats and
+//! rules, no I/O, including the admin socket's protocol) and `moat-store` (reading the
+//! stores both binaries open: the audit store, the policy directory, the clock). Nothing
+//! depends on moatd. Modules are public only where `moatd`'s own binary, the tests or the
+//! benchmarks use them.
 
 pub mod api;
 pub mod audit;

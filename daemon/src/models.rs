@@ -28,10 +28,11 @@ use moat_core::admin::{ImportSummary, ModelList, Request, RolloutResult, Status}
 use moat_core::bundle::VerifiedBundle;
 
 use crate::audit::AuditLog;
-use crate::audit::log::{admin_record, now_unix_ms};
+use crate::audit::log::admin_record;
 use crate::config::Config;
 use crate::engine::{ModelDirectory, OrtRuntime};
 use crate::policy::PolicyStore;
+use moat_store::time::now_unix_ms;
 use registry::{ModelEntry, Registry, VersionEntry};
 use serving::{Canary, LoadedModel, Route, ServingTable, Share};
 use store::BundleStore;

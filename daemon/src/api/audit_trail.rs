@@ -25,7 +25,7 @@ use moat_core::policy::{AccessPolicy, ModelFacts, PolicyDecision};
 
 use super::error::{ApiError, CLIENT_CLOSED_REQUEST};
 use crate::audit::AuditLog;
-use crate::audit::log::now_unix_ms;
+use moat_store::time::now_unix_ms;
 
 /// Who asked, from where, through which endpoint: known before the handler runs.
 #[derive(Debug, Clone, Default)]

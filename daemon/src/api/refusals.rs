@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use moat_core::audit::{AuditRecord, RecordKind};
 
-use crate::audit::log::now_unix_ms;
+use moat_store::time::now_unix_ms;
 
 /// Callers tracked at most; beyond this, new callers share one tally (so a flood of fresh
 /// source addresses costs bounded memory and still meets a budget).

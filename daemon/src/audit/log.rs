@@ -27,7 +27,7 @@ use super::store::{Sealed, Store};
 use super::{AuditError, encrypt, parse_recipients, signing_key};
 use crate::config::AuditConfig;
 /// The clock both binaries stamp records and exports with (callers import it from here).
-pub use moat_store::time::now_unix_ms;
+use moat_store::time::now_unix_ms;
 use retention::{ClockAnchor, PruneClock, PruneHold};
 
 mod retention;
