@@ -41,23 +41,14 @@ pub async fn chat_completions(
     let request: ChatCompletionRequest = read_json(&http, payload, &state.limits).await?;
     let (loaded, generator) = state.generator(&request.model, &http, &caller)?;
     let prompt = Prompt::Chat(chat_messages(request.messages, &state.limits)?);
-    let exchange = Exchange {
-        gate: Gate {
-            state: &state,
-            caller: &caller,
-            http: &http,
-        },
-        context: &context,
+    let asked = Asked {
+        model: request.model,
+        prompt,
+        params: request.params,
+        endpoint: Endpoint::Chat,
     };
-    exchange
-        .generate(
-            &loaded,
-            &generator,
-            prompt,
-            request.model,
-            request.params,
-            Endpoint::Chat,
-        )
+    Exchange::new(&state, &caller, &http, &context)
+        .generate(&loaded, &generator, asked)
         .await
 }
 
@@ -87,23 +78,14 @@ pub async fn completions(
         return unsupported("suffix is not supported", "suffix");
     }
     let prompt = completion_prompt(request.prompt)?;
-    let exchange = Exchange {
-        gate: Gate {
-            state: &state,
-            caller: &caller,
-            http: &http,
-        },
-        context: &context,
+    let asked = Asked {
+        model: request.model,
+        prompt,
+        params: request.params,
+        endpoint: Endpoint::Completion,
     };
-    exchange
-        .generate(
-            &loaded,
-            &generator,
-            prompt,
-            request.model,
-            request.params,
-            Endpoint::Completion,
-        )
+    Exchange::new(&state, &caller, &http, &context)
+        .generate(&loaded, &generator, asked)
         .await
 }
 
@@ -114,18 +96,45 @@ struct Exchange<'a> {
     context: &'a RequestContext,
 }
 
-impl Exchange<'_> {
+/// What a chat or completion request asks, once its endpoint's own fields are read.
+struct Asked {
+    model: String,
+    prompt: Prompt,
+    params: GenerationParams,
+    endpoint: Endpoint,
+}
+
+impl<'a> Exchange<'a> {
+    fn new(
+        state: &'a AppState,
+        caller: &'a Caller,
+        http: &'a HttpRequest,
+        context: &'a RequestContext,
+    ) -> Self {
+        Self {
+            gate: Gate {
+                state,
+                caller,
+                http,
+            },
+            context,
+        }
+    }
+
     /// Checks the shared fields, applies the policy (content rules, decision, limits),
     /// submits the prompt and answers whole or streamed.
     async fn generate(
         &self,
         loaded: &LoadedModel,
         generator: &Generator,
-        prompt: Prompt,
-        model: String,
-        params: GenerationParams,
-        endpoint: Endpoint,
+        asked: Asked,
     ) -> Result<HttpResponse, ApiError> {
+        let Asked {
+            model,
+            prompt,
+            params,
+            endpoint,
+        } = asked;
         let policy = self.gate.state.policy.current();
         let (prompt, prompt_text, prompt_scan) = policy_prompt(&policy, generator, prompt, &model)?;
         let version = loaded.version_text();
