@@ -223,3 +223,132 @@ fn a_sequence_twice_in_one_step_is_refused() {
         .expect_err("refused");
     assert!(error.to_string().contains("twice"), "{error}");
 }
+
+#[test]
+fn new_prompts_share_one_run_and_a_cached_row_splits_them() {
+    let mut pooled = backend(4);
+    let mut solo = Solo::new();
+    let (a, b, c, d, e) = (1u64, 2u64, 3u64, 4u64, 5u64);
+    for id in [a, b, c] {
+        pooled.start_sequence(SequenceId(id), 64).expect("starts");
+    }
+    let prompts: [&[u32]; 5] = [
+        &[5, 6],
+        &[7, 8, 9, 10, 11],
+        &[12, 13, 14],
+        &[15; 6],
+        &[16, 17],
+    ];
+    // Slots 0, 1, 2: three new prompts, one run.
+    let runs = pooled.session_runs();
+    let first = step(
+        &mut pooled,
+        &[(a, prompts[0]), (b, prompts[1]), (c, prompts[2])],
+    );
+    assert_eq!(
+        pooled.session_runs() - runs,
+        1,
+        "three new prompts, one run"
+    );
+    // b finishes; d takes slot 1 and e slot 3, with c (cached) between them: two runs.
+    pooled.finish_sequence(SequenceId(b));
+    for id in [d, e] {
+        pooled.start_sequence(SequenceId(id), 64).expect("starts");
+    }
+    let runs = pooled.session_runs();
+    let second = step(&mut pooled, &[(d, prompts[3]), (e, prompts[4])]);
+    assert_eq!(pooled.session_runs() - runs, 2, "a cached row between them");
+    let decoded = step(
+        &mut pooled,
+        &[(a, &[20]), (c, &[21]), (d, &[22]), (e, &[23])],
+    );
+
+    let a_solo = solo.logits(10, &[prompts[0], &[20]]);
+    let b_solo = solo.logits(11, &[prompts[1]]);
+    let c_solo = solo.logits(12, &[prompts[2], &[21]]);
+    let d_solo = solo.logits(13, &[prompts[3], &[22]]);
+    let e_solo = solo.logits(14, &[prompts[4], &[23]]);
+    assert_close(&first[0], &a_solo[0], "a's prompt beside longer ones");
+    assert_close(&first[1], &b_solo[0], "b's prompt, the longest");
+    assert_close(&first[2], &c_solo[0], "c's prompt");
+    assert_close(&second[0], &d_solo[0], "d's prompt in a reused slot");
+    assert_close(&second[1], &e_solo[0], "e's prompt beyond a cached row");
+    for (row, alone, what) in [
+        (0, &a_solo[1], "a"),
+        (1, &c_solo[1], "c"),
+        (2, &d_solo[1], "d"),
+        (3, &e_solo[1], "e"),
+    ] {
+        assert_close(
+            &decoded[row],
+            alone,
+            &format!("{what} decoding after its prompt"),
+        );
+    }
+}
+
+/// Greedy tokens of each prompt, `new_tokens` each, stepping all of them together on
+/// `backend` (each step feeds every sequence its next input).
+fn greedy_together(
+    backend: &mut OrtBackend,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+) -> Vec<Vec<u32>> {
+    for id in 0..prompts.len() {
+        backend
+            .start_sequence(SequenceId(id as u64), 512)
+            .expect("starts");
+    }
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out = vec![Vec::new(); prompts.len()];
+    for _ in 0..new_tokens {
+        let inputs: Vec<(u64, &[u32])> = next
+            .iter()
+            .enumerate()
+            .map(|(id, tokens)| (id as u64, tokens.as_slice()))
+            .collect();
+        let rows = step(backend, &inputs);
+        for (id, row) in rows.iter().enumerate() {
+            let token = argmax(row);
+            out[id].push(token);
+            next[id] = vec![token];
+        }
+    }
+    for id in 0..prompts.len() {
+        backend.finish_sequence(SequenceId(id as u64));
+    }
+    out
+}
+
+#[test]
+fn sixteen_new_requests_on_the_demo_model_answer_as_they_do_alone() {
+    // Sixteen prompts of different lengths (5 to 50 tokens) that arrive together.
+    let prompts: Vec<Vec<u32>> = (0..16u32)
+        .map(|i| {
+            (0..5 + 3 * i)
+                .map(|t| 200 + (t * 37 + i * 11) % 3000)
+                .collect()
+        })
+        .collect();
+    for model in ["smollm2-135m-instruct-fast", "smollm2-135m-instruct-exact"] {
+        let mut pooled = backend_of(model, 16);
+        let runs = pooled.session_runs();
+        let together = greedy_together(&mut pooled, &prompts, 12);
+        // 12 steps: the prompts in a few padded runs, then one run a decode step.
+        let prompt_runs = pooled.session_runs() - runs - 11;
+        assert!(
+            prompt_runs < 8,
+            "{model}: 16 prompts took {prompt_runs} runs"
+        );
+        let mut alone = backend_of(model, 0);
+        for (i, prompt) in prompts.iter().enumerate() {
+            let own = greedy_together(&mut alone, std::slice::from_ref(prompt), 12);
+            assert_eq!(
+                together[i],
+                own[0],
+                "{model}: prompt {i} of {} tokens",
+                prompt.len()
+            );
+        }
+    }
+}

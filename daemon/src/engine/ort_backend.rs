@@ -17,6 +17,7 @@ mod decode_group;
 pub(super) mod encoder;
 mod kv_pool;
 mod optimum;
+mod pooled;
 pub mod runtime_library;
 mod session;
 mod telemetry;
@@ -91,6 +92,8 @@ pub struct OrtBackend {
     kv_element: TensorElementType,
     /// (index in the step's batch, slot) of the step's pooled decodes; reused.
     decode_plan: Vec<(usize, usize)>,
+    /// (index in the step's batch, slot) of the step's pooled first prompt chunks; reused.
+    prefill_plan: Vec<(usize, usize)>,
     /// The step's decodes in the group; reused.
     group_plan: Vec<GroupDecode>,
     /// Forward passes run so far.
@@ -167,6 +170,7 @@ impl OrtBackend {
             prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
             kv_element,
             decode_plan: Vec::with_capacity(pool_slots),
+            prefill_plan: Vec::with_capacity(pool_slots),
             group_plan: Vec::new(),
             session_runs: 0,
         })
@@ -178,42 +182,19 @@ impl OrtBackend {
         self.session_runs
     }
 
+    /// Positions the input's sequence holds (0 for one the backend does not know).
+    fn len(&self, input: &StepInput<'_>) -> usize {
+        self.sequences
+            .get(&input.sequence)
+            .map_or(0, |state| state.len)
+    }
+
     /// The pool slot of a sequence whose cache lives in the pool.
     fn pooled_slot(&self, sequence: SequenceId) -> Option<usize> {
         match self.sequences.get(&sequence)?.cache {
             KvCache::Pooled { slot } => Some(slot),
             _ => None,
         }
-    }
-
-    /// One batched run for every pooled decode in `self.decode_plan`.
-    fn decode_pooled(
-        &mut self,
-        batch: &[StepInput<'_>],
-        logits: &mut LogitsBatch,
-    ) -> Result<(), BackendError> {
-        if self.decode_plan.is_empty() {
-            return Ok(());
-        }
-        let pool = self.pool.as_mut().ok_or_else(no_pool)?;
-        let sequences = &self.sequences;
-        self.session_runs += 1;
-        let decoded = pool.decode(
-            &mut self.session,
-            self.decode_plan
-                .iter()
-                .map(|&(index, slot)| (slot, batch[index].tokens[0])),
-            |sequence| sequences.get(&sequence).map_or(0, |state| state.len),
-        )?;
-        for &(index, slot) in &self.decode_plan {
-            logits.row_mut(index).copy_from_slice(decoded.row(slot));
-        }
-        for &(index, _) in &self.decode_plan {
-            if let Some(state) = self.sequences.get_mut(&batch[index].sequence) {
-                state.len += 1;
-            }
-        }
-        Ok(())
     }
 
     fn new_shared_cache(&mut self, capacity: usize) -> Result<KvCache, ort::Error> {
@@ -430,22 +411,45 @@ fn output<'a>(
 }
 
 fn copy_last_row(logits: &DynValue, row: &mut [f32]) -> Result<(), BackendError> {
+    let data = logits_data(logits, row.len())?;
+    row.copy_from_slice(&data[data.len() - row.len()..]);
+    Ok(())
+}
+
+/// Copies row `at` of the logits (every position of every run row, in order) into `row`.
+fn copy_logits_row(logits: &DynValue, at: usize, row: &mut [f32]) -> Result<(), BackendError> {
+    let width = row.len();
+    let data = logits_data(logits, width)?;
+    let found = data
+        .get(at * width..(at + 1) * width)
+        .ok_or_else(|| BackendError::Runtime {
+            during: "reading logits",
+            message: format!(
+                "logits row {at} asked of {} rows",
+                data.len() / width.max(1)
+            ),
+        })?;
+    row.copy_from_slice(found);
+    Ok(())
+}
+
+/// The logits' values, once their rows are known to be `width` wide.
+fn logits_data(logits: &DynValue, width: usize) -> Result<&[f32], BackendError> {
     let (shape, data) = logits
         .try_extract_tensor::<f32>()
         .map_err(|e| BackendError::Runtime {
             during: "reading logits",
             message: e.to_string(),
         })?;
-    let width = shape.last().copied().unwrap_or(0) as usize;
-    if width != row.len() || data.len() < width {
+    let found = shape.last().copied().unwrap_or(0) as usize;
+    if found != width || data.len() < width {
         return Err(BackendError::LogitsShape {
-            expected: row.len(),
-            found: width,
+            expected: width,
+            found,
             detail: "the graph's logits width differs from vocab_size in moat-model.json",
         });
     }
-    row.copy_from_slice(&data[data.len() - width..]);
-    Ok(())
+    Ok(data)
 }
 
 impl Backend for OrtBackend {
@@ -511,28 +515,40 @@ impl Backend for OrtBackend {
                 });
             }
         }
-        // Pooled decodes and the decode group's wait for one batched run each; everything
-        // else (prompt chunks, and sequences with caches of their own) runs alone, first.
+        // Pooled decodes and the decode group's wait for one batched run each, and the
+        // first prompt chunks of pooled sequences go through batched runs of their own;
+        // everything else (later prompt chunks, and sequences with caches of their own)
+        // runs alone, first.
         let mut plan = std::mem::take(&mut self.decode_plan);
         plan.clear();
+        let mut prefills = std::mem::take(&mut self.prefill_plan);
+        prefills.clear();
         self.group_plan.clear();
         let mut joining = 0;
         let mut result = Ok(());
         for (index, input) in batch.iter().enumerate() {
-            let slot = match input.tokens.len() {
-                1 => self.pooled_slot(input.sequence),
-                _ => None,
-            };
-            if let Some(slot) = slot {
-                plan.push((index, slot));
-            } else if input.tokens.len() == 1 && self.plan_grouped(index, input, &mut joining) {
-                // Decodes in the group's run, below.
-            } else if let Err(e) = self.step_one(*input, logits.row_mut(index)) {
-                result = Err(e);
-                break;
+            let slot = self.pooled_slot(input.sequence);
+            match (input.tokens.len(), slot) {
+                (1, Some(slot)) => plan.push((index, slot)),
+                (n, Some(slot)) if n <= self.prefill_chunk_tokens && self.len(input) == 0 => {
+                    prefills.push((index, slot));
+                }
+                (1, None) if self.plan_grouped(index, input, &mut joining) => {
+                    // Decodes in the group's run, below.
+                }
+                _ => {
+                    if let Err(e) = self.step_one(*input, logits.row_mut(index)) {
+                        result = Err(e);
+                        break;
+                    }
+                }
             }
         }
         self.decode_plan = plan;
+        if result.is_ok() {
+            result = self.prefill_pooled(batch, logits, &mut prefills);
+        }
+        self.prefill_plan = prefills;
         result?;
         self.decode_pooled(batch, logits)?;
         self.decode_grouped(logits)

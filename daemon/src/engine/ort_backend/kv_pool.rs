@@ -40,7 +40,7 @@ use ort::session::{IoBinding, Session};
 use ort::value::{PrimitiveTensorElementType, Shape, TensorRefMut, Value};
 
 use super::super::backend::{BackendError, SequenceId};
-use super::{copy_last_row, output, runtime_error, written_in_place};
+use super::{copy_logits_row, output, runtime_error, written_in_place};
 
 /// Fixed-size slots of KV cache in host memory, and the binding that runs them.
 pub(super) struct KvPool {
@@ -57,6 +57,9 @@ pub(super) struct KvPool {
     mask: Vec<i64>,
     /// A run's last-position logits, one row of `vocab` per pool row it covered.
     logits: Vec<f32>,
+    /// For a run of several new tokens a row, which position's logits each row keeps
+    /// (`(row of the run, position)`): the last real token of each prompt chunk.
+    kept: Vec<(usize, usize)>,
     /// Who holds each slot.
     occupants: Vec<Option<SequenceId>>,
     /// For each slot, how many positions from the start runs may have written: zeroed when
@@ -230,6 +233,7 @@ impl KvPool {
             ids: Vec::new(),
             mask: Vec::new(),
             logits: vec![0.0; slots * metadata.vocab_size],
+            kept: Vec::with_capacity(slots),
             occupants: vec![None; slots],
             written: vec![0; slots],
             kv_heads: metadata.num_kv_heads,
@@ -254,6 +258,11 @@ impl KvPool {
         self.zero(slot);
         self.occupants[slot] = Some(sequence);
         Some(slot)
+    }
+
+    /// The sequence that holds `slot`, if any.
+    pub fn occupant(&self, slot: usize) -> Option<SequenceId> {
+        self.occupants.get(slot).copied().flatten()
     }
 
     /// Frees `slot` and zeroes every position its sequence's runs may have written.
@@ -286,6 +295,8 @@ impl KvPool {
         self.ids.extend(tokens.iter().map(|&t| i64::from(t)));
         self.mask.clear();
         self.mask.resize(cached + tokens.len(), 1);
+        self.kept.clear();
+        self.kept.push((0, tokens.len() - 1));
         note_written(
             &mut self.written,
             slot,
@@ -294,6 +305,64 @@ impl KvPool {
         );
         self.run(session, slot..slot + 1, tokens.len(), cached + tokens.len())?;
         Ok(&self.logits[..self.vocab])
+    }
+
+    /// One run that feeds the first prompt chunk of several sequences, each `(slot,
+    /// tokens)`, over the rows from the lowest to the highest of those slots, and returns
+    /// each one's last-position logits by slot.
+    ///
+    /// Every row in that range must hold nothing yet (a free slot, or a sequence with no
+    /// position cached): the run is the graph's first prompt, every row starting at
+    /// position 0, shorter chunks padded on the right (their padding is masked out). A row
+    /// without a chunk is fed token 0 at position 0, which its sequence's own first run
+    /// overwrites before anything reads it.
+    pub fn prefill_together(
+        &mut self,
+        session: &mut Session,
+        chunks: &[(usize, &[u32])],
+    ) -> Result<DecodeLogits<'_>, BackendError> {
+        let slots = chunks.iter().map(|&(slot, _)| slot);
+        let (Some(first), Some(last)) = (slots.clone().min(), slots.max()) else {
+            return Ok(DecodeLogits {
+                first: 0,
+                vocab: self.vocab,
+                data: &[],
+            });
+        };
+        let rows = first..last + 1;
+        let width = chunks
+            .iter()
+            .map(|(_, t)| t.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        self.ids.clear();
+        self.ids.resize(rows.len() * width, 0);
+        self.mask.clear();
+        self.mask.resize(rows.len() * width, 0);
+        for mask_row in self.mask.chunks_mut(width) {
+            mask_row[0] = 1;
+        }
+        self.kept.clear();
+        for &(slot, tokens) in chunks {
+            let row = slot - first;
+            let ids = &mut self.ids[row * width..(row + 1) * width];
+            for (id, &token) in ids.iter_mut().zip(tokens) {
+                *id = i64::from(token);
+            }
+            self.mask[row * width..row * width + tokens.len()].fill(1);
+            self.kept.push((row, tokens.len().max(1) - 1));
+        }
+        for slot in rows.clone() {
+            note_written(&mut self.written, slot, width, self.capacity);
+        }
+        let batch = rows.len();
+        self.run(session, rows, width, width)?;
+        Ok(DecodeLogits {
+            first,
+            vocab: self.vocab,
+            data: &self.logits[..batch * self.vocab],
+        })
     }
 
     /// One run that decodes one token for each `(slot, token)`, over the rows from the
@@ -362,8 +431,9 @@ impl KvPool {
         mask_width: usize,
     ) -> Result<(), BackendError> {
         let batch = rows.len();
+        // Several rows of several new tokens only as a first prompt (nothing cached).
         if rows.end > self.occupants.len()
-            || (new_tokens > 1 && batch != 1)
+            || (new_tokens > 1 && batch != 1 && mask_width != new_tokens)
             || mask_width > self.capacity
         {
             return Err(BackendError::Runtime {
@@ -420,7 +490,12 @@ impl KvPool {
             written_in_place(&outputs, name, expected.unwrap_or(std::ptr::null()))?;
         }
         if new_tokens > 1 {
-            copy_last_row(output(&outputs, "logits")?, &mut self.logits[..self.vocab])?;
+            let logits = output(&outputs, "logits")?;
+            for &(row, position) in &self.kept {
+                let at = row * new_tokens + position;
+                let into = &mut self.logits[row * self.vocab..(row + 1) * self.vocab];
+                copy_logits_row(logits, at, into)?;
+            }
         }
         Ok(())
     }
