@@ -3,7 +3,8 @@
 # cache outside the clone, all from PyPI, pinned by version and hash:
 #
 #   peers/                   onnxruntime-genai and matplotlib (bench/requirements.txt)
-#   llama-server-<v>/        llama.cpp's own server (parallel slots, continuous batching)
+#   llama-server-<v>-portable/  llama.cpp's own server (parallel slots, continuous batching),
+#                            built without AMX for the instruction sets named below
 #                            and llama-quantize, built for this CPU from the llama.cpp
 #                            sources that the llama-cpp-python <v> sdist on PyPI vendors
 #
@@ -56,7 +57,7 @@ if [ ! -f "$sdist" ]; then
     -r "$root/bench/llama-cpp-requirements.txt" -d "$sdist_dir" >&2
 fi
 
-server="$cache/llama-server-$LLAMA_CPP_PYTHON_VERSION"
+server="$cache/llama-server-$LLAMA_CPP_PYTHON_VERSION-portable"
 if [ ! -x "$server/bin/llama-server" ] || [ ! -x "$server/bin/llama-quantize" ]; then
   echo "==> llama-server and llama-quantize (built from the sdist's llama.cpp, ~12 min)" >&2
   tools="$cache/build-tools"
@@ -70,8 +71,23 @@ if [ ! -x "$server/bin/llama-server" ] || [ ! -x "$server/bin/llama-quantize" ];
   tar -xzf "$sdist" -C "$work"
   src="$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
   # No web UI (it would be fetched from the network) and no network client.
+  # Instruction sets named, not GGML_NATIVE: a native build on a Xeon with AMX compiles
+  # llama.cpp's AMX path, which crashes (SIGSEGV in ggml_backend_amx_mul_mat) in a VM that
+  # does not hand the tile state to guests. AVX2, FMA, F16C and BMI2 always; AVX-512 (F, BW,
+  # VL, DQ, CD) with VBMI, VNNI and BF16 where this CPU has all of them (both machine types
+  # this project runs on do); AMX never.
+  isa=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+       -DGGML_BMI2=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+  has_all() { for f in "$@"; do [[ " $flags " == *" $f "* ]] || return 1; done; }
+  if has_all avx512f avx512bw avx512vl avx512dq avx512cd avx512vbmi avx512_vnni avx512_bf16; then
+    isa+=(-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON)
+  else
+    isa+=(-DGGML_AVX512=OFF)
+  fi
+  echo "    llama.cpp instruction sets: ${isa[*]}" >&2
   "$tools/bin/cmake" -S "$src" -B "$work/build" -G Ninja \
-    -DCMAKE_MAKE_PROGRAM="$tools/bin/ninja" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_MAKE_PROGRAM="$tools/bin/ninja" -DCMAKE_BUILD_TYPE=Release "${isa[@]}" \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
   "$tools/bin/cmake" --build "$work/build" --target llama-server llama-quantize \

@@ -13,6 +13,8 @@
 //!
 //! `cargo bench -p moat-daemon --bench audit`
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +88,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
+    common::isolate();
     let recipients = vec![
         age::x25519::Identity::generate().to_public(),
         age::x25519::Identity::generate().to_public(),

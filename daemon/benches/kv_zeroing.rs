@@ -18,6 +18,8 @@
 //! `MOAT_BENCH_MODELS` is a comma-separated list of model directories under `local/models`
 //! (default: the fixture and the demo model's fast graph; a missing one is skipped).
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,7 @@ const DECODE_STEPS: usize = 32;
 const POSITIONS: usize = 512;
 
 fn main() {
+    common::isolate();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")

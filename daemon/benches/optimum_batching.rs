@@ -16,6 +16,8 @@
 //! demo model's optimum graph is made with `moat-model convert
 //! local/models/smollm2-135m-instruct-hf --out /tmp/smollm2-optimum --graph optimum`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,7 @@ const STREAMS: [usize; 2] = [1, 16];
 const NEW_TOKENS: usize = 48;
 
 fn main() {
+    common::isolate();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")

@@ -30,7 +30,9 @@ use moat_daemon::engine::{ChatMessage, Prompt};
 use serde_json::{Value, json};
 
 mod common;
-use common::peers::{BareLoop, Single, machine, peers_cache};
+use common::peers::{
+    BareLoop, Single, exit_reason, llama_server_binary, machine, peers_cache, survive,
+};
 use common::sse::{Streamed, stream};
 use common::tls::{Pki, client, make_pki, write_permissive_policy};
 
@@ -47,7 +49,8 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 const SHORT_ANSWER: usize = 4;
 const STORY: &str = "Write a short story about a lighthouse keeper.";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const LLAMA_CPP_VERSION: &str = "0.3.36";
+/// The llama.cpp peer's name in the report.
+const LLAMA: &str = "llama.cpp llama-server, Q4_1 GGUF";
 
 /// One concurrency level of one server.
 #[derive(Debug, Clone)]
@@ -127,9 +130,16 @@ fn main() {
     };
     // The peers run on the CPU only: on the GPU, moatd is measured against the bare loop.
     let on_cpu = device != "cuda";
-    let llama = on_cpu
-        .then(|| start_llama_server(&cache, &bench.root, threads))
-        .flatten();
+    // A peer that fails is a row of the report ("crashed, signal 11"), not the bench's end.
+    let mut down: Vec<(&str, String)> = Vec::new();
+    let mut llama = match on_cpu.then(|| start_llama_server(&cache, &bench.root, threads)) {
+        Some(Ok(server)) => Some(server),
+        Some(Err(reason)) => {
+            down.push((LLAMA, reason));
+            None
+        }
+        None => None,
+    };
     // A fresh connection per request: llama-server closes kept-alive connections that a
     // pool would then hand out again.
     let plain = ureq::Agent::config_builder()
@@ -171,7 +181,7 @@ fn main() {
         names.push("onnxruntime-genai");
     }
     if llama.is_some() {
-        names.push("llama.cpp llama-server, Q4_1 GGUF");
+        names.push(LLAMA);
     }
     let mut samples: Vec<Vec<Single>> = vec![Vec::new(); names.len()];
     for round in 0..=ROUNDS {
@@ -203,9 +213,15 @@ fn main() {
                 threads,
             ));
         }
-        if let Some(server) = &llama {
+        if let Some(server) = &mut llama {
             let (url, body) = llama_request(&server.url, NEW_TOKENS);
-            row.push(single(&stream(&plain, &url, &body)));
+            match survive(&mut server.child, || single(&stream(&plain, &url, &body))) {
+                Ok(sample) => row.push(sample),
+                Err(reason) => {
+                    down.push((LLAMA, reason));
+                    llama = None;
+                }
+            }
         }
         // Round 0 warms caches and is not counted.
         if round > 0 {
@@ -217,7 +233,9 @@ fn main() {
     let singles: Vec<(&str, Single)> = names
         .iter()
         .copied()
-        .zip(samples.iter().map(|s| median_single(s)))
+        .zip(&samples)
+        .filter(|(_, samples)| !samples.is_empty())
+        .map(|(name, samples)| (name, median_single(samples)))
         .collect();
     drop(bare);
     let steps = batched_steps(&bench, &model_dir, &prompt_ids);
@@ -249,25 +267,33 @@ fn main() {
         })
         .collect();
     let moatd_rss_peak = moatd.rss_kib("VmHWM:");
-    let llama_load: Vec<Load> = match &llama {
-        Some(server) => STREAM_COUNTS
-            .iter()
-            .map(|&n| {
-                load(
-                    n,
-                    || {
-                        let (url, body) = llama_request(&server.url, CONCURRENT_TOKENS);
-                        stream(&plain, &url, &body)
-                    },
-                    || {
-                        let (url, body) = llama_request(&server.url, SHORT_ANSWER);
-                        stream(&plain, &url, &body)
-                    },
-                )
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    let mut llama_load: Vec<Load> = Vec::new();
+    for &n in &STREAM_COUNTS {
+        let Some(server) = &mut llama else {
+            break;
+        };
+        let url = server.url.clone();
+        let measured = survive(&mut server.child, || {
+            load(
+                n,
+                || {
+                    let (url, body) = llama_request(&url, CONCURRENT_TOKENS);
+                    stream(&plain, &url, &body)
+                },
+                || {
+                    let (url, body) = llama_request(&url, SHORT_ANSWER);
+                    stream(&plain, &url, &body)
+                },
+            )
+        });
+        match measured {
+            Ok(measured) => llama_load.push(measured),
+            Err(reason) => {
+                down.push((LLAMA, reason));
+                llama = None;
+            }
+        }
+    }
     let llama_rss_peak = llama.as_ref().and_then(|s| s.rss_kib("VmHWM:"));
 
     let weights = weights_bytes(&model_dir);
@@ -299,8 +325,14 @@ fn main() {
             "gguf_bytes": gguf_bytes,
             "llama_server_rss_peak_kib": llama_rss_peak,
         },
+        "peers_down": down.iter().map(|(engine, reason)| json!({
+            "engine": engine, "reason": reason,
+        })).collect::<Vec<_>>(),
     });
     print_report(&report, &singles, &moatd_load, &llama_load, idle_ttft);
+    for (engine, reason) in &down {
+        println!("\n{engine}: {reason}; its figures are left out");
+    }
     println!("\nOne batched decode step in process (the backend alone), by batch size\n");
     println!("| batch | step ms | tokens/s | x batch 1 |");
     println!("|---:|---:|---:|---:|");
@@ -693,12 +725,13 @@ fn start_moatd(pki: &Pki, bench: &common::CpuBench, model: &str, device: &str) -
 }
 
 /// llama.cpp's own server with one slot per stream of the largest load and continuous
-/// batching, on the same threads; None when bench/install-peers.sh has not built it.
-fn start_llama_server(cache: &Path, root: &Path, threads: usize) -> Option<Server> {
-    let binary = cache.join(format!("llama-server-{LLAMA_CPP_VERSION}/bin/llama-server"));
+/// batching, on the same threads; why not, when it does not start or load the model.
+fn start_llama_server(cache: &Path, root: &Path, threads: usize) -> Result<Server, String> {
+    let binary = llama_server_binary(cache);
     if !binary.exists() {
-        eprintln!("llama.cpp left out: run `bash bench/install-peers.sh` to build llama-server");
-        return None;
+        return Err(
+            "not installed (run `bash bench/install-peers.sh` to build llama-server)".into(),
+        );
     }
     let slots = STREAM_COUNTS.iter().max().copied().unwrap_or(1);
     let port = free_port();
@@ -719,8 +752,18 @@ fn start_llama_server(cache: &Path, root: &Path, threads: usize) -> Option<Serve
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("llama-server starts");
-    wait_for_port(port, &mut child, "llama-server");
+        .map_err(|e| format!("did not start: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(reason) = exit_reason(&mut child) {
+            return Err(reason);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("did not open its port within 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let url = format!("http://127.0.0.1:{port}");
     // The port opens before the model has loaded; /health says when it has.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -736,13 +779,16 @@ fn start_llama_server(cache: &Path, root: &Path, threads: usize) -> Option<Serve
         if ready {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "llama-server did not load the model"
-        );
+        if let Some(reason) = exit_reason(&mut child) {
+            return Err(reason);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("did not load the model within 120 s".into());
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Some(Server {
+    Ok(Server {
         child,
         url,
         _dir: Some(dir),

@@ -25,8 +25,69 @@ pub struct CpuBench {
     pub options: SessionOptions,
 }
 
+/// Set in a bench re-executed by [`isolate`], saying how.
+const ISOLATED: &str = "MOAT_BENCH_ISOLATED";
+
+/// Runs the rest of the bench with ONNX Runtime's telemetry off and, where this machine
+/// allows it (root, with `ip` from iproute2), in a network namespace of its own with only
+/// loopback up: nothing a bench starts (moatd, the Python loops, onnxruntime-genai,
+/// llama-server) can reach another machine. The bench is executed again inside; the outer
+/// process only waits for it and exits with its status. Returns in the inner process.
+pub fn isolate() {
+    if std::env::var_os(ISOLATED).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let quiet = |command: &mut std::process::Command| {
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let netns = quiet(
+        std::process::Command::new("unshare").args(["--net", "ip", "link", "set", "lo", "up"]),
+    );
+    let mut inner = if netns {
+        eprintln!("bench: in a network namespace of its own (loopback only), telemetry off");
+        let mut command = std::process::Command::new("unshare");
+        command
+            .args([
+                "--net",
+                "--",
+                "sh",
+                "-c",
+                "ip link set lo up && exec \"$0\" \"$@\"",
+            ])
+            .arg(&exe);
+        command
+    } else {
+        eprintln!(
+            "bench: no network namespace on this machine (`unshare --net` needs root and `ip`); \
+             telemetry off"
+        );
+        std::process::Command::new(&exe)
+    };
+    let status = inner
+        .args(&args)
+        .env(ISOLATED, if netns { "netns" } else { "telemetry" })
+        .env("ORT_DISABLE_TELEMETRY", "1")
+        .status();
+    std::process::exit(match status {
+        Ok(status) => status.code().unwrap_or(1),
+        Err(e) => {
+            eprintln!("bench: could not run itself again: {e}");
+            1
+        }
+    });
+}
+
 impl CpuBench {
     pub fn load() -> Self {
+        isolate();
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("workspace root")

@@ -2,14 +2,26 @@
 //! bare ONNX Runtime greedy loop they time moat's graphs with, where install-peers.sh put
 //! the peers, and the machine a report names.
 
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
 use moat_daemon::engine::sampler;
 use moat_daemon::engine::{ModelDirectory, OrtBackend, SessionOptions};
 
 use super::CpuBench;
+
+/// The llama.cpp version install-peers.sh builds (llama-cpp-python's sdist).
+const LLAMA_CPP_VERSION: &str = "0.3.36";
+
+/// Where install-peers.sh put llama-server, built without AMX (see the script).
+pub fn llama_server_binary(cache: &Path) -> PathBuf {
+    cache.join(format!(
+        "llama-server-{LLAMA_CPP_VERSION}-portable/bin/llama-server"
+    ))
+}
 
 /// One single-stream measurement.
 #[derive(Debug, Clone, Copy)]
@@ -97,4 +109,24 @@ pub fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!("{cpu}, {cores} cores")
+}
+
+/// Runs a measurement of a peer process; when it fails (a request errors, the peer dies),
+/// the reason, from how the peer ended if it did.
+pub fn survive<T>(peer: &mut Child, measure: impl FnOnce() -> T) -> Result<T, String> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(measure));
+    result.map_err(|_| {
+        // A request in flight fails just before the exit is visible.
+        std::thread::sleep(Duration::from_millis(500));
+        exit_reason(peer).unwrap_or_else(|| "its requests failed".to_owned())
+    })
+}
+
+/// How a child process ended, if it has.
+pub fn exit_reason(child: &mut Child) -> Option<String> {
+    let status = child.try_wait().ok()??;
+    Some(match status.signal() {
+        Some(signal) => format!("crashed, signal {signal}"),
+        None => format!("exited, {status}"),
+    })
 }
