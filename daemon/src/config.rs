@@ -20,8 +20,8 @@ pub use serve::{
     ServerConfig, TlsConfig, network_allows, valid_model_name,
 };
 
-use crate::engine::ort_backend::DEFAULT_PREFILL_CHUNK_TOKENS;
-use crate::engine::{DevicePreference, EngineSettings, SessionOptions};
+use crate::engine::ort_backend::{DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MIB};
+use crate::engine::{DevicePreference, EngineSettings, PrefixSharing, SessionOptions};
 
 /// Exit status for a configuration error (`EX_USAGE`, as documented in the README).
 pub const EXIT_CONFIG: u8 = 64;
@@ -92,6 +92,17 @@ pub struct EngineConfig {
     /// Engine threads per text model, each with its own session and batch.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Whose requests share cached prompt prefixes: `per_department` (the default),
+    /// `shared` or `off`.
+    #[serde(default)]
+    pub prefix_cache: PrefixSharing,
+    /// The prefix cache's size per engine thread, in MiB.
+    #[serde(default = "default_prefix_cache_mib")]
+    pub prefix_cache_mib: usize,
+}
+
+fn default_prefix_cache_mib() -> usize {
+    DEFAULT_PREFIX_CACHE_MIB
 }
 
 fn default_max_tokens() -> usize {
@@ -128,6 +139,8 @@ impl Default for EngineConfig {
             department_queue: None,
             department_weights: Default::default(),
             workers: default_workers(),
+            prefix_cache: PrefixSharing::default(),
+            prefix_cache_mib: default_prefix_cache_mib(),
         }
     }
 }
@@ -281,6 +294,11 @@ impl Config {
                 e.department_queue.unwrap_or(1),
                 e.queue_capacity.max(1),
             ),
+            (
+                "engine.prefix_cache_mib",
+                e.prefix_cache_mib.max(1),
+                1 << 16,
+            ),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
@@ -327,6 +345,10 @@ impl Config {
             pin_threads: self.engine.pin_threads,
             prefill_chunk_tokens: self.engine.prefill_chunk_tokens,
             max_batch: self.engine.max_batch,
+            prefix_cache_bytes: match self.engine.prefix_cache {
+                PrefixSharing::Off => 0,
+                _ => self.engine.prefix_cache_mib << 20,
+            },
         }
     }
 
@@ -340,6 +362,7 @@ impl Config {
             department_queue: self.engine.department_queue.unwrap_or(0),
             department_weights: self.engine.department_weights.clone(),
             workers: self.engine.workers,
+            prefix_cache: self.engine.prefix_cache,
         }
     }
 }

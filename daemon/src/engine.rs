@@ -13,6 +13,7 @@ pub mod embedder;
 pub mod fair_queue;
 pub mod model_dir;
 pub mod ort_backend;
+pub mod prefix_cache;
 pub use ort_backend::runtime_library;
 pub mod sampler;
 pub mod sequence;
@@ -38,6 +39,7 @@ pub use embedder::{EmbedError, Embedder, Embeddings, PreparedInputs};
 use fair_queue::{FairQueue, QueueFull};
 pub use model_dir::{ModelDirError, ModelDirectory};
 pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};
+pub use prefix_cache::{PrefixFigures, PrefixSharing};
 pub use sampler::{SamplingError, SamplingParams};
 pub use sequence::{FinishReason, Usage};
 use sequence::{Sequence, SequenceSpec};
@@ -163,6 +165,9 @@ pub struct EngineSettings {
     /// session's operators scale poorly past a few cores for a small model: a large
     /// machine serves more with several workers of `intra_op_threads` cores each.
     pub workers: usize,
+    /// Whose requests share cached prompt prefixes (the cache's size is the backend's,
+    /// `SessionOptions::prefix_cache_bytes`).
+    pub prefix_cache: PrefixSharing,
 }
 
 impl EngineSettings {
@@ -185,6 +190,7 @@ impl Default for EngineSettings {
             department_queue: 0,
             department_weights: BTreeMap::new(),
             workers: 1,
+            prefix_cache: PrefixSharing::default(),
         }
     }
 }
@@ -378,6 +384,8 @@ pub struct Engine {
     wake: crossbeam_channel::Sender<()>,
     next_sequence: AtomicU64,
     workers: Vec<(JoinHandle<()>, Arc<worker::WorkerHealth>)>,
+    /// The prefix caches' counters, one per engine thread that keeps a cache.
+    prefix_stats: Vec<Arc<prefix_cache::PrefixStats>>,
 }
 
 impl Engine {
@@ -470,6 +478,7 @@ impl Engine {
             },
         };
         let mut workers = Vec::with_capacity(backends.len());
+        let prefix_stats = backends.iter().filter_map(|b| b.prefix_stats()).collect();
         let serving = Arc::new(AtomicUsize::new(backends.len()));
         for (index, backend) in backends.into_iter().enumerate() {
             let health = Arc::new(worker::WorkerHealth::default());
@@ -497,7 +506,16 @@ impl Engine {
             wake,
             next_sequence: AtomicU64::new(0),
             workers,
+            prefix_stats,
         })
+    }
+
+    /// The prefix cache's counters, over every engine thread.
+    pub fn prefix_cache(&self) -> PrefixFigures {
+        self.prefix_stats
+            .iter()
+            .map(|stats| stats.snapshot())
+            .fold(PrefixFigures::default(), |sum, figures| sum + figures)
     }
 
     pub fn metadata(&self) -> &ModelMetadata {
@@ -676,6 +694,7 @@ impl Engine {
                 stop_strings: request.stop,
                 prefill_chunk: shared.settings.prefill_chunk_tokens,
                 constraint: request.constraint,
+                prefix_scope: shared.settings.prefix_cache.scope(&request.department),
             },
             department: request.department,
         })

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::engine::Usage;
+use crate::engine::{PrefixFigures, Usage};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -64,6 +64,9 @@ pub struct Metrics {
     inter_token_latency: HistogramFamily,
     queue_depth: Family<ModelLabels, Gauge>,
     active_sequences: Family<ModelLabels, Gauge>,
+    prefix_cache_hits: Family<ModelLabels, Gauge>,
+    prefix_cache_misses: Family<ModelLabels, Gauge>,
+    prefix_cache_bytes: Family<ModelLabels, Gauge>,
     client_certificates_refused: Family<RefusalLabels, Counter>,
     policy_decisions: Family<DecisionLabels, Counter>,
     per_department: bool,
@@ -126,6 +129,25 @@ impl Metrics {
             "Generations a model's engine is running",
             active_sequences.clone(),
         );
+        let prefix_cache_hits = Family::default();
+        registry.register(
+            "prefix_cache_hits",
+            "Prompt blocks a model's engine copied from its prefix cache instead of computing, \
+             since the model's version loaded",
+            prefix_cache_hits.clone(),
+        );
+        let prefix_cache_misses = Family::default();
+        registry.register(
+            "prefix_cache_misses",
+            "Prefix cache lookups that found no block, since the model's version loaded",
+            prefix_cache_misses.clone(),
+        );
+        let prefix_cache_bytes = Family::default();
+        registry.register(
+            "prefix_cache_bytes",
+            "Bytes a model's prefix cache holds",
+            prefix_cache_bytes.clone(),
+        );
         let client_certificates_refused = Family::default();
         registry.register(
             "client_certificates_refused",
@@ -150,6 +172,9 @@ impl Metrics {
             inter_token_latency,
             queue_depth,
             active_sequences,
+            prefix_cache_hits,
+            prefix_cache_misses,
+            prefix_cache_bytes,
         }
     }
 
@@ -196,6 +221,23 @@ impl Metrics {
         self.active_sequences
             .get_or_create(&labels)
             .set(active as i64);
+    }
+
+    /// Records a model's prefix cache counters.
+    pub fn prefix_cache(&self, model: &str, figures: PrefixFigures) {
+        let labels = ModelLabels {
+            model: model.to_owned(),
+        };
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.prefix_cache_hits
+            .get_or_create(&labels)
+            .set(gauge(figures.hits));
+        self.prefix_cache_misses
+            .get_or_create(&labels)
+            .set(gauge(figures.misses));
+        self.prefix_cache_bytes
+            .get_or_create(&labels)
+            .set(gauge(figures.bytes));
     }
 
     /// A timer for one generation; `started` is when the request arrived.

@@ -121,13 +121,12 @@ impl CpuBench {
 
     /// An engine with default settings over a model directory.
     pub fn engine(&self, model_dir: &std::path::Path) -> Engine {
-        Engine::load_ort(
-            &self.runtime,
-            model_dir,
-            &self.options,
-            EngineSettings::default(),
-        )
-        .expect("model loads")
+        self.engine_with(model_dir, EngineSettings::default())
+    }
+
+    /// An engine with `settings` over a model directory.
+    pub fn engine_with(&self, model_dir: &std::path::Path, settings: EngineSettings) -> Engine {
+        Engine::load_ort(&self.runtime, model_dir, &self.options, settings).expect("model loads")
     }
 
     /// The model named by `MOAT_BENCH_MODEL` (default: the demo model's fast graph) and

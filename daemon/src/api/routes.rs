@@ -282,6 +282,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                 state
                     .metrics
                     .engine_state(name, engine.queued_requests(), engine.live_sequences());
+                state.metrics.prefix_cache(name, engine.prefix_cache());
             }
             ServedModel::Embedder(service) => {
                 state.metrics.engine_state(name, 0, service.in_flight());

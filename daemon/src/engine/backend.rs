@@ -5,6 +5,9 @@
 //! sequences, so a scheduler can put many sequences into one step without a rewrite.
 
 use std::fmt;
+use std::sync::Arc;
+
+use super::prefix_cache::{PrefixScope, PrefixStats};
 
 /// Identifies one sequence (one generation) inside a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,4 +136,13 @@ pub trait Backend: Send {
 
     /// Releases a sequence's state. Unknown ids are ignored.
     fn finish_sequence(&mut self, sequence: SequenceId);
+
+    /// Lets a sequence just started share its prompt's prefixes within `scope`: use those
+    /// cached, and cache its own. Backends without a prefix cache ignore it.
+    fn share_prefixes(&mut self, _sequence: SequenceId, _scope: PrefixScope) {}
+
+    /// The prefix cache's counters, for a backend that keeps one.
+    fn prefix_stats(&self) -> Option<Arc<PrefixStats>> {
+        None
+    }
 }

@@ -23,6 +23,7 @@ mod session;
 mod telemetry;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use moat_core::{IoContract, KvDtype, ModelMetadata, ModelTask};
 use ort::memory::MemoryInfo;
@@ -33,11 +34,12 @@ use super::backend::{
     Backend, BackendError, BackendModel, DeviceKind, LogitsBatch, SequenceId, StepInput,
 };
 use super::model_dir::ModelDirectory;
+use super::prefix_cache::{PrefixCache, PrefixChain, PrefixScope, PrefixStats};
 use decode_group::{DecodeGroup, GroupDecode};
-use kv_pool::KvPool;
+use kv_pool::{KvBlock, KvPool};
 pub use session::{
-    DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK_TOKENS, DevicePreference, LoadError, OrtRuntime,
-    SessionOptions,
+    DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MIB, DevicePreference,
+    LoadError, OrtRuntime, SessionOptions,
 };
 use session::{check_io, create_session, kv_names};
 pub use telemetry::{TELEMETRY_SWITCH, TelemetryOn, check_switched_off, switch_off_in_environment};
@@ -66,11 +68,15 @@ struct SequenceState {
     len: usize,
     capacity: usize,
     cache: KvCache,
+    /// Where its prompt stands in the prefix cache's key chain, while its prompt is fed.
+    prefix: Option<PrefixChain>,
 }
 
 /// A model loaded into an ONNX Runtime session.
 pub struct OrtBackend {
     pool: Option<KvPool>,
+    /// Prompt prefixes computed once for the pool's sequences (see `pooled`).
+    prefix_cache: Option<PrefixCache<KvBlock>>,
     /// Optimum contract: the sequences that decode together.
     group: DecodeGroup,
     session: Session,
@@ -155,8 +161,13 @@ impl OrtBackend {
                     .map_err(LoadError::Session)?,
             ),
         };
+        let prefix_cache = match (&pool, options.prefix_cache_bytes) {
+            (Some(_), bytes) if bytes > 0 => Some(PrefixCache::new(bytes)),
+            _ => None,
+        };
         Ok(Self {
             pool,
+            prefix_cache,
             group: DecodeGroup::new(&metadata, options.max_batch),
             session,
             metadata,
@@ -493,6 +504,7 @@ impl Backend for OrtBackend {
                 len: 0,
                 capacity,
                 cache,
+                prefix: None,
             },
         );
         Ok(())
@@ -528,7 +540,16 @@ impl Backend for OrtBackend {
         let mut result = Ok(());
         for (index, input) in batch.iter().enumerate() {
             let slot = self.pooled_slot(input.sequence);
-            match (input.tokens.len(), slot) {
+            // Prompt positions found in the prefix cache are copied, not computed.
+            let restored = match slot {
+                Some(slot) if input.tokens.len() > 1 => self.restore_prefix(input, slot),
+                _ => 0,
+            };
+            let rest = StepInput {
+                sequence: input.sequence,
+                tokens: &input.tokens[restored..],
+            };
+            match (rest.tokens.len(), slot) {
                 (1, Some(slot)) => plan.push((index, slot)),
                 (n, Some(slot)) if n <= self.prefill_chunk_tokens && self.len(input) == 0 => {
                     prefills.push((index, slot));
@@ -537,7 +558,7 @@ impl Backend for OrtBackend {
                     // Decodes in the group's run, below.
                 }
                 _ => {
-                    if let Err(e) = self.step_one(*input, logits.row_mut(index)) {
+                    if let Err(e) = self.step_one(rest, logits.row_mut(index)) {
                         result = Err(e);
                         break;
                     }
@@ -551,7 +572,25 @@ impl Backend for OrtBackend {
         self.prefill_plan = prefills;
         result?;
         self.decode_pooled(batch, logits)?;
-        self.decode_grouped(logits)
+        self.decode_grouped(logits)?;
+        self.remember_prefixes(batch);
+        Ok(())
+    }
+
+    fn share_prefixes(&mut self, sequence: SequenceId, scope: PrefixScope) {
+        if self.prefix_cache.is_none() {
+            return;
+        }
+        if let Some(state) = self.sequences.get_mut(&sequence)
+            && state.len == 0
+            && matches!(state.cache, KvCache::Pooled { .. })
+        {
+            state.prefix = Some(PrefixChain::new(scope));
+        }
+    }
+
+    fn prefix_stats(&self) -> Option<Arc<PrefixStats>> {
+        self.prefix_cache.as_ref().map(PrefixCache::stats)
     }
 
     fn finish_sequence(&mut self, sequence: SequenceId) {

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 
 use super::backend::SequenceId;
 use super::constraint::{Constraint, ConstraintFailure};
+use super::prefix_cache::PrefixScope;
 use super::sampler::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer, TokenizeError};
@@ -64,6 +65,8 @@ pub struct Sequence {
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     constraint: Option<Constraint>,
+    /// Where its prompt's prefixes may be shared (`None`: not at all).
+    pub prefix_scope: Option<PrefixScope>,
 }
 
 /// Why a sequence could not advance.
@@ -86,6 +89,8 @@ pub struct SequenceSpec {
     pub prefill_chunk: usize,
     /// The shape the answer must have, enforced token by token.
     pub constraint: Option<Constraint>,
+    /// Where its prompt's prefixes may be shared (`None`: not at all).
+    pub prefix_scope: Option<PrefixScope>,
 }
 
 impl Sequence {
@@ -103,6 +108,7 @@ impl Sequence {
             decoder,
             stops: StopMatcher::new(spec.stop_strings),
             constraint: spec.constraint,
+            prefix_scope: spec.prefix_scope,
         }
     }
 

@@ -194,7 +194,12 @@ fn admit(backend: &mut dyn Backend, admission: Admission, live: &mut Vec<Live>) 
         return;
     }
     match backend.start_sequence(sequence.id, sequence.capacity()) {
-        Ok(()) => live.push(Live { sequence, events }),
+        Ok(()) => {
+            if let Some(scope) = sequence.prefix_scope {
+                backend.share_prefixes(sequence.id, scope);
+            }
+            live.push(Live { sequence, events });
+        }
         Err(e) => {
             let _ = events.send(GenerationEvent::Failed(EngineError::Inference(
                 e.to_string(),

@@ -115,6 +115,72 @@ impl KvBuffers {
     }
 }
 
+/// The keys and values of a run of positions of one slot, copied out of the pool: for each
+/// past/present pair, for each KV head, the positions' rows (`[pairs, kv_heads, positions,
+/// head_dim]`), in the pool's element type.
+#[derive(Debug)]
+pub(super) enum KvBlock {
+    Float32(Box<[f32]>),
+    Float16(Box<[u16]>),
+}
+
+impl KvBlock {
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Float32(values) => std::mem::size_of_val(&**values),
+            Self::Float16(values) => std::mem::size_of_val(&**values),
+        }
+    }
+}
+
+/// Where positions `start..start + len` of `slot` lie in each head of a buffer, rows being
+/// `[kv_heads, capacity, head_dim]`: one range per head.
+fn head_ranges(
+    slot: usize,
+    start: usize,
+    len: usize,
+    [kv_heads, capacity, head_dim]: [usize; 3],
+) -> impl Iterator<Item = Range<usize>> {
+    (0..kv_heads).map(move |head| {
+        let from = ((slot * kv_heads + head) * capacity + start) * head_dim;
+        from..from + len * head_dim
+    })
+}
+
+fn read_positions<T: Copy>(
+    buffers: &[Vec<T>],
+    slot: usize,
+    start: usize,
+    len: usize,
+    shape: [usize; 3],
+) -> Box<[T]> {
+    let mut out = Vec::with_capacity(buffers.len() * shape[0] * len * shape[2]);
+    for buffer in buffers {
+        for range in head_ranges(slot, start, len, shape) {
+            out.extend_from_slice(&buffer[range]);
+        }
+    }
+    out.into_boxed_slice()
+}
+
+fn write_positions<T: Copy>(
+    buffers: &mut [Vec<T>],
+    slot: usize,
+    start: usize,
+    len: usize,
+    shape: [usize; 3],
+    values: &[T],
+) {
+    let mut values = values.chunks_exact(len * shape[2]);
+    for buffer in buffers {
+        for range in head_ranges(slot, start, len, shape) {
+            if let Some(rows) = values.next() {
+                buffer[range].copy_from_slice(rows);
+            }
+        }
+    }
+}
+
 /// Numbers whose all-zero bit pattern is the value zero.
 trait ZeroBits: Copy + Default {}
 impl ZeroBits for f32 {}
@@ -263,6 +329,47 @@ impl KvPool {
     /// The sequence that holds `slot`, if any.
     pub fn occupant(&self, slot: usize) -> Option<SequenceId> {
         self.occupants.get(slot).copied().flatten()
+    }
+
+    /// A copy of positions `start..start + len` of `slot` (all pairs and heads), or `None`
+    /// where they do not lie within a slot.
+    pub fn read_block(&self, slot: usize, start: usize, len: usize) -> Option<KvBlock> {
+        if slot >= self.occupants.len() || start + len > self.capacity {
+            return None;
+        }
+        let shape = [self.kv_heads, self.capacity, self.head_dim];
+        Some(match &self.buffers {
+            KvBuffers::Float32(b) => KvBlock::Float32(read_positions(b, slot, start, len, shape)),
+            KvBuffers::Float16(b) => KvBlock::Float16(read_positions(b, slot, start, len, shape)),
+        })
+    }
+
+    /// Writes `block`, a copy of `len` positions, into positions `start..start + len` of
+    /// `slot`; false (and nothing written) where it does not fit or is of another type.
+    pub fn write_block(&mut self, slot: usize, start: usize, len: usize, block: &KvBlock) -> bool {
+        let shape = [self.kv_heads, self.capacity, self.head_dim];
+        let expected = self.buffers_len() * self.kv_heads * len * self.head_dim;
+        if slot >= self.occupants.len() || start + len > self.capacity {
+            return false;
+        }
+        note_written(&mut self.written, slot, start + len, self.capacity);
+        match (&mut self.buffers, block) {
+            (KvBuffers::Float32(b), KvBlock::Float32(v)) if v.len() == expected => {
+                write_positions(b, slot, start, len, shape, v);
+            }
+            (KvBuffers::Float16(b), KvBlock::Float16(v)) if v.len() == expected => {
+                write_positions(b, slot, start, len, shape, v);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn buffers_len(&self) -> usize {
+        match &self.buffers {
+            KvBuffers::Float32(b) => b.len(),
+            KvBuffers::Float16(b) => b.len(),
+        }
     }
 
     /// Frees `slot` and zeroes every position its sequence's runs may have written.

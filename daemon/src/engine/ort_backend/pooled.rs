@@ -7,8 +7,15 @@
 //! cached. A range's padded size (rows x longest chunk) stays within the prefill chunk, so
 //! the logits of such a run are no larger than those of one sequence's chunk. Rows that
 //! hold a cache end a range; a chunk left alone runs alone, as before.
+//!
+//! A pooled sequence that shares prefixes (`Backend::share_prefixes`) looks its prompt up
+//! in the prefix cache block by block before each chunk runs: blocks found are copied into
+//! its slot and only the rest is computed (always at least the chunk's last token, whose
+//! logits the step returns). After the step, every whole block of prompt it computed is
+//! copied into the cache for the next sequence of its scope.
 
 use super::super::backend::{BackendError, LogitsBatch, StepInput};
+use super::super::prefix_cache::BLOCK_TOKENS;
 use super::{OrtBackend, no_pool};
 
 impl OrtBackend {
@@ -28,7 +35,9 @@ impl OrtBackend {
             &mut self.session,
             self.decode_plan
                 .iter()
-                .map(|&(index, slot)| (slot, batch[index].tokens[0])),
+                // The last token: a prompt whose rest was restored from the prefix cache
+                // may leave just one.
+                .map(|&(index, slot)| (slot, batch[index].tokens[batch[index].tokens.len() - 1])),
             |sequence| sequences.get(&sequence).map_or(0, |state| state.len),
         )?;
         for &(index, slot) in &self.decode_plan {
@@ -119,5 +128,82 @@ impl OrtBackend {
             }
         }
         Ok(())
+    }
+
+    /// Copies the cached blocks that begin `input`'s prompt chunk into the sequence's slot
+    /// and returns how many of its tokens they cover; leaves at least one to compute.
+    pub(super) fn restore_prefix(&mut self, input: &StepInput<'_>, slot: usize) -> usize {
+        let (Some(cache), Some(pool)) = (self.prefix_cache.as_mut(), self.pool.as_mut()) else {
+            return 0;
+        };
+        let Some(state) = self.sequences.get_mut(&input.sequence) else {
+            return 0;
+        };
+        let Some(chain) = state.prefix.as_mut() else {
+            return 0;
+        };
+        // Blocks start at multiples of the block size from the prompt's first token.
+        if !chain.pending.is_empty() || chain.positions != state.len {
+            return 0;
+        }
+        let mut restored = 0;
+        while restored + BLOCK_TOKENS < input.tokens.len() {
+            let key = chain
+                .key
+                .next(&input.tokens[restored..restored + BLOCK_TOKENS]);
+            let Some(block) = cache.get(&key) else {
+                break;
+            };
+            if !pool.write_block(slot, state.len, BLOCK_TOKENS, block) {
+                break;
+            }
+            chain.key = key;
+            chain.positions += BLOCK_TOKENS;
+            state.len += BLOCK_TOKENS;
+            restored += BLOCK_TOKENS;
+        }
+        restored
+    }
+
+    /// After a step: copies every whole block of prompt the step computed for a sequence
+    /// that shares prefixes into the cache. A sequence fed one token (decoding, or its
+    /// prompt's last token) stops sharing: only prompts are shared.
+    pub(super) fn remember_prefixes(&mut self, batch: &[StepInput<'_>]) {
+        let (Some(cache), Some(pool)) = (self.prefix_cache.as_mut(), self.pool.as_ref()) else {
+            return;
+        };
+        for input in batch {
+            let Some(state) = self.sequences.get_mut(&input.sequence) else {
+                continue;
+            };
+            let (Some(chain), super::KvCache::Pooled { slot }) = (&mut state.prefix, &state.cache)
+            else {
+                continue;
+            };
+            if input.tokens.len() == 1 {
+                state.prefix = None;
+                continue;
+            }
+            let computed = state
+                .len
+                .saturating_sub(chain.positions + chain.pending.len());
+            let Some(fed) = input.tokens.len().checked_sub(computed) else {
+                state.prefix = None;
+                continue;
+            };
+            chain.pending.extend_from_slice(&input.tokens[fed..]);
+            while chain.pending.len() >= BLOCK_TOKENS {
+                let key = chain.key.next(&chain.pending[..BLOCK_TOKENS]);
+                if !cache.contains(&key)
+                    && let Some(block) = pool.read_block(*slot, chain.positions, BLOCK_TOKENS)
+                {
+                    let bytes = block.bytes();
+                    cache.insert(key, block, bytes);
+                }
+                chain.key = key;
+                chain.positions += BLOCK_TOKENS;
+                chain.pending.drain(..BLOCK_TOKENS);
+            }
+        }
     }
 }

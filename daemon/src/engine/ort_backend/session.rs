@@ -32,6 +32,8 @@ pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 256;
 
 /// Default for [`SessionOptions::max_batch`].
 pub const DEFAULT_MAX_BATCH: usize = 32;
+/// The prefix cache's size by default (`engine.prefix_cache_mib`).
+pub const DEFAULT_PREFIX_CACHE_MIB: usize = 128;
 
 /// Session settings.
 #[derive(Debug, Clone)]
@@ -50,6 +52,9 @@ pub struct SessionOptions {
     /// sequences decode alone). The engine runs at most this many sequences at once
     /// (`engine.max_batch`).
     pub max_batch: usize,
+    /// Bytes of cached prompt prefixes the backend keeps at most (0: none); only pooled
+    /// sequences use them.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for SessionOptions {
@@ -60,6 +65,7 @@ impl Default for SessionOptions {
             pin_threads: false,
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
             max_batch: DEFAULT_MAX_BATCH,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_MIB << 20,
         }
     }
 }
