@@ -31,7 +31,7 @@ fn instructions() -> String {
         )
     };
     let mut text = rules.to_owned();
-    for n in 1..=16 {
+    for n in 1..=24 {
         text.push_str(&example(n));
     }
     text

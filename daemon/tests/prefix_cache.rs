@@ -13,6 +13,10 @@ use moat_daemon::engine::{
     PrefixFigures, Prompt, SessionOptions,
 };
 
+/// Prompt tokens fed per step, as the engine feeds a long prompt (smaller than its default,
+/// so that the prompts here take several chunks, none of them a whole number of blocks).
+const CHUNK: usize = 80;
+
 fn backend(model: &str, cache_bytes: usize) -> OrtBackend {
     let dir = ModelDirectory::open(&model_dir(model)).expect("model");
     OrtBackend::load(
@@ -27,7 +31,7 @@ fn backend(model: &str, cache_bytes: usize) -> OrtBackend {
     .expect("loads")
 }
 
-/// Feeds `prompt` (one chunk) then `new_tokens` greedy tokens to a new sequence `id`,
+/// Feeds `prompt` (in chunks of [`CHUNK`]) then `new_tokens` greedy tokens to a new sequence `id`,
 /// sharing prefixes in `department`'s scope when given; returns the greedy tokens and the
 /// logits after the prompt.
 fn greedy(
@@ -54,7 +58,10 @@ fn greedy(
             .expect("step runs");
         logits.row(0).to_vec()
     };
-    let after_prompt = feed(backend, prompt);
+    let mut after_prompt = Vec::new();
+    for chunk in prompt.chunks(CHUNK) {
+        after_prompt = feed(backend, chunk);
+    }
     let mut tokens = vec![argmax(&after_prompt)];
     while tokens.len() < new_tokens {
         let last = [tokens[tokens.len() - 1]];
@@ -110,7 +117,7 @@ fn a_shared_prefix_is_copied_and_answers_as_computed() {
 }
 
 #[test]
-fn another_department_finds_nothing_and_a_prompt_never_ends_on_a_copied_position() {
+fn another_department_finds_nothing_and_the_last_position_is_always_computed() {
     let mut cached = backend("fixture-fused", 64 << 20);
     let shared = prompt(2, 2, &[]);
     greedy(&mut cached, 1, Some("legal"), &shared, 2);
@@ -122,14 +129,10 @@ fn another_department_finds_nothing_and_a_prompt_never_ends_on_a_copied_position
         "another department's blocks are not found"
     );
     assert!(after.misses > before.misses);
-    // The same department with the very same prompt: the last block is computed, not
-    // copied, so that the step has its logits.
+    // The same department with the very same prompt: both blocks are found, but the last
+    // position is computed, not copied, so that the step has its logits.
     let (tokens, _) = greedy(&mut cached, 3, Some("legal"), &shared, 4);
-    assert_eq!(
-        figures(&cached).hits,
-        after.hits + 1,
-        "all but the last block"
-    );
+    assert_eq!(figures(&cached).hits, after.hits + 2, "both blocks found");
     let mut plain = backend("fixture-fused", 0);
     assert_eq!(tokens, greedy(&mut plain, 3, None, &shared, 4).0);
 }
@@ -199,4 +202,16 @@ fn the_demo_model_answers_alike_with_and_without_the_cache() {
         "the system prompt's blocks are copied for the later questions: {figures:?}"
     );
     assert_eq!(without.prefix_cache().hits, 0);
+}
+
+#[test]
+fn a_long_prompt_fed_in_chunks_is_copied_across_them() {
+    let mut cached = backend("fixture-fused", 64 << 20);
+    let mut plain = backend("fixture-fused", 0);
+    let first = prompt(4, 7, &[5, 6, 7]);
+    let second = prompt(4, 7, &[8, 9]);
+    greedy(&mut cached, 1, Some("legal"), &first, 2);
+    let (tokens, _) = greedy(&mut cached, 2, Some("legal"), &second, 8);
+    assert!(figures(&cached).hits >= 6, "{:?}", figures(&cached));
+    assert_eq!(tokens, greedy(&mut plain, 2, None, &second, 8).0);
 }

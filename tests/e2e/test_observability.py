@@ -87,3 +87,18 @@ def test_metrics_and_api_stay_on_their_own_listeners(moatd, api):
     metrics = httpx.get(f"{moatd.metrics_url}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "# TYPE moat_requests counter" in metrics.text
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(moatd, client):
+    system = {"role": "system", "content": "You answer for the finance department. " * 12}
+    before = moatd.metrics()
+    for question in ["What is an invoice?", "What is a ledger?"]:
+        client.chat.completions.create(
+            model="smollm2", temperature=0, max_tokens=2,
+            messages=[system, {"role": "user", "content": question}])
+    after = moatd.metrics()
+    hits = "moat_prefix_cache_hits"
+    # The second request copies the system prompt's blocks the first one computed.
+    assert after.total(hits, model="smollm2") > before.total(hits, model="smollm2")
+    assert after.total("moat_prefix_cache_bytes", model="smollm2") > 0
+    assert after.total("moat_prefix_cache_misses", model="smollm2") > 0

@@ -77,9 +77,14 @@ impl BlockKey {
 
     /// The key of the block of `tokens` that follows the prefix this key names.
     pub fn next(self, tokens: &[u32]) -> Self {
+        self.next_of(tokens, &[])
+    }
+
+    /// [`BlockKey::next`] of a block whose tokens are `head` then `tail`.
+    pub fn next_of(self, head: &[u32], tail: &[u32]) -> Self {
         let mut hash = Sha256::new();
         hash.update(self.0);
-        for token in tokens {
+        for token in head.iter().chain(tail) {
             hash.update(token.to_le_bytes());
         }
         Self::from_digest(hash)

@@ -163,19 +163,22 @@ fn read_positions<T: Copy>(
     out.into_boxed_slice()
 }
 
+/// Writes positions `part` of each head's `len` positions in `values` (laid out as
+/// [`read_positions`] reads them) to the same positions after `start` in `slot`.
 fn write_positions<T: Copy>(
     buffers: &mut [Vec<T>],
     slot: usize,
     start: usize,
-    len: usize,
+    (len, part): (usize, Range<usize>),
     shape: [usize; 3],
     values: &[T],
 ) {
-    let mut values = values.chunks_exact(len * shape[2]);
+    let head_dim = shape[2];
+    let mut values = values.chunks_exact(len * head_dim);
     for buffer in buffers {
-        for range in head_ranges(slot, start, len, shape) {
+        for range in head_ranges(slot, start + part.start, part.len(), shape) {
             if let Some(rows) = values.next() {
-                buffer[range].copy_from_slice(rows);
+                buffer[range].copy_from_slice(&rows[part.start * head_dim..part.end * head_dim]);
             }
         }
     }
@@ -344,24 +347,33 @@ impl KvPool {
         })
     }
 
-    /// Writes `block`, a copy of `len` positions, into positions `start..start + len` of
-    /// `slot`; false (and nothing written) where it does not fit or is of another type.
-    pub fn write_block(&mut self, slot: usize, start: usize, len: usize, block: &KvBlock) -> bool {
+    /// Writes positions `part` of `block`, a copy of `len` positions that belongs at
+    /// `start`, into the same positions of `slot` (`start + part.start..start + part.end`);
+    /// false (and nothing written) where they do not fit or the block is of another type
+    /// or size.
+    pub fn write_block(
+        &mut self,
+        slot: usize,
+        start: usize,
+        (len, part): (usize, Range<usize>),
+        block: &KvBlock,
+    ) -> bool {
         let shape = [self.kv_heads, self.capacity, self.head_dim];
         let expected = self.buffers_len() * self.kv_heads * len * self.head_dim;
-        if slot >= self.occupants.len() || start + len > self.capacity {
+        let end = start + part.end;
+        if slot >= self.occupants.len() || part.end > len || end > self.capacity {
             return false;
         }
-        note_written(&mut self.written, slot, start + len, self.capacity);
         match (&mut self.buffers, block) {
             (KvBuffers::Float32(b), KvBlock::Float32(v)) if v.len() == expected => {
-                write_positions(b, slot, start, len, shape, v);
+                write_positions(b, slot, start, (len, part), shape, v);
             }
             (KvBuffers::Float16(b), KvBlock::Float16(v)) if v.len() == expected => {
-                write_positions(b, slot, start, len, shape, v);
+                write_positions(b, slot, start, (len, part), shape, v);
             }
             _ => return false,
         }
+        note_written(&mut self.written, slot, end, self.capacity);
         true
     }
 

@@ -130,8 +130,10 @@ impl OrtBackend {
         Ok(())
     }
 
-    /// Copies the cached blocks that begin `input`'s prompt chunk into the sequence's slot
-    /// and returns how many of its tokens they cover; leaves at least one to compute.
+    /// Copies the cached blocks that `input`'s prompt chunk continues into the sequence's
+    /// slot and returns how many of its tokens they cover; leaves at least one to compute
+    /// (a chunk that ends on a cached block computes just its last position). A block the
+    /// previous chunk began is completed from the cache too.
     pub(super) fn restore_prefix(&mut self, input: &StepInput<'_>, slot: usize) -> usize {
         let (Some(cache), Some(pool)) = (self.prefix_cache.as_mut(), self.pool.as_mut()) else {
             return 0;
@@ -142,25 +144,40 @@ impl OrtBackend {
         let Some(chain) = state.prefix.as_mut() else {
             return 0;
         };
-        // Blocks start at multiples of the block size from the prompt's first token.
-        if !chain.pending.is_empty() || chain.positions != state.len {
+        if chain.positions + chain.pending.len() != state.len {
             return 0;
         }
         let mut restored = 0;
-        while restored + BLOCK_TOKENS < input.tokens.len() {
-            let key = chain
-                .key
-                .next(&input.tokens[restored..restored + BLOCK_TOKENS]);
+        loop {
+            // Positions of the current block already in the slot, and tokens to finish it.
+            let have = chain.pending.len();
+            let need = BLOCK_TOKENS - have;
+            if restored + need > input.tokens.len() {
+                break;
+            }
+            let tokens = &input.tokens[restored..restored + need];
+            let key = chain.key.next_of(&chain.pending, tokens);
             let Some(block) = cache.get(&key) else {
                 break;
             };
-            if !pool.write_block(slot, state.len, BLOCK_TOKENS, block) {
+            // The chunk's last position is computed, for the step's logits.
+            let last = restored + need == input.tokens.len();
+            let copied = if last { BLOCK_TOKENS - 1 } else { BLOCK_TOKENS };
+            let part = (BLOCK_TOKENS, have..copied.max(have));
+            if !pool.write_block(slot, chain.positions, part, block) {
+                break;
+            }
+            state.len += copied.max(have) - have;
+            if last {
+                // The block's tokens wait in the chain until its last position is in.
+                chain.pending.extend_from_slice(&tokens[..need - 1]);
+                restored += need - 1;
                 break;
             }
             chain.key = key;
             chain.positions += BLOCK_TOKENS;
-            state.len += BLOCK_TOKENS;
-            restored += BLOCK_TOKENS;
+            chain.pending.clear();
+            restored += need;
         }
         restored
     }
