@@ -135,7 +135,7 @@ fn main() {
     let mut llama = match on_cpu.then(|| start_llama_server(&cache, &bench.root, threads)) {
         Some(Ok(server)) => Some(server),
         Some(Err(reason)) => {
-            down.push((LLAMA, reason));
+            report_down(&mut down, LLAMA, reason);
             None
         }
         None => None,
@@ -218,7 +218,7 @@ fn main() {
             match survive(&mut server.child, || single(&stream(&plain, &url, &body))) {
                 Ok(sample) => row.push(sample),
                 Err(reason) => {
-                    down.push((LLAMA, reason));
+                    report_down(&mut down, LLAMA, reason);
                     llama = None;
                 }
             }
@@ -289,7 +289,7 @@ fn main() {
         match measured {
             Ok(measured) => llama_load.push(measured),
             Err(reason) => {
-                down.push((LLAMA, reason));
+                report_down(&mut down, LLAMA, reason);
                 llama = None;
             }
         }
@@ -367,6 +367,12 @@ fn main() {
         }
         None => eprintln!("no chart: matplotlib comes with `bash bench/install-peers.sh`"),
     }
+}
+
+/// Notes a peer that failed: said at once, and a row of the report at the end.
+fn report_down<'a>(down: &mut Vec<(&'a str, String)>, engine: &'a str, reason: String) {
+    eprintln!("{engine}: {reason}; left out of the rest of the run");
+    down.push((engine, reason));
 }
 
 fn loads_json(loads: &[Load]) -> Value {
