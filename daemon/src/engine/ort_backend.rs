@@ -16,6 +16,7 @@
 mod decode_group;
 pub(super) mod encoder;
 mod kv_pool;
+mod logits;
 mod optimum;
 mod pooled;
 pub mod runtime_library;
@@ -37,6 +38,7 @@ use super::model_dir::ModelDirectory;
 use super::prefix_cache::{PrefixCache, PrefixChain, PrefixScope, PrefixStats};
 use decode_group::{DecodeGroup, GroupDecode};
 use kv_pool::{KvBlock, KvPool};
+use logits::{copy_last_row, copy_logits_row};
 pub use session::{
     DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MIB, DevicePreference,
     LoadError, OrtRuntime, SessionOptions,
@@ -161,6 +163,20 @@ impl OrtBackend {
                     .map_err(LoadError::Session)?,
             ),
         };
+        // Where sequences cannot be stepped together, say so once, at load.
+        match (metadata.io_contract, pool_slots) {
+            (IoContract::Fused, 0) if options.max_batch > 0 => tracing::warn!(
+                model = %metadata.name,
+                %device,
+                "each sequence of this model runs alone on this device: the KV pool is host \
+                 memory read in place by the CPU kernels; batched decoding is CPU-only for now"
+            ),
+            (IoContract::Optimum, _) if options.max_batch < 2 => tracing::info!(
+                model = %metadata.name,
+                "each sequence of this model decodes alone: engine.max_batch is below 2"
+            ),
+            _ => {}
+        }
         let prefix_cache = match (&pool, options.prefix_cache_bytes) {
             (Some(_), bytes) if bytes > 0 => Some(PrefixCache::new(bytes)),
             _ => None,
@@ -419,48 +435,6 @@ fn output<'a>(
         during: "reading outputs",
         message: format!("the graph produced no {name}"),
     })
-}
-
-fn copy_last_row(logits: &DynValue, row: &mut [f32]) -> Result<(), BackendError> {
-    let data = logits_data(logits, row.len())?;
-    row.copy_from_slice(&data[data.len() - row.len()..]);
-    Ok(())
-}
-
-/// Copies row `at` of the logits (every position of every run row, in order) into `row`.
-fn copy_logits_row(logits: &DynValue, at: usize, row: &mut [f32]) -> Result<(), BackendError> {
-    let width = row.len();
-    let data = logits_data(logits, width)?;
-    let found = data
-        .get(at * width..(at + 1) * width)
-        .ok_or_else(|| BackendError::Runtime {
-            during: "reading logits",
-            message: format!(
-                "logits row {at} asked of {} rows",
-                data.len() / width.max(1)
-            ),
-        })?;
-    row.copy_from_slice(found);
-    Ok(())
-}
-
-/// The logits' values, once their rows are known to be `width` wide.
-fn logits_data(logits: &DynValue, width: usize) -> Result<&[f32], BackendError> {
-    let (shape, data) = logits
-        .try_extract_tensor::<f32>()
-        .map_err(|e| BackendError::Runtime {
-            during: "reading logits",
-            message: e.to_string(),
-        })?;
-    let found = shape.last().copied().unwrap_or(0) as usize;
-    if found != width || data.len() < width {
-        return Err(BackendError::LogitsShape {
-            expected: width,
-            found,
-            detail: "the graph's logits width differs from vocab_size in moat-model.json",
-        });
-    }
-    Ok(data)
 }
 
 impl Backend for OrtBackend {
