@@ -308,10 +308,14 @@ impl AdminSocket {
             }
             Request::Status {} => result_line(models.status(&peer_text).await),
             Request::ModelList {} => result_line(models.list(&peer_text).await),
-            request => match Command::of(request) {
-                Some(command) => result_line(models.command(&peer_text, command).await),
-                None => answer_line(&Err::<(), _>(Refusal::new("not a rollout command"))),
-            },
+            request => {
+                // The audit record names the command as the protocol does.
+                let action = request.action();
+                match Command::of(request) {
+                    Some(command) => result_line(models.command(&peer_text, action, command).await),
+                    None => answer_line(&Err::<(), _>(Refusal::new("not a rollout command"))),
+                }
+            }
         };
         stream.write_all(format!("{line}\n").as_bytes()).await?;
         stream.flush().await

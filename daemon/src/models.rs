@@ -201,13 +201,13 @@ impl Models {
             .await
     }
 
-    /// Runs a command, one at a time, and audits it with the admin's identity.
+    /// Runs a command, one at a time, and audits it as `action` with the admin's identity.
     pub async fn command(
         &self,
         peer: &str,
+        action: &'static str,
         command: Command,
     ) -> Result<RolloutResult, RolloutError> {
-        let action = command.action();
         let (outcome, named) = {
             let _one_at_a_time = self.commands.lock().await;
             match command {
@@ -491,17 +491,6 @@ impl Command {
             | Request::ModelList {}
             | Request::Status {} => return None,
         })
-    }
-
-    pub fn action(&self) -> &'static str {
-        match self {
-            Command::Activate { .. } => "model.activate",
-            Command::Canary { .. } => "model.canary",
-            Command::Promote { .. } => "model.promote",
-            Command::Eval { .. } => "model.eval",
-            Command::Rollback { .. } => "model.rollback",
-            Command::Remove { .. } => "model.remove",
-        }
     }
 }
 

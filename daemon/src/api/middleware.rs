@@ -249,16 +249,10 @@ pub async fn audit<B: MessageBody>(
         return Ok(next.call(req).await?.map_into_left_body());
     };
     let identity = identity(&req);
-    let started = req
-        .extensions()
-        .get::<RequestContext>()
-        .map_or_else(Instant::now, |context| context.started);
+    let context = req.extensions().get::<RequestContext>().cloned();
+    let context = context.unwrap_or_default();
     let origin = RequestOrigin {
-        request_id: req
-            .extensions()
-            .get::<RequestContext>()
-            .map(|context| context.id.clone())
-            .unwrap_or_default(),
+        request_id: context.id,
         department: identity
             .as_ref()
             .map(|i| i.department.clone())
@@ -270,7 +264,7 @@ pub async fn audit<B: MessageBody>(
             .unwrap_or_default(),
         action: kind.audit_action(),
     };
-    let notes = AuditNotes::new(Arc::clone(&state.audit), origin, started);
+    let notes = AuditNotes::new(Arc::clone(&state.audit), origin, context.started);
     let slot = FinalRecordSlot::new(FinalRecord::new(notes.clone()));
     let model = served_model_name(&req);
     req.extensions_mut().insert(notes.clone());
