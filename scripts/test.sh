@@ -16,6 +16,10 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # without it, to prove moatd needs nobody to set it.
 export ORT_DISABLE_TELEMETRY=1
 
+# How much room the run starts with, in the log: a full run needs about 10 GiB free beside
+# the clone (build trees, the model files, the package test's chroot).
+df -h "$root" | sed 's/^/    /' >&2
+
 bash scripts/setup.sh
 # The package test's tools and chroot base come from the registries now, with the rest of
 # the set-up, not while the tests run (it needs root, as CI is).
@@ -23,7 +27,7 @@ if [ "$(id -u)" = 0 ]; then
   bash scripts/provision-packaging.sh
 fi
 echo "==> model tool tests (tests/model)" >&2
-local/venv/bin/python -m pytest -q tests/model
+local/venv/bin/python -m pytest -q -o tmp_path_retention_policy=failed tests/model
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "==> cargo clippy" >&2
@@ -32,9 +36,20 @@ echo "==> cargo test" >&2
 cargo test --workspace --locked
 echo "==> end-to-end tests (tests/e2e)" >&2
 cargo build --locked --bin moatd --bin moatctl
-local/venv/bin/python -m pytest -q tests/e2e
+# Test directories are kept only for tests that failed: the passing ones hold stores and
+# model copies worth half a gigabyte per run.
+local/venv/bin/python -m pytest -q -o tmp_path_retention_policy=failed tests/e2e
 echo "==> the Debian package (scripts/test-package.sh)" >&2
 if [ "$(id -u)" = 0 ]; then
+  # The package is built in release; nothing after this reads the debug build tree. Where
+  # the disk is short it goes, so that the release build and the chroot fit beside it.
+  free_kib="$(df -Pk "$root" | awk 'NR == 2 { print $4 }')"
+  debug_tree="$(cargo metadata --format-version 1 --no-deps --locked |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug"
+  if [ "$free_kib" -lt $((12 * 1024 * 1024)) ] && [ -d "$debug_tree" ]; then
+    echo "    under 12 GiB free: removing the debug build tree $debug_tree" >&2
+    rm -rf "$debug_tree"
+  fi
   bash scripts/test-package.sh
 else
   # debootstrap, chroot and mount need root; CI runs as root.
