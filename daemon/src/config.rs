@@ -99,6 +99,12 @@ pub struct EngineConfig {
     /// The prefix cache's size per engine thread, in MiB.
     #[serde(default = "default_prefix_cache_mib")]
     pub prefix_cache_mib: usize,
+    /// Positions each slot of the KV pool holds; 0 (the default): the model's whole
+    /// context. A request whose prompt and `max_tokens` need more runs alone, with a cache
+    /// of its own. On a GPU the pool is committed device memory, `max_batch` slots of this
+    /// size for every layer.
+    #[serde(default)]
+    pub kv_slot_tokens: usize,
 }
 
 fn default_prefix_cache_mib() -> usize {
@@ -141,6 +147,7 @@ impl Default for EngineConfig {
             workers: default_workers(),
             prefix_cache: PrefixSharing::default(),
             prefix_cache_mib: default_prefix_cache_mib(),
+            kv_slot_tokens: 0,
         }
     }
 }
@@ -299,6 +306,7 @@ impl Config {
                 e.prefix_cache_mib.max(1),
                 1 << 16,
             ),
+            ("engine.kv_slot_tokens", e.kv_slot_tokens.max(1), 1 << 21),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
@@ -349,6 +357,8 @@ impl Config {
                 PrefixSharing::Off => 0,
                 _ => self.engine.prefix_cache_mib << 20,
             },
+            kv_slot_tokens: (self.engine.kv_slot_tokens > 0).then_some(self.engine.kv_slot_tokens),
+            ..SessionOptions::default()
         }
     }
 

@@ -38,7 +38,9 @@ pub use constraint::{AnswerCheck, Constraint, ConstraintError, ConstraintFailure
 pub use embedder::{EmbedError, Embedder, Embeddings, PreparedInputs};
 use fair_queue::{FairQueue, QueueFull};
 pub use model_dir::{ModelDirError, ModelDirectory};
-pub use ort_backend::{DevicePreference, LoadError, OrtBackend, OrtRuntime, SessionOptions};
+pub use ort_backend::{
+    DevicePreference, KvPlacement, LoadError, OrtBackend, OrtRuntime, SessionOptions,
+};
 pub use prefix_cache::{PrefixFigures, PrefixSharing};
 pub use sampler::{SamplingError, SamplingParams};
 pub use sequence::{FinishReason, Usage};

@@ -8,7 +8,7 @@ mod common;
 use common::{cpu_options, model_dir, runtime};
 use moat_daemon::engine::backend::{Backend, LogitsBatch, SequenceId, StepInput};
 use moat_daemon::engine::sampler::argmax;
-use moat_daemon::engine::{ModelDirectory, OrtBackend, SessionOptions};
+use moat_daemon::engine::{KvPlacement, ModelDirectory, OrtBackend, SessionOptions};
 
 const FIXTURE: &str = "fixture-fused";
 
@@ -294,9 +294,9 @@ fn greedy_together(
     prompts: &[Vec<u32>],
     new_tokens: usize,
 ) -> Vec<Vec<u32>> {
-    for id in 0..prompts.len() {
+    for (id, prompt) in prompts.iter().enumerate() {
         backend
-            .start_sequence(SequenceId(id as u64), 512)
+            .start_sequence(SequenceId(id as u64), prompt.len() + new_tokens)
             .expect("starts");
     }
     let mut next: Vec<Vec<u32>> = prompts.to_vec();
@@ -351,4 +351,40 @@ fn sixteen_new_requests_on_the_demo_model_answer_as_they_do_alone() {
             );
         }
     }
+}
+
+/// The device is a parameter of the pool: with its memory from the execution provider's
+/// allocator (the placement CUDA uses, here the CPU provider's), reached only through
+/// ONNX Runtime's copies, sixteen requests batched on the demo model answer as they do in
+/// host memory.
+#[test]
+fn sixteen_requests_answer_the_same_from_the_providers_memory() {
+    let prompts: Vec<Vec<u32>> = (0..16u32)
+        .map(|i| {
+            (0..4 + 2 * i)
+                .map(|t| 300 + (t * 53 + i * 7) % 2500)
+                .collect()
+        })
+        .collect();
+    let model = "smollm2-135m-instruct-fast";
+    let dir = ModelDirectory::open(&model_dir(model)).expect("demo model");
+    let mut answers = Vec::new();
+    for placement in [KvPlacement::Host, KvPlacement::ProviderAllocator] {
+        let options = SessionOptions {
+            max_batch: 16,
+            kv_placement: Some(placement),
+            // Provider memory is committed whole: slots of the positions these requests need.
+            kv_slot_tokens: Some(64),
+            ..cpu_options()
+        };
+        let mut backend = OrtBackend::load(&runtime(), &dir, &options).expect("loads");
+        let runs = backend.session_runs();
+        answers.push(greedy_together(&mut backend, &prompts, 10));
+        // Batched as ever: a few prompt runs, then one run a decode step.
+        assert!(
+            backend.session_runs() - runs < 9 + 8,
+            "{placement:?}: not batched"
+        );
+    }
+    assert_eq!(answers[0], answers[1]);
 }

@@ -2,12 +2,13 @@
 //! `telemetry`) are the only code that names `ort`.
 //!
 //! One [`OrtBackend`] owns one session and the KV caches of its sequences. Graphs with the
-//! fused contract (GroupQueryAttention) on the CPU keep every sequence's cache in a slot of
-//! one [`KvPool`]: a step's decode tokens, one per sequence, go through the graph as one
-//! batch over the pool's rows, each row attending to its own length, and GroupQueryAttention
-//! writes the new positions in place. Nothing is reallocated or copied per token. Elsewhere
-//! (CUDA, or more sequences than slots) a fused sequence gets a buffer of its own, bound as
-//! both past and present and run alone. Graphs with the optimum contract concatenate inside
+//! fused contract (GroupQueryAttention) keep every sequence's cache in a slot of one
+//! [`KvPool`], on every device (its memory where the attention kernels read it): a step's
+//! decode tokens, one per sequence, go through the graph as one batch over the pool's rows,
+//! each row attending to its own length, and GroupQueryAttention writes the new positions
+//! in place. Nothing is reallocated or copied per token. A fused sequence longer than a
+//! slot, or beyond the pool's slots, gets a buffer of its own, bound as both past and
+//! present and run alone. Graphs with the optimum contract concatenate inside
 //! the graph; their present outputs are moved, not copied, into the next step's inputs. A
 //! sequence with the optimum contract runs its prompt alone, then decodes in the backend's
 //! [`DecodeGroup`]: one run a step for every decoding sequence, their caches side by side in
@@ -37,6 +38,7 @@ use super::backend::{
 use super::model_dir::ModelDirectory;
 use super::prefix_cache::{PrefixCache, PrefixChain, PrefixScope, PrefixStats};
 use decode_group::{DecodeGroup, GroupDecode};
+pub use kv_pool::KvPlacement;
 use kv_pool::{KvBlock, KvPool};
 use logits::{copy_last_row, copy_logits_row};
 pub use session::{
@@ -146,12 +148,20 @@ impl OrtBackend {
             context_length: metadata.context_length,
             device,
         };
-        // The pool is host memory read in place by the CPU kernels; on CUDA each run would
-        // copy every bound row to the device, so sequences there keep buffers of their own.
-        let pool_slots = match (metadata.io_contract, device) {
-            (IoContract::Fused, DeviceKind::Cpu) => options.max_batch,
+        // Every fused graph batches through the pool, on every device; its memory is where
+        // the graph's attention reads it. On CUDA, GroupQueryAttention runs on the device
+        // for float16 and bfloat16 only: a float32 graph's attention runs on the CPU kernels
+        // even in a CUDA session, reading a host pool in place.
+        let pool_slots = match metadata.io_contract {
+            IoContract::Fused => options.max_batch,
             _ => 0,
         };
+        let placement = options
+            .kv_placement
+            .unwrap_or(match (device, metadata.kv_dtype) {
+                (DeviceKind::Cuda, KvDtype::Float16) => KvPlacement::ProviderAllocator,
+                _ => KvPlacement::Host,
+            });
         let kv_element = match metadata.kv_dtype {
             KvDtype::Float32 => TensorElementType::Float32,
             KvDtype::Float16 => TensorElementType::Float16,
@@ -159,17 +169,27 @@ impl OrtBackend {
         let pool = match pool_slots {
             0 => None,
             slots => Some(
-                KvPool::new(&session, &metadata, &past_names, &present_names, slots)
-                    .map_err(LoadError::Session)?,
+                KvPool::new(
+                    &session,
+                    &metadata,
+                    (&past_names, &present_names),
+                    (
+                        slots,
+                        options.kv_slot_tokens.unwrap_or(metadata.context_length),
+                    ),
+                    (placement, device),
+                    runtime.environment(),
+                )
+                .map_err(LoadError::Session)?,
             ),
         };
         // Where sequences cannot be stepped together, say so once, at load.
         match (metadata.io_contract, pool_slots) {
-            (IoContract::Fused, 0) if options.max_batch > 0 => tracing::warn!(
+            (IoContract::Fused, 0) => tracing::warn!(
                 model = %metadata.name,
                 %device,
-                "each sequence of this model runs alone on this device: the KV pool is host \
-                 memory read in place by the CPU kernels; batched decoding is CPU-only for now"
+                "each sequence of this model runs alone: engine.max_batch is 0, so the KV pool \
+                 has no slots"
             ),
             (IoContract::Optimum, _) if options.max_batch < 2 => tracing::info!(
                 model = %metadata.name,

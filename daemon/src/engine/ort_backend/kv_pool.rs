@@ -1,15 +1,17 @@
 //! The KV cache pool that lets one graph run decode many sequences.
 //!
-//! Every past/present pair of the fused graph gets one host buffer shaped
-//! `[slots, kv_heads, capacity, head_dim]`, allocated once when the model loads. A sequence
+//! Every past/present pair of the fused graph gets one buffer shaped
+//! `[slots, kv_heads, capacity, head_dim]`, allocated once when the model loads, where the
+//! graph's attention reads it: host memory for the CPU kernels, device memory from the
+//! execution provider's allocator for a float16 graph on CUDA (see `memory`). A sequence
 //! holds one slot (one row of every buffer) from start to finish. A run binds a contiguous
 //! range of rows as both the past input and the present output, so GroupQueryAttention
 //! appends each row's new positions in place: decoding a batch reads and writes the cache
 //! where it lies, with no copy and no allocation per token.
 //!
-//! The buffers are allocated zeroed and untouched, so the kernel maps pages only as
+//! Host buffers are allocated zeroed and untouched, so the kernel maps pages only as
 //! sequences write positions: resident memory follows the tokens actually cached, not
-//! `slots x capacity`.
+//! `slots x capacity`. Device memory is committed whole when the model loads.
 //!
 //! Sequences share the pool, so a slot must carry nothing from one to the next. Attention
 //! reads only the positions below each row's length (taken from its attention mask), but a
@@ -21,7 +23,7 @@
 //! the sequence itself wrote, is paid once per sequence, after its last token
 //! (`benches/kv_zeroing.rs` measures it against a decode step).
 //!
-//! This is the one module with `unsafe` code. Binding a slice of the pool needs a tensor
+//! This module and `memory` hold the only `unsafe` code. Binding a slice of the pool needs a tensor
 //! over memory moat owns (`TensorRefMut::from_raw`) and a binding that does not copy it:
 //! `IoBinding::bind_input` copies every borrowed tensor, and a copied cache is no longer
 //! updated in place. The pool owns the binding together with every buffer it points into,
@@ -31,23 +33,28 @@
 use std::ffi::CString;
 use std::ops::Range;
 
-use half::f16;
-use half::slice::HalfBitsSliceExt as _;
-use moat_core::{KvDtype, ModelMetadata};
+use moat_core::ModelMetadata;
 use ort::AsPointer;
+use ort::environment::Environment;
 use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session};
 use ort::value::{PrimitiveTensorElementType, Shape, TensorRefMut, Value};
 
-use super::super::backend::{BackendError, SequenceId};
+use super::super::backend::{BackendError, DeviceKind, SequenceId};
 use super::{copy_logits_row, output, runtime_error, written_in_place};
+pub(super) use memory::KvBlock;
+use memory::KvMemory;
+pub use memory::KvPlacement;
 
-/// Fixed-size slots of KV cache in host memory, and the binding that runs them.
+mod copier;
+mod memory;
+
+/// Fixed-size slots of KV cache, and the binding that runs them.
 pub(super) struct KvPool {
-    /// Declared first so that it drops first: it points into the buffers below.
+    /// Declared first so that it drops first: it points into the memory below.
     binding: IoBinding,
     /// One buffer per past/present pair, in the graph's pair order.
-    buffers: KvBuffers,
+    memory: KvMemory,
     past_names: Vec<CString>,
     present_names: Vec<String>,
     input_ids: CString,
@@ -60,7 +67,8 @@ pub(super) struct KvPool {
     /// For a run of several new tokens a row, which position's logits each row keeps
     /// (`(row of the run, position)`): the last real token of each prompt chunk.
     kept: Vec<(usize, usize)>,
-    /// Who holds each slot.
+    /// Who holds each slot. A slot whose memory could not be zeroed keeps its last
+    /// occupant, so it is never handed out again.
     occupants: Vec<Option<SequenceId>>,
     /// For each slot, how many positions from the start runs may have written: zeroed when
     /// the slot is released.
@@ -69,68 +77,6 @@ pub(super) struct KvPool {
     capacity: usize,
     head_dim: usize,
     vocab: usize,
-}
-
-/// The pool's memory in the model's KV element type. float16 is kept as its bits (`u16`),
-/// whose zero is allocated untouched like float32's (a `Vec<f16>` of zeros would be written
-/// element by element, making the whole pool resident at once).
-enum KvBuffers {
-    Float32(Vec<Vec<f32>>),
-    Float16(Vec<Vec<u16>>),
-}
-
-impl KvBuffers {
-    /// `pairs` buffers of `len` zeroes, or an error where the address space is refused (a
-    /// huge context times many slots, or a host with strict overcommit).
-    fn zeroed(dtype: KvDtype, pairs: usize, len: usize) -> Result<Self, String> {
-        Ok(match dtype {
-            KvDtype::Float32 => Self::Float32(
-                (0..pairs)
-                    .map(|_| zeroed_vec(len))
-                    .collect::<Result<_, _>>()?,
-            ),
-            KvDtype::Float16 => Self::Float16(
-                (0..pairs)
-                    .map(|_| zeroed_vec(len))
-                    .collect::<Result<_, _>>()?,
-            ),
-        })
-    }
-
-    /// Zeroes the first `positions` positions of every head of row `slot` in every buffer,
-    /// rows being `[kv_heads, capacity, head_dim]`.
-    fn zero_positions(&mut self, slot: usize, positions: usize, shape: [usize; 3]) {
-        match self {
-            Self::Float32(buffers) => zero_positions(buffers, slot, positions, shape),
-            Self::Float16(buffers) => zero_positions(buffers, slot, positions, shape),
-        }
-    }
-
-    /// Where element `offset` of pair `pair` lies.
-    fn address(&self, pair: usize, offset: usize) -> Option<*const std::ffi::c_void> {
-        match self {
-            Self::Float32(b) => b.get(pair).map(|v| v[offset..].as_ptr().cast()),
-            Self::Float16(b) => b.get(pair).map(|v| v[offset..].as_ptr().cast()),
-        }
-    }
-}
-
-/// The keys and values of a run of positions of one slot, copied out of the pool: for each
-/// past/present pair, for each KV head, the positions' rows (`[pairs, kv_heads, positions,
-/// head_dim]`), in the pool's element type.
-#[derive(Debug)]
-pub(super) enum KvBlock {
-    Float32(Box<[f32]>),
-    Float16(Box<[u16]>),
-}
-
-impl KvBlock {
-    pub fn bytes(&self) -> usize {
-        match self {
-            Self::Float32(values) => std::mem::size_of_val(&**values),
-            Self::Float16(values) => std::mem::size_of_val(&**values),
-        }
-    }
 }
 
 /// Where positions `start..start + len` of `slot` lie in each head of a buffer, rows being
@@ -145,115 +91,6 @@ fn head_ranges(
         let from = ((slot * kv_heads + head) * capacity + start) * head_dim;
         from..from + len * head_dim
     })
-}
-
-fn read_positions<T: Copy>(
-    buffers: &[Vec<T>],
-    slot: usize,
-    start: usize,
-    len: usize,
-    shape: [usize; 3],
-) -> Box<[T]> {
-    let mut out = Vec::with_capacity(buffers.len() * shape[0] * len * shape[2]);
-    for buffer in buffers {
-        for range in head_ranges(slot, start, len, shape) {
-            out.extend_from_slice(&buffer[range]);
-        }
-    }
-    out.into_boxed_slice()
-}
-
-/// Writes positions `part` of each head's `len` positions in `values` (laid out as
-/// [`read_positions`] reads them) to the same positions after `start` in `slot`.
-fn write_positions<T: Copy>(
-    buffers: &mut [Vec<T>],
-    slot: usize,
-    start: usize,
-    (len, part): (usize, Range<usize>),
-    shape: [usize; 3],
-    values: &[T],
-) {
-    let head_dim = shape[2];
-    let mut values = values.chunks_exact(len * head_dim);
-    for buffer in buffers {
-        for range in head_ranges(slot, start + part.start, part.len(), shape) {
-            if let Some(rows) = values.next() {
-                buffer[range].copy_from_slice(&rows[part.start * head_dim..part.end * head_dim]);
-            }
-        }
-    }
-}
-
-/// Numbers whose all-zero bit pattern is the value zero.
-trait ZeroBits: Copy + Default {}
-impl ZeroBits for f32 {}
-impl ZeroBits for u16 {}
-
-fn zero_positions<T: ZeroBits>(
-    buffers: &mut [Vec<T>],
-    slot: usize,
-    positions: usize,
-    [kv_heads, capacity, head_dim]: [usize; 3],
-) {
-    let head_len = capacity * head_dim;
-    let row_len = kv_heads * head_len;
-    let used = positions.min(capacity) * head_dim;
-    if used == 0 {
-        return;
-    }
-    for buffer in buffers {
-        let Some(row) = buffer.get_mut(slot * row_len..(slot + 1) * row_len) else {
-            continue;
-        };
-        // Only the front of each head's block: the pages past it were never written, and
-        // writing them would make them resident.
-        for head in row.chunks_exact_mut(head_len) {
-            head[..used].fill(T::default());
-        }
-    }
-}
-
-/// `len` zeroes from the allocator's zeroed memory: for buffers this large, fresh anonymous
-/// mappings, so nothing is resident until written. Unlike `vec![0; len]`, a refused
-/// allocation is an error, not an abort.
-fn zeroed_vec<T: ZeroBits>(len: usize) -> Result<Vec<T>, String> {
-    let refused = || {
-        format!(
-            "the KV pool needs {} MiB of address space per buffer, which this host refuses; \
-             lower engine.max_batch",
-            len.saturating_mul(std::mem::size_of::<T>()) >> 20
-        )
-    };
-    if len == 0 {
-        return Ok(Vec::new());
-    }
-    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| refused())?;
-    // SAFETY: `layout` has a non-zero size.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
-    if ptr.is_null() {
-        return Err(refused());
-    }
-    // SAFETY: `ptr` was allocated by the global allocator with `layout` (`len` elements of
-    // `T`), and all of them are initialised: zero bits are zero for every `ZeroBits` type.
-    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
-}
-
-/// Binds `rows` of each buffer (`row_len` elements a row) as that pair's past and present.
-fn bind_rows<'a, T: PrimitiveTensorElementType + std::fmt::Debug + 'a>(
-    binding: &mut IoBinding,
-    buffers: impl Iterator<Item = &'a mut [T]>,
-    names: impl Iterator<Item = (&'a CString, &'a String)>,
-    rows: &Range<usize>,
-    row_len: usize,
-    shape: &[usize],
-) -> Result<(), ort::Error> {
-    for (buffer, (past, present)) in buffers.zip(names) {
-        let region = &mut buffer[rows.start * row_len..rows.end * row_len];
-        let view = host_view(region, shape)?;
-        bind_input_in_place(binding, past, &view)?;
-        binding.bind_output(present.as_str(), view)?;
-    }
-    Ok(())
 }
 
 /// The logits of a batched decode, by slot.
@@ -271,27 +108,32 @@ impl DecodeLogits<'_> {
 }
 
 impl KvPool {
-    /// Reserves (but does not touch) `slots` rows of the model's whole context for every
-    /// past/present pair.
+    /// Reserves `slots` rows of `positions` (at most the model's context) for every
+    /// past/present pair, in `placement` on `device` (untouched until written, in host
+    /// memory).
     pub fn new(
         session: &Session,
         metadata: &ModelMetadata,
-        past_names: &[String],
-        present_names: &[String],
-        slots: usize,
+        (past_names, present_names): (&[String], &[String]),
+        (slots, positions): (usize, usize),
+        placement: (KvPlacement, DeviceKind),
+        environment: &Environment,
     ) -> Result<Self, String> {
         let c_name = |name: &str| CString::new(name).map_err(|e| e.to_string());
-        let len = [
-            metadata.num_kv_heads,
-            metadata.context_length,
-            metadata.head_dim,
-        ]
-        .iter()
-        .try_fold(slots, |n, &d| n.checked_mul(d))
-        .ok_or_else(|| "the KV pool's size overflows; lower engine.max_batch".to_owned())?;
+        let capacity = positions.clamp(1, metadata.context_length.max(1));
+        let len = [metadata.num_kv_heads, capacity, metadata.head_dim]
+            .iter()
+            .try_fold(slots, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| "the KV pool's size overflows; lower engine.max_batch".to_owned())?;
         Ok(Self {
             binding: session.create_binding().map_err(|e| e.to_string())?,
-            buffers: KvBuffers::zeroed(metadata.kv_dtype, past_names.len(), len)?,
+            memory: KvMemory::zeroed(
+                session,
+                metadata.kv_dtype,
+                (past_names.len(), len),
+                placement,
+                environment,
+            )?,
             past_names: past_names
                 .iter()
                 .map(|n| c_name(n))
@@ -306,7 +148,7 @@ impl KvPool {
             occupants: vec![None; slots],
             written: vec![0; slots],
             kv_heads: metadata.num_kv_heads,
-            capacity: metadata.context_length,
+            capacity,
             head_dim: metadata.head_dim,
             vocab: metadata.vocab_size,
         })
@@ -321,12 +163,12 @@ impl KvPool {
     /// dense at the front, so batched runs cover few idle rows. The slot is all zeroes.
     pub fn acquire(&mut self, sequence: SequenceId) -> Option<usize> {
         let slot = self.occupants.iter().position(Option::is_none)?;
+        self.occupants[slot] = Some(sequence);
         // A free slot between busy ones is fed a placeholder at its first position by
         // batched decodes (see `decode`): that position holds no sequence's data, but the
-        // new occupant starts from zeroes all the same.
-        self.zero(slot);
-        self.occupants[slot] = Some(sequence);
-        Some(slot)
+        // new occupant starts from zeroes all the same. A slot that cannot be zeroed stays
+        // taken (by this sequence, which is refused it).
+        self.zero(slot).then_some(slot)
     }
 
     /// The sequence that holds `slot`, if any.
@@ -336,15 +178,25 @@ impl KvPool {
 
     /// A copy of positions `start..start + len` of `slot` (all pairs and heads), or `None`
     /// where they do not lie within a slot.
-    pub fn read_block(&self, slot: usize, start: usize, len: usize) -> Option<KvBlock> {
+    pub fn read_block(&mut self, slot: usize, start: usize, len: usize) -> Option<KvBlock> {
         if slot >= self.occupants.len() || start + len > self.capacity {
             return None;
         }
         let shape = [self.kv_heads, self.capacity, self.head_dim];
-        Some(match &self.buffers {
-            KvBuffers::Float32(b) => KvBlock::Float32(read_positions(b, slot, start, len, shape)),
-            KvBuffers::Float16(b) => KvBlock::Float16(read_positions(b, slot, start, len, shape)),
-        })
+        let pairs = self.memory.pairs();
+        let mut block = KvBlock::with_capacity(
+            self.memory.element(),
+            pairs * self.kv_heads * len * self.head_dim,
+        );
+        for pair in 0..pairs {
+            for range in head_ranges(slot, start, len, shape) {
+                if let Err(e) = self.memory.read(pair, range, &mut block) {
+                    tracing::warn!(error = %e, "could not copy KV positions out of the pool");
+                    return None;
+                }
+            }
+        }
+        Some(block)
     }
 
     /// Writes positions `part` of `block`, a copy of `len` positions that belongs at
@@ -359,46 +211,64 @@ impl KvPool {
         block: &KvBlock,
     ) -> bool {
         let shape = [self.kv_heads, self.capacity, self.head_dim];
-        let expected = self.buffers_len() * self.kv_heads * len * self.head_dim;
+        let head_dim = self.head_dim;
+        let expected = self.memory.pairs() * self.kv_heads * len * head_dim;
         let end = start + part.end;
-        if slot >= self.occupants.len() || part.end > len || end > self.capacity {
+        if slot >= self.occupants.len()
+            || part.end > len
+            || end > self.capacity
+            || block.len() != expected
+        {
             return false;
         }
-        match (&mut self.buffers, block) {
-            (KvBuffers::Float32(b), KvBlock::Float32(v)) if v.len() == expected => {
-                write_positions(b, slot, start, (len, part), shape, v);
-            }
-            (KvBuffers::Float16(b), KvBlock::Float16(v)) if v.len() == expected => {
-                write_positions(b, slot, start, (len, part), shape, v);
-            }
-            _ => return false,
-        }
+        // Noted first: a copy that fails halfway has still written some positions.
         note_written(&mut self.written, slot, end, self.capacity);
-        true
-    }
-
-    fn buffers_len(&self) -> usize {
-        match &self.buffers {
-            KvBuffers::Float32(b) => b.len(),
-            KvBuffers::Float16(b) => b.len(),
+        // The block holds each head's `len` positions in turn; `part` of them are written.
+        let heads = (0..self.memory.pairs()).flat_map(|pair| {
+            head_ranges(slot, start + part.start, part.len(), shape).map(move |r| (pair, r))
+        });
+        for (index, (pair, to)) in heads.enumerate() {
+            let from = index * len * head_dim;
+            let values = from + part.start * head_dim..from + part.end * head_dim;
+            if let Err(e) = self.memory.write(pair, to.start, block, values) {
+                tracing::warn!(error = %e, "could not copy KV positions into the pool");
+                return false;
+            }
         }
+        true
     }
 
     /// Frees `slot` and zeroes every position its sequence's runs may have written.
     pub fn release(&mut self, slot: usize) {
-        if let Some(occupant) = self.occupants.get_mut(slot) {
-            *occupant = None;
-            self.zero(slot);
+        if self.occupants.get(slot).is_some_and(Option::is_some) && self.zero(slot) {
+            self.occupants[slot] = None;
         }
     }
 
-    fn zero(&mut self, slot: usize) {
-        let Some(written) = self.written.get_mut(slot) else {
-            return;
+    /// Zeroes the positions of `slot` that runs may have written; false if the memory
+    /// could not be zeroed (the slot must then never be handed out again).
+    fn zero(&mut self, slot: usize) -> bool {
+        let Some(&positions) = self.written.get(slot) else {
+            return false;
         };
-        let positions = std::mem::take(written);
+        let positions = positions.min(self.capacity);
         let shape = [self.kv_heads, self.capacity, self.head_dim];
-        self.buffers.zero_positions(slot, positions, shape);
+        for pair in 0..self.memory.pairs() {
+            // Only the front of each head's block: the pages past it were never written,
+            // and writing them would make them resident.
+            for range in head_ranges(slot, 0, positions, shape) {
+                if let Err(e) = self.memory.zero(pair, range) {
+                    tracing::error!(
+                        slot,
+                        error = %e,
+                        "could not zero a KV pool slot; it is taken out of service"
+                    );
+                    return false;
+                }
+            }
+        }
+        self.written[slot] = 0;
+        true
     }
 
     /// Feeds `tokens` to the sequence in `slot`, which has `cached` positions, alone, and
@@ -573,25 +443,9 @@ impl KvPool {
         let row_len = self.kv_heads * self.capacity * self.head_dim;
         let kv_shape = [batch, self.kv_heads, self.capacity, self.head_dim];
         let names = self.past_names.iter().zip(&self.present_names);
-        match &mut self.buffers {
-            KvBuffers::Float32(buffers) => bind_rows(
-                &mut self.binding,
-                buffers.iter_mut().map(Vec::as_mut_slice),
-                names,
-                &rows,
-                row_len,
-                &kv_shape,
-            ),
-            KvBuffers::Float16(buffers) => bind_rows(
-                &mut self.binding,
-                buffers.iter_mut().map(|b| b.reinterpret_cast_mut::<f16>()),
-                names,
-                &rows,
-                row_len,
-                &kv_shape,
-            ),
-        }
-        .map_err(&bind)?;
+        self.memory
+            .bind_rows(&mut self.binding, names, &rows, row_len, &kv_shape)
+            .map_err(&bind)?;
         if new_tokens == 1 {
             let logits = host_view(&mut self.logits, &[batch, 1, self.vocab]).map_err(&bind)?;
             self.binding.bind_output("logits", logits)
@@ -605,7 +459,7 @@ impl KvPool {
             .run_binding(&self.binding)
             .map_err(runtime_error("the forward pass"))?;
         for (pair, name) in self.present_names.iter().enumerate() {
-            let expected = self.buffers.address(pair, rows.start * row_len);
+            let expected = self.memory.address(pair, rows.start * row_len);
             written_in_place(&outputs, name, expected.unwrap_or(std::ptr::null()))?;
         }
         if new_tokens > 1 {

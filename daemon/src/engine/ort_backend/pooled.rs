@@ -186,7 +186,7 @@ impl OrtBackend {
     /// that shares prefixes into the cache. A sequence fed one token (decoding, or its
     /// prompt's last token) stops sharing: only prompts are shared.
     pub(super) fn remember_prefixes(&mut self, batch: &[StepInput<'_>]) {
-        let (Some(cache), Some(pool)) = (self.prefix_cache.as_mut(), self.pool.as_ref()) else {
+        let (Some(cache), Some(pool)) = (self.prefix_cache.as_mut(), self.pool.as_mut()) else {
             return;
         };
         for input in batch {

@@ -11,6 +11,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::ValueType;
 
+use super::kv_pool::KvPlacement;
 use super::runtime_library::{LocatedLibrary, RuntimeLibraryError};
 use crate::engine::backend::DeviceKind;
 use crate::engine::cpu_affinity;
@@ -55,6 +56,13 @@ pub struct SessionOptions {
     /// Bytes of cached prompt prefixes the backend keeps at most (0: none); only pooled
     /// sequences use them.
     pub prefix_cache_bytes: usize,
+    /// Where the KV pool's buffers come from; `None`: where the graph's attention reads
+    /// them (the provider's device memory for a float16 graph on CUDA, host memory
+    /// otherwise). `Some(ProviderAllocator)` on the CPU takes the path CUDA takes.
+    pub kv_placement: Option<KvPlacement>,
+    /// Positions each pool slot holds, below the model's context; `None`: the whole
+    /// context. Longer sequences get caches of their own.
+    pub kv_slot_tokens: Option<usize>,
 }
 
 impl Default for SessionOptions {
@@ -66,6 +74,8 @@ impl Default for SessionOptions {
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
             max_batch: DEFAULT_MAX_BATCH,
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_MIB << 20,
+            kv_placement: None,
+            kv_slot_tokens: None,
         }
     }
 }
@@ -98,6 +108,11 @@ pub enum LoadError {
 static RUNTIME: Mutex<Option<Arc<OrtRuntime>>> = Mutex::new(None);
 
 impl OrtRuntime {
+    /// The process's ONNX Runtime environment, for sessions the backend makes itself.
+    pub(super) fn environment(&self) -> &Environment {
+        &self.environment
+    }
+
     /// Loads ONNX Runtime from `library`, once per process; later calls return the same
     /// runtime and fail if they name a different library.
     pub fn load(library: LocatedLibrary) -> Result<Arc<Self>, RuntimeLibraryError> {
