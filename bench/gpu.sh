@@ -1,88 +1,171 @@
 #!/usr/bin/env bash
-# The peer benchmark on an NVIDIA GPU. On a machine with the NVIDIA driver (nvidia-smi works):
+# The GPU proof, for an NVIDIA machine without network. Two steps:
 #
-#   bash bench/gpu.sh
+#   bash bench/gpu.sh prepare      # here, with the registries (after scripts/setup.sh)
+#   bash bench/gpu.sh run          # there, from the repository root, offline, <= 6 minutes
+#   bash bench/gpu.sh run --cpu    # the same run on this machine's CPU: checks the parts
 #
-# 1. runs setup (the pinned runtime for the build, the demo model, the Python tools);
-# 2. installs onnxruntime-gpu and the CUDA and cuDNN wheels it loads from PyPI, pinned by
-#    version and hash (bench/gpu-requirements.txt), into the bench cache outside the clone;
-# 3. makes the demo model's float16 graph (local/models/smollm2-135m-instruct-float16:
-#    GroupQueryAttention runs on CUDA only in float16);
-# 4. runs `cargo bench -p moat-daemon --bench peers` with moatd and the bare loop on the GPU
-#    (`MOAT_BENCH_DEVICE=cuda`, `MOAT_ONNXRUNTIME_LIB` = the GPU build);
-# 5. prints decode tokens/s against the memory-bandwidth bound: every decoded token reads all
-#    the weights once, so bandwidth / weight bytes is the most a single stream can reach.
+# prepare builds the proof binary (daemon/benches/gpu_proof.rs), records the float32 demo
+# graph's greedy continuations of the FACTS prompts on the CPU (the reference), makes the
+# demo model's float16 graph (GroupQueryAttention runs on CUDA in float16 only), takes
+# libonnxruntime and its CUDA provider out of the onnxruntime-gpu wheel (pinned by hash in
+# bench/gpu-requirements.txt), and packs all of it as one xz stream split into parts of at
+# most 58 MiB in local/gpu-carry/, with their SHA-256 sums: the provider library alone is
+# larger than what one transfer to the lent machine can carry, so the parts travel one per
+# call and are joined there.
 #
-# MOAT_GPU_BANDWIDTH_GBPS overrides the card's bandwidth when the table below does not know it.
+# run joins and checks the parts, finds the CUDA 13 and cuDNN libraries the machine has (the
+# nvidia-* Python wheels, or the system's), and prints, as a JSON report and on stderr:
+# top-1 agreement of CUDA float16 with the CPU float32 reference over teacher-forced
+# positions (goal >= 99%), decode tokens/s of one stream against the HBM bandwidth bound
+# (goal >= 50%), aggregate tokens/s at 1, 8, 32 and 64 streams (goal >= 20x one stream at
+# 64) and time to first token. MOAT_GPU_BANDWIDTH_GBPS overrides the card's bandwidth when
+# the table below does not know it. The report is written to $OUT/gpu-proof.json where OUT
+# is set, else to target/bench/gpu-proof.json.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-# ONNX Runtime's own telemetry (and onnxruntime-genai's) stays off in everything this starts.
+# ONNX Runtime's own telemetry stays off in everything this starts.
 export ORT_DISABLE_TELEMETRY=1
 
-if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
-  echo "error: no usable NVIDIA GPU here (nvidia-smi -L failed); install the driver first" >&2
-  exit 1
-fi
-
-bash scripts/setup.sh
-
 ORT_GPU_VERSION="1.31.1"
-cache="${MOAT_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moat-bench}"
-gpu="$cache/onnxruntime-gpu-$ORT_GPU_VERSION"
-if [ ! -f "$gpu/.installed" ]; then
-  echo "==> onnxruntime-gpu $ORT_GPU_VERSION with CUDA and cuDNN wheels ($gpu)" >&2
-  rm -rf "$gpu"
-  python3 -m venv "$gpu"
-  "$gpu/bin/pip" install --quiet --require-hashes --no-deps -r bench/gpu-requirements.txt >&2
-  touch "$gpu/.installed"
-fi
-site="$("$gpu/bin/python" -c 'import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))')"
-library="$site/capi/libonnxruntime.so.$ORT_GPU_VERSION"
-# The CUDA libraries come from the nvidia-* wheels, not from a system CUDA install.
-cuda_libs="$(find "$(dirname "$site")/nvidia" -maxdepth 2 -type d -name lib | sort | paste -sd:)"
+carry="$root/local/gpu-carry"
+part_size="58M"
 
-model="smollm2-135m-instruct-float16"
-if [ ! -f "local/models/$model/moat-model.json" ]; then
-  echo "==> float16 graph of the demo model" >&2
+prepare() {
+  local work model reference wheel binary
+  work="$(mktemp -d "${TMPDIR:-/tmp}/moat-gpu-prepare.XXXXXX")"
+  trap 'rm -rf "$work"' RETURN
+  mkdir -p "$work/pack/ort"
+
+  echo "==> the proof binary" >&2
+  binary="$(cargo bench -p moat-daemon --bench gpu_proof --no-run --locked \
+    --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu_proof" and m.get("executable"):
+        print(m["executable"])')"
+  [ -x "$binary" ] || { echo "error: the proof binary was not built" >&2; exit 1; }
+  cp "$binary" "$work/pack/gpu_proof"
+  strip "$work/pack/gpu_proof" 2>/dev/null || true
+
+  echo "==> the CPU float32 reference (local/models/smollm2-135m-instruct-exact)" >&2
+  MOAT_BENCH_MODEL_DIR="$root/local/models/smollm2-135m-instruct-exact" \
+    "$work/pack/gpu_proof" reference "$work/pack/reference.json"
+
+  echo "==> the demo model's float16 graph" >&2
+  model="$work/pack/model"
   local/venv/bin/moat-model convert local/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-    --out "local/models/$model" --variant float16 --name smollm2-135m-instruct
-fi
+    --out "$model" --variant float16 --name smollm2-135m-instruct >&2
 
-echo "==> peer benchmark on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" >&2
-LD_LIBRARY_PATH="$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-MOAT_ONNXRUNTIME_LIB="$library" MOAT_BENCH_DEVICE=cuda MOAT_BENCH_MODEL="$model" \
-  cargo bench -p moat-daemon --bench peers
-
-# Decode reads every weight once per token: bandwidth / weight bytes bounds one stream.
-name="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-bandwidth="${MOAT_GPU_BANDWIDTH_GBPS:-}"
-if [ -z "$bandwidth" ]; then
-  case "$name" in
-    *H200*) bandwidth=4800 ;;
-    *H100*NVL*) bandwidth=3900 ;;
-    *H100*PCIe*) bandwidth=2000 ;;
-    *H100*) bandwidth=3350 ;;
-    *A100*80GB*) bandwidth=2039 ;;
-    *A100*) bandwidth=1555 ;;
-    *L40S*|*L40*) bandwidth=864 ;;
-    *L4*) bandwidth=300 ;;
-    *A10*) bandwidth=600 ;;
-    *) bandwidth="" ;;
-  esac
-fi
-weights="$(stat -c %s "local/models/$model/model.onnx")"
-local/venv/bin/python - "$root/target/bench/peers.json" "$weights" "$bandwidth" "$name" <<'EOF'
-import json, sys
-report, weights, bandwidth, name = json.load(open(sys.argv[1])), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-if not bandwidth:
-    print(f"\n{name}: bandwidth unknown; set MOAT_GPU_BANDWIDTH_GBPS to get the bound")
-    raise SystemExit
-bound = float(bandwidth) * 1e9 / weights
-print(f"\n{name}, {float(bandwidth):.0f} GB/s; weights {weights / 1e6:.1f} MB per token: "
-      f"bound {bound:,.0f} tokens/s for one stream")
-for engine in report["single_stream"]:
-    rate = engine["decode_tokens_per_s"]
-    print(f"  {engine['engine']}: {rate:.1f} tok/s, {100 * rate / bound:.2f}% of the bound")
+  echo "==> libonnxruntime $ORT_GPU_VERSION and its CUDA provider, from onnxruntime-gpu" >&2
+  grep '^onnxruntime-gpu==' bench/gpu-requirements.txt > "$work/ort-gpu.txt"
+  # The wheel for this machine's Python: the libraries inside do not depend on it.
+  local/venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps \
+    --require-hashes --only-binary=:all: -r "$work/ort-gpu.txt" -d "$work/wheel" >&2
+  wheel="$(ls "$work"/wheel/onnxruntime_gpu-*.whl)"
+  python3 - "$wheel" "$work/pack/ort" <<'EOF'
+import os, sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+wanted = ("libonnxruntime.so.", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_shared.so")
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        base = os.path.basename(name)
+        if "/capi/" in name and base.startswith(wanted):
+            with z.open(name) as src, open(os.path.join(out, base), "wb") as dst:
+                dst.write(src.read())
+            print(f"    {base}", file=sys.stderr)
 EOF
+  [ -f "$work/pack/ort/libonnxruntime_providers_cuda.so" ] ||
+    { echo "error: the wheel holds no CUDA provider library" >&2; exit 1; }
+
+  echo "==> packing into $carry (parts of at most $part_size)" >&2
+  rm -rf "$carry"
+  mkdir -p "$carry"
+  tar -C "$work/pack" -cf - . | xz -T0 -6 | split -b "$part_size" -d -a 2 - "$carry/gpu-proof.tar.xz.part-"
+  (cd "$carry" && sha256sum gpu-proof.tar.xz.part-* > SHA256SUMS)
+  echo "carry these, one per call, then run \`bash bench/gpu.sh run\` there:" >&2
+  (cd "$carry" && ls -l --block-size=M gpu-proof.tar.xz.part-* SHA256SUMS) >&2
+}
+
+# Directories holding the CUDA 13 / cuDNN libraries: the nvidia-* wheels of any Python on
+# the machine, else the system's.
+cuda_library_dirs() {
+  local py dirs=""
+  for py in python3 python3.12 python3.11; do
+    command -v "$py" >/dev/null || continue
+    dirs="$("$py" - <<'EOF' 2>/dev/null || true
+import glob, os, site, sys
+roots = set(site.getsitepackages() + [site.getusersitepackages()] + sys.path)
+found = set()
+for root in roots:
+    for lib in glob.glob(os.path.join(root, "nvidia", "**", "lib"), recursive=True):
+        found.add(lib)
+print(":".join(sorted(found)))
+EOF
+)"
+    [ -n "$dirs" ] && break
+  done
+  for system in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu; do
+    [ -d "$system" ] && dirs="${dirs:+$dirs:}$system"
+  done
+  echo "$dirs"
+}
+
+run() {
+  local device="cuda" work out report bandwidth name
+  [ "${1:-}" = "--cpu" ] && device="cpu"
+  [ -f "$carry/SHA256SUMS" ] || { echo "error: no parts in $carry: run \`bash bench/gpu.sh prepare\` and carry them" >&2; exit 1; }
+  (cd "$carry" && sha256sum --quiet -c SHA256SUMS) ||
+    { echo "error: a part in $carry is missing or damaged" >&2; exit 1; }
+  work="$(mktemp -d "${TMPDIR:-/tmp}/moat-gpu-run.XXXXXX")"
+  trap 'rm -rf "$work"' RETURN
+  cat "$carry"/gpu-proof.tar.xz.part-* | xz -d | tar -C "$work" -xf -
+
+  if [ "$device" = cuda ]; then
+    if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+      echo "error: no usable NVIDIA GPU here (nvidia-smi -L failed); \`run --cpu\` checks the parts on the CPU" >&2
+      exit 1
+    fi
+    name="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+    bandwidth="${MOAT_GPU_BANDWIDTH_GBPS:-}"
+    if [ -z "$bandwidth" ]; then
+      case "$name" in
+        *H200*) bandwidth=4800 ;;
+        *H100*NVL*) bandwidth=3900 ;;
+        *H100*PCIe*) bandwidth=2000 ;;
+        *H100*) bandwidth=3350 ;;
+        *A100*80GB*) bandwidth=2039 ;;
+        *A100*) bandwidth=1555 ;;
+        *L40S*|*L40*) bandwidth=864 ;;
+        *L4*) bandwidth=300 ;;
+        *A10*) bandwidth=600 ;;
+      esac
+    fi
+    echo "==> the GPU proof on $name (${bandwidth:-unknown} GB/s)" >&2
+    export LD_LIBRARY_PATH="$work/ort:$(cuda_library_dirs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  else
+    echo "==> the GPU proof's run, on the CPU (a check of the parts, not a GPU figure)" >&2
+    bandwidth="${MOAT_GPU_BANDWIDTH_GBPS:-}"
+    export LD_LIBRARY_PATH="$work/ort${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+  out="${OUT:-$root/target/bench}"
+  mkdir -p "$out"
+  report="$out/gpu-proof.json"
+  MOAT_ONNXRUNTIME_LIB="$(ls "$work"/ort/libonnxruntime.so.*)" \
+  MOAT_BENCH_DEVICE="$device" MOAT_BENCH_MODEL_DIR="$work/model" \
+  MOAT_GPU_BANDWIDTH_GBPS="$bandwidth" \
+    timeout 330 "$work/gpu_proof" measure "$work/reference.json" > "$report"
+  echo "report: $report" >&2
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) shift; run "$@" ;;
+  *)
+    echo "usage: bash bench/gpu.sh prepare | run [--cpu]" >&2
+    exit 2
+    ;;
+esac
