@@ -11,6 +11,8 @@
 //!   decode tokens/s of one stream (with the bandwidth bound when `MOAT_GPU_BANDWIDTH_GBPS`
 //!   is given), aggregate tokens/s at 1, 8, 32 and 64 streams through the engine, and time
 //!   to first token. Prints a JSON report on stdout.
+//!
+//! With neither (`cargo bench -p moat-daemon --bench gpu_proof`), both run here on the CPU.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,8 +57,19 @@ fn main() {
     match args.as_slice() {
         ["reference", out] => reference(&bench, &model_dir, Path::new(out)),
         ["measure", reference] => measure(&bench, &model_dir, Path::new(reference)),
+        // `cargo bench` alone: both steps on this machine, the reference from the exact
+        // float32 graph and the measurement of `MOAT_BENCH_MODEL_DIR` (default: the fast
+        // graph), so the proof's code runs wherever the benches do.
+        [] => {
+            let out = bench.root.join("target/bench");
+            std::fs::create_dir_all(&out).expect("target/bench");
+            let reference_file = out.join("gpu-proof-reference.json");
+            let exact = bench.root.join("local/models/smollm2-135m-instruct-exact");
+            reference(&bench, &exact, &reference_file);
+            measure(&bench, &model_dir, &reference_file);
+        }
         _ => {
-            eprintln!("usage: gpu_proof reference OUT.json | gpu_proof measure REFERENCE.json");
+            eprintln!("usage: gpu_proof [reference OUT.json | measure REFERENCE.json]");
             std::process::exit(2);
         }
     }
