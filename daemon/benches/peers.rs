@@ -299,6 +299,25 @@ fn main() {
     let weights = weights_bytes(&model_dir);
     let gguf_bytes =
         std::fs::metadata(bench.root.join("local/models").join(GGUF)).map_or(0, |m| m.len());
+    // What the KV cache holds at the peak (every stream of the largest load and a probe,
+    // each with its prompt and whole answer cached), against what the pool reserves: the
+    // pool's host memory is mapped only as positions are written.
+    let metadata = moat_daemon::engine::ModelDirectory::open(&model_dir)
+        .expect("model directory")
+        .metadata;
+    let kv_position_bytes = metadata.num_layers
+        * 2
+        * metadata.num_kv_heads
+        * metadata.head_dim
+        * match metadata.kv_dtype {
+            moat_core::KvDtype::Float32 => 4,
+            moat_core::KvDtype::Float16 => 2,
+        };
+    let peak_streams = STREAM_COUNTS.iter().max().copied().unwrap_or(1) + 1;
+    let kv_peak_bytes = peak_streams * (prompt_ids.len() + CONCURRENT_TOKENS) * kv_position_bytes;
+    let kv_reserved_bytes = moat_daemon::engine::EngineSettings::default().max_batch
+        * metadata.context_length
+        * kv_position_bytes;
     let report = json!({
         "machine": machine(),
         "device": device,
@@ -324,6 +343,9 @@ fn main() {
             "moatd_rss_peak_kib": moatd_rss_peak,
             "gguf_bytes": gguf_bytes,
             "llama_server_rss_peak_kib": llama_rss_peak,
+            "kv_bytes_per_position": kv_position_bytes,
+            "kv_cached_at_peak_bytes": kv_peak_bytes,
+            "kv_pool_reserved_bytes": kv_reserved_bytes,
         },
         "peers_down": down.iter().map(|(engine, reason)| json!({
             "engine": engine, "reason": reason,
@@ -499,6 +521,13 @@ fn print_report(
     ) {
         println!(
             "moatd RSS over the weights ({weights_mib:.0} MiB): {idle:.0} MiB idle, {peak:.0} MiB peak under load (goal < 150 MB)"
+        );
+        let mib = |key: &str| memory[key].as_f64().unwrap_or(0.0) / 1048576.0;
+        println!(
+            "  of which the KV cache at the peak: {:.0} MiB of positions cached; the pool \
+             reserves {:.0} MiB of address space, mapped only as positions are written",
+            mib("kv_cached_at_peak_bytes"),
+            mib("kv_pool_reserved_bytes")
         );
     }
     if let Some(kib) = memory["llama_server_rss_peak_kib"].as_f64() {
