@@ -238,3 +238,41 @@ fn a_block_copied_out_of_provider_memory_goes_back_where_it_was() {
     assert!(!pool.write_block(other, 20, (8, 0..8), &short));
     assert_eq!(nonzero(pool, other, 20..28), 0);
 }
+
+/// Whether the memory mapping holding `address` is marked not to use transparent huge
+/// pages (`nh` in its `VmFlags`).
+fn no_huge_pages_at(address: usize) -> bool {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((start, end)) = range.split_once('-')
+            && let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            inside = (start..end).contains(&address);
+        } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+            return flags.split_whitespace().any(|flag| flag == "nh");
+        }
+    }
+    false
+}
+
+/// On a host whose transparent huge pages are `always`, the first position written in each
+/// head's run would make 2 MiB resident: the pool's host memory asks for small pages.
+#[test]
+fn the_host_pool_asks_for_small_pages() {
+    for model in ["fixture-fused", "smollm2-135m-instruct-fast"] {
+        let mut backend = backend_in(model, 2, KvPlacement::Host);
+        let pool = pool(&mut backend);
+        for pair in [0, pool.memory.pairs() - 1] {
+            let at = pool.memory.address(pair, 0).expect("a buffer") as usize;
+            assert!(
+                no_huge_pages_at(at),
+                "{model}: buffer {pair} may use huge pages"
+            );
+        }
+    }
+}
