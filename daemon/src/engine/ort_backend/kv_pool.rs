@@ -128,7 +128,10 @@ impl KvPool {
         let len = [metadata.num_kv_heads, capacity, metadata.head_dim]
             .iter()
             .try_fold(slots, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| "the KV pool's size overflows; lower engine.max_batch".to_owned())?;
+            .ok_or_else(|| {
+                "the KV pool's size overflows; lower engine.max_batch or engine.kv_slot_tokens"
+                    .to_owned()
+            })?;
         Ok(Self {
             binding: session.create_binding().map_err(|e| e.to_string())?,
             kv_bound: None,

@@ -162,7 +162,7 @@ impl KvMemory {
             .map_err(|e| {
                 format!(
                     "the KV pool needs {} MiB per buffer on {}, which its allocator refuses \
-                     ({e}); lower engine.max_batch",
+                     ({e}); lower engine.max_batch or engine.kv_slot_tokens",
                     len.saturating_mul(element_size(element)) >> 20,
                     info.allocation_device().as_str()
                 )
@@ -500,7 +500,7 @@ fn zeroed_vec<T: ZeroBits>(len: usize) -> Result<Vec<T>, String> {
     let refused = || {
         format!(
             "the KV pool needs {} MiB of address space per buffer, which this host refuses; \
-             lower engine.max_batch",
+             lower engine.max_batch or engine.kv_slot_tokens",
             len.saturating_mul(std::mem::size_of::<T>()) >> 20
         )
     };
