@@ -25,15 +25,24 @@ fn local(path: &str) -> PathBuf {
 }
 
 fn backend_in(model: &str, max_batch: usize, placement: KvPlacement) -> OrtBackend {
+    backend_with(
+        model,
+        SessionOptions {
+            max_batch,
+            kv_placement: Some(placement),
+            ..SessionOptions::default()
+        },
+    )
+}
+
+fn backend_with(model: &str, options: SessionOptions) -> OrtBackend {
     let library = crate::engine::runtime_library::locate(Some(&local("onnxruntime")), None)
         .expect("ONNX Runtime located");
     let runtime = OrtRuntime::load(library).expect("ONNX Runtime loads");
     let dir = ModelDirectory::open(&local(&format!("models/{model}"))).expect("fixture model");
     let options = SessionOptions {
         device: DevicePreference::Cpu,
-        max_batch,
-        kv_placement: Some(placement),
-        ..SessionOptions::default()
+        ..options
     };
     OrtBackend::load(&runtime, &dir, &options).expect("loads")
 }
@@ -275,4 +284,57 @@ fn the_host_pool_asks_for_small_pages() {
             );
         }
     }
+}
+
+/// Greedy tokens of `SECRET` and `steps` decodes, for one sequence of `capacity` positions.
+fn greedy_alone(backend: &mut OrtBackend, id: u64, capacity: usize, steps: usize) -> Vec<u32> {
+    backend
+        .start_sequence(SequenceId(id), capacity)
+        .expect("starts");
+    let mut logits = LogitsBatch::default();
+    let mut feed = SECRET.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..=steps {
+        let input = [StepInput {
+            sequence: SequenceId(id),
+            tokens: &feed,
+        }];
+        backend.step(&input, &mut logits).expect("step runs");
+        let next = argmax(logits.row(0));
+        out.push(next);
+        feed = vec![next];
+    }
+    backend.finish_sequence(SequenceId(id));
+    out
+}
+
+/// `kv_slot_tokens` bounds the pool's slots: a sequence that needs more runs alone with a
+/// cache of its own, and answers as it does from a slot of the whole context.
+#[test]
+fn a_sequence_longer_than_a_slot_runs_alone_and_answers_the_same() {
+    let mut small = backend_with(
+        "fixture-fused",
+        SessionOptions {
+            max_batch: 2,
+            kv_slot_tokens: Some(24),
+            ..SessionOptions::default()
+        },
+    );
+    assert_eq!(pool(&mut small).capacity, 24);
+    small
+        .start_sequence(SequenceId(1), 24)
+        .expect("fits a slot");
+    assert!(small.pooled_slot(SequenceId(1)).is_some());
+    small.start_sequence(SequenceId(2), 40).expect("starts");
+    assert!(
+        small.pooled_slot(SequenceId(2)).is_none(),
+        "a sequence longer than a slot was given one"
+    );
+    small.finish_sequence(SequenceId(1));
+    small.finish_sequence(SequenceId(2));
+
+    let alone = greedy_alone(&mut small, 3, 40, 12);
+    let mut whole = backend_in("fixture-fused", 2, KvPlacement::Host);
+    let pooled = greedy_alone(&mut whole, 3, 40, 12);
+    assert_eq!(alone, pooled);
 }
