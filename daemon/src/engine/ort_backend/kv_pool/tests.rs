@@ -273,6 +273,12 @@ fn no_huge_pages_at(address: usize) -> bool {
 /// head's run would make 2 MiB resident: the pool's host memory asks for small pages.
 #[test]
 fn the_host_pool_asks_for_small_pages() {
+    // A kernel built without transparent huge pages has none to refuse (and no flag to
+    // show); the pool must still load and run there, which the other tests show.
+    if !Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+        eprintln!("this kernel has no transparent huge pages: nothing to check");
+        return;
+    }
     for model in ["fixture-fused", "smollm2-135m-instruct-fast"] {
         let mut backend = backend_in(model, 2, KvPlacement::Host);
         let pool = pool(&mut backend);
