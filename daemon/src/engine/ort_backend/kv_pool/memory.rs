@@ -182,8 +182,10 @@ impl KvMemory {
             })),
             info,
         };
-        // Device memory comes as the allocator last left it, perhaps another model's cache.
-        for pair in 0..pairs {
+        // Device memory comes as the allocator last left it, perhaps another model's cache;
+        // ONNX Runtime's tensors in memory the CPU can reach are zeroed when created.
+        let zeroed = memory.info.is_cpu_accessible();
+        for pair in (0..pairs).filter(|_| !zeroed) {
             memory
                 .zero(pair, 0..len)
                 .map_err(|e| format!("zeroing the KV pool: {e}"))?;
@@ -355,24 +357,7 @@ impl KvMemory {
         at: usize,
         out: &mut [T],
     ) -> Result<(), ort::Error> {
-        if out.is_empty() {
-            return Ok(());
-        }
-        let len = out.len();
-        let from = self.address_mut(pair, at, len)?;
-        let Buffers::Allocated(allocated) = &mut self.buffers else {
-            return Err(mismatch());
-        };
-        let copier = &mut allocated.copier;
-        // SAFETY: `from` was checked to hold `len` elements of the pool, and `out` is a live
-        // host slice of `len` elements, which the pool's memory cannot overlap.
-        unsafe {
-            copier.copy::<T>(
-                (from, &self.info),
-                (out.as_mut_ptr().cast(), &MemoryInfo::default()),
-                len,
-            )
-        }
+        self.copy_host::<T>((pair, at), (out.as_mut_ptr().cast(), out.len()), false)
     }
 
     /// Copies the host slice `values` into pair `pair` from element `at` on.
@@ -382,24 +367,36 @@ impl KvMemory {
         at: usize,
         values: &[T],
     ) -> Result<(), ort::Error> {
-        if values.is_empty() {
+        // The host side is mutable only in type here: a copy reads its input.
+        let host = values.as_ptr().cast_mut().cast();
+        self.copy_host::<T>((pair, at), (host, values.len()), true)
+    }
+
+    /// Copies `len` elements between the host memory at `host` and pair `pair` from element
+    /// `at` on: into the pool when `into_pool`, out of it otherwise.
+    fn copy_host<T: PrimitiveTensorElementType + std::fmt::Debug>(
+        &mut self,
+        (pair, at): (usize, usize),
+        (host, len): (*mut c_void, usize),
+        into_pool: bool,
+    ) -> Result<(), ort::Error> {
+        if len == 0 {
             return Ok(());
         }
-        let len = values.len();
-        let to = self.address_mut(pair, at, len)?;
+        let pool = self.address_mut(pair, at, len)?;
         let Buffers::Allocated(allocated) = &mut self.buffers else {
             return Err(mismatch());
         };
-        let copier = &mut allocated.copier;
-        // SAFETY: as in `copy_out`, the other way round. The source is mutable only in
-        // type: a copy reads its input.
-        unsafe {
-            copier.copy::<T>(
-                (values.as_ptr().cast_mut().cast(), &MemoryInfo::default()),
-                (to, &self.info),
-                len,
-            )
-        }
+        let host_info = MemoryInfo::default();
+        let (from, to) = if into_pool {
+            ((host, &host_info), (pool, &self.info))
+        } else {
+            ((pool, &self.info), (host, &host_info))
+        };
+        // SAFETY: `pool` was checked to hold `len` elements of the pool, and `host` is a
+        // live host slice of `len` elements (the callers' slices), which the pool's memory
+        // cannot overlap.
+        unsafe { allocated.copier.copy::<T>(from, to, len) }
     }
 }
 
@@ -411,38 +408,26 @@ fn bind_view<T: PrimitiveTensorElementType + std::fmt::Debug>(
     past: &CString,
     present: &str,
 ) -> Result<(), ort::Error> {
-    let elements = shape.iter().product();
     // SAFETY: `at` was checked to hold `shape`'s elements of the pool's type; the pool owns
-    // both the memory and the binding, and binds again before every run.
-    let view = unsafe { raw_view::<T>(info, at, elements) }?;
-    let view = reshape(view, shape)?;
+    // both the memory and the binding, and never moves the memory.
+    let view = unsafe { raw_view::<T>(info, at, shape) }?;
     bind_input_in_place(binding, past, &view)?;
     binding.bind_output(present, view)
 }
 
-/// A flat view of `len` elements of `T` at `at`, in the memory `info` describes.
+/// A view of `shape`'s elements of `T` at `at`, in the memory `info` describes.
 ///
 /// # Safety
-/// `at` must point at `len` live elements of `T` in that memory, for as long as the view
-/// (or anything it is bound to) is used.
+/// `at` must point at that many live elements of `T` in that memory, for as long as the
+/// view (or anything it is bound to) is used.
 unsafe fn raw_view<'a, T: PrimitiveTensorElementType + std::fmt::Debug>(
     info: &MemoryInfo<'static>,
     at: *mut c_void,
-    len: usize,
-) -> Result<TensorRefMut<'a, T>, ort::Error> {
-    // SAFETY: the caller's promise.
-    unsafe { TensorRefMut::from_raw(info.clone(), at, Shape::new([len as i64])) }
-}
-
-/// The same memory as `view`, in `shape` (of the same number of elements).
-fn reshape<'a, T: PrimitiveTensorElementType + std::fmt::Debug>(
-    view: TensorRefMut<'a, T>,
     shape: &[usize],
 ) -> Result<TensorRefMut<'a, T>, ort::Error> {
-    let info = view.memory_info().clone();
-    let at = view.data_ptr().cast_mut();
-    // SAFETY: the same elements `view` covers (the caller counts `shape` from them).
-    unsafe { TensorRefMut::from_raw(info, at, Shape::new(shape.iter().map(|&d| d as i64))) }
+    let shape = Shape::new(shape.iter().map(|&d| d as i64));
+    // SAFETY: the caller's promise.
+    unsafe { TensorRefMut::from_raw(info.clone(), at, shape) }
 }
 
 fn element_size(element: KvDtype) -> usize {
