@@ -8,6 +8,9 @@
 //!   `llama-server` on the same SmolLM2 GGUF;
 //! - aggregate tokens/s of moatd and llama-server at 1, 4, 16 and 32 concurrent streams;
 //! - time to first token, p50 and p99, idle and under that load;
+//! - the batching share: moatd's aggregate at 16 streams / 1 against one decode step of
+//!   batch 16 / batch 1 in process through the same positions, measured side by side in
+//!   rounds (median), so the machine's drift over the run cancels out;
 //! - resident memory over the model's weights.
 //!
 //! `bash bench/install-peers.sh` (once, slow) then `cargo bench -p moat-daemon --bench
@@ -42,6 +45,8 @@ const STREAM_COUNTS: [usize; 4] = [1, 4, 16, 32];
 /// Tokens per answer and answers per stream in the concurrency runs.
 const CONCURRENT_TOKENS: usize = NEW_TOKENS;
 const ANSWERS_PER_STREAM: usize = 2;
+/// Rounds of the batching share (kernels and served loads side by side); the median counts.
+const SHARE_ROUNDS: usize = 3;
 const IDLE_TTFT_SAMPLES: usize = 15;
 /// Pause between the probe's requests during a load.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -238,7 +243,8 @@ fn main() {
         .map(|(name, samples)| (name, median_single(samples)))
         .collect();
     drop(bare);
-    let steps = batched_steps(&bench, &model_dir, &prompt_ids);
+    let mut pooled = BareLoop::load_with(&bench, &model_dir, 32);
+    let steps = batched_steps(&mut pooled, &prompt_ids);
 
     let idle_ttft = {
         let mut ttfts = Vec::new();
@@ -267,6 +273,17 @@ fn main() {
         })
         .collect();
     let moatd_rss_peak = moatd.rss_kib("VmHWM:");
+    eprintln!("batching share: {SHARE_ROUNDS} rounds of kernels and served loads at 1 and 16");
+    let ask = || {
+        let (url, body) = moatd_request(CONCURRENT_TOKENS);
+        stream(&agent, &url, &body)
+    };
+    let mut share_rounds: Vec<ShareRound> = (0..SHARE_ROUNDS)
+        .map(|_| share_round(&mut pooled, &prompt_ids, &ask))
+        .collect();
+    drop(pooled);
+    share_rounds.sort_by(|a, b| a.share().total_cmp(&b.share()));
+    let share = share_rounds[share_rounds.len() / 2];
     let mut llama_load: Vec<Load> = Vec::new();
     for &n in &STREAM_COUNTS {
         let Some(server) = &mut llama else {
@@ -334,6 +351,18 @@ fn main() {
             "llama-server": loads_json(&llama_load),
         },
         "ttft_idle_ms": idle_ttft,
+        // The median round by share: how much of what the kernels gain from batching 16
+        // sequences moatd's 16 streams get.
+        "kernel_ratio": {
+            "in_process_batch_16_over_1": share.kernel_ratio,
+            "moatd_streams_16_over_1": share.served_ratio,
+            "share": share.share(),
+            "rounds": share_rounds.iter().map(|r| json!({
+                "in_process_batch_16_over_1": r.kernel_ratio,
+                "moatd_streams_16_over_1": r.served_ratio,
+                "share": r.share(),
+            })).collect::<Vec<_>>(),
+        },
         "batched_decode_step": steps.iter().map(|&(batch, ms)| json!({
             "batch": batch, "step_ms": ms, "tokens_per_s": batch as f64 * 1e3 / ms,
         })).collect::<Vec<_>>(),
@@ -497,10 +526,24 @@ fn print_report(
             .find(|l| l.streams == n)
             .map(|l| l.tokens_per_s)
     };
-    if let (Some(one), Some(sixteen)) = (at(moatd, 1), at(moatd, 16)) {
+    let ratios = &report["kernel_ratio"];
+    if let (Some(served), Some(kernels), Some(share)) = (
+        ratios["moatd_streams_16_over_1"].as_f64(),
+        ratios["in_process_batch_16_over_1"].as_f64(),
+        ratios["share"].as_f64(),
+    ) {
+        let rounds: Vec<String> = ratios["rounds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["share"].as_f64())
+            .map(|s| format!("{:.0}%", s * 100.0))
+            .collect();
         println!(
-            "moatd aggregate, 16 streams / 1: {:.2}x (goal >= 4x)",
-            sixteen / one
+            "moatd aggregate, 16 streams / 1: {served:.2}x, of the kernels' batch 16 / 1 in \
+             process {kernels:.2}x: {:.0}% (goal >= 90%; median of rounds {})",
+            share * 100.0,
+            rounds.join(", ")
         );
     }
     if let (Some(ours), Some(theirs)) = (at(moatd, 16), at(llama, 16)) {
@@ -610,55 +653,95 @@ fn single(answer: &Streamed) -> Single {
     }
 }
 
-/// The time of one decode step over the KV pool with `batch` sequences (after their
-/// prompts), for batch sizes 1 to 32: how the graph's kernels scale with the batch, apart
-/// from serving.
-fn batched_steps(bench: &common::CpuBench, model_dir: &Path, prompt: &[u32]) -> Vec<(usize, f64)> {
-    const STEPS: usize = 24;
-    let mut pooled = BareLoop::load_with(bench, model_dir, 32);
-    let mut logits = LogitsBatch::default();
+/// The mean time of one decode step over the KV pool with `batch` sequences, for batch
+/// sizes 1 to 32: how the graph's kernels scale with the batch, apart from serving.
+fn batched_steps(pooled: &mut BareLoop, prompt: &[u32]) -> Vec<(usize, f64)> {
     [1usize, 2, 4, 8, 16, 32]
         .iter()
-        .map(|&batch| {
-            let ids: Vec<SequenceId> = (0..batch as u64).map(SequenceId).collect();
-            for &id in &ids {
-                pooled
-                    .backend()
-                    .start_sequence(id, prompt.len() + STEPS + 1)
-                    .expect("sequence starts");
-                pooled
-                    .backend()
-                    .step(
-                        &[StepInput {
-                            sequence: id,
-                            tokens: prompt,
-                        }],
-                        &mut logits,
-                    )
-                    .expect("prompt runs");
-            }
-            let token = [42u32];
-            let inputs: Vec<StepInput<'_>> = ids
-                .iter()
-                .map(|&sequence| StepInput {
-                    sequence,
-                    tokens: &token,
-                })
-                .collect();
-            let start = Instant::now();
-            for _ in 0..STEPS {
-                pooled
-                    .backend()
-                    .step(&inputs, &mut logits)
-                    .expect("step runs");
-            }
-            let ms = start.elapsed().as_secs_f64() * 1e3 / STEPS as f64;
-            for &id in &ids {
-                pooled.backend().finish_sequence(id);
-            }
-            (batch, ms)
-        })
+        .map(|&batch| (batch, kernel_step_ms(pooled, prompt, batch)))
         .collect()
+}
+
+/// The mean time of one decode step of `batch` sequences in process (the backend alone).
+/// Each sequence runs the bench's prompt, then decodes through the same positions as a
+/// served answer of the concurrency runs (`CONCURRENT_TOKENS`, the first from the prompt),
+/// so the attention reads as much cache here as it does there.
+fn kernel_step_ms(pooled: &mut BareLoop, prompt: &[u32], batch: usize) -> f64 {
+    const STEPS: usize = CONCURRENT_TOKENS - 1;
+    let mut logits = LogitsBatch::default();
+    let ids: Vec<SequenceId> = (0..batch as u64).map(SequenceId).collect();
+    for &id in &ids {
+        pooled
+            .backend()
+            .start_sequence(id, prompt.len() + STEPS + 1)
+            .expect("sequence starts");
+        pooled
+            .backend()
+            .step(
+                &[StepInput {
+                    sequence: id,
+                    tokens: prompt,
+                }],
+                &mut logits,
+            )
+            .expect("prompt runs");
+    }
+    let token = [42u32];
+    let inputs: Vec<StepInput<'_>> = ids
+        .iter()
+        .map(|&sequence| StepInput {
+            sequence,
+            tokens: &token,
+        })
+        .collect();
+    let start = Instant::now();
+    for _ in 0..STEPS {
+        pooled
+            .backend()
+            .step(&inputs, &mut logits)
+            .expect("step runs");
+    }
+    let ms = start.elapsed().as_secs_f64() * 1e3 / STEPS as f64;
+    for &id in &ids {
+        pooled.backend().finish_sequence(id);
+    }
+    ms
+}
+
+/// One round of the batching share: the kernels' batch 16 / batch 1 in process and
+/// moatd's aggregate at 16 streams / 1, each served load measured right after its kernel
+/// figure, so that this machine's drift over a run cancels out of the ratio.
+fn share_round(
+    pooled: &mut BareLoop,
+    prompt: &[u32],
+    ask: &(impl Fn() -> Streamed + Sync),
+) -> ShareRound {
+    let served = |streams: usize| {
+        let start = Instant::now();
+        let answers = run_streams(streams, ANSWERS_PER_STREAM, ask, || ());
+        answers.iter().map(|a| a.tokens).sum::<usize>() as f64 / start.elapsed().as_secs_f64()
+    };
+    let kernel_1 = 1e3 / kernel_step_ms(pooled, prompt, 1);
+    let served_1 = served(1);
+    let kernel_16 = 16e3 / kernel_step_ms(pooled, prompt, 16);
+    let served_16 = served(16);
+    ShareRound {
+        kernel_ratio: kernel_16 / kernel_1,
+        served_ratio: served_16 / served_1,
+    }
+}
+
+/// One round of [`share_round`].
+#[derive(Debug, Clone, Copy)]
+struct ShareRound {
+    kernel_ratio: f64,
+    served_ratio: f64,
+}
+
+impl ShareRound {
+    fn share(&self) -> f64 {
+        self.served_ratio / self.kernel_ratio
+    }
 }
 
 /// A Python peer that prints one JSON line with `ttft_ms` and `decode_tokens_per_s`.
