@@ -2,11 +2,15 @@
 `moatd` serving the fixture model and SmolLM2 behind mutual TLS with CRLs."""
 
 import datetime
+import os
+import shutil
+import warnings
 
 import pytest
 
 import certs
 from harness import MODELS, ONNXRUNTIME, ClientCert, Moatd, Pki, binary, server_config
+from network_trace import calls_in, egress_in, egress_watch
 
 SHARED_MODELS = {"fixture": "fixture-fused", "smollm2": "smollm2-135m-instruct-exact"}
 
@@ -65,13 +69,31 @@ def carol(pki, intermediate) -> ClientCert:
 
 @pytest.fixture(scope="session")
 def moatd(tmp_path_factory, pki, mallory, intermediate):
-    """The shared server: fixture + SmolLM2, CRLs for the CA and the intermediate."""
+    """The shared server: fixture + SmolLM2, CRLs for the CA and the intermediate. It runs
+    under strace for the whole suite, and the suite fails at its end if moatd (or anything
+    it loaded) addressed any socket but a Unix one, in any test."""
     _, intermediate_crl = intermediate
     config = server_config(pki, SHARED_MODELS,
                            tls={"crl": [str(pki.crl), str(intermediate_crl)]})
-    server = Moatd.start(tmp_path_factory.mktemp("moatd"), config)
+    directory = tmp_path_factory.mktemp("moatd")
+    trace = directory / "network.strace"
+    watch = egress_watch(trace) if shutil.which("strace") else None
+    if watch is None:
+        message = "strace is missing (scripts/setup.sh installs it as root): moatd's " \
+                  "network calls are not watched"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        warnings.warn(message)
+    server = Moatd.start(directory, config, wrapper=watch)
     yield server
     server.stop()
+    if watch is not None:
+        assert server.process.returncode == 0, server.log
+        # The watch saw moatd serve: it accepted the suite's connections.
+        accepted = calls_in(trace, "accept4") + calls_in(trace, "accept")
+        assert accepted > 0, f"strace logged no accepted connection of moatd's in {trace}"
+        egress = egress_in(trace)
+        assert not egress, "moatd addressed sockets other than Unix ones:\n" + "\n".join(egress)
 
 
 @pytest.fixture(scope="session")

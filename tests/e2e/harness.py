@@ -287,6 +287,7 @@ class Moatd:
             [*(wrapper or []), binary("moatd"), "serve", "--config", str(config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, env=env, preexec_fn=_die_with_parent)
+        self.wrapped = bool(wrapper)
         self.lines: list[str] = []
         self.api_url: str | None = None
         self.metrics_url: str | None = None
@@ -342,13 +343,35 @@ class Moatd:
     def port(self) -> int:
         return int(self.api_url.rsplit(":", 1)[1])
 
+    @property
+    def pid(self) -> int:
+        """moatd's own pid: the process started, or, under a wrapper (which execs or forks
+        it, as strace does), that process's only child."""
+        found = self._children() if self.wrapped else [self.process.pid]
+        assert len(found) == 1, f"the wrapper of moatd has children {found}"
+        return found[0]
+
+    def _children(self) -> list[int]:
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        try:
+            return [int(pid) for pid in path.read_text().split()]
+        except FileNotFoundError:
+            return []  # the wrapper is gone
+
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+        """SIGTERM, then SIGKILL if it has not exited within 15 s. Under a wrapper the
+        signals go to moatd itself: strace, stopped, would leave what it runs behind."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            targets = self._children() if self.wrapped else [self.process.pid]
+            for pid in targets:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
+                for pid in targets:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 self.process.kill()
                 self.process.wait(timeout=10)
         self._reader.join(timeout=10)

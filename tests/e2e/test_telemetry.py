@@ -9,7 +9,6 @@ Internet sockets moatd opens are its own listeners on loopback."""
 
 import contextlib
 import ctypes
-import ipaddress
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from harness import MODELS, ONNXRUNTIME, Moatd, binary, server_config, sse_events
+from network_trace import internet_addresses, is_loopback, joined
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "ip", "strace")),
@@ -140,40 +140,9 @@ class NetworkCalls:
                 f"{dict(self.unix_peers)}; calls to port 53 or beyond loopback {self.outbound}")
 
 
-def joined(lines: list[str]):
-    """strace -f lines with each call split by another thread (`<unfinished ...>`, then
-    `<... NAME resumed>`) put back together."""
-    pending: dict[str, str] = {}
-    for line in lines:
-        pid, _, rest = line.partition(" ")
-        if rest.endswith("<unfinished ...>"):
-            pending[pid] = rest[:-len("<unfinished ...>")].rstrip()
-        elif resumed := re.match(r"\s*<\.\.\. \w+ resumed>(.*)", rest):
-            yield f"{pid} {pending.pop(pid, '')}{resumed.group(1)}"
-        else:
-            yield line
-
-
-def internet_addresses(args: str) -> list[tuple[str, int, str]]:
-    """(family, port, address) of every Internet socket address strace printed in `args`."""
-    found = [("AF_INET", int(port), address) for port, address in re.findall(
-        r'sa_family=AF_INET, sin_port=htons\((\d+)\), sin_addr=inet_addr\("([^"]+)"\)', args)]
-    found += [("AF_INET6", int(port), address) for port, address in re.findall(
-        r'sa_family=AF_INET6, sin6_port=htons\((\d+)\),.*?inet_pton\(AF_INET6, "([^"]+)"',
-        args)]
-    return found
-
-
 def address_of(args: str) -> str | None:
     found = internet_addresses(args)
     return f"{found[0][2]}:{found[0][1]}" if found else None
-
-
-def is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def in_network_of(pid: int) -> ThreadPoolExecutor:
@@ -190,13 +159,6 @@ def in_network_of(pid: int) -> ThreadPoolExecutor:
             os.close(fd)
 
     return ThreadPoolExecutor(max_workers=1, initializer=enter)
-
-
-def moatd_under(tracer: subprocess.Popen) -> int:
-    """The pid of moatd, strace's only child."""
-    children = Path(f"/proc/{tracer.pid}/task/{tracer.pid}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
 
 
 @pytest.fixture
@@ -236,7 +198,7 @@ def test_serving_writes_nothing_home_and_reaches_nothing_beyond_its_listeners(
     server = Moatd.start(tmp_path / "moatd", server_config(pki, SERVED), wrapper=isolated(trace),
                          base_env=environment_without_the_switch(home, cache))
     served_since = time.monotonic()
-    moatd = moatd_under(server.process)
+    moatd = server.pid
     clients = in_network_of(server.process.pid)
     try:
         def requests() -> None:
