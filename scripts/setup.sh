@@ -27,13 +27,16 @@ MINILM_SAFETENSORS_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb
 
 step() { printf '==> %s\n' "$*" >&2; }
 
-step "System tools the tests use (strace, ip, faketime)"
-# The telemetry test watches moatd's network calls with strace in a network namespace of its
-# own, whose loopback `ip` brings up; the durability test watches its file syncs with
-# strace; the retention test moves moatd's clock with libfaketime. Without them (or without
-# root) those tests are skipped.
+step "System tools the tests use (strace, ip, faketime, curl)"
+# The end-to-end suite runs its shared moatd under strace, which watches for any call that
+# addresses a socket other than a Unix one; the telemetry test watches moatd's network
+# calls in a network namespace of its own, whose loopback `ip` brings up; the durability
+# test watches its file syncs with strace; the retention test moves moatd's clock with
+# libfaketime; the README's curl example is run as written. Without them (or without root)
+# those tests are skipped, and under CI=true a skip fails the run.
 missing=()
 command -v strace >/dev/null || missing+=(strace)
+command -v curl >/dev/null || missing+=(curl)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v faketime >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
