@@ -15,7 +15,9 @@
 #   5. asks it "What is the capital of France?" with curl and a client certificate.
 # moatd keeps running afterwards; the last line printed says how to stop it.
 #
-# Ports: MOAT_DEV_PORT (API, default 8443) and MOAT_DEV_METRICS_PORT (default 9464).
+# Ports: MOAT_DEV_PORT (API, default 8443) and MOAT_DEV_METRICS_PORT (default 9464). The
+# directory: MOAT_DEV_DIR (default .moat-dev in the clone; scripts/test-quickstart.sh runs
+# this on a fresh one).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +25,7 @@ cd "$root"
 # ONNX Runtime's own telemetry stays off in everything this starts (moatd sets it itself;
 # this covers the tools and tests that load the library too).
 export ORT_DISABLE_TELEMETRY=1
-dev="$root/.moat-dev"
+dev="${MOAT_DEV_DIR:-$root/.moat-dev}"
 pki="$dev/pki"
 port="${MOAT_DEV_PORT:-8443}"
 metrics_port="${MOAT_DEV_METRICS_PORT:-9464}"
@@ -48,7 +50,7 @@ stop_previous() {
 }
 stop_previous
 
-echo "==> development PKI in .moat-dev/pki" >&2
+echo "==> development PKI in $dev/pki" >&2
 mkdir -p "$dev"
 chmod 700 "$dev"
 if [ ! -f "$pki/ca.crt" ]; then
@@ -60,7 +62,7 @@ if [ ! -f "$pki/clients/demo.crt" ]; then
 fi
 "$moatctl" pki crl --dir "$pki" >/dev/null
 
-echo "==> auditors' keys in .moat-dev/auditors" >&2
+echo "==> auditors' keys in $dev/auditors" >&2
 mkdir -p "$dev/auditors"
 recipients=""
 for auditor in auditor-1 auditor-2; do
@@ -71,7 +73,7 @@ for auditor in auditor-1 auditor-2; do
   recipients="$recipients${recipients:+, }\"$recipient\""
 done
 
-echo "==> policies in .moat-dev/policies (the shipped set plus a permit for the demo department)" >&2
+echo "==> policies in $dev/policies (the shipped set plus a permit for the demo department)" >&2
 mkdir -p "$dev/policies"
 cp policies/schema.cedarschema policies/policies.cedar policies/moat-policy.toml "$dev/policies/"
 cat > "$dev/policies/dev.cedar" <<'EOF_POLICY'
@@ -85,7 +87,7 @@ permit (
 );
 EOF_POLICY
 
-echo "==> signed bundles of the demo models in .moat-dev/bundles" >&2
+echo "==> signed bundles of the demo models in $dev/bundles" >&2
 mkdir -p "$dev/signing" "$dev/trusted-keys" "$dev/bundles"
 if [ ! -f "$dev/signing/dev-ml.key" ]; then
   rm -f "$dev/bundles"/*.tar
@@ -105,7 +107,7 @@ for pair in smollm2-135m-instruct:smollm2-135m-instruct-exact all-minilm-l6-v2:a
 done
 cat > "$dev/moat.toml" <<EOF
 # Development configuration written by scripts/quickstart.sh (rewritten on each run).
-# Start by hand with: target/release/moatd serve --config .moat-dev/moat.toml
+# Start by hand with: target/release/moatd serve --config $dev/moat.toml
 [engine]
 onnxruntime_library = "$root/local/onnxruntime"
 
@@ -142,7 +144,7 @@ recipients = [$recipients]
 socket = "state/admin.sock"
 EOF
 
-echo "==> starting moatd (log: .moat-dev/moatd.log)" >&2
+echo "==> starting moatd (log: $dev/moatd.log)" >&2
 : > "$dev/moatd.log"
 setsid nohup "$moatd" serve --config "$dev/moat.toml" >>"$dev/moatd.log" 2>&1 < /dev/null &
 echo $! > "$dev/moatd.pid"
@@ -192,5 +194,5 @@ curl -sS --fail-with-body \
        "messages": [{"role": "user", "content": "What is the capital of France?"}]}' \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'
 
-echo "moatd is running on https://127.0.0.1:$port (pid $pid); stop it with: kill \$(cat .moat-dev/moatd.pid)" >&2
-echo "read its audit trail: $moatctl audit export --socket .moat-dev/state/admin.sock --out trail.jsonl && $moatctl audit decrypt --identity .moat-dev/auditors/auditor-1.key --format csv trail.jsonl" >&2
+echo "moatd is running on https://127.0.0.1:$port (pid $pid); stop it with: kill \$(cat $dev/moatd.pid)" >&2
+echo "read its audit trail: $moatctl audit export --socket $dev/state/admin.sock --out trail.jsonl && $moatctl audit decrypt --identity $dev/auditors/auditor-1.key --format csv trail.jsonl" >&2

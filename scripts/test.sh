@@ -41,17 +41,20 @@ cargo build --locked --bin moatd --bin moatctl
 # model copies worth half a gigabyte per run.
 PYTHONPATH=tests local/venv/bin/python -m pytest -q -rs -p no_quiet_skips \
   -o tmp_path_retention_policy=failed tests/e2e
+# The quick start and the package are built in release; nothing after this reads the debug
+# build tree. Where the disk is short it goes, so that the release build and the chroot fit
+# beside it.
+free_kib="$(df -Pk "$root" | awk 'NR == 2 { print $4 }')"
+debug_tree="$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug"
+if [ "$free_kib" -lt $((12 * 1024 * 1024)) ] && [ -d "$debug_tree" ]; then
+  echo "    under 12 GiB free: removing the debug build tree $debug_tree" >&2
+  rm -rf "$debug_tree"
+fi
+echo "==> the quick start, on a fresh directory (scripts/test-quickstart.sh)" >&2
+bash scripts/test-quickstart.sh
 echo "==> the Debian package (scripts/test-package.sh)" >&2
 if [ "$(id -u)" = 0 ]; then
-  # The package is built in release; nothing after this reads the debug build tree. Where
-  # the disk is short it goes, so that the release build and the chroot fit beside it.
-  free_kib="$(df -Pk "$root" | awk 'NR == 2 { print $4 }')"
-  debug_tree="$(cargo metadata --format-version 1 --no-deps --locked |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug"
-  if [ "$free_kib" -lt $((12 * 1024 * 1024)) ] && [ -d "$debug_tree" ]; then
-    echo "    under 12 GiB free: removing the debug build tree $debug_tree" >&2
-    rm -rf "$debug_tree"
-  fi
   bash scripts/test-package.sh
 elif [ "${CI:-}" = true ]; then
   echo "error: the package test needs root (debootstrap, chroot, mount), and CI=true runs every check" >&2
