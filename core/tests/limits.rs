@@ -426,14 +426,6 @@ fn config_reads_from_the_policy_file_and_rejects_unknown_fields() {
 }
 
 #[test]
-fn limiter_and_admission_cross_threads() {
-    fn send_sync<T: Send + Sync>() {}
-    fn send<T: Send>() {}
-    send_sync::<Limiter>();
-    send::<Admission>();
-}
-
-#[test]
 fn never_more_admitted_at_once_than_the_concurrency_limit() {
     let limits = Arc::new(limiter(concurrent(4)));
     let in_progress = Arc::new(AtomicUsize::new(0));

@@ -132,6 +132,13 @@ pub struct ContentRules {
     rules: Arc<[CompiledRule]>,
 }
 
+// Every request thread scans with the same compiled rules: this stops compiling if they
+// could not be shared.
+const _: () = {
+    const fn shared<T: Send + Sync + Clone + std::fmt::Debug>() {}
+    shared::<ContentRules>();
+};
+
 /// One compiled rule.
 #[derive(Debug)]
 struct CompiledRule {

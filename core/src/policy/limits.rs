@@ -163,6 +163,15 @@ pub struct Admission {
     reserved_output_tokens: u64,
 }
 
+// The server shares one limiter between its workers and moves admissions across tasks:
+// this stops compiling if either could not.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    const fn moved<T: Send>() {}
+    shared::<Limiter>();
+    moved::<Admission>();
+};
+
 impl Limiter {
     /// A limiter with no department seen yet.
     pub fn new(default: LimitsConfig, per_department: HashMap<String, LimitsConfig>) -> Self {

@@ -48,6 +48,12 @@ pub struct Embedder {
     device: DeviceKind,
 }
 
+// Request threads share one embedder in an `Arc`: this stops compiling if they could not.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Embedder>();
+};
+
 /// The vectors of one call, in input order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embeddings {
@@ -412,11 +418,5 @@ mod tests {
             normalize: true,
         };
         assert_eq!(pool(&states, 0, 2, spec), vec![0.0, 0.0]);
-    }
-
-    #[test]
-    fn embedder_is_shareable_between_threads() {
-        fn shareable<T: Send + Sync>() {}
-        shareable::<Embedder>();
     }
 }

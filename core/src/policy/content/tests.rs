@@ -261,12 +261,6 @@ fn rules_deserialize_from_the_policy_file() {
     assert!(unknown.is_err());
 }
 
-#[test]
-fn compiled_rules_are_shareable_between_threads() {
-    fn shareable<T: Send + Sync + Clone + std::fmt::Debug>() {}
-    shareable::<ContentRules>();
-}
-
 /// A text of fragments joined by separators that end every match, and what the built-in
 /// detectors must make of it: the count per detector and the redacted text.
 fn labelled_text() -> impl Strategy<Value = (String, Vec<(&'static str, usize)>, String)> {
