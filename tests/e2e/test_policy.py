@@ -8,8 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from tokenizers import Tokenizer
 
-from harness import REPO, policy_dir, running, server_config, wait_until
+from harness import MODELS, REPO, policy_dir, running, server_config, wait_until
 
 FIXTURE = {"fixture": "fixture-fused"}
 SHIPPED = REPO / "policies"
@@ -119,10 +120,20 @@ def test_a_card_number_in_the_prompt_is_refused(finance_server, pki, alice):
         # A number that fails the Luhn check is not a card number.
         ok = http.post("/v1/chat/completions", json=chat("Order 4111 1111 1111 1112 shipped."))
         assert ok.status_code == 200, ok.text
-        # Token ids are decoded and checked like text.
-        ids = http.post("/v1/completions", json={"model": "smollm2", "prompt": "x",
-                                                 "max_tokens": 1}).status_code
-        assert ids == 200
+        # A prompt of token ids is decoded and checked like text: the same card number as
+        # ids is refused, and the number that fails the check is not.
+        tokenizer = Tokenizer.from_file(str(MODELS / "smollm2-135m-instruct-exact" /
+                                            "tokenizer.json"))
+        card = tokenizer.encode(prompt, add_special_tokens=False).ids
+        assert "4111" not in json.dumps(card)
+        refusal(http.post("/v1/completions", json={"model": "smollm2", "prompt": card,
+                                                   "max_tokens": 1}),
+                403, "content.card_number")
+        not_a_card = tokenizer.encode("Order 4111 1111 1111 1112 shipped.",
+                                      add_special_tokens=False).ids
+        ok = http.post("/v1/completions", json={"model": "smollm2", "prompt": not_a_card,
+                                                "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
 
 
 def test_an_answer_tripping_a_deny_rule_is_withheld(finance_server, pki, alice):
