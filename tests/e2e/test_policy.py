@@ -19,9 +19,9 @@ FINANCE_ONLY = """
 @id("finance-chats")
 permit (principal in Moat::Department::"finance", action, resource);
 
-@id("nobody-after-hours")
+@id("no-long-completions")
 forbid (principal, action == Moat::Action::"complete", resource)
-when { context.prompt_tokens > 1000000 };
+when { context.max_tokens > 50 };
 """
 
 DATA = """
@@ -99,6 +99,18 @@ def test_a_permit_lets_its_department_in_and_nobody_else(finance_server, pki, al
         assert finance.post("/v1/chat/completions", json=chat("hi")).status_code == 200
         refusal(other.post("/v1/chat/completions", json=chat("hi")), 403, "deny.no_permit")
         refusal(other.get("/v1/models"), 403, "deny.no_permit")
+
+
+def test_a_forbid_wins_over_a_permit(finance_server, pki, alice):
+    with finance_server.http(pki.ca_cert, alice) as http:
+        long = {"model": "fixture", "prompt": "hi", "max_tokens": 51}
+        refusal(http.post("/v1/completions", json=long), 403, "deny.forbidden")
+        # The same request within the forbid's bound, and a chat of that length, are
+        # permitted by finance's permit.
+        assert http.post("/v1/completions",
+                         json={**long, "max_tokens": 50}).status_code == 200
+        assert http.post("/v1/chat/completions",
+                         json=chat("hi", max_tokens=51)).status_code == 200
 
 
 def test_classification_above_a_ceiling_is_refused(finance_server, pki, alice):
