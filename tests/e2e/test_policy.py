@@ -184,6 +184,76 @@ max_input_tokens = 100
         assert int(third.headers["retry-after"]) >= 1
 
 
+def test_tokens_per_minute_charges_what_was_produced_and_refunds_the_rest(tmp_path, pki,
+                                                                          alice):
+    smollm2 = {"smollm2": "smollm2-135m-instruct-exact"}
+    question = chat("What is 2 + 2?", "smollm2", max_tokens=32)
+    # What the question costs, measured on a server without limits.
+    policies = policy_dir(tmp_path / "unlimited", FINANCE_ONLY, DATA)
+    with running(tmp_path / "measure", server_config(
+            pki, smollm2, policy={"directory": str(policies)})) as server, \
+            server.http(pki.ca_cert, alice) as http:
+        measured = http.post("/v1/chat/completions", json=question)
+        assert measured.status_code == 200, measured.text
+        usage = measured.json()["usage"]
+    prompt, answer = usage["prompt_tokens"], usage["completion_tokens"]
+    unused = 32 - answer
+    assert unused >= 16, usage  # the answer ends well before max_tokens
+    # Room for one answered question and one more reservation, and little else: the second
+    # question fits only if the first was charged what it produced, not the 32 it reserved.
+    budget = (prompt + answer) + (prompt + 32) + 2
+    data = DATA + f"""
+[departments.finance.limits]
+tokens_per_minute = {budget}
+max_output_tokens = 32
+"""
+    policies = policy_dir(tmp_path / "limited", FINANCE_ONLY, data)
+    config = server_config(pki, smollm2, policy={"directory": str(policies)})
+    with running(tmp_path / "server", config) as server, \
+            server.http(pki.ca_cert, alice) as http:
+        greedy = http.post("/v1/chat/completions", json={**question, "max_tokens": 33})
+        error = refusal(greedy, 429, "limit.output_tokens")
+        assert "retry-after" not in greedy.headers  # waiting will not help
+        assert "32" in error["message"]
+        first = http.post("/v1/chat/completions", json=question)
+        assert first.status_code == 200, first.text
+        assert first.json()["usage"]["completion_tokens"] == answer
+        second = http.post("/v1/chat/completions", json=question)
+        assert second.status_code == 200, second.text
+        # Two answers charged, and a third reservation does not fit (the bucket refills
+        # budget/60 tokens a second: far less than a question in these few seconds).
+        third = http.post("/v1/chat/completions", json=question)
+        refusal(third, 429, "limit.tokens_per_minute")
+        assert int(third.headers["retry-after"]) >= 1
+
+
+def test_concurrent_requests_hold_a_place_until_their_answer_ends(tmp_path, pki, alice):
+    data = DATA + """
+[departments.finance.limits]
+concurrent_requests = 1
+"""
+    policies = policy_dir(tmp_path / "policies", FINANCE_ONLY, data)
+    config = server_config(pki, {"smollm2": "smollm2-135m-instruct-exact"},
+                           policy={"directory": str(policies)})
+    story = chat("Tell me a long story about a lighthouse.", "smollm2", max_tokens=2000,
+                 stream=True)
+    with running(tmp_path / "server", config) as server, \
+            server.http(pki.ca_cert, alice) as http:
+        with http.stream("POST", "/v1/chat/completions", json=story) as streaming:
+            assert streaming.status_code == 200
+            lines = streaming.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            # The story is being told: finance's one place is taken.
+            busy = http.post("/v1/chat/completions", json=chat("hi", "smollm2", max_tokens=1))
+            refusal(busy, 429, "limit.concurrent_requests")
+            assert int(busy.headers["retry-after"]) >= 1
+        # The client hung up: the place comes back once moatd sees it.
+        wait_until(lambda: http.post("/v1/chat/completions", json=chat(
+                       "hi", "smollm2", max_tokens=1)).status_code == 200,
+                   timeout=30, what="finance's place back after the stream was dropped",
+                   interval=1)
+
+
 def test_sighup_reloads_a_valid_policy_and_refuses_an_invalid_one(tmp_path, pki, alice, legal):
     policies = policy_dir(tmp_path / "policies", FINANCE_ONLY, DATA)
     config = server_config(pki, {**FIXTURE, "smollm2": "smollm2-135m-instruct-exact"},
