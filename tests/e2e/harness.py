@@ -149,16 +149,19 @@ permit (principal, action, resource);
 """
 
 
-# The shipped content rules and classification defaults, without limits: tests of other
-# features send more than a department's default share.
-UNLIMITED_DATA = """
+# The classification scale and the defaults every test estate starts from.
+BASE_DATA = """
 classification = ["public", "internal", "confidential", "secret"]
 [default_department]
 classification = "internal"
 ceiling = "internal"
 [default_model]
 ceiling = "internal"
-[[content]]
+"""
+
+# The shipped content rules and classification defaults, without limits: tests of other
+# features send more than a department's default share.
+UNLIMITED_DATA = BASE_DATA + """[[content]]
 detector = "card_number"
 action = "deny"
 [[content]]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness import policy_dir, running, server_config, sse_events
+from harness import BASE_DATA, policy_dir, running, server_config, sse_events
 
 SMOLLM2 = {"smollm2": "smollm2-135m-instruct-exact"}
 ADDRESS = "bob.smith@example.com"
@@ -17,14 +17,11 @@ QUESTION = {"model": "smollm2", "max_tokens": 32, "temperature": 0, "messages": 
 PERMIT_ALL = """@id("tests-permit-all")
 permit (principal, action, resource);
 """
-DATA = """
-classification = ["public", "internal", "confidential", "secret"]
-[default_department]
-classification = "internal"
-ceiling = "internal"
-[default_model]
-ceiling = "internal"
-[[content]]
+
+
+def email_rule(action: str, direction: str) -> str:
+    """The test estate with one content rule for email addresses."""
+    return BASE_DATA + f"""[[content]]
 detector = "email"
 action = "{action}"
 applies_to = "{direction}"
@@ -33,8 +30,8 @@ applies_to = "{direction}"
 
 def answers(tmp_path, pki, alice, action: str, direction: str) -> tuple[str, str]:
     """The answer to QUESTION, whole and streamed, under one email rule."""
-    data = DATA.format(action=action, direction=direction)
-    policies = policy_dir(tmp_path / f"{action}-{direction}", PERMIT_ALL, data)
+    policies = policy_dir(tmp_path / f"{action}-{direction}", PERMIT_ALL,
+                          email_rule(action, direction))
     config = server_config(pki, SMOLLM2, policy={"directory": str(policies)})
     with running(tmp_path / f"moatd-{action}-{direction}", config) as server, \
             server.http(pki.ca_cert, alice) as http:
