@@ -20,9 +20,11 @@ The reference for every row is the same row run alone, token by token.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+
+from moat_model import ort_telemetry  # noqa: F401  (first: switches ONNX Runtime's telemetry off)
+import onnxruntime as ort  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 4, 2, 16, 32
 
