@@ -36,19 +36,8 @@ cargo build --release --locked --bin moatd --bin moatctl
 moatd="$root/target/release/moatd"
 moatctl="$root/target/release/moatctl"
 
-stop_previous() {
-  local pid
-  pid="$(cat "$dev/moatd.pid" 2>/dev/null || true)"
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
-      && grep -q moatd "/proc/$pid/cmdline" 2>/dev/null; then
-    echo "==> stopping the moatd started earlier (pid $pid)" >&2
-    kill -TERM "$pid"
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-  fi
-  rm -f "$dev/moatd.pid"
-}
-stop_previous
+# The moatd started here earlier, if any.
+bash scripts/stop-dev-moatd.sh "$dev"
 
 echo "==> development PKI in $dev/pki" >&2
 mkdir -p "$dev"
@@ -194,5 +183,5 @@ curl -sS --fail-with-body \
        "messages": [{"role": "user", "content": "What is the capital of France?"}]}' \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'
 
-echo "moatd is running on https://127.0.0.1:$port (pid $pid); stop it with: kill \$(cat $dev/moatd.pid)" >&2
+echo "moatd is running on https://127.0.0.1:$port (pid $pid); stop it with: bash scripts/stop-dev-moatd.sh $dev" >&2
 echo "read its audit trail: $moatctl audit export --socket $dev/state/admin.sock --out trail.jsonl && $moatctl audit decrypt --identity $dev/auditors/auditor-1.key --format csv trail.jsonl" >&2

@@ -10,13 +10,7 @@ cd "$root"
 
 dev="$(mktemp -d "${TMPDIR:-/tmp}/moat-quickstart.XXXXXX")"
 stop() {
-  local pid
-  pid="$(cat "$dev/moatd.pid" 2>/dev/null || true)"
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid"
-    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-  fi
+  bash scripts/stop-dev-moatd.sh "$dev"
   rm -rf "$dev"
 }
 trap stop EXIT
