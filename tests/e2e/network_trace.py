@@ -36,11 +36,11 @@ def egress_in(trace: Path) -> list[str]:
     return found
 
 
-def calls_in(trace: Path, name: str | None = None) -> int:
-    """How many calls (named `name`, or of any name) a trace holds."""
+def calls_in(trace: Path, names: tuple[str, ...] | None = None) -> int:
+    """How many calls (of `names`, or of any name) a trace holds."""
     calls = (re.match(r"\d+\s+(\w+)\(", line)
              for line in joined(trace.read_text(errors="replace").splitlines()))
-    return sum(1 for call in calls if call and name in (None, call.group(1)))
+    return sum(1 for call in calls if call and (names is None or call.group(1) in names))
 
 
 def joined(lines: list[str]):

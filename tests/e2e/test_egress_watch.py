@@ -2,7 +2,6 @@
 same strace command that sends a datagram to an Internet address from one thread and
 connects to one from another is reported for both, and its Unix socket traffic is not."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import pytest
 
 from network_trace import calls_in, egress_in, egress_watch
 
-if shutil.which("strace") is None and os.environ.get("CI") != "true":
+# Under CI=true the suite's no_quiet_skips plugin turns this skip into a failure.
+if shutil.which("strace") is None:
     pytest.skip("needs strace (scripts/setup.sh installs it as root)", allow_module_level=True)
 
 EGRESS = r"""
