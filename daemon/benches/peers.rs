@@ -593,10 +593,7 @@ fn load(
     probe: impl Fn() -> Streamed + Sync,
 ) -> Load {
     eprintln!("{streams} concurrent streams");
-    let start = Instant::now();
-    let answers = run_streams(streams, ANSWERS_PER_STREAM, &ask, || ());
-    let elapsed = start.elapsed().as_secs_f64();
-    let tokens: usize = answers.iter().map(|a| a.tokens).sum();
+    let (answers, tokens_per_s) = aggregate(streams, &ask);
     let mut ttfts: Vec<f64> = answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect();
 
     let done = AtomicBool::new(false);
@@ -617,11 +614,20 @@ fn load(
     });
     Load {
         streams,
-        tokens_per_s: tokens as f64 / elapsed,
+        tokens_per_s,
         ttft_p50_ms: percentile(&mut probe_ttfts, 0.5),
         ttft_p99_ms: percentile(&mut probe_ttfts, 0.99),
         stream_ttft_p50_ms: percentile(&mut ttfts, 0.5),
     }
+}
+
+/// `streams` clients asking `ANSWERS_PER_STREAM` answers each, and the tokens per second
+/// all of them received together.
+fn aggregate(streams: usize, ask: &(impl Fn() -> Streamed + Sync)) -> (Vec<Streamed>, f64) {
+    let start = Instant::now();
+    let answers = run_streams(streams, ANSWERS_PER_STREAM, ask, || ());
+    let tokens: usize = answers.iter().map(|a| a.tokens).sum();
+    (answers, tokens as f64 / start.elapsed().as_secs_f64())
 }
 
 /// `streams` client threads asking `answers` answers each; `finished` runs when the
@@ -716,11 +722,7 @@ fn share_round(
     prompt: &[u32],
     ask: &(impl Fn() -> Streamed + Sync),
 ) -> ShareRound {
-    let served = |streams: usize| {
-        let start = Instant::now();
-        let answers = run_streams(streams, ANSWERS_PER_STREAM, ask, || ());
-        answers.iter().map(|a| a.tokens).sum::<usize>() as f64 / start.elapsed().as_secs_f64()
-    };
+    let served = |streams: usize| aggregate(streams, ask).1;
     let kernel_1 = 1e3 / kernel_step_ms(pooled, prompt, 1);
     let served_1 = served(1);
     let kernel_16 = 16e3 / kernel_step_ms(pooled, prompt, 16);

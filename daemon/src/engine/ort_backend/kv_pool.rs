@@ -44,8 +44,8 @@ use ort::value::{PrimitiveTensorElementType, Shape, TensorRefMut, Value};
 use super::super::backend::{BackendError, DeviceKind, SequenceId};
 use super::{copy_logits_row, output, runtime_error, written_in_place};
 pub(super) use memory::KvBlock;
-use memory::KvMemory;
 pub use memory::KvPlacement;
+use memory::{KvMemory, SHRINK_THE_POOL};
 
 mod copier;
 mod memory;
@@ -128,10 +128,7 @@ impl KvPool {
         let len = [metadata.num_kv_heads, capacity, metadata.head_dim]
             .iter()
             .try_fold(slots, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| {
-                "the KV pool's size overflows; lower engine.max_batch or engine.kv_slot_tokens"
-                    .to_owned()
-            })?;
+            .ok_or_else(|| format!("the KV pool's size overflows; {SHRINK_THE_POOL}"))?;
         Ok(Self {
             binding: session.create_binding().map_err(|e| e.to_string())?,
             kv_bound: None,

@@ -162,7 +162,7 @@ impl KvMemory {
             .map_err(|e| {
                 format!(
                     "the KV pool needs {} MiB per buffer on {}, which its allocator refuses \
-                     ({e}); lower engine.max_batch or engine.kv_slot_tokens",
+                     ({e}); {SHRINK_THE_POOL}",
                     len.saturating_mul(element_size(element)) >> 20,
                     info.allocation_device().as_str()
                 )
@@ -184,11 +184,12 @@ impl KvMemory {
         };
         // Device memory comes as the allocator last left it, perhaps another model's cache;
         // ONNX Runtime's tensors in memory the CPU can reach are zeroed when created.
-        let zeroed = memory.info.is_cpu_accessible();
-        for pair in (0..pairs).filter(|_| !zeroed) {
-            memory
-                .zero(pair, 0..len)
-                .map_err(|e| format!("zeroing the KV pool: {e}"))?;
+        if !memory.info.is_cpu_accessible() {
+            for pair in 0..pairs {
+                memory
+                    .zero(pair, 0..len)
+                    .map_err(|e| format!("zeroing the KV pool: {e}"))?;
+            }
         }
         Ok(memory)
     }
@@ -430,6 +431,9 @@ unsafe fn raw_view<'a, T: PrimitiveTensorElementType + std::fmt::Debug>(
     unsafe { TensorRefMut::from_raw(info.clone(), at, shape) }
 }
 
+/// What an operator can do about a pool that does not fit: fewer slots, or shorter ones.
+pub(super) const SHRINK_THE_POOL: &str = "lower engine.max_batch or engine.kv_slot_tokens";
+
 fn element_size(element: KvDtype) -> usize {
     match element {
         KvDtype::Float32 => std::mem::size_of::<f32>(),
@@ -485,7 +489,7 @@ fn zeroed_vec<T: ZeroBits>(len: usize) -> Result<Vec<T>, String> {
     let refused = || {
         format!(
             "the KV pool needs {} MiB of address space per buffer, which this host refuses; \
-             lower engine.max_batch or engine.kv_slot_tokens",
+             {SHRINK_THE_POOL}",
             len.saturating_mul(std::mem::size_of::<T>()) >> 20
         )
     };
